@@ -1,0 +1,155 @@
+package protocol
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+)
+
+// HeaderVersion is the version byte that starts every stream header.
+const HeaderVersion = 1
+
+// Kind says what a stream carries.
+type Kind uint8
+
+// Stream kinds.
+const (
+	KindTCP Kind = 1 // a byte stream with half-close
+	KindUDP Kind = 2 // length-prefixed datagrams of one UDP session
+)
+
+// String returns "tcp" or "udp".
+func (k Kind) String() string {
+	switch k {
+	case KindTCP:
+		return "tcp"
+	case KindUDP:
+		return "udp"
+	}
+	return fmt.Sprintf("kind(%d)", uint8(k))
+}
+
+// ParseKind maps "tcp"/"udp" to a Kind.
+func ParseKind(s string) (Kind, error) {
+	switch s {
+	case "tcp":
+		return KindTCP, nil
+	case "udp":
+		return KindUDP, nil
+	}
+	return 0, fmt.Errorf("protocol: unknown protocol %q (want tcp or udp)", s)
+}
+
+// Limits on identifiers carried on the wire.
+const (
+	MaxServiceIDLen = 512 // namespace/gateway/listener fits comfortably
+	maxClientLen    = 64  // "[ipv6%zone]:port"
+	// MaxHeaderLen bounds a stream header: version, kind, 2-byte id length,
+	// id, 1-byte client length, client.
+	MaxHeaderLen = 2 + 2 + MaxServiceIDLen + 1 + maxClientLen
+)
+
+// StreamHeader starts every stream the gateway opens. It names a service id
+// (never an address: the agent dials only backends it registered itself) and
+// the public client's address, for logs and metrics.
+type StreamHeader struct {
+	Kind    Kind
+	Service string
+	Client  netip.AddrPort // zero when unknown
+}
+
+// ErrBadHeader wraps every stream header decoding failure.
+var ErrBadHeader = errors.New("protocol: bad stream header")
+
+// ValidateServiceID reports whether id is acceptable as a service id:
+// 1..MaxServiceIDLen bytes of letters, digits and . _ - / :
+func ValidateServiceID(id string) error {
+	if len(id) == 0 {
+		return errors.New("service id is empty")
+	}
+	if len(id) > MaxServiceIDLen {
+		return fmt.Errorf("service id is %d bytes, more than %d", len(id), MaxServiceIDLen)
+	}
+	for i := 0; i < len(id); i++ {
+		c := id[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9':
+		case c == '.', c == '_', c == '-', c == '/', c == ':':
+		default:
+			return fmt.Errorf("service id %q has invalid character %q at %d", truncate(id, 64), c, i)
+		}
+	}
+	return nil
+}
+
+// AppendHeader appends the encoding of h to dst.
+func AppendHeader(dst []byte, h StreamHeader) ([]byte, error) {
+	if h.Kind != KindTCP && h.Kind != KindUDP {
+		return dst, fmt.Errorf("protocol: encode header: invalid kind %d", h.Kind)
+	}
+	if err := ValidateServiceID(h.Service); err != nil {
+		return dst, fmt.Errorf("protocol: encode header: %w", err)
+	}
+	var client string
+	if h.Client.IsValid() {
+		client = h.Client.String()
+	}
+	dst = append(dst, HeaderVersion, byte(h.Kind))
+	dst = binary.BigEndian.AppendUint16(dst, uint16(len(h.Service)))
+	dst = append(dst, h.Service...)
+	dst = append(dst, byte(len(client)))
+	return append(dst, client...), nil
+}
+
+// ReadHeader reads and validates one stream header from r. It reads exactly
+// the header's bytes, so data that follows stays in r.
+func ReadHeader(r io.Reader) (StreamHeader, error) {
+	var buf [MaxHeaderLen]byte
+	if _, err := io.ReadFull(r, buf[:4]); err != nil {
+		return StreamHeader{}, fmt.Errorf("%w: %w", ErrBadHeader, err)
+	}
+	if buf[0] != HeaderVersion {
+		return StreamHeader{}, fmt.Errorf("%w: version %d, want %d", ErrBadHeader, buf[0], HeaderVersion)
+	}
+	h := StreamHeader{Kind: Kind(buf[1])}
+	if h.Kind != KindTCP && h.Kind != KindUDP {
+		return StreamHeader{}, fmt.Errorf("%w: unknown kind %d", ErrBadHeader, buf[1])
+	}
+	idLen := int(binary.BigEndian.Uint16(buf[2:4]))
+	if idLen == 0 || idLen > MaxServiceIDLen {
+		return StreamHeader{}, fmt.Errorf("%w: service id length %d", ErrBadHeader, idLen)
+	}
+	// Read the id and the client length byte in one go.
+	if _, err := io.ReadFull(r, buf[4:4+idLen+1]); err != nil {
+		return StreamHeader{}, fmt.Errorf("%w: %w", ErrBadHeader, err)
+	}
+	h.Service = string(buf[4 : 4+idLen])
+	if err := ValidateServiceID(h.Service); err != nil {
+		return StreamHeader{}, fmt.Errorf("%w: %w", ErrBadHeader, err)
+	}
+	clientLen := int(buf[4+idLen])
+	if clientLen > maxClientLen {
+		return StreamHeader{}, fmt.Errorf("%w: client address length %d", ErrBadHeader, clientLen)
+	}
+	if clientLen > 0 {
+		c := buf[5+idLen : 5+idLen+clientLen]
+		if _, err := io.ReadFull(r, c); err != nil {
+			return StreamHeader{}, fmt.Errorf("%w: %w", ErrBadHeader, err)
+		}
+		ap, err := netip.ParseAddrPort(string(c))
+		if err != nil {
+			return StreamHeader{}, fmt.Errorf("%w: client address: %w", ErrBadHeader, err)
+		}
+		h.Client = ap
+	}
+	return h, nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "..."
+}

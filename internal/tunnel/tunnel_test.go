@@ -1,0 +1,482 @@
+package tunnel
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/portway/portway/internal/protocol"
+)
+
+var modes = []string{protocol.ProtocolYamux, protocol.ProtocolJSON}
+
+func testHello(protocols ...string) *protocol.Hello {
+	return &protocol.Hello{
+		Version: 1, Protocols: protocols, HeartbeatIntervalMS: 1000,
+		MaxMessageSize: 1 << 20, MaxServices: 100, StreamWindow: 256 << 10,
+	}
+}
+
+// pair connects a gateway and an agent session over a real WebSocket on
+// loopback.
+func pair(t *testing.T, hello *protocol.Hello, agentProto string) (gw, ag *Session) {
+	t.Helper()
+	gwCh := make(chan *Session, 1)
+	errCh := make(chan error, 1)
+	up := NewUpgrader(5 * time.Second)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ws, err := up.Upgrade(w, r, nil)
+		if err != nil {
+			errCh <- err
+			return
+		}
+		s, err := Server(r.Context(), ws, hello, Config{})
+		if err != nil {
+			errCh <- err
+			return
+		}
+		gwCh <- s
+	}))
+	t.Cleanup(srv.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	ws, err := Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http")+Path, DialOptions{Token: "t"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ag, err = Client(ctx, ws, Config{Protocol: agentProto})
+	if err != nil {
+		t.Fatalf("agent handshake: %v", err)
+	}
+	select {
+	case gw = <-gwCh:
+	case err := <-errCh:
+		t.Fatalf("gateway handshake: %v", err)
+	case <-ctx.Done():
+		t.Fatal("gateway handshake timed out")
+	}
+	t.Cleanup(func() { gw.Close(); ag.Close() })
+	return gw, ag
+}
+
+// serveEcho accepts streams on the agent and echoes them: TCP streams byte
+// for byte with half-close, UDP streams datagram for datagram. Services
+// named "reject-*" are refused with StatusUnknownService.
+func serveEcho(t *testing.T, ag *Session) {
+	go func() {
+		for {
+			in, err := ag.Accept(context.Background())
+			if err != nil {
+				return
+			}
+			go func() {
+				h, err := in.Header()
+				if err != nil {
+					return
+				}
+				if strings.HasPrefix(h.Service, "reject-") {
+					in.Reject(protocol.StatusUnknownService)
+					return
+				}
+				st, err := in.Accept()
+				if err != nil {
+					return
+				}
+				defer st.Close()
+				if h.Kind == protocol.KindUDP {
+					pc := AsPackets(st)
+					buf := make([]byte, PacketHeadroom+protocol.MaxDatagram)
+					for {
+						n, err := pc.ReadPacket(buf[PacketHeadroom:])
+						if err != nil {
+							return
+						}
+						if pc.WritePacket(buf[:PacketHeadroom+n]) != nil {
+							return
+						}
+					}
+				}
+				io.Copy(st, st)
+				st.CloseWrite()
+			}()
+		}
+	}()
+}
+
+func TestHandshakeChoosesProtocol(t *testing.T) {
+	cases := []struct {
+		offer []string
+		agent string
+		want  string
+	}{
+		{[]string{"yamux", "json"}, "auto", "yamux"},
+		{[]string{"json", "yamux"}, "auto", "yamux"},
+		{[]string{"json"}, "auto", "json"},
+		{[]string{"yamux", "json"}, "json", "json"},
+		{[]string{"yamux"}, "yamux", "yamux"},
+	}
+	for _, c := range cases {
+		gw, ag := pair(t, testHello(c.offer...), c.agent)
+		if gw.Protocol() != c.want || ag.Protocol() != c.want {
+			t.Errorf("offer %v agent %q: gateway %q agent %q, want %q", c.offer, c.agent, gw.Protocol(), ag.Protocol(), c.want)
+		}
+	}
+}
+
+func TestHandshakeNoCommonProtocol(t *testing.T) {
+	srvErr := make(chan error, 1)
+	up := NewUpgrader(5 * time.Second)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ws, _ := up.Upgrade(w, r, nil)
+		_, err := Server(r.Context(), ws, testHello("json"), Config{})
+		srvErr <- err
+	}))
+	defer srv.Close()
+	ws, err := Dial(context.Background(), "ws"+strings.TrimPrefix(srv.URL, "http"), DialOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = Client(context.Background(), ws, Config{Protocol: "yamux"})
+	if err == nil || !strings.Contains(err.Error(), "offers only [json]") {
+		t.Fatalf("agent err = %v, want one naming the offered protocols", err)
+	}
+	var pe *PeerError
+	if err := <-srvErr; !errors.As(err, &pe) || pe.Code != "no_protocol" {
+		t.Fatalf("gateway err = %v, want the agent's no_protocol error", err)
+	}
+}
+
+func TestHandshakeRejectsBadHello(t *testing.T) {
+	up := NewUpgrader(5 * time.Second)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ws, _ := up.Upgrade(w, r, nil)
+		defer ws.Close()
+		// A hello with a 1 KiB window, which the agent must refuse before acking.
+		ws.WriteMessage(websocket.TextMessage, []byte(`{"type":"gateway_hello","version":1,"protocols":["json"],"heartbeat_interval_ms":1000,"max_message_size":1048576,"max_services":1,"stream_window":1024}`))
+		ws.ReadMessage()
+	}))
+	defer srv.Close()
+	ws, err := Dial(context.Background(), "ws"+strings.TrimPrefix(srv.URL, "http"), DialOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Client(context.Background(), ws, Config{}); !errors.Is(err, ErrProtocol) || !strings.Contains(err.Error(), "stream_window") {
+		t.Fatalf("err = %v, want a protocol error naming stream_window", err)
+	}
+}
+
+func TestStreamEchoLarge(t *testing.T) {
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			gw, ag := pair(t, testHello("yamux", "json"), mode)
+			serveEcho(t, ag)
+			payload := make([]byte, 8<<20)
+			rand.Read(payload)
+			st, err := gw.Open(context.Background(), protocol.StreamHeader{Kind: protocol.KindTCP, Service: "echo"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer st.Close()
+			go func() {
+				st.Write(payload)
+				st.CloseWrite()
+			}()
+			got, err := io.ReadAll(st)
+			if err != nil {
+				t.Fatalf("read: %v", err)
+			}
+			if !bytes.Equal(got, payload) {
+				t.Fatalf("echo of %d bytes returned %d bytes, equal=false", len(payload), len(got))
+			}
+		})
+	}
+}
+
+func TestHalfCloseCarried(t *testing.T) {
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			gw, ag := pair(t, testHello("yamux", "json"), mode)
+			// The agent reads to EOF, then answers: the reply must arrive
+			// after the gateway's half-close.
+			go func() {
+				in, err := ag.Accept(context.Background())
+				if err != nil {
+					return
+				}
+				in.Header()
+				st, _ := in.Accept()
+				req, _ := io.ReadAll(st)
+				fmt.Fprintf(st, "got %d bytes", len(req))
+				st.CloseWrite()
+				st.Close()
+			}()
+			st, err := gw.Open(context.Background(), protocol.StreamHeader{Kind: protocol.KindTCP, Service: "x"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			st.Write(make([]byte, 100000))
+			st.CloseWrite()
+			reply, err := io.ReadAll(st)
+			if err != nil || string(reply) != "got 100000 bytes" {
+				t.Fatalf("reply = %q, %v", reply, err)
+			}
+		})
+	}
+}
+
+func TestRejectedOpen(t *testing.T) {
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			gw, ag := pair(t, testHello("yamux", "json"), mode)
+			serveEcho(t, ag)
+			st, err := gw.Open(context.Background(), protocol.StreamHeader{Kind: protocol.KindTCP, Service: "reject-me"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			var oe *protocol.OpenError
+			if err := WaitOpen(ctx, st); !errors.As(err, &oe) || oe.Status != protocol.StatusUnknownService {
+				t.Fatalf("WaitOpen = %v, want unknown_service", err)
+			}
+			if _, err := st.Read(make([]byte, 1)); !errors.As(err, &oe) {
+				t.Fatalf("Read after refusal = %v, want the OpenError", err)
+			}
+		})
+	}
+}
+
+func TestConcurrentStreams(t *testing.T) {
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			gw, ag := pair(t, testHello("yamux", "json"), mode)
+			serveEcho(t, ag)
+			var wg sync.WaitGroup
+			errs := make(chan error, 200)
+			for i := 0; i < 200; i++ {
+				wg.Add(1)
+				go func(i int) {
+					defer wg.Done()
+					st, err := gw.Open(context.Background(), protocol.StreamHeader{Kind: protocol.KindTCP, Service: "echo"})
+					if err != nil {
+						errs <- err
+						return
+					}
+					defer st.Close()
+					msg := bytes.Repeat([]byte{byte(i)}, 10000+i)
+					go func() { st.Write(msg); st.CloseWrite() }()
+					got, err := io.ReadAll(st)
+					if err != nil || !bytes.Equal(got, msg) {
+						errs <- fmt.Errorf("stream %d: %d bytes, %v", i, len(got), err)
+					}
+				}(i)
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				t.Error(err)
+			}
+		})
+	}
+}
+
+// A stream whose reader stops must not stall other streams: flow control is
+// per stream in both modes.
+func TestStalledStreamDoesNotBlockOthers(t *testing.T) {
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			gw, ag := pair(t, testHello("yamux", "json"), mode)
+			serveEcho(t, ag)
+			stalled, err := gw.Open(context.Background(), protocol.StreamHeader{Kind: protocol.KindTCP, Service: "echo"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer stalled.Reset()
+			// Nobody reads the echo of this stream: the agent's writes
+			// fill the window, then its io.Copy blocks.
+			go stalled.Write(make([]byte, 4<<20))
+
+			st, err := gw.Open(context.Background(), protocol.StreamHeader{Kind: protocol.KindTCP, Service: "echo"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer st.Close()
+			done := make(chan error, 1)
+			go func() {
+				msg := []byte("still flowing")
+				st.Write(msg)
+				got := make([]byte, len(msg))
+				_, err := io.ReadFull(st, got)
+				if err == nil && !bytes.Equal(got, msg) {
+					err = fmt.Errorf("got %q", got)
+				}
+				done <- err
+			}()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatal(err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("second stream stalled behind the first")
+			}
+		})
+	}
+}
+
+func TestDatagramBoundaries(t *testing.T) {
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			gw, ag := pair(t, testHello("yamux", "json"), mode)
+			serveEcho(t, ag)
+			st, err := gw.Open(context.Background(), protocol.StreamHeader{Kind: protocol.KindUDP, Service: "dns"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer st.Close()
+			if err := WaitOpen(context.Background(), st); err != nil {
+				t.Fatal(err)
+			}
+			pc := AsPackets(st)
+			buf := make([]byte, protocol.MaxDatagram)
+			for _, n := range []int{0, 1, 1400, 8192, 65000, protocol.MaxDatagram} {
+				frame := make([]byte, PacketHeadroom+n)
+				rand.Read(frame[PacketHeadroom:])
+				if err := pc.WritePacket(frame); err != nil {
+					t.Fatalf("write %d: %v", n, err)
+				}
+				got, err := pc.ReadPacket(buf)
+				if err != nil || got != n || !bytes.Equal(buf[:got], frame[PacketHeadroom:]) {
+					t.Fatalf("datagram of %d bytes came back as %d bytes (%v)", n, got, err)
+				}
+			}
+		})
+	}
+}
+
+// rawAgent completes the handshake by hand and returns the raw WebSocket, so
+// tests can send what a well-behaved agent never would.
+func rawAgent(t *testing.T, proto string) (*websocket.Conn, chan *Session) {
+	t.Helper()
+	gwCh := make(chan *Session, 1)
+	up := NewUpgrader(5 * time.Second)
+	h := testHello("yamux", "json")
+	h.HeartbeatIntervalMS = 200
+	h.MaxMessageSize = protocol.MinMessageSize
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ws, _ := up.Upgrade(w, r, nil)
+		s, err := Server(r.Context(), ws, h, Config{})
+		if err == nil {
+			gwCh <- s
+		}
+	}))
+	t.Cleanup(srv.Close)
+	ws, err := Dial(context.Background(), "ws"+strings.TrimPrefix(srv.URL, "http"), DialOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ws.Close() })
+	if _, _, err := ws.ReadMessage(); err != nil {
+		t.Fatal(err)
+	}
+	ws.WriteMessage(websocket.TextMessage, []byte(`{"type":"gateway_hello_ack","version":1,"protocol":"`+proto+`"}`))
+	return ws, gwCh
+}
+
+func waitEnd(t *testing.T, s *Session) error {
+	t.Helper()
+	select {
+	case <-s.Done():
+		return s.Err()
+	case <-time.After(5 * time.Second):
+		t.Fatal("session did not end")
+		return nil
+	}
+}
+
+func TestSessionEndsOnBadInput(t *testing.T) {
+	cases := []struct {
+		name, proto string
+		typ         int
+		msg         []byte
+		want        string
+	}{
+		{"garbage text", "yamux", websocket.TextMessage, []byte("\x00garbage"), "protocol violation"},
+		{"garbage text json", "json", websocket.TextMessage, []byte("{not json"), "protocol violation"},
+		{"unknown type", "json", websocket.TextMessage, []byte(`{"type":"launch"}`), "unknown type"},
+		{"binary in json mode", "json", websocket.BinaryMessage, []byte{1, 2, 3}, "binary message in json mode"},
+		{"json data in yamux mode", "yamux", websocket.TextMessage, []byte(`{"type":"tcp_data","id":1,"data":""}`), "in yamux mode"},
+		{"second hello", "json", websocket.TextMessage, mustEncode(testHello("json")), "unexpected gateway_hello"},
+		{"register_ack to gateway", "json", websocket.TextMessage, []byte(`{"type":"register_ack","seq":1,"endpoints":[]}`), "register_ack sent to the gateway"},
+		{"open to gateway", "json", websocket.TextMessage, []byte(`{"type":"tcp_open","id":1,"service":"x"}`), "sent to the gateway"},
+		{"oversized", "json", websocket.TextMessage, append([]byte(`{"type":"heartbeat","seq":1,"ts":1,"pad":"`), append(bytes.Repeat([]byte("a"), protocol.MinMessageSize), '"', '}')...), "read limit"},
+		{"bad yamux frame", "yamux", websocket.BinaryMessage, []byte{9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9}, "yamux"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			ws, gwCh := rawAgent(t, c.proto)
+			gw := <-gwCh
+			ws.WriteMessage(c.typ, c.msg)
+			err := waitEnd(t, gw)
+			if err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("session ended with %v, want it to mention %q", err, c.want)
+			}
+		})
+	}
+}
+
+func TestCreditViolationEndsSession(t *testing.T) {
+	gw, ag := pair(t, testHello("json"), "json")
+	if _, err := gw.Open(context.Background(), protocol.StreamHeader{Kind: protocol.KindTCP, Service: "x"}); err != nil {
+		t.Fatal(err)
+	}
+	// Impersonate a misbehaving agent by pushing data beyond the window
+	// straight into the agent's socket writer.
+	in, err := ag.Accept(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	in.Accept()
+	big := make([]byte, 48<<10)
+	for i := 0; i < 8; i++ { // 384 KiB > 256 KiB window, never credited
+		ag.c.sendCopy(websocket.TextMessage, protocol.AppendData(nil, protocol.KindTCP, 1, big), false)
+	}
+	if err := waitEnd(t, gw); !errors.Is(err, ErrProtocol) || !strings.Contains(err.Error(), "beyond its credit") {
+		t.Fatalf("err = %v, want a credit violation", err)
+	}
+}
+
+func TestSilentPeerTimesOut(t *testing.T) {
+	ws, gwCh := rawAgent(t, "json")
+	_ = ws // completes the handshake, then never speaks again
+	gw := <-gwCh
+	start := time.Now()
+	err := waitEnd(t, gw)
+	if !errors.Is(err, ErrPeerTimeout) {
+		t.Fatalf("err = %v, want ErrPeerTimeout", err)
+	}
+	// Heartbeat 200 ms: detection in 2.5-2.75 intervals. Only a sanity
+	// bound here (machines are noisy): well under the 10 s write timeout.
+	if d := time.Since(start); d > 3*time.Second {
+		t.Fatalf("detected after %v", d)
+	}
+}
+
+func mustEncode(m protocol.Message) []byte {
+	b, err := protocol.Encode(m)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}

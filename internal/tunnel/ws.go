@@ -1,0 +1,198 @@
+package tunnel
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/portway/portway/internal/pool"
+)
+
+// outMsg is one WebSocket message waiting for the writer.
+type outMsg struct {
+	typ int     // websocket.TextMessage or websocket.BinaryMessage
+	buf *[]byte // pooled; returned to the pool once written
+	// closeAfter makes the writer close the connection once this message
+	// is written: used to deliver an error message before closing.
+	closeAfter bool
+}
+
+// wsConn owns one WebSocket. A single writer goroutine performs every data
+// write, taking messages from two queues: control (heartbeats, credits,
+// errors) before data, so that a busy data path cannot starve heartbeats.
+// Reads happen in one goroutine at a time: the handshake, then the read loop
+// of the protocol mode.
+type wsConn struct {
+	ws           *websocket.Conn
+	writeTimeout time.Duration
+
+	ctrlQ chan outMsg
+	dataQ chan outMsg
+
+	done      chan struct{}
+	closeOnce sync.Once
+	errMu     sync.Mutex
+	err       error
+
+	epoch    time.Time
+	lastRecv atomic.Int64 // nanoseconds since epoch
+	rxBuf    []byte       // reusable buffer for whole text messages
+}
+
+// Queue sizes. The data queue bounds what a session buffers on the way out
+// (at most dataQueueLen messages of at most one max message each); callers
+// block beyond that, which is the backpressure the muxers rely on.
+const (
+	ctrlQueueLen = 256
+	dataQueueLen = 32
+)
+
+// errClosed is the error of a connection closed locally without a reason.
+var errClosed = errors.New("tunnel: closed")
+
+func newWSConn(ws *websocket.Conn, maxMessage int, writeTimeout time.Duration) *wsConn {
+	ws.SetReadLimit(int64(maxMessage))
+	c := &wsConn{
+		ws:           ws,
+		writeTimeout: writeTimeout,
+		ctrlQ:        make(chan outMsg, ctrlQueueLen),
+		dataQ:        make(chan outMsg, dataQueueLen),
+		done:         make(chan struct{}),
+		epoch:        time.Now(),
+		rxBuf:        make([]byte, 0, 4<<10),
+	}
+	c.touch()
+	go c.writeLoop()
+	return c
+}
+
+// now returns a monotonic timestamp in nanoseconds since the connection began.
+func (c *wsConn) now() int64 { return int64(time.Since(c.epoch)) }
+
+func (c *wsConn) touch() { c.lastRecv.Store(c.now()) }
+
+// sinceRecv is how long ago the last message arrived.
+func (c *wsConn) sinceRecv() time.Duration {
+	return time.Duration(c.now() - c.lastRecv.Load())
+}
+
+// send queues a message, taking ownership of buf. It blocks while the queue
+// is full, and fails once the connection is closed.
+func (c *wsConn) send(m outMsg, control bool) error {
+	q := c.dataQ
+	if control {
+		q = c.ctrlQ
+	}
+	select {
+	case q <- m:
+		return nil
+	case <-c.done:
+		pool.Put(m.buf)
+		return c.Err()
+	}
+}
+
+// sendCopy queues a copy of b.
+func (c *wsConn) sendCopy(typ int, b []byte, control bool) error {
+	buf := pool.Get(len(b))
+	copy(*buf, b)
+	return c.send(outMsg{typ: typ, buf: buf}, control)
+}
+
+func (c *wsConn) writeLoop() {
+	var deadline time.Time
+	for {
+		var m outMsg
+		select {
+		case m = <-c.ctrlQ:
+		default:
+			select {
+			case m = <-c.ctrlQ:
+			case m = <-c.dataQ:
+			case <-c.done:
+				return
+			}
+		}
+		// Extend the deadline only when half of it has passed: setting it
+		// on every message would cost a timer update per message.
+		if now := time.Now(); now.Add(c.writeTimeout / 2).After(deadline) {
+			deadline = now.Add(c.writeTimeout)
+			if err := c.ws.SetWriteDeadline(deadline); err != nil {
+				c.fail(fmt.Errorf("tunnel: set write deadline: %w", err))
+				return
+			}
+		}
+		err := c.ws.WriteMessage(m.typ, *m.buf)
+		pool.Put(m.buf)
+		if err != nil {
+			c.fail(fmt.Errorf("tunnel: write: %w", err))
+			return
+		}
+		if m.closeAfter {
+			c.fail(nil)
+			return
+		}
+	}
+}
+
+// readMessage reads one whole message. Text messages land in a buffer that
+// is reused by the next call. The gorilla read limit bounds the size.
+func (c *wsConn) readMessage() (int, []byte, error) {
+	typ, r, err := c.ws.NextReader()
+	if err != nil {
+		return 0, nil, err
+	}
+	c.touch()
+	b := c.rxBuf[:0]
+	for {
+		if len(b) == cap(b) {
+			b = append(b, 0)[:len(b)]
+		}
+		n, err := r.Read(b[len(b):cap(b)])
+		b = b[:len(b)+n]
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return 0, nil, err
+		}
+	}
+	// Keep a modest buffer between messages; a rare huge one is dropped.
+	if cap(b) <= 1<<20 {
+		c.rxBuf = b
+	}
+	return typ, b, nil
+}
+
+// fail closes the connection, recording err as the reason if it is the
+// first. A nil err records errClosed.
+func (c *wsConn) fail(err error) {
+	if err == nil {
+		err = errClosed
+	}
+	c.errMu.Lock()
+	if c.err == nil {
+		c.err = err
+	}
+	c.errMu.Unlock()
+	c.closeOnce.Do(func() {
+		close(c.done)
+		// WriteControl may run concurrently with the writer; the close
+		// frame is a courtesy, so its deadline is short.
+		_ = c.ws.WriteControl(websocket.CloseMessage,
+			websocket.FormatCloseMessage(websocket.CloseNormalClosure, ""), time.Now().Add(100*time.Millisecond))
+		_ = c.ws.Close()
+	})
+}
+
+// Err returns why the connection closed, or nil while it is open.
+func (c *wsConn) Err() error {
+	c.errMu.Lock()
+	defer c.errMu.Unlock()
+	return c.err
+}

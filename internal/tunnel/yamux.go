@@ -1,0 +1,299 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gorilla/websocket"
+	yamux "github.com/libp2p/go-yamux/v5"
+
+	"github.com/portway/portway/internal/pool"
+	"github.com/portway/portway/internal/protocol"
+)
+
+// yamuxConn is the net.Conn yamux runs on. Reads come from binary messages;
+// text messages met on the way are control messages, handled in place, so
+// yamux's receive loop is the session's only reader. Each Write from yamux's
+// send loop is one whole frame (go-yamux builds header and body in one
+// buffer) and becomes one binary message.
+type yamuxConn struct {
+	s *Session
+	r io.Reader // the current binary message
+}
+
+func (a *yamuxConn) Read(p []byte) (int, error) {
+	for {
+		if a.r != nil {
+			n, err := a.r.Read(p)
+			if err == io.EOF {
+				a.r = nil
+				err = nil
+			}
+			if err != nil {
+				a.s.c.fail(fmt.Errorf("tunnel: read: %w", err))
+				return n, err
+			}
+			if n > 0 || len(p) == 0 {
+				return n, nil
+			}
+			continue
+		}
+		typ, r, err := a.s.c.ws.NextReader()
+		if err != nil {
+			a.s.c.fail(fmt.Errorf("tunnel: read: %w", err))
+			return 0, err
+		}
+		a.s.c.touch()
+		if typ == websocket.BinaryMessage {
+			a.r = r
+			continue
+		}
+		if err := a.s.readText(r); err != nil {
+			a.s.c.fail(err)
+			return 0, err
+		}
+	}
+}
+
+// readText reads and handles one text message in yamux mode.
+func (s *Session) readText(r io.Reader) error {
+	buf := pool.Get(64 << 10)
+	defer pool.Put(buf)
+	b := (*buf)[:0]
+	for {
+		if len(b) == cap(b) {
+			b = append(b, 0)[:len(b)] // rare: control messages above 64 KiB
+		}
+		n, err := r.Read(b[len(b):cap(b)])
+		b = b[:len(b)+n]
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("tunnel: read: %w", err)
+		}
+	}
+	m, err := protocol.Decode(b)
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrProtocol, err)
+	}
+	switch m.(type) {
+	case *protocol.Open, *protocol.OpenResult, *protocol.Data, *protocol.Close, *protocol.Credit:
+		return fmt.Errorf("%w: JSON-mode message %s in yamux mode", ErrProtocol, m.Type())
+	}
+	return s.handleControl(m)
+}
+
+func (a *yamuxConn) Write(p []byte) (int, error) {
+	buf := pool.Get(len(p))
+	copy(*buf, p)
+	if err := a.s.c.send(outMsg{typ: websocket.BinaryMessage, buf: buf}, false); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func (a *yamuxConn) Close() error {
+	a.s.c.fail(errors.New("tunnel: yamux session closed"))
+	return nil
+}
+
+func (a *yamuxConn) LocalAddr() net.Addr  { return a.s.c.ws.LocalAddr() }
+func (a *yamuxConn) RemoteAddr() net.Addr { return a.s.c.ws.RemoteAddr() }
+
+// Deadlines belong to the WebSocket writer and the heartbeat, not to yamux.
+func (a *yamuxConn) SetDeadline(time.Time) error      { return nil }
+func (a *yamuxConn) SetReadDeadline(time.Time) error  { return nil }
+func (a *yamuxConn) SetWriteDeadline(time.Time) error { return nil }
+
+func (s *Session) startYamux() {
+	cfg := yamux.DefaultConfig()
+	cfg.EnableKeepAlive = false // the session's heartbeats detect dead peers
+	cfg.MeasureRTTInterval = 10 * time.Second
+	cfg.AcceptBacklog = 1024
+	cfg.MaxIncomingStreams = uint32(s.cfg.MaxStreams)
+	cfg.MaxStreamWindowSize = uint32(s.cfg.MaxStreamWindow)
+	cfg.ReadBufSize = 16 << 10
+	cfg.ConnectionWriteTimeout = s.cfg.WriteTimeout
+	cfg.LogOutput = logWriter{s.cfg.Logger}
+	budget := &windowBudget{limit: int64(s.cfg.SessionWindowMemory)}
+	conn := &yamuxConn{s: s}
+	var err error
+	if s.gateway {
+		// The gateway opens streams: it is yamux's client (odd ids).
+		s.ym, err = yamux.Client(conn, cfg, budget.span)
+	} else {
+		s.ym, err = yamux.Server(conn, cfg, budget.span)
+	}
+	if err != nil {
+		// Only an invalid config gets here; fail loudly in tests.
+		s.c.fail(fmt.Errorf("tunnel: start yamux: %w", err))
+		return
+	}
+	go func() {
+		select {
+		case <-s.c.done:
+			s.ym.Close()
+		case <-s.ym.CloseChan():
+			s.c.fail(errors.New("tunnel: yamux session closed"))
+		}
+	}()
+}
+
+func (s *Session) openYamux(ctx context.Context, h protocol.StreamHeader) (Stream, error) {
+	st, err := s.ym.OpenStream(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("tunnel: open stream: %w", err)
+	}
+	var buf [protocol.MaxHeaderLen]byte
+	hdr, err := protocol.AppendHeader(buf[:0], h)
+	if err != nil {
+		st.Reset()
+		return nil, err
+	}
+	if _, err := st.Write(hdr); err != nil {
+		st.Reset()
+		return nil, fmt.Errorf("tunnel: write stream header: %w", err)
+	}
+	return &openedStream{Stream: st}, nil
+}
+
+// openedStream is a gateway-opened yamux stream whose first byte from the
+// agent is the status.
+type openedStream struct {
+	*yamux.Stream
+	once   sync.Once
+	status error
+	ok     atomic.Bool
+}
+
+func (o *openedStream) waitOpen(ctx context.Context) error {
+	o.once.Do(func() {
+		if d, ok := ctx.Deadline(); ok {
+			o.Stream.SetReadDeadline(d)
+		}
+		stop := context.AfterFunc(ctx, func() { o.Stream.SetReadDeadline(time.Now()) })
+		var b [1]byte
+		_, err := io.ReadFull(o.Stream, b[:])
+		stop()
+		o.Stream.SetReadDeadline(time.Time{})
+		if err != nil {
+			if ctx.Err() != nil {
+				err = ctx.Err()
+			}
+			o.status = fmt.Errorf("tunnel: waiting for stream status: %w", err)
+			return
+		}
+		st, err := protocol.ParseStatusByte(b[0])
+		if err != nil {
+			o.status = fmt.Errorf("%w: %w", ErrProtocol, err)
+			return
+		}
+		if st != protocol.StatusOK {
+			o.status = &protocol.OpenError{Status: st}
+			return
+		}
+		o.ok.Store(true)
+	})
+	return o.status
+}
+
+func (o *openedStream) Read(p []byte) (int, error) {
+	if !o.ok.Load() {
+		if err := o.waitOpen(context.Background()); err != nil {
+			return 0, err
+		}
+	}
+	return o.Stream.Read(p)
+}
+
+func (s *Session) acceptYamux(ctx context.Context) (*Incoming, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	st, err := s.ym.AcceptStream()
+	if err != nil {
+		if e := s.c.Err(); e != nil {
+			return nil, e
+		}
+		return nil, fmt.Errorf("tunnel: accept: %w", err)
+	}
+	timeout := s.cfg.HandshakeTimeout
+	return &Incoming{
+		readHeader: func() (protocol.StreamHeader, error) {
+			st.SetReadDeadline(time.Now().Add(timeout))
+			h, err := protocol.ReadHeader(st)
+			st.SetReadDeadline(time.Time{})
+			if err != nil {
+				st.Reset()
+			}
+			return h, err
+		},
+		reply: func(status protocol.Status) (Stream, error) {
+			if _, err := st.Write([]byte{byte(status)}); err != nil {
+				st.Reset()
+				return nil, fmt.Errorf("tunnel: write stream status: %w", err)
+			}
+			if status != protocol.StatusOK {
+				st.Close()
+				return nil, nil
+			}
+			return st, nil
+		},
+	}, nil
+}
+
+// windowBudget caps how far yamux may grow the receive windows of one
+// session's streams beyond their initial 256 KiB.
+type windowBudget struct {
+	used  atomic.Int64
+	limit int64
+}
+
+var errWindowBudget = errors.New("tunnel: session window budget exhausted")
+
+func (b *windowBudget) span() (yamux.MemoryManager, error) { return &budgetSpan{b: b}, nil }
+
+type budgetSpan struct {
+	b        *windowBudget
+	reserved atomic.Int64
+}
+
+// yamux reserves with priority 255 for a stream's initial window; those
+// are bounded by MaxStreams and always granted. Growth comes at lower
+// priority and is what the budget caps.
+func (sp *budgetSpan) ReserveMemory(size int, prio uint8) error {
+	if prio == 255 {
+		return nil
+	}
+	if sp.b.used.Add(int64(size)) > sp.b.limit {
+		sp.b.used.Add(-int64(size))
+		return errWindowBudget
+	}
+	sp.reserved.Add(int64(size))
+	return nil
+}
+
+func (sp *budgetSpan) ReleaseMemory(size int) {
+	sp.reserved.Add(-int64(size))
+	sp.b.used.Add(-int64(size))
+}
+
+func (sp *budgetSpan) Done() { sp.b.used.Add(-sp.reserved.Swap(0)) }
+
+// logWriter turns yamux's log lines into structured log records.
+type logWriter struct {
+	log interface{ Warn(string, ...any) }
+}
+
+func (w logWriter) Write(p []byte) (int, error) {
+	w.log.Warn("yamux", "msg", strings.TrimSpace(string(p)))
+	return len(p), nil
+}
