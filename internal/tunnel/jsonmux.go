@@ -186,6 +186,10 @@ func (m *jsonMux) onData(kind protocol.Kind, id uint32, buf *[]byte) error {
 		return fmt.Errorf("%w: %s data on a %s stream", ErrProtocol, kind, st.kind)
 	}
 	n := len(*buf)
+	if n == 0 && kind == protocol.KindTCP {
+		pool.Put(buf) // an empty tcp_data carries nothing
+		return nil
+	}
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	switch {
@@ -448,7 +452,7 @@ func (st *jsonStream) Read(p []byte) (int, error) {
 			st.mu.Unlock()
 			return 0, err
 		}
-		if st.buffered > 0 {
+		if len(st.chunks) > 0 {
 			if len(p) == 0 {
 				st.mu.Unlock()
 				return 0, nil
@@ -561,6 +565,12 @@ func (st *jsonStream) sendData(p []byte) error {
 	buf := pool.Get(protocol.DataOverhead + (len(p)+2)/3*4)
 	*buf = protocol.AppendData((*buf)[:0], st.kind, st.id, p)
 	return st.m.s.c.send(outMsg{typ: websocket.TextMessage, buf: buf}, false)
+}
+
+// WaitReadable blocks until data, the end of the stream or an error.
+func (st *jsonStream) WaitReadable() error {
+	_, err := st.Read(nil)
+	return err
 }
 
 // WritePacket sends one datagram as one udp_data message.

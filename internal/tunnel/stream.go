@@ -11,9 +11,6 @@ import (
 
 // Stream is one tunneled TCP connection or UDP session, in either mode.
 type Stream interface {
-	// Read reads stream data. A zero-length Read blocks until data is
-	// available or the stream ends, without consuming anything: the relay
-	// uses it to wait for data without holding a buffer.
 	Read(p []byte) (int, error)
 	Write(p []byte) (int, error)
 	// CloseWrite signals that this side has finished sending (a TCP FIN);
@@ -24,6 +21,10 @@ type Stream interface {
 	Close() error
 	// Reset aborts both directions: the peer's reads and writes fail.
 	Reset() error
+	// WaitReadable blocks until a Read would not block (data, end of
+	// stream or an error), without consuming anything: the relay waits
+	// with it so that idle streams hold no copy buffer.
+	WaitReadable() error
 }
 
 // PacketConn carries the datagrams of one UDP session on a stream, keeping
@@ -38,6 +39,8 @@ type PacketConn interface {
 	// callers can read a datagram into frame[PacketHeadroom:] and send it
 	// without a copy.
 	WritePacket(frame []byte) error
+	// WaitReadable blocks until ReadPacket would not block.
+	WaitReadable() error
 	Close() error
 }
 
@@ -65,6 +68,8 @@ func (f *framedPackets) WritePacket(frame []byte) error {
 	_, err := f.st.Write(frame)
 	return err
 }
+
+func (f *framedPackets) WaitReadable() error { return f.st.WaitReadable() }
 
 func (f *framedPackets) Close() error { return f.st.Close() }
 

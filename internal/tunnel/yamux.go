@@ -205,6 +205,13 @@ func (o *openedStream) waitOpen(ctx context.Context) error {
 	return o.status
 }
 
+// WaitReadable relies on go-yamux returning from a zero-length Read only
+// once data is buffered or the stream has ended.
+func (o *openedStream) WaitReadable() error {
+	_, err := o.Read(nil)
+	return err
+}
+
 func (o *openedStream) Read(p []byte) (int, error) {
 	if !o.ok.Load() {
 		if err := o.waitOpen(context.Background()); err != nil {
@@ -245,9 +252,17 @@ func (s *Session) acceptYamux(ctx context.Context) (*Incoming, error) {
 				st.Close()
 				return nil, nil
 			}
-			return st, nil
+			return acceptedStream{st}, nil
 		},
 	}, nil
+}
+
+// acceptedStream is an agent-side yamux stream.
+type acceptedStream struct{ *yamux.Stream }
+
+func (a acceptedStream) WaitReadable() error {
+	_, err := a.Stream.Read(nil)
+	return err
 }
 
 // windowBudget caps how far yamux may grow the receive windows of one

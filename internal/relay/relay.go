@@ -1,0 +1,265 @@
+// Package relay copies data between two connections: a public client or a
+// backend on one side, a tunnel stream on the other. It is written once and
+// shared by gateway and agent: pooled buffers held only while data flows,
+// byte counting, half-close carried in both directions, and an idle timeout
+// counted on traffic in either direction.
+package relay
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"github.com/portway/portway/internal/pool"
+)
+
+// Conn is one side of a relayed TCP connection: a *net.TCPConn or a tunnel
+// stream.
+type Conn interface {
+	io.Reader
+	io.Writer
+	// CloseWrite sends a FIN (or its tunnel equivalent).
+	CloseWrite() error
+	Close() error
+}
+
+// Stats counts one relayed connection. The fields are updated as data
+// flows, so a metrics collector may read them while the relay runs.
+type Stats struct {
+	// AToB and BToA count bytes copied from a to b and from b to a.
+	AToB, BToA atomic.Int64
+	// lastActive is the monotonic time of the last read, in nanoseconds
+	// since the process' relay epoch.
+	lastActive atomic.Int64
+}
+
+// Result says how a relay ended.
+type Result struct {
+	// Err is the first error that aborted the connection, nil when both
+	// directions ended with a clean EOF.
+	Err error
+	// IdleTimeout is true when the idle timeout ended the connection.
+	IdleTimeout bool
+}
+
+// ErrIdle is Result.Err when the idle timeout ended the connection.
+var ErrIdle = errors.New("relay: idle timeout")
+
+// Options tune a relay.
+type Options struct {
+	// BufferSize is the copy buffer per direction (tcp.buffer_size).
+	BufferSize int
+	// IdleTimeout closes the connection after this long without a byte in
+	// either direction; 0 disables it.
+	IdleTimeout time.Duration
+}
+
+var epoch = time.Now()
+
+func monotonic() int64 { return int64(time.Since(epoch)) }
+
+// Pipe copies a→b and b→a until both directions have ended, then closes
+// both. An EOF on one side is passed on as a half-close of the other; an
+// error on either side aborts both. Pipe returns when both copies are done.
+func Pipe(a, b Conn, opt Options, st *Stats) Result {
+	if opt.BufferSize <= 0 {
+		opt.BufferSize = 32 << 10
+	}
+	if st == nil {
+		st = new(Stats)
+	}
+	st.lastActive.Store(monotonic())
+	p := &pipe{a: a, b: b}
+
+	var idle *time.Timer
+	var idled atomic.Bool
+	if opt.IdleTimeout > 0 {
+		var check func()
+		check = func() {
+			since := time.Duration(monotonic() - st.lastActive.Load())
+			if since >= opt.IdleTimeout {
+				idled.Store(true)
+				p.abort(ErrIdle)
+				return
+			}
+			idle.Reset(opt.IdleTimeout - since)
+		}
+		idle = time.AfterFunc(opt.IdleTimeout, check)
+	}
+
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		p.half(b, a, &st.BToA, &st.lastActive, opt.BufferSize)
+	}()
+	p.half(a, b, &st.AToB, &st.lastActive, opt.BufferSize)
+	wg.Wait()
+	if idle != nil {
+		idle.Stop()
+	}
+	p.closeBoth()
+	res := Result{Err: p.firstErr(), IdleTimeout: idled.Load()}
+	return res
+}
+
+type pipe struct {
+	a, b    Conn
+	mu      sync.Mutex
+	err     error
+	aborted bool
+}
+
+// half copies src to dst, then half-closes dst at EOF or aborts both on error.
+func (p *pipe) half(src, dst Conn, n, active *atomic.Int64, size int) {
+	err := copyCounting(dst, src, n, active, size)
+	if err != nil {
+		p.abort(err)
+		return
+	}
+	if err := dst.CloseWrite(); err != nil && !isClosed(err) {
+		p.abort(err)
+	}
+}
+
+func (p *pipe) abort(err error) {
+	p.mu.Lock()
+	if p.err == nil {
+		p.err = err
+	}
+	already := p.aborted
+	p.aborted = true
+	p.mu.Unlock()
+	if !already {
+		Abort(p.a)
+		Abort(p.b)
+	}
+}
+
+func (p *pipe) firstErr() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.err
+}
+
+func (p *pipe) closeBoth() {
+	p.mu.Lock()
+	aborted := p.aborted
+	p.mu.Unlock()
+	if !aborted {
+		p.a.Close()
+		p.b.Close()
+	}
+}
+
+// Abort closes c abruptly: a tunnel stream is reset, a TCP connection is
+// closed with an RST, so the peer sees a failure rather than a clean end.
+func Abort(c io.Closer) {
+	switch c := c.(type) {
+	case interface{ Reset() error }:
+		c.Reset()
+	case *net.TCPConn:
+		c.SetLinger(0)
+		c.Close()
+	default:
+		c.Close()
+	}
+}
+
+// copyCounting copies until EOF (returning nil) or an error. It holds a
+// buffer only while data flows: before a read that may block it waits for
+// readability with no buffer, so idle connections cost no copy buffers.
+func copyCounting(dst io.Writer, src io.Reader, n, active *atomic.Int64, size int) error {
+	var buf *[]byte
+	defer func() {
+		if buf != nil {
+			pool.Put(buf)
+		}
+	}()
+	for {
+		if buf == nil {
+			// A socket reports a pending error (such as a reset) once,
+			// so an error seen while waiting must not be lost.
+			if err := WaitReadable(src); err == io.EOF {
+				return nil
+			} else if err != nil {
+				return err
+			}
+			buf = pool.Get(size)
+		}
+		nr, rerr := src.Read(*buf)
+		if nr > 0 {
+			active.Store(monotonic())
+			nw, werr := dst.Write((*buf)[:nr])
+			n.Add(int64(nw))
+			if werr != nil {
+				return werr
+			}
+			if nw != nr {
+				return io.ErrShortWrite
+			}
+		}
+		if rerr == io.EOF {
+			return nil
+		}
+		if rerr != nil {
+			return rerr
+		}
+		if nr < len(*buf) {
+			// The source is drained for now: the next read may block.
+			pool.Put(buf)
+			buf = nil
+		}
+	}
+}
+
+// WaitReadable blocks until a read from r would not block, for the sources
+// that can say so without consuming data: sockets (by peeking) and tunnel
+// streams. For anything else it returns at once.
+func WaitReadable(r any) error {
+	switch r := r.(type) {
+	case interface{ WaitReadable() error }:
+		return r.WaitReadable()
+	case syscall.Conn:
+		rc, err := r.SyscallConn()
+		if err != nil {
+			return err
+		}
+		var p peeker
+		if err := rc.Read(p.peek); err != nil {
+			return err
+		}
+		return p.err
+	}
+	return nil
+}
+
+// peeker waits for readability by peeking one byte without consuming it.
+type peeker struct {
+	b   [1]byte
+	err error
+}
+
+func (p *peeker) peek(fd uintptr) bool {
+	_, _, e := syscall.Syscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&p.b[0])), 1,
+		syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
+	switch e {
+	case 0:
+	case syscall.EAGAIN:
+		return false // not readable yet: park until the poller says so
+	case syscall.EINTR:
+		return false
+	default:
+		p.err = e
+	}
+	return true
+}
+
+func isClosed(err error) bool {
+	return errors.Is(err, net.ErrClosed)
+}

@@ -1,0 +1,96 @@
+package testservers
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// RedisServer is a running Redis server started by Redis.
+type RedisServer struct {
+	// Host is the address the server listens on: "127.0.0.1".
+	Host string
+	// Port is the TCP port the server listens on.
+	Port int
+	// Dir is the server's working directory.
+	Dir string
+	// LogPath is the file receiving the server's stdout and stderr.
+	LogPath string
+
+	cli string
+}
+
+// Redis starts a real redis-server (Debian package "redis-server") on
+// 127.0.0.1:<free port> without persistence (save "", appendonly no) and with
+// protected mode off, configured entirely on the command line. It is stopped
+// and its directory removed by t.Cleanup. redis-cli (package "redis-tools")
+// is required as well, for CLI.
+func Redis(t testing.TB) *RedisServer {
+	t.Helper()
+	server := Require(t, "redis-server", "redis-server")
+	cli := Require(t, "redis-cli", "redis-tools")
+	dir := serverDir(t, "redis")
+	logPath := filepath.Join(dir, "redis.log")
+	s := &RedisServer{Host: "127.0.0.1", Dir: dir, LogPath: logPath, cli: cli}
+	_, port := startServer(t, "redis-server", func() int { return FreePort(t, "tcp") },
+		func(port int) *process {
+			cmd := exec.Command(server,
+				"--port", strconv.Itoa(port),
+				"--bind", "127.0.0.1",
+				"--save", "",
+				"--appendonly", "no",
+				"--dir", dir,
+				"--protected-mode", "no",
+				"--daemonize", "no",
+				"--logfile", "",
+				"--loglevel", "notice",
+			)
+			cmd.Dir = dir
+			return startProcess(t, "redis-server", cmd, logPath, syscall.SIGTERM)
+		},
+		func(port int) error { return redisPing(hostPort("127.0.0.1", port)) })
+	s.Port = port
+	return s
+}
+
+// redisPing sends a RESP PING and expects +PONG.
+func redisPing(addr string) error {
+	c, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := c.Write([]byte("*1\r\n$4\r\nPING\r\n")); err != nil {
+		return err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if strings.TrimSpace(line) != "+PONG" {
+		return fmt.Errorf("PING answered %q", line)
+	}
+	return nil
+}
+
+// Addr returns "127.0.0.1:<port>" of the server.
+func (s *RedisServer) Addr() string { return hostPort(s.Host, s.Port) }
+
+// CLI runs the real redis-cli against host:port (the server itself or a
+// tunnel endpoint leading to it) with args (e.g. "SET", "k", "v") and returns
+// its stdout. Note that redis-cli exits 0 for Redis error replies; those show
+// up in the output as "(error) ..." or, when not on a terminal, "ERR ...".
+func (s *RedisServer) CLI(t testing.TB, host string, port int, args ...string) ([]byte, error) {
+	t.Helper()
+	full := append([]string{"-h", host, "-p", strconv.Itoa(port)}, args...)
+	env := cleanEnv([]string{"REDISCLI_"}, "REDISCLI_HISTFILE=/dev/null")
+	return runClient(t, env, s.cli, full...)
+}
