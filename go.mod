@@ -7,4 +7,8 @@ require (
 	github.com/libp2p/go-yamux/v5 v5.1.0
 )
 
-require github.com/libp2p/go-buffer-pool v0.0.2 // indirect
+require (
+	github.com/libp2p/go-buffer-pool v0.0.2 // indirect
+	go.yaml.in/yaml/v2 v2.4.2 // indirect
+	sigs.k8s.io/yaml v1.6.0 // indirect
+)

@@ -1,0 +1,241 @@
+package config
+
+import (
+	"fmt"
+	"net/url"
+	"time"
+
+	"github.com/portway/portway/internal/protocol"
+)
+
+// AgentFile is agent.yaml.
+type AgentFile struct {
+	Gateway    GatewayConn `json:"gateway"`
+	Metrics    Metrics     `json:"metrics"`
+	Kubernetes Kubernetes  `json:"kubernetes"`
+	// Tunnels is exactly the seed's tunnels: block.
+	Tunnels Tunnels `json:"tunnels"`
+	// Services are static services, for use outside Kubernetes.
+	Services []StaticService `json:"services"`
+}
+
+// GatewayConn says where and how the agent connects.
+type GatewayConn struct {
+	// URL is ws(s)://host:port/v1/tunnel.
+	URL   string `json:"url"`
+	Token string `json:"token"`
+	// Protocol is auto (yamux when offered), yamux or json.
+	Protocol string `json:"protocol"`
+	// CAFile is a PEM bundle to trust instead of the system roots.
+	CAFile string `json:"ca_file,omitempty"`
+	// ServerName overrides the TLS server name.
+	ServerName string `json:"server_name,omitempty"`
+}
+
+// Metrics configures the agent's HTTP server for /metrics, /healthz and
+// /readyz. An empty listen disables it.
+type Metrics struct {
+	Listen string `json:"listen"`
+}
+
+// Kubernetes configures discovery through the Kubernetes API.
+type Kubernetes struct {
+	Enabled bool `json:"enabled"`
+	// Kubeconfig is a kubeconfig path; empty means in-cluster config (or
+	// the KUBECONFIG variable when set).
+	Kubeconfig string `json:"kubeconfig"`
+}
+
+// Tunnels is the seed's tunnels: block.
+type Tunnels struct {
+	// Enabled turns Kubernetes discovery of tunnel services on or off.
+	Enabled   bool      `json:"enabled"`
+	Routing   Routing   `json:"routing"`
+	Discovery Discovery `json:"discovery"`
+	TCP       TCP       `json:"tcp"`
+	UDP       UDP       `json:"udp"`
+}
+
+// Routing picks how discovered Gateways are exposed.
+type Routing struct {
+	ForceTunnelMode bool `json:"force_tunnel_mode"`
+	DualModeEnabled bool `json:"dual_mode_enabled"`
+}
+
+// Discovery selects which Gateways are managed.
+type Discovery struct {
+	TCP DiscoverySource `json:"tcp"`
+	UDP DiscoverySource `json:"udp"`
+}
+
+// DiscoverySource is one protocol's discovery switch and Gateway label.
+type DiscoverySource struct {
+	Enabled      bool   `json:"enabled"`
+	GatewayLabel string `json:"gateway_label"`
+}
+
+// TCP holds the TCP tunnel settings.
+type TCP struct {
+	BufferSize        int      `json:"buffer_size"`
+	Keepalive         bool     `json:"keepalive"`
+	KeepalivePeriod   Duration `json:"keepalive_period"`
+	ConnectionTimeout Duration `json:"connection_timeout"`
+	IdleTimeout       Duration `json:"idle_timeout"`
+	MaxConnections    int      `json:"max_connections"`
+}
+
+// UDP holds the UDP tunnel settings.
+type UDP struct {
+	BufferSize     int      `json:"buffer_size"`
+	SessionTimeout Duration `json:"session_timeout"`
+	MaxSessions    int      `json:"max_sessions"`
+}
+
+// StaticService is one entry of services:.
+type StaticService struct {
+	Name     string `json:"name"`
+	Protocol string `json:"protocol"`
+	// Port is the port the service is known by; the gateway prefers
+	// 10000+port as the public port.
+	Port int `json:"port"`
+	// Backend is host:port the agent dials.
+	Backend string `json:"backend"`
+	// PublicPort asks the gateway for this exact public port.
+	PublicPort int `json:"public_port,omitempty"`
+}
+
+// DefaultLabel is the seed's Gateway label for discovery.
+const DefaultLabel = "pipeops.io/managed"
+
+// DefaultAgent returns the agent defaults: the seed's documented values.
+func DefaultAgent() *AgentFile {
+	return &AgentFile{
+		Gateway: GatewayConn{Protocol: "auto"},
+		Metrics: Metrics{Listen: ":9090"},
+		Tunnels: Tunnels{
+			Enabled: true,
+			Discovery: Discovery{
+				TCP: DiscoverySource{Enabled: true, GatewayLabel: DefaultLabel},
+				UDP: DiscoverySource{Enabled: true, GatewayLabel: DefaultLabel},
+			},
+			TCP: TCP{
+				BufferSize:        32768,
+				Keepalive:         true,
+				KeepalivePeriod:   D(30 * time.Second),
+				ConnectionTimeout: D(30 * time.Second),
+				IdleTimeout:       D(5 * time.Minute),
+				MaxConnections:    1000,
+			},
+			UDP: UDP{
+				BufferSize:     65535,
+				SessionTimeout: D(5 * time.Minute),
+				MaxSessions:    10000,
+			},
+		},
+	}
+}
+
+// ParseAgent parses agent.yaml over the defaults, applies environment
+// overrides and validates the result.
+func ParseAgent(data []byte, getenv func(string) string) (*AgentFile, error) {
+	a := DefaultAgent()
+	if err := parseStrict(data, a); err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	a.ApplyEnv(getenv)
+	if err := a.Validate(); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+// LoadAgent reads and parses an agent config file.
+func LoadAgent(path string, getenv func(string) string) (*AgentFile, error) {
+	b, err := readFile(path)
+	if err != nil {
+		return nil, err
+	}
+	a, err := ParseAgent(b, getenv)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return a, nil
+}
+
+// ApplyEnv applies PORTWAY_GATEWAY_TOKEN and PORTWAY_GATEWAY_URL.
+func (a *AgentFile) ApplyEnv(getenv func(string) string) {
+	if getenv == nil {
+		return
+	}
+	if v := getenv("PORTWAY_GATEWAY_TOKEN"); v != "" {
+		a.Gateway.Token = v
+	}
+	if v := getenv("PORTWAY_GATEWAY_URL"); v != "" {
+		a.Gateway.URL = v
+	}
+}
+
+// Validate checks every key and returns all problems found.
+func (a *AgentFile) Validate() error {
+	var p problems
+	if a.Gateway.URL == "" {
+		p.add("gateway.url", "is required (or set PORTWAY_GATEWAY_URL)")
+	} else if u, err := url.Parse(a.Gateway.URL); err != nil {
+		p.add("gateway.url", "%v", err)
+	} else if u.Scheme != "ws" && u.Scheme != "wss" {
+		p.add("gateway.url", "%q must start with wss:// (or ws:// for a gateway with insecure: true)", a.Gateway.URL)
+	} else if u.Host == "" {
+		p.add("gateway.url", "%q has no host", a.Gateway.URL)
+	}
+	if a.Gateway.Token == "" {
+		p.add("gateway.token", "is required (or set PORTWAY_GATEWAY_TOKEN)")
+	}
+	switch a.Gateway.Protocol {
+	case "auto", protocol.ProtocolYamux, protocol.ProtocolJSON:
+	default:
+		p.add("gateway.protocol", "%q is not auto, yamux or json", a.Gateway.Protocol)
+	}
+	p.hostPort("metrics.listen", a.Metrics.Listen, false)
+
+	t := &a.Tunnels
+	for key, d := range map[string]*DiscoverySource{"tunnels.discovery.tcp": &t.Discovery.TCP, "tunnels.discovery.udp": &t.Discovery.UDP} {
+		if d.Enabled && d.GatewayLabel == "" {
+			p.add(key+".gateway_label", "is required when discovery is enabled")
+		}
+	}
+	p.intRange("tunnels.tcp.buffer_size", t.TCP.BufferSize, 512, 16<<20)
+	if t.TCP.Keepalive {
+		p.duration("tunnels.tcp.keepalive_period", t.TCP.KeepalivePeriod, time.Second, 0, false)
+	}
+	p.duration("tunnels.tcp.connection_timeout", t.TCP.ConnectionTimeout, 10*time.Millisecond, 0, false)
+	p.duration("tunnels.tcp.idle_timeout", t.TCP.IdleTimeout, 100*time.Millisecond, 0, true)
+	p.intRange("tunnels.tcp.max_connections", t.TCP.MaxConnections, 1, 1<<20)
+	p.intRange("tunnels.udp.buffer_size", t.UDP.BufferSize, 1, protocol.MaxDatagram)
+	p.duration("tunnels.udp.session_timeout", t.UDP.SessionTimeout, 100*time.Millisecond, 0, false)
+	p.intRange("tunnels.udp.max_sessions", t.UDP.MaxSessions, 1, 1<<20)
+
+	seen := map[string]bool{}
+	for i, s := range a.Services {
+		key := fmt.Sprintf("services[%d]", i)
+		if err := protocol.ValidateServiceID(s.Name); err != nil {
+			p.add(key+".name", "%v", err)
+		}
+		if s.Protocol == "" {
+			a.Services[i].Protocol = "tcp"
+			s.Protocol = "tcp"
+		}
+		if _, err := protocol.ParseKind(s.Protocol); err != nil {
+			p.add(key+".protocol", "%q is neither tcp nor udp", s.Protocol)
+		}
+		if seen[s.Protocol+"/"+s.Name] {
+			p.add(key+".name", "%s service %q is listed twice", s.Protocol, s.Name)
+		}
+		seen[s.Protocol+"/"+s.Name] = true
+		p.intRange(key+".port", s.Port, 1, 65535)
+		p.hostPort(key+".backend", s.Backend, true)
+		if s.PublicPort != 0 {
+			p.intRange(key+".public_port", s.PublicPort, 1, 65535)
+		}
+	}
+	return p.err()
+}
