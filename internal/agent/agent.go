@@ -1,0 +1,461 @@
+// Package agent is portway's private side: it dials out to the gateway over
+// one WebSocket, registers the services it exposes (static ones from its
+// config and those discovered in Kubernetes), and serves every stream the
+// gateway opens by dialing the matching backend, which it alone chose.
+package agent
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/portway/portway/internal/config"
+	"github.com/portway/portway/internal/metrics"
+	"github.com/portway/portway/internal/protocol"
+	"github.com/portway/portway/internal/tunnel"
+)
+
+// Service is one backend the agent exposes.
+type Service struct {
+	// ID names the service: a static service's name, or
+	// namespace/gateway/listener when discovered.
+	ID       string
+	Protocol string // "tcp" or "udp"
+	// Port is the port the service is known by (the gateway prefers
+	// 10000+Port publicly).
+	Port int
+	// Backend is host:port to dial.
+	Backend string
+	// PublicPort asks the gateway for an exact public port (0: any).
+	PublicPort int
+	// IdleTimeout overrides tcp.idle_timeout (or udp.session_timeout) for
+	// this service; 0 keeps the configured value.
+	IdleTimeout time.Duration
+	// Mode is "tunnel" or "dual" (display only).
+	Mode string
+}
+
+// Key returns the service's key.
+func (s *Service) Key() protocol.ServiceKey {
+	k, _ := protocol.ParseKind(s.Protocol)
+	return protocol.ServiceKey{ID: s.ID, Kind: k}
+}
+
+// Endpoint is the gateway's answer for one service.
+type Endpoint struct {
+	Service Service
+	// Address is public_host:public_port, empty when Error is set.
+	Address string
+	Error   string
+}
+
+// Options are an Agent's dependencies.
+type Options struct {
+	Config *config.AgentFile
+	Logger *slog.Logger
+	// Registry receives the agent's metrics; Gatherer serves them.
+	Registry prometheus.Registerer
+	Gatherer prometheus.Gatherer
+	// TLS overrides the TLS client config built from the config file.
+	TLS *tls.Config
+	// NetDial replaces the TCP dialer used to reach the gateway (tests).
+	NetDial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// OnEndpoints, when set, is called with every register_ack's result
+	// (discovery writes the endpoints back to Kubernetes with it).
+	OnEndpoints func([]Endpoint)
+	Version     string
+}
+
+// Agent is a running agent.
+type Agent struct {
+	cfg     *config.AgentFile
+	log     *slog.Logger
+	metrics *metrics.Agent
+	gath    prometheus.Gatherer
+	tls     *tls.Config
+	netDial func(ctx context.Context, network, addr string) (net.Conn, error)
+	onEP    func([]Endpoint)
+	version string
+
+	mu         sync.Mutex
+	static     []Service
+	discovered []Service
+	changed    chan struct{} // cap 1: the desired set changed
+	active     map[protocol.ServiceKey]*Service
+	limits     map[protocol.ServiceKey]*limiter
+	endpoints  []Endpoint
+	logged     map[protocol.ServiceKey]string
+
+	connected  atomic.Bool
+	registered atomic.Bool
+	metricsLn  net.Listener
+	sessions   atomic.Int64
+	// unknownLog rate-limits the warning about streams for services this
+	// agent did not register.
+	unknownLog limiter
+}
+
+// New prepares an agent from its options.
+func New(o Options) (*Agent, error) {
+	if o.Config == nil {
+		return nil, errors.New("agent: no config")
+	}
+	if err := o.Config.Validate(); err != nil {
+		return nil, err
+	}
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	reg, gath := o.Registry, o.Gatherer
+	if reg == nil {
+		r := prometheus.NewRegistry()
+		reg, gath = r, r
+	}
+	a := &Agent{
+		cfg: o.Config, log: log, metrics: metrics.NewAgent(reg), gath: gath,
+		tls: o.TLS, netDial: o.NetDial, onEP: o.OnEndpoints, version: o.Version,
+		changed: make(chan struct{}, 1),
+		active:  map[protocol.ServiceKey]*Service{},
+		limits:  map[protocol.ServiceKey]*limiter{},
+		logged:  map[protocol.ServiceKey]string{},
+	}
+	if a.tls == nil && o.Config.Gateway.CAFile != "" {
+		pem, err := os.ReadFile(o.Config.Gateway.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("gateway.ca_file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("gateway.ca_file: no certificates in %s", o.Config.Gateway.CAFile)
+		}
+		a.tls = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	}
+	if a.tls == nil {
+		a.tls = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
+	if sn := o.Config.Gateway.ServerName; sn != "" {
+		a.tls = a.tls.Clone()
+		a.tls.ServerName = sn
+	}
+	for _, s := range o.Config.Services {
+		a.static = append(a.static, Service{ID: s.Name, Protocol: s.Protocol, Port: s.Port, Backend: s.Backend, PublicPort: s.PublicPort, Mode: "tunnel"})
+	}
+	return a, nil
+}
+
+// SetDiscovered replaces the set of discovered services; the agent
+// re-registers its full set with the gateway.
+func (a *Agent) SetDiscovered(svcs []Service) {
+	a.mu.Lock()
+	a.discovered = append([]Service(nil), svcs...)
+	a.mu.Unlock()
+	select {
+	case a.changed <- struct{}{}:
+	default:
+	}
+}
+
+// desired merges static and discovered services. A discovered service with
+// the id of a static one is ignored (static wins) and logged.
+func (a *Agent) desired() []Service {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make([]Service, 0, len(a.static)+len(a.discovered))
+	seen := map[protocol.ServiceKey]bool{}
+	for _, s := range a.static {
+		seen[s.Key()] = true
+		out = append(out, s)
+	}
+	for _, s := range a.discovered {
+		if seen[s.Key()] {
+			a.log.Warn("discovered service ignored: a static service has the same id", "service", s.ID, "protocol", s.Protocol)
+			continue
+		}
+		seen[s.Key()] = true
+		out = append(out, s)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].ID != out[j].ID {
+			return out[i].ID < out[j].ID
+		}
+		return out[i].Protocol < out[j].Protocol
+	})
+	return out
+}
+
+// Ready reports whether the tunnel is up and the services are registered.
+func (a *Agent) Ready() bool { return a.connected.Load() && a.registered.Load() }
+
+// Endpoints returns the endpoints of the last register_ack.
+func (a *Agent) Endpoints() []Endpoint {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return append([]Endpoint(nil), a.endpoints...)
+}
+
+// MetricsAddr returns the metrics server's address, or nil.
+func (a *Agent) MetricsAddr() net.Addr {
+	if a.metricsLn == nil {
+		return nil
+	}
+	return a.metricsLn.Addr()
+}
+
+// StartMetrics binds the metrics server (/metrics, /healthz, /readyz).
+func (a *Agent) StartMetrics() error {
+	if a.cfg.Metrics.Listen == "" || a.metricsLn != nil {
+		return nil
+	}
+	ln, err := net.Listen("tcp", a.cfg.Metrics.Listen)
+	if err != nil {
+		return fmt.Errorf("agent: metrics.listen: %w", err)
+	}
+	a.metricsLn = ln
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(a.gath, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		switch {
+		case !a.connected.Load():
+			http.Error(w, "not ready: tunnel to the gateway is down", http.StatusServiceUnavailable)
+		case !a.registered.Load():
+			http.Error(w, "not ready: services not registered yet", http.StatusServiceUnavailable)
+		default:
+			w.Write([]byte("ok\n"))
+		}
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ln)
+	return nil
+}
+
+// Run connects to the gateway and keeps the tunnel up until ctx ends,
+// reconnecting with exponential backoff and jitter.
+func (a *Agent) Run(ctx context.Context) error {
+	if err := a.StartMetrics(); err != nil {
+		return err
+	}
+	defer func() {
+		if a.metricsLn != nil {
+			a.metricsLn.Close()
+		}
+	}()
+	b := backoff{initial: 500 * time.Millisecond, max: 30 * time.Second}
+	for ctx.Err() == nil {
+		start := time.Now()
+		err := a.runOnce(ctx)
+		if ctx.Err() != nil {
+			break
+		}
+		if time.Since(start) >= time.Minute {
+			b.reset() // a healthy minute: the next failure starts over
+		}
+		delay := b.next()
+		a.log.Warn("tunnel down; reconnecting", "err", err, "retry_in", delay.Round(time.Millisecond))
+		select {
+		case <-time.After(delay):
+		case <-ctx.Done():
+		}
+	}
+	return nil
+}
+
+// runOnce connects, serves one session and returns why it ended.
+func (a *Agent) runOnce(ctx context.Context) error {
+	ws, err := tunnel.Dial(ctx, a.cfg.Gateway.URL, tunnel.DialOptions{
+		Token: a.cfg.Gateway.Token, TLS: a.tls, NetDial: a.netDial, UserAgent: "portway-agent/" + a.version,
+	})
+	if err != nil {
+		var de *tunnel.DialError
+		if errors.As(err, &de) && de.StatusCode == http.StatusUnauthorized {
+			return fmt.Errorf("gateway rejected the token (HTTP 401): check gateway.token or PORTWAY_GATEWAY_TOKEN")
+		}
+		return err
+	}
+	sess, err := tunnel.Client(ctx, ws, tunnel.Config{Protocol: a.cfg.Gateway.Protocol, Logger: a.log})
+	if err != nil {
+		return fmt.Errorf("handshake: %w", err)
+	}
+	defer sess.Close()
+	if a.sessions.Add(1) > 1 {
+		a.metrics.Reconnects.Inc()
+	}
+	a.connected.Store(true)
+	a.metrics.Connected.Set(1)
+	a.metrics.Protocol.Reset()
+	a.metrics.Protocol.WithLabelValues(sess.Protocol()).Set(1)
+	defer func() {
+		a.connected.Store(false)
+		a.registered.Store(false)
+		a.metrics.Connected.Set(0)
+	}()
+	hello := sess.Hello()
+	a.log.Info("tunnel up", "gateway", a.cfg.Gateway.URL, "agent", hello.Agent, "protocol", sess.Protocol(),
+		"heartbeat", hello.HeartbeatInterval())
+
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go a.acceptLoop(sctx, sess)
+
+	var seq uint64
+	var sent []Service
+	register := func() error {
+		svcs := a.desired()
+		if len(svcs) > hello.MaxServices {
+			a.log.Warn("more services than the gateway allows; the rest are refused", "services", len(svcs), "max_services", hello.MaxServices)
+		}
+		seq++
+		msg := &protocol.Register{Seq: seq, Services: make([]protocol.Service, len(svcs))}
+		for i := range svcs {
+			msg.Services[i] = a.wireService(&svcs[i])
+		}
+		a.setActive(svcs)
+		sent = svcs
+		return sess.Send(msg)
+	}
+	if err := register(); err != nil {
+		return err
+	}
+	rtt := time.NewTicker(hello.HeartbeatInterval())
+	defer rtt.Stop()
+	// Changes are debounced so a burst of discovery updates costs one
+	// register message.
+	var debounce <-chan time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			sess.CloseWithError("shutdown", "agent shutting down")
+			return ctx.Err()
+		case <-sess.Done():
+			return sess.Err()
+		case <-a.changed:
+			debounce = time.After(100 * time.Millisecond)
+		case <-debounce:
+			debounce = nil
+			if err := register(); err != nil {
+				return err
+			}
+		case <-rtt.C:
+			a.metrics.HeartbeatRTT.Set(sess.RTT().Seconds())
+		case m := <-sess.Control():
+			if ack, ok := m.(*protocol.RegisterAck); ok && ack.Seq == seq {
+				a.handleAck(ack, sent)
+			}
+		}
+	}
+}
+
+// wireService is the register form of a service.
+func (a *Agent) wireService(s *Service) protocol.Service {
+	w := protocol.Service{ID: s.ID, Protocol: s.Protocol, Port: s.Port, PublicPort: s.PublicPort, Mode: s.Mode}
+	idle := s.IdleTimeout
+	if s.Protocol == "udp" {
+		if idle == 0 {
+			idle = a.cfg.Tunnels.UDP.SessionTimeout.Duration
+		}
+		w.MaxDatagram = a.cfg.Tunnels.UDP.BufferSize
+	} else if idle == 0 {
+		idle = a.cfg.Tunnels.TCP.IdleTimeout.Duration
+	}
+	w.IdleTimeoutMS = idle.Milliseconds()
+	return w
+}
+
+// setActive makes svcs the set streams may be opened for: the agent dials
+// only backends it registered itself.
+func (a *Agent) setActive(svcs []Service) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	next := make(map[protocol.ServiceKey]*Service, len(svcs))
+	for i := range svcs {
+		s := svcs[i]
+		next[s.Key()] = &s
+		if a.limits[s.Key()] == nil {
+			a.limits[s.Key()] = &limiter{}
+		}
+	}
+	for k := range a.active {
+		if next[k] == nil {
+			delete(a.limits, k)
+			delete(a.logged, k)
+			a.metrics.ForgetService(k.ID)
+		}
+	}
+	a.active = next
+}
+
+func (a *Agent) lookup(k protocol.ServiceKey) (*Service, *limiter) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.active[k], a.limits[k]
+}
+
+func (a *Agent) handleAck(ack *protocol.RegisterAck, sent []Service) {
+	eps := make([]Endpoint, 0, len(ack.Endpoints))
+	ok := 0
+	a.mu.Lock()
+	for i, e := range ack.Endpoints {
+		if i >= len(sent) || sent[i].ID != e.ID {
+			continue
+		}
+		ep := Endpoint{Service: sent[i], Address: e.Address, Error: e.Error}
+		eps = append(eps, ep)
+		key := sent[i].Key()
+		line := e.Error
+		if e.Error == "" {
+			ok++
+			line = e.Address
+		}
+		if a.logged[key] == line {
+			continue // unchanged: logged already
+		}
+		a.logged[key] = line
+		if e.Error != "" {
+			a.log.Error("gateway refused service", "service", e.ID, "protocol", e.Protocol, "reason", e.Error)
+		} else {
+			a.log.Info("endpoint ready", "service", e.ID, "protocol", e.Protocol, "endpoint", e.Address,
+				"connect", ClientCommand(sent[i].Protocol, sent[i].Port, e.Address))
+		}
+	}
+	a.endpoints = eps
+	a.mu.Unlock()
+	a.metrics.Registered.Set(float64(ok))
+	a.registered.Store(true)
+	if a.onEP != nil {
+		a.onEP(eps)
+	}
+}
+
+type backoff struct {
+	initial, max, cur time.Duration
+}
+
+func (b *backoff) reset() { b.cur = 0 }
+
+// next returns the next delay: doubling from initial up to max, with
+// "equal jitter" (half fixed, half random) so agents don't reconnect in
+// lockstep after a gateway restart.
+func (b *backoff) next() time.Duration {
+	if b.cur == 0 {
+		b.cur = b.initial
+	} else {
+		b.cur = min(2*b.cur, b.max)
+	}
+	half := b.cur / 2
+	return half + rand.N(half+1)
+}

@@ -1,0 +1,192 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/portway/portway/internal/protocol"
+	"github.com/portway/portway/internal/relay"
+	"github.com/portway/portway/internal/tunnel"
+)
+
+// limiter counts one service's open connections or sessions and rate-limits
+// the log line about refusals to one per second.
+type limiter struct {
+	active   atomic.Int64
+	lastWarn atomic.Int64 // unix nanoseconds
+}
+
+func (l *limiter) acquire(max int) bool {
+	if l.active.Add(1) > int64(max) {
+		l.active.Add(-1)
+		return false
+	}
+	return true
+}
+
+func (l *limiter) release() { l.active.Add(-1) }
+
+// warnNow reports whether a rate-limited warning may be logged now.
+func (l *limiter) warnNow() bool {
+	now := time.Now().UnixNano()
+	last := l.lastWarn.Load()
+	return now-last >= int64(time.Second) && l.lastWarn.CompareAndSwap(last, now)
+}
+
+func (a *Agent) acceptLoop(ctx context.Context, sess *tunnel.Session) {
+	for {
+		in, err := sess.Accept(ctx)
+		if err != nil {
+			return
+		}
+		go a.handleStream(in)
+	}
+}
+
+func (a *Agent) handleStream(in *tunnel.Incoming) {
+	h, err := in.Header()
+	if err != nil {
+		a.log.Debug("bad stream header", "err", err)
+		return
+	}
+	svc, lim := a.lookup(protocol.ServiceKey{ID: h.Service, Kind: h.Kind})
+	if svc == nil {
+		in.Reject(protocol.StatusUnknownService)
+		if a.unknownLog.warnNow() {
+			a.log.Warn("gateway opened a stream for a service this agent did not register; refused",
+				"service", h.Service, "protocol", h.Kind.String())
+		}
+		return
+	}
+	if h.Kind == protocol.KindUDP {
+		a.serveUDP(in, h, svc, lim)
+		return
+	}
+	a.serveTCP(in, h, svc, lim)
+}
+
+func (a *Agent) serveTCP(in *tunnel.Incoming, h protocol.StreamHeader, svc *Service, lim *limiter) {
+	cfg := &a.cfg.Tunnels.TCP
+	if !lim.acquire(cfg.MaxConnections) {
+		in.Reject(protocol.StatusOverLimit)
+		a.metrics.TCPErrors.WithLabelValues(svc.ID, "over_limit").Inc()
+		if lim.warnNow() {
+			a.log.Warn("max_connections reached; refusing new connections", "service", svc.ID, "max_connections", cfg.MaxConnections)
+		}
+		return
+	}
+	defer lim.release()
+	d := net.Dialer{Timeout: cfg.ConnectionTimeout.Duration}
+	if cfg.Keepalive {
+		d.KeepAliveConfig = net.KeepAliveConfig{Enable: true, Idle: cfg.KeepalivePeriod.Duration, Interval: cfg.KeepalivePeriod.Duration, Count: 3}
+	} else {
+		d.KeepAlive = -1
+	}
+	c, err := d.Dial("tcp", svc.Backend)
+	if err != nil {
+		status, reason := dialStatus(err)
+		in.Reject(status)
+		a.metrics.TCPErrors.WithLabelValues(svc.ID, reason).Inc()
+		if lim.warnNow() {
+			a.log.Warn("backend dial failed", "service", svc.ID, "backend", svc.Backend, "err", err)
+		}
+		return
+	}
+	st, err := in.Accept()
+	if err != nil {
+		c.Close()
+		a.metrics.TCPErrors.WithLabelValues(svc.ID, "tunnel").Inc()
+		return
+	}
+	start := time.Now()
+	a.metrics.TCPTotal.WithLabelValues(svc.ID).Inc()
+	active := a.metrics.TCPActive.WithLabelValues(svc.ID)
+	active.Inc()
+	var stats relay.Stats
+	// a = stream (from the client), b = backend: AToB is received, BToA sent.
+	flow := a.metrics.TCPBytes.Track(func() (int64, int64) { return stats.BToA.Load(), stats.AToB.Load() }, svc.ID)
+	idle := svc.IdleTimeout
+	if idle == 0 {
+		idle = cfg.IdleTimeout.Duration
+	}
+	res := relay.Pipe(st, c.(*net.TCPConn), relay.Options{BufferSize: cfg.BufferSize, IdleTimeout: idle}, &stats)
+	flow.Done()
+	active.Dec()
+	a.metrics.TCPDuration.WithLabelValues(svc.ID).Observe(time.Since(start).Seconds())
+	if res.Err != nil {
+		reason := "reset"
+		if res.IdleTimeout {
+			reason = "idle_timeout"
+		}
+		a.metrics.TCPErrors.WithLabelValues(svc.ID, reason).Inc()
+	}
+	a.log.Debug("connection closed", "service", svc.ID, "client", h.Client, "received", stats.AToB.Load(),
+		"sent", stats.BToA.Load(), "duration", time.Since(start).Round(time.Millisecond), "err", res.Err)
+}
+
+// dialStatus maps a dial error to the status sent to the gateway and a
+// metrics reason.
+func dialStatus(err error) (protocol.Status, string) {
+	var ne net.Error
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return protocol.StatusRefused, "refused"
+	case errors.Is(err, os.ErrDeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		return protocol.StatusTimeout, "timeout"
+	default:
+		return protocol.StatusError, "dial_error"
+	}
+}
+
+func (a *Agent) serveUDP(in *tunnel.Incoming, h protocol.StreamHeader, svc *Service, lim *limiter) {
+	cfg := &a.cfg.Tunnels.UDP
+	if !lim.acquire(cfg.MaxSessions) {
+		in.Reject(protocol.StatusOverLimit)
+		a.metrics.UDPDropped.WithLabelValues(svc.ID, "session_over_limit").Inc()
+		if lim.warnNow() {
+			a.log.Warn("max_sessions reached; refusing new UDP sessions", "service", svc.ID, "max_sessions", cfg.MaxSessions)
+		}
+		return
+	}
+	defer lim.release()
+	// A socket of its own per session: replies reach only this client,
+	// and the backend sees a distinct source per client.
+	c, err := net.Dial("udp", svc.Backend)
+	if err != nil {
+		in.Reject(protocol.StatusError)
+		a.metrics.UDPDropped.WithLabelValues(svc.ID, "dial_error").Inc()
+		if lim.warnNow() {
+			a.log.Warn("backend socket failed", "service", svc.ID, "backend", svc.Backend, "err", err)
+		}
+		return
+	}
+	st, err := in.Accept()
+	if err != nil {
+		c.Close()
+		return
+	}
+	a.metrics.UDPSessions.WithLabelValues(svc.ID).Inc()
+	active := a.metrics.UDPActive.WithLabelValues(svc.ID)
+	active.Inc()
+	var stats relay.PacketStats
+	// Tunnel to socket is received from the client; socket to tunnel is sent.
+	flow := a.metrics.UDPPackets.Track(func() (int64, int64) { return stats.ToTunnel.Load(), stats.FromTunnel.Load() }, svc.ID)
+	idle := svc.IdleTimeout
+	if idle == 0 {
+		idle = cfg.SessionTimeout.Duration
+	}
+	res := relay.PipePackets(tunnel.AsPackets(st), relay.ConnectedUDP{UDPConn: c.(*net.UDPConn)},
+		relay.PacketOptions{MaxDatagram: cfg.BufferSize, IdleTimeout: idle}, &stats)
+	flow.Done()
+	active.Dec()
+	if d := stats.Dropped.Load(); d > 0 {
+		a.metrics.UDPDropped.WithLabelValues(svc.ID, "too_large").Add(float64(d))
+	}
+	a.log.Debug("udp session closed", "service", svc.ID, "client", h.Client, "received", stats.FromTunnel.Load(),
+		"sent", stats.ToTunnel.Load(), "err", res.Err)
+}

@@ -1,0 +1,146 @@
+package cli
+
+import (
+	"fmt"
+	"net"
+	"net/url"
+	"strconv"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/portway/portway/internal/agent"
+	"github.com/portway/portway/internal/config"
+	"github.com/portway/portway/internal/gateway"
+)
+
+func (a *app) gatewayCmd() *cobra.Command {
+	var path string
+	var listen, publicHost, portRange, bind, stateFile, adminListen string
+	var insecure bool
+	cmd := &cobra.Command{
+		Use:   "gateway",
+		Short: "Run the gateway: accept agents and serve their services on public ports",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := a.logger()
+			if err != nil {
+				return err
+			}
+			cfg := config.DefaultGateway()
+			if path != "" {
+				if cfg, err = config.LoadGateway(path, a.getenv); err != nil {
+					return err
+				}
+			}
+			f := cmd.Flags()
+			setString(f.Changed("listen"), &cfg.Listen, listen)
+			setString(f.Changed("public-host"), &cfg.PublicHost, publicHost)
+			setString(f.Changed("port-range"), &cfg.PortRange, portRange)
+			setString(f.Changed("bind-address"), &cfg.BindAddress, bind)
+			setString(f.Changed("state-file"), &cfg.StateFile, stateFile)
+			setString(f.Changed("admin-listen"), &cfg.Admin.Listen, adminListen)
+			if f.Changed("insecure") {
+				cfg.Insecure = insecure
+			}
+			if err := cfg.Validate(); err != nil {
+				return err
+			}
+			if len(cfg.Agents) == 0 {
+				log.Warn("no agents configured: every tunnel connection will be refused")
+			}
+			gw, err := gateway.New(gateway.Options{Config: cfg, Logger: log, Version: a.version})
+			if err != nil {
+				return err
+			}
+			return gw.Run(cmd.Context())
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&path, "config", "", "gateway.yaml")
+	f.StringVar(&listen, "listen", "", "where agents connect (listen)")
+	f.StringVar(&publicHost, "public-host", "", "host printed in endpoints (public_host)")
+	f.StringVar(&portRange, "port-range", "", "public ports to allocate, low-high (port_range)")
+	f.StringVar(&bind, "bind-address", "", "where public listeners bind (bind_address)")
+	f.StringVar(&stateFile, "state-file", "", "persisted port allocations (state_file)")
+	f.StringVar(&adminListen, "admin-listen", "", "admin API address (admin.listen)")
+	f.BoolVar(&insecure, "insecure", false, "allow plain ws:// without TLS (insecure)")
+	return cmd
+}
+
+func setString(changed bool, dst *string, v string) {
+	if changed {
+		*dst = v
+	}
+}
+
+func (a *app) agentCmd() *cobra.Command {
+	var path, gwURL, token, proto, metricsListen string
+	var expose []string
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Run the agent: connect out to the gateway and expose services",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := a.logger()
+			if err != nil {
+				return err
+			}
+			cfg := config.DefaultAgent()
+			if path != "" {
+				if cfg, err = config.LoadAgent(path, a.getenv); err != nil {
+					return err
+				}
+			} else {
+				cfg.ApplyEnv(a.getenv)
+			}
+			f := cmd.Flags()
+			setString(f.Changed("gateway-url"), &cfg.Gateway.URL, gwURL)
+			setString(f.Changed("token"), &cfg.Gateway.Token, token)
+			setString(f.Changed("protocol"), &cfg.Gateway.Protocol, proto)
+			setString(f.Changed("metrics-listen"), &cfg.Metrics.Listen, metricsListen)
+			for _, e := range expose {
+				s, err := parseExpose(e)
+				if err != nil {
+					return err
+				}
+				cfg.Services = append(cfg.Services, s)
+			}
+			if err := cfg.Validate(); err != nil {
+				return err
+			}
+			ag, err := agent.New(agent.Options{Config: cfg, Logger: log, Version: a.version})
+			if err != nil {
+				return err
+			}
+			return runAgent(cmd.Context(), ag, cfg, log)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&path, "config", "", "agent.yaml")
+	f.StringVar(&gwURL, "gateway-url", "", "gateway tunnel URL, wss://host:port/v1/tunnel (gateway.url)")
+	f.StringVar(&token, "token", "", "agent token (gateway.token; prefer PORTWAY_GATEWAY_TOKEN)")
+	f.StringVar(&proto, "protocol", "", "auto, yamux or json (gateway.protocol)")
+	f.StringVar(&metricsListen, "metrics-listen", "", "metrics/health address (metrics.listen)")
+	f.StringArrayVar(&expose, "expose", nil, "expose a service: NAME=tcp://HOST:PORT or NAME=udp://HOST:PORT (repeatable)")
+	return cmd
+}
+
+// parseExpose parses NAME=tcp://HOST:PORT into a static service. The
+// backend's port is the port the service is known by.
+func parseExpose(s string) (config.StaticService, error) {
+	name, target, ok := strings.Cut(s, "=")
+	if !ok || name == "" {
+		return config.StaticService{}, fmt.Errorf("--expose %q: want NAME=tcp://HOST:PORT", s)
+	}
+	u, err := url.Parse(target)
+	if err != nil || (u.Scheme != "tcp" && u.Scheme != "udp") || u.Host == "" {
+		return config.StaticService{}, fmt.Errorf("--expose %q: want NAME=tcp://HOST:PORT or NAME=udp://HOST:PORT", s)
+	}
+	_, p, err := net.SplitHostPort(u.Host)
+	port, perr := strconv.Atoi(p)
+	if err != nil || perr != nil || port < 1 || port > 65535 {
+		return config.StaticService{}, fmt.Errorf("--expose %q: %q is not HOST:PORT", s, u.Host)
+	}
+	return config.StaticService{Name: name, Protocol: u.Scheme, Port: port, Backend: u.Host}, nil
+}

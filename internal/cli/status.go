@@ -1,0 +1,120 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/portway/portway/internal/gateway"
+)
+
+func (a *app) statusCmd() *cobra.Command {
+	var gwURL, token, output string
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show a gateway's agents, services and endpoints (from its admin API)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if token == "" {
+				token = a.getenv("PORTWAY_ADMIN_TOKEN")
+			}
+			if output != "table" && output != "json" {
+				return fmt.Errorf("-o: %q is not table or json", output)
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), 10*time.Second)
+			defer cancel()
+			var agents []gateway.AgentInfo
+			var services []gateway.ServiceInfo
+			if err := adminGet(ctx, gwURL, "/v1/agents", token, &agents); err != nil {
+				return err
+			}
+			if err := adminGet(ctx, gwURL, "/v1/services", token, &services); err != nil {
+				return err
+			}
+			if output == "json" {
+				enc := json.NewEncoder(a.stdout)
+				enc.SetIndent("", "  ")
+				return enc.Encode(map[string]any{"agents": agents, "services": services})
+			}
+			writeStatus(a.stdout, agents, services)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&gwURL, "gateway", "http://127.0.0.1:9000", "the gateway's admin URL (admin.listen)")
+	f.StringVar(&token, "token", "", "admin token (default $PORTWAY_ADMIN_TOKEN)")
+	f.StringVarP(&output, "output", "o", "table", "table or json")
+	return cmd
+}
+
+func adminGet(ctx context.Context, base, path, token string, v any) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimRight(base, "/")+path, nil)
+	if err != nil {
+		return fmt.Errorf("--gateway: %w", err)
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("admin API: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return fmt.Errorf("admin API %s: HTTP %d: %s", path, resp.StatusCode, strings.TrimSpace(string(body)))
+	}
+	if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
+		return fmt.Errorf("admin API %s: %w", path, err)
+	}
+	return nil
+}
+
+func writeStatus(out io.Writer, agents []gateway.AgentInfo, services []gateway.ServiceInfo) {
+	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "AGENT\tSTATE\tPROTOCOL\tREMOTE\tSINCE\tRTT\tSERVICES")
+	for _, ag := range agents {
+		state, since, rtt := "offline", "-", "-"
+		if ag.Connected {
+			state = "connected"
+			since = ag.ConnectedSince.Local().Format(time.DateTime)
+			rtt = fmt.Sprintf("%.1fms", ag.HeartbeatRTTMS)
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%d\n", ag.Name, state, dash(ag.Protocol), dash(ag.Remote), since, rtt, ag.Services)
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "AGENT\tSERVICE\tPROTO\tPORT\tENDPOINT\tMODE\tACTIVE\tIN\tOUT")
+	for _, s := range services {
+		in, outv := humanBytes(s.BytesIn), humanBytes(s.BytesOut)
+		if s.Protocol == "udp" {
+			in, outv = fmt.Sprintf("%.0f pkt", s.PacketsIn), fmt.Sprintf("%.0f pkt", s.PacketsOut)
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%s\t%d\t%s\t%s\n", s.Agent, s.ID, s.Protocol, s.Port, s.Endpoint, s.Mode, s.Active, in, outv)
+	}
+	w.Flush()
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func humanBytes(b float64) string {
+	const unit = 1024
+	if b < unit {
+		return fmt.Sprintf("%.0f B", b)
+	}
+	div, exp := float64(unit), 0
+	for n := b / unit; n >= unit; n /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", b/div, "KMGTPE"[exp])
+}

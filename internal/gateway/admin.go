@@ -1,0 +1,227 @@
+package gateway
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/json"
+	"net/http"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/portway/portway/internal/protocol"
+)
+
+// AgentInfo is one entry of GET /v1/agents.
+type AgentInfo struct {
+	Name           string    `json:"name"`
+	Connected      bool      `json:"connected"`
+	Protocol       string    `json:"protocol,omitempty"`
+	Remote         string    `json:"remote,omitempty"`
+	ConnectedSince time.Time `json:"connected_since,omitzero"`
+	HeartbeatRTTMS float64   `json:"heartbeat_rtt_ms,omitempty"`
+	Services       int       `json:"services"`
+}
+
+// ServiceInfo is one entry of GET /v1/services.
+type ServiceInfo struct {
+	Agent      string `json:"agent"`
+	ID         string `json:"id"`
+	Protocol   string `json:"protocol"`
+	Port       int    `json:"port"`
+	PublicPort int    `json:"public_port"`
+	Endpoint   string `json:"endpoint"`
+	Mode       string `json:"mode"`
+	// Active is open connections (tcp) or sessions (udp).
+	Active   int64   `json:"active"`
+	BytesIn  float64 `json:"bytes_in,omitempty"`
+	BytesOut float64 `json:"bytes_out,omitempty"`
+	// PacketsIn and PacketsOut count datagrams (udp).
+	PacketsIn  float64 `json:"packets_in,omitempty"`
+	PacketsOut float64 `json:"packets_out,omitempty"`
+}
+
+func (g *Gateway) adminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(g.gatherer, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		if !g.ready.Load() {
+			http.Error(w, "not ready: not listening or state not loaded", http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ok\n"))
+	})
+	mux.Handle("GET /v1/agents", g.requireToken(func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, g.Agents())
+	}))
+	mux.Handle("GET /v1/services", g.requireToken(func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, g.Services())
+	}))
+	return mux
+}
+
+func (g *Gateway) requireToken(h http.HandlerFunc) http.Handler {
+	want := sha256.Sum256([]byte(g.cfg.Admin.Token))
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		tok, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		got := sha256.Sum256([]byte(tok))
+		if tok == "" || subtle.ConstantTimeCompare(got[:], want[:]) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="portway-admin"`)
+			http.Error(w, "admin token required", http.StatusUnauthorized)
+			return
+		}
+		h(w, r)
+	})
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+// Agents lists the configured agents and their state.
+func (g *Gateway) Agents() []AgentInfo {
+	out := make([]AgentInfo, 0, len(g.tokens))
+	g.mu.Lock()
+	states := map[string]*agentState{}
+	for k, v := range g.agents {
+		states[k] = v
+	}
+	g.mu.Unlock()
+	for _, t := range g.tokens {
+		info := AgentInfo{Name: t.name}
+		if a := states[t.name]; a != nil {
+			a.mu.Lock()
+			if a.sess != nil {
+				info.Connected = true
+				info.Protocol = a.sess.Protocol()
+				info.Remote = a.remote
+				info.ConnectedSince = a.since.UTC()
+				info.HeartbeatRTTMS = float64(a.sess.RTT().Microseconds()) / 1000
+			}
+			info.Services = len(a.services)
+			a.mu.Unlock()
+		}
+		out = append(out, info)
+	}
+	return out
+}
+
+// Services lists every exposed service.
+func (g *Gateway) Services() []ServiceInfo {
+	var out []ServiceInfo
+	g.mu.Lock()
+	agents := make([]*agentState, 0, len(g.agents))
+	for _, a := range g.agents {
+		agents = append(agents, a)
+	}
+	g.mu.Unlock()
+	for _, a := range agents {
+		a.mu.Lock()
+		for _, ps := range a.services {
+			spec := ps.spec.Load()
+			mode := spec.Mode
+			if mode == "" {
+				mode = "tunnel"
+			}
+			si := ServiceInfo{
+				Agent: a.name, ID: spec.ID, Protocol: spec.Protocol, Port: spec.Port,
+				PublicPort: ps.port, Endpoint: ps.endpoint, Mode: mode,
+			}
+			si.Active = ps.activeN.Load()
+			if ps.key.Kind == protocol.KindUDP {
+				si.PacketsIn, si.PacketsOut = g.metrics.UDPPackets.Values(a.name, spec.ID)
+			} else {
+				si.BytesIn, si.BytesOut = g.metrics.Bytes.Values(a.name, spec.ID)
+			}
+			out = append(out, si)
+		}
+		a.mu.Unlock()
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Agent != out[j].Agent {
+			return out[i].Agent < out[j].Agent
+		}
+		if out[i].ID != out[j].ID {
+			return out[i].ID < out[j].ID
+		}
+		return out[i].Protocol < out[j].Protocol
+	})
+	return out
+}
+
+// authLimiter counts failed authentications per source address in fixed
+// windows; a source over the limit is refused until its window ends.
+type authLimiter struct {
+	limit  int
+	window time.Duration
+	now    func() time.Time
+
+	mu      sync.Mutex
+	sources map[string]*failWindow
+}
+
+type failWindow struct {
+	start  time.Time
+	count  int
+	warned bool
+}
+
+// maxTrackedSources bounds the limiter's memory under a spray of sources.
+const maxTrackedSources = 100000
+
+func newAuthLimiter(limit int, window time.Duration) *authLimiter {
+	return &authLimiter{limit: limit, window: window, now: time.Now, sources: map[string]*failWindow{}}
+}
+
+// allowed reports whether src may try to authenticate now.
+func (l *authLimiter) allowed(src string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	w := l.sources[src]
+	if w == nil {
+		return true
+	}
+	if l.now().Sub(w.start) >= l.window {
+		delete(l.sources, src)
+		return true
+	}
+	return w.count < l.limit
+}
+
+// fail records a failed attempt. It returns true the first time src goes
+// over the limit in a window, so the caller logs that once.
+func (l *authLimiter) fail(src string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := l.now()
+	w := l.sources[src]
+	if w == nil || now.Sub(w.start) >= l.window {
+		if len(l.sources) >= maxTrackedSources {
+			for k, v := range l.sources {
+				if now.Sub(v.start) >= l.window {
+					delete(l.sources, k)
+				}
+			}
+			if len(l.sources) >= maxTrackedSources {
+				clear(l.sources) // still full: start over rather than grow
+			}
+		}
+		w = &failWindow{start: now}
+		l.sources[src] = w
+	}
+	w.count++
+	if w.count >= l.limit && !w.warned {
+		w.warned = true
+		return true
+	}
+	return false
+}

@@ -1,0 +1,350 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/portway/portway/internal/protocol"
+	"github.com/portway/portway/internal/relay"
+	"github.com/portway/portway/internal/tunnel"
+)
+
+// agentState is one agent identity: its live session (at most one) and the
+// public listeners of its registered services. It outlives sessions, so a
+// reconnect finds its services' ports again.
+type agentState struct {
+	name        string
+	maxServices int
+
+	mu       sync.Mutex
+	sess     *tunnel.Session
+	remote   string
+	since    time.Time
+	services map[protocol.ServiceKey]*publicService
+}
+
+func newAgentState(name string, maxServices int) *agentState {
+	return &agentState{name: name, maxServices: maxServices, services: map[protocol.ServiceKey]*publicService{}}
+}
+
+// attach makes s the agent's live session and returns the one it replaces.
+func (a *agentState) attach(s *tunnel.Session, remote string) *tunnel.Session {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	old := a.sess
+	a.sess, a.remote, a.since = s, remote, time.Now()
+	return old
+}
+
+// detach forgets s if it is still the live session, closing the agent's
+// public listeners (their ports stay allocated for a reconnect). It reports
+// whether s was the live session.
+func (a *agentState) detach(s *tunnel.Session, g *Gateway) bool {
+	a.mu.Lock()
+	if a.sess != s {
+		a.mu.Unlock()
+		return false
+	}
+	a.sess = nil
+	withdrawn := a.withdrawAll(g)
+	a.mu.Unlock()
+	g.afterWithdraw(a.name, withdrawn)
+	return true
+}
+
+// shutdown ends the session and closes the listeners (gateway shutdown).
+func (a *agentState) shutdown(g *Gateway) {
+	a.mu.Lock()
+	s := a.sess
+	a.sess = nil
+	withdrawn := a.withdrawAll(g)
+	a.mu.Unlock()
+	if s != nil {
+		s.CloseWithError("shutdown", "gateway shutting down")
+	}
+	g.afterWithdraw(a.name, withdrawn)
+}
+
+// withdrawAll closes every public listener. Caller holds a.mu.
+func (a *agentState) withdrawAll(g *Gateway) []*publicService {
+	out := make([]*publicService, 0, len(a.services))
+	for k, ps := range a.services {
+		ps.close()
+		g.ports.retain(a.name, k)
+		delete(a.services, k)
+		out = append(out, ps)
+	}
+	return out
+}
+
+func (a *agentState) session() *tunnel.Session {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.sess
+}
+
+// register reconciles the agent's public listeners with its full desired
+// set: new services get a port and a listener, changed ones are updated,
+// absent ones are withdrawn. Each service gets an endpoint or an error.
+func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Register) *protocol.RegisterAck {
+	ack := &protocol.RegisterAck{Seq: reg.Seq, Endpoints: make([]protocol.Endpoint, len(reg.Services))}
+	a.mu.Lock()
+	if a.sess != sess {
+		a.mu.Unlock()
+		for i, s := range reg.Services {
+			ack.Endpoints[i] = protocol.Endpoint{ID: s.ID, Protocol: s.Protocol, Error: "session replaced"}
+		}
+		return ack
+	}
+	keep := map[protocol.ServiceKey]bool{}
+	var opened []string
+	failed := 0
+	for i := range reg.Services {
+		svc := reg.Services[i]
+		ep := &ack.Endpoints[i]
+		*ep = protocol.Endpoint{ID: svc.ID, Protocol: svc.Protocol}
+		if i >= a.maxServices {
+			ep.Error = fmt.Sprintf("over this agent's quota of %d services (gateway max_services)", a.maxServices)
+			failed++
+			continue
+		}
+		key := svc.Key()
+		keep[key] = true
+		if ps := a.services[key]; ps != nil {
+			if svc.PublicPort == 0 || svc.PublicPort == ps.port {
+				ps.spec.Store(&svc)
+				ep.PublicPort, ep.Address = ps.port, ps.endpoint
+				continue
+			}
+			ps.close() // the requested public port changed
+			delete(a.services, key)
+		}
+		port, l, err := g.ports.acquire(a.name, &svc, g.bind(key.Kind))
+		if err != nil {
+			ep.Error = err.Error()
+			failed++
+			continue
+		}
+		ps := g.newPublicService(a, &svc, port, l)
+		a.services[key] = ps
+		ep.PublicPort, ep.Address = port, ps.endpoint
+		opened = append(opened, key.String()+"="+ps.endpoint)
+	}
+	var withdrawn []*publicService
+	for k, ps := range a.services {
+		if !keep[k] {
+			ps.close()
+			g.ports.retain(a.name, k)
+			delete(a.services, k)
+			withdrawn = append(withdrawn, ps)
+		}
+	}
+	a.mu.Unlock()
+	g.afterWithdraw(a.name, withdrawn)
+	if len(opened) > 0 || len(withdrawn) > 0 {
+		g.saveState()
+	}
+	g.countServices()
+	g.log.Info("agent registered services", "agent", a.name, "services", len(reg.Services),
+		"opened", opened, "withdrawn", len(withdrawn), "failed", failed)
+	for _, ep := range ack.Endpoints {
+		if ep.Error != "" {
+			g.log.Warn("service not exposed", "agent", a.name, "service", ep.ID, "protocol", ep.Protocol, "reason", ep.Error)
+		}
+	}
+	return ack
+}
+
+func (g *Gateway) afterWithdraw(agent string, withdrawn []*publicService) {
+	for _, ps := range withdrawn {
+		g.metrics.ForgetService(agent, ps.key.ID)
+	}
+	if len(withdrawn) > 0 {
+		g.saveState()
+		g.countServices()
+	}
+}
+
+func (g *Gateway) saveState() {
+	if err := g.ports.save(context.Background()); err != nil {
+		g.log.Error("saving port allocations", "err", err)
+	}
+	g.metrics.PortAllocations.Set(float64(g.ports.count()))
+}
+
+func (g *Gateway) countServices() {
+	var tcp, udp int
+	g.mu.Lock()
+	for _, a := range g.agents {
+		a.mu.Lock()
+		for k := range a.services {
+			if k.Kind == protocol.KindUDP {
+				udp++
+			} else {
+				tcp++
+			}
+		}
+		a.mu.Unlock()
+	}
+	g.mu.Unlock()
+	g.metrics.Services.WithLabelValues("tcp").Set(float64(tcp))
+	g.metrics.Services.WithLabelValues("udp").Set(float64(udp))
+}
+
+func (g *Gateway) bind(kind protocol.Kind) bindFunc {
+	return func(port int) (io.Closer, error) {
+		addr := net.JoinHostPort(g.cfg.BindAddress, strconv.Itoa(port))
+		if kind == protocol.KindUDP {
+			ua, err := net.ResolveUDPAddr("udp", addr)
+			if err != nil {
+				return nil, err
+			}
+			return net.ListenUDP("udp", ua)
+		}
+		return net.Listen("tcp", addr)
+	}
+}
+
+// publicService is one registered service's public listener.
+type publicService struct {
+	g        *Gateway
+	a        *agentState
+	key      protocol.ServiceKey
+	port     int
+	endpoint string
+	spec     atomic.Pointer[protocol.Service]
+
+	tcp  net.Listener
+	udp  *net.UDPConn
+	done chan struct{}
+	once sync.Once
+
+	active   prometheus.Gauge
+	activeN  atomic.Int64 // the same count, for the admin API
+	total    prometheus.Counter
+	sessions *udpSessions
+}
+
+func (g *Gateway) newPublicService(a *agentState, svc *protocol.Service, port int, l io.Closer) *publicService {
+	ps := &publicService{
+		g: g, a: a, key: svc.Key(), port: port,
+		endpoint: net.JoinHostPort(g.cfg.PublicHost, strconv.Itoa(port)),
+		done:     make(chan struct{}),
+	}
+	ps.spec.Store(svc)
+	switch l := l.(type) {
+	case *net.UDPConn:
+		ps.udp = l
+		ps.active = g.metrics.UDPActive.WithLabelValues(a.name, svc.ID)
+		ps.total = g.metrics.UDPSessions.WithLabelValues(a.name, svc.ID)
+		ps.sessions = newUDPSessions()
+		go ps.serveUDP()
+	case net.Listener:
+		ps.tcp = l
+		ps.active = g.metrics.ConnActive.WithLabelValues(a.name, svc.ID)
+		ps.total = g.metrics.ConnTotal.WithLabelValues(a.name, svc.ID)
+		go ps.serveTCP()
+	}
+	return ps
+}
+
+func (ps *publicService) close() {
+	ps.once.Do(func() {
+		close(ps.done)
+		if ps.tcp != nil {
+			ps.tcp.Close()
+		}
+		if ps.udp != nil {
+			ps.udp.Close()
+			ps.sessions.closeAll()
+		}
+	})
+}
+
+func (ps *publicService) enter() {
+	ps.active.Inc()
+	ps.activeN.Add(1)
+}
+
+func (ps *publicService) leave() {
+	ps.active.Dec()
+	ps.activeN.Add(-1)
+}
+
+func (ps *publicService) refuse(reason string) {
+	ps.g.metrics.Refusals.WithLabelValues(ps.a.name, ps.key.ID, reason).Inc()
+}
+
+func (ps *publicService) serveTCP() {
+	var backoff time.Duration
+	for {
+		c, err := ps.tcp.Accept()
+		if err != nil {
+			select {
+			case <-ps.done:
+				return
+			default:
+			}
+			// Out of file descriptors and the like: back off, bounded.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			ps.g.log.Warn("accept failed", "service", ps.key.String(), "err", err, "retry_in", backoff)
+			select {
+			case <-time.After(backoff):
+			case <-ps.done:
+				return
+			}
+			continue
+		}
+		backoff = 0
+		go ps.serveConn(c.(*net.TCPConn))
+	}
+}
+
+// openTimeout bounds opening a stream (yamux blocks while the agent has
+// too many unacknowledged opens).
+const openTimeout = 10 * time.Second
+
+func (ps *publicService) serveConn(c *net.TCPConn) {
+	ps.total.Inc()
+	sess := ps.a.session()
+	if sess == nil {
+		ps.refuse("agent_offline")
+		relay.Abort(c)
+		return
+	}
+	spec := ps.spec.Load()
+	client, _ := netip.ParseAddrPort(c.RemoteAddr().String())
+	ctx, cancel := context.WithTimeout(context.Background(), openTimeout)
+	st, err := sess.Open(ctx, protocol.StreamHeader{Kind: protocol.KindTCP, Service: spec.ID, Client: client})
+	cancel()
+	if err != nil {
+		ps.refuse("tunnel_error")
+		relay.Abort(c)
+		return
+	}
+	ps.enter()
+	defer ps.leave()
+	var stats relay.Stats
+	flow := ps.g.metrics.Bytes.Track(func() (int64, int64) { return stats.AToB.Load(), stats.BToA.Load() }, ps.a.name, spec.ID)
+	res := relay.Pipe(c, st, relay.Options{
+		BufferSize:  ps.g.cfg.BufferSize,
+		IdleTimeout: time.Duration(spec.IdleTimeoutMS) * time.Millisecond,
+	}, &stats)
+	flow.Done()
+	var oe *protocol.OpenError
+	if errors.As(res.Err, &oe) {
+		ps.refuse(oe.Status.String())
+	}
+	ps.g.log.Debug("connection closed", "agent", ps.a.name, "service", spec.ID, "client", client,
+		"in", stats.AToB.Load(), "out", stats.BToA.Load(), "err", res.Err)
+}

@@ -1,0 +1,415 @@
+// Package gateway is portway's public side: it authenticates agents on
+// /v1/tunnel, keeps one live tunnel session per agent, allocates public ports
+// per (agent, service), opens public TCP and UDP listeners for registered
+// services and carries every client connection or UDP session through the
+// owning agent's tunnel. It also serves the admin API.
+package gateway
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/portway/portway/internal/config"
+	"github.com/portway/portway/internal/metrics"
+	"github.com/portway/portway/internal/protocol"
+	"github.com/portway/portway/internal/store"
+	"github.com/portway/portway/internal/tunnel"
+)
+
+// Options are the dependencies of a Gateway.
+type Options struct {
+	Config *config.Gateway
+	Logger *slog.Logger
+	// Registry receives the gateway's metrics; Gatherer serves them on
+	// /metrics. Both default to a new registry.
+	Registry prometheus.Registerer
+	Gatherer prometheus.Gatherer
+	// Store overrides the state store chosen by Config.StateFile.
+	Store   store.Store
+	Version string
+}
+
+// Gateway is a running gateway.
+type Gateway struct {
+	cfg      *config.Gateway
+	log      *slog.Logger
+	metrics  *metrics.Gateway
+	gatherer prometheus.Gatherer
+	version  string
+	ports    *ports
+	tokens   []agentToken
+	limiter  *authLimiter
+	upgrader *websocket.Upgrader
+
+	mu     sync.Mutex
+	agents map[string]*agentState
+
+	ready     atomic.Bool
+	tunnelLn  net.Listener
+	adminLn   net.Listener
+	servers   []*http.Server
+	wg        sync.WaitGroup
+	closeOnce sync.Once
+	done      chan struct{}
+}
+
+type agentToken struct {
+	name        string
+	sum         [sha256.Size]byte
+	maxServices int
+}
+
+// New validates the options and prepares a gateway; Start begins serving.
+func New(o Options) (*Gateway, error) {
+	cfg := o.Config
+	if cfg == nil {
+		return nil, errors.New("gateway: no config")
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	reg, gath := o.Registry, o.Gatherer
+	if reg == nil {
+		r := prometheus.NewRegistry()
+		reg, gath = r, r
+	}
+	st := o.Store
+	if st == nil {
+		if cfg.StateFile == "" {
+			st = &store.Memory{}
+		} else {
+			st = &store.File{Path: cfg.StateFile}
+		}
+	}
+	low, high := cfg.PortBounds()
+	g := &Gateway{
+		cfg:      cfg,
+		log:      log,
+		metrics:  metrics.NewGateway(reg),
+		gatherer: gath,
+		version:  o.Version,
+		ports:    newPorts(low, high, cfg.PortRetention.Duration, st),
+		limiter:  newAuthLimiter(cfg.AuthFailuresPerMinute, time.Minute),
+		agents:   map[string]*agentState{},
+		done:     make(chan struct{}),
+	}
+	g.upgrader = tunnel.NewUpgrader(cfg.HandshakeTimeout.Duration)
+	for _, a := range cfg.Agents {
+		t := agentToken{name: a.Name, maxServices: a.MaxServices}
+		if t.maxServices == 0 {
+			t.maxServices = cfg.MaxServices
+		}
+		if a.Token != "" {
+			t.sum = sha256.Sum256([]byte(a.Token))
+		} else {
+			b, _ := hex.DecodeString(a.TokenSHA256) // validated
+			copy(t.sum[:], b)
+		}
+		g.tokens = append(g.tokens, t)
+	}
+	return g, nil
+}
+
+// Start loads the state, binds the agent endpoint (and the admin server)
+// and serves them in the background.
+func (g *Gateway) Start(ctx context.Context) error {
+	if err := g.ports.load(ctx); err != nil {
+		return fmt.Errorf("gateway: load state: %w", err)
+	}
+	g.metrics.PortAllocations.Set(float64(g.ports.count()))
+	ln, err := net.Listen("tcp", g.cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("gateway: listen: %w", err)
+	}
+	if g.cfg.TLS != nil {
+		tc, err := serverTLS(g.cfg.TLS)
+		if err != nil {
+			ln.Close()
+			return err
+		}
+		ln = tls.NewListener(ln, tc)
+	}
+	g.tunnelLn = ln
+	mux := http.NewServeMux()
+	mux.HandleFunc(tunnel.Path, g.handleTunnel)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "portway gateway: agents connect to "+tunnel.Path, http.StatusNotFound)
+	})
+	g.serve(ln, mux)
+
+	if g.cfg.Admin.Listen != "" {
+		aln, err := net.Listen("tcp", g.cfg.Admin.Listen)
+		if err != nil {
+			g.Close()
+			return fmt.Errorf("gateway: admin listen: %w", err)
+		}
+		g.adminLn = aln
+		g.serve(aln, g.adminHandler())
+	}
+	g.ready.Store(true)
+	scheme := "wss"
+	if g.cfg.TLS == nil {
+		scheme = "ws"
+	}
+	g.log.Info("gateway listening", "agents_url", scheme+"://"+ln.Addr().String()+tunnel.Path,
+		"public_host", g.cfg.PublicHost, "port_range", g.cfg.PortRange, "protocols", g.cfg.Protocols)
+	return nil
+}
+
+func (g *Gateway) serve(ln net.Listener, h http.Handler) {
+	srv := &http.Server{
+		Handler: h,
+		// Slow clients must not hold connections open before they have
+		// even been authenticated.
+		ReadHeaderTimeout: g.cfg.HandshakeTimeout.Duration,
+		IdleTimeout:       time.Minute,
+		MaxHeaderBytes:    16 << 10,
+		ErrorLog:          slog.NewLogLogger(g.log.Handler(), slog.LevelDebug),
+	}
+	g.servers = append(g.servers, srv)
+	g.wg.Add(1)
+	go func() {
+		defer g.wg.Done()
+		srv.Serve(ln)
+	}()
+}
+
+// Run starts the gateway and serves until ctx ends.
+func (g *Gateway) Run(ctx context.Context) error {
+	if err := g.Start(ctx); err != nil {
+		return err
+	}
+	<-ctx.Done()
+	g.Close()
+	return nil
+}
+
+// TunnelAddr returns the address agents connect to.
+func (g *Gateway) TunnelAddr() net.Addr { return g.tunnelLn.Addr() }
+
+// AdminAddr returns the admin server's address, or nil.
+func (g *Gateway) AdminAddr() net.Addr {
+	if g.adminLn == nil {
+		return nil
+	}
+	return g.adminLn.Addr()
+}
+
+// Close stops serving, ends every session and closes every public listener.
+func (g *Gateway) Close() {
+	g.closeOnce.Do(func() {
+		g.ready.Store(false)
+		close(g.done)
+		for _, s := range g.servers {
+			s.Close()
+		}
+		g.mu.Lock()
+		agents := make([]*agentState, 0, len(g.agents))
+		for _, a := range g.agents {
+			agents = append(agents, a)
+		}
+		g.mu.Unlock()
+		for _, a := range agents {
+			a.shutdown(g)
+		}
+		if err := g.ports.save(context.Background()); err != nil {
+			g.log.Error("saving port allocations", "err", err)
+		}
+		g.wg.Wait()
+	})
+}
+
+func serverTLS(c *config.TLS) (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("gateway: tls: %w", err)
+	}
+	return &tls.Config{
+		Certificates: []tls.Certificate{cert},
+		MinVersion:   tls.VersionTLS12,
+		// TLS 1.2 suites limited to forward-secret AEAD ones; TLS 1.3
+		// suites are not configurable and all fine.
+		CipherSuites: []uint16{
+			tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+			tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+			tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256, tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+		},
+	}, nil
+}
+
+// authenticate maps a bearer token to an agent identity. Every configured
+// token is compared, in constant time, so timing reveals nothing.
+func (g *Gateway) authenticate(header string) (agentToken, bool) {
+	token, ok := strings.CutPrefix(header, "Bearer ")
+	if !ok || token == "" {
+		return agentToken{}, false
+	}
+	sum := sha256.Sum256([]byte(token))
+	var found agentToken
+	match := 0
+	for _, t := range g.tokens {
+		if subtle.ConstantTimeCompare(sum[:], t.sum[:]) == 1 {
+			found, match = t, 1
+		}
+	}
+	return found, match == 1
+}
+
+func (g *Gateway) handleTunnel(w http.ResponseWriter, r *http.Request) {
+	src := remoteIP(r.RemoteAddr)
+	if !g.limiter.allowed(src) {
+		g.metrics.AuthFailures.WithLabelValues("rate_limited").Inc()
+		w.Header().Set("Retry-After", "60")
+		http.Error(w, "too many failed authentication attempts", http.StatusTooManyRequests)
+		return
+	}
+	agent, ok := g.authenticate(r.Header.Get("Authorization"))
+	if !ok {
+		reason := "bad_token"
+		if r.Header.Get("Authorization") == "" {
+			reason = "no_token"
+		}
+		g.metrics.AuthFailures.WithLabelValues(reason).Inc()
+		if throttled := g.limiter.fail(src); throttled {
+			g.log.Warn("throttling tunnel authentication attempts", "source", src, "limit_per_minute", g.cfg.AuthFailuresPerMinute)
+		} else {
+			g.log.Warn("rejected tunnel connection", "source", src, "reason", reason)
+		}
+		w.Header().Set("WWW-Authenticate", `Bearer realm="portway"`)
+		http.Error(w, "unknown or missing agent token", http.StatusUnauthorized)
+		return
+	}
+	ws, err := g.upgrader.Upgrade(w, r, nil)
+	if err != nil {
+		g.log.Warn("tunnel upgrade failed", "agent", agent.name, "source", src, "err", err)
+		return
+	}
+	hello := &protocol.Hello{
+		Version:             protocol.Version,
+		Protocols:           g.cfg.Protocols,
+		HeartbeatIntervalMS: g.cfg.HeartbeatInterval.Milliseconds(),
+		MaxMessageSize:      g.cfg.MaxMessageSize,
+		MaxServices:         agent.maxServices,
+		StreamWindow:        g.cfg.StreamWindow,
+		Agent:               agent.name,
+		PublicHost:          g.cfg.PublicHost,
+		Server:              g.version,
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), g.cfg.HandshakeTimeout.Duration)
+	sess, err := tunnel.Server(ctx, ws, hello, g.tunnelConfig())
+	cancel()
+	if err != nil {
+		g.log.Warn("tunnel handshake failed", "agent", agent.name, "source", src, "err", err)
+		return
+	}
+	g.runSession(agent, sess, r.RemoteAddr)
+}
+
+func (g *Gateway) tunnelConfig() tunnel.Config {
+	return tunnel.Config{
+		MaxStreamWindow: g.cfg.MaxStreamWindow,
+		WriteTimeout:    10 * time.Second,
+		Logger:          g.log,
+	}
+}
+
+// runSession serves one agent session until it ends.
+func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string) {
+	a := g.agent(tok)
+	start := time.Now()
+	if old := a.attach(sess, remote); old != nil {
+		old.CloseWithError("replaced", "a newer session of this agent took over")
+		g.log.Info("agent session replaced", "agent", a.name)
+	}
+	g.metrics.AgentSessions.WithLabelValues(a.name).Inc()
+	g.updateConnected()
+	g.log.Info("agent connected", "agent", a.name, "remote", remote, "protocol", sess.Protocol())
+
+	for {
+		select {
+		case m := <-sess.Control():
+			if reg, ok := m.(*protocol.Register); ok {
+				ack := g.register(a, sess, reg)
+				if err := sess.Send(ack); err != nil {
+					sess.Close()
+				}
+			}
+		case <-sess.Done():
+			err := sess.Err()
+			reason := endReason(err)
+			g.metrics.SessionEnds.WithLabelValues(reason).Inc()
+			if a.detach(sess, g) {
+				g.log.Info("agent disconnected", "agent", a.name, "reason", reason, "err", err,
+					"duration", time.Since(start).Round(time.Millisecond))
+			}
+			g.updateConnected()
+			return
+		case <-g.done:
+			sess.CloseWithError("shutdown", "gateway shutting down")
+		}
+	}
+}
+
+func endReason(err error) string {
+	var pe *tunnel.PeerError
+	switch {
+	case errors.As(err, &pe):
+		return "peer_" + pe.Code
+	case errors.Is(err, tunnel.ErrPeerTimeout):
+		return "heartbeat_timeout"
+	case errors.Is(err, tunnel.ErrProtocol):
+		return "protocol_violation"
+	default:
+		return "closed"
+	}
+}
+
+func (g *Gateway) agent(tok agentToken) *agentState {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	a := g.agents[tok.name]
+	if a == nil {
+		a = newAgentState(tok.name, tok.maxServices)
+		g.agents[tok.name] = a
+	}
+	return a
+}
+
+func (g *Gateway) updateConnected() {
+	g.mu.Lock()
+	n := 0
+	for _, a := range g.agents {
+		if a.session() != nil {
+			n++
+		}
+	}
+	g.mu.Unlock()
+	g.metrics.AgentsConnected.Set(float64(n))
+}
+
+func remoteIP(addr string) string {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return addr
+	}
+	return host
+}

@@ -1,0 +1,203 @@
+package metrics
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Agent holds the agent's metrics. The pipeops_agent_* names are the seed's
+// documented names, kept exactly; portway_agent_* add the tunnel's health.
+// docs/metrics.md describes every metric and label.
+type Agent struct {
+	TCPActive   *prometheus.GaugeVec     // service
+	TCPTotal    *prometheus.CounterVec   // service
+	TCPBytes    *PairCounter             // service, direction=sent|received
+	TCPDuration *prometheus.HistogramVec // service
+	TCPErrors   *prometheus.CounterVec   // service, reason
+
+	UDPActive   *prometheus.GaugeVec   // service
+	UDPSessions *prometheus.CounterVec // service
+	UDPPackets  *PairCounter           // service, direction=sent|received
+	UDPDropped  *prometheus.CounterVec // service, reason
+
+	Discovered *prometheus.GaugeVec   // protocol
+	Syncs      *prometheus.CounterVec // result
+
+	Connected    prometheus.Gauge
+	Reconnects   prometheus.Counter
+	Protocol     *prometheus.GaugeVec // protocol
+	HeartbeatRTT prometheus.Gauge
+	Registered   prometheus.Gauge
+}
+
+// NewAgent creates the agent's metrics and registers them with reg.
+func NewAgent(reg prometheus.Registerer) *Agent {
+	m := &Agent{
+		TCPActive: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "pipeops_agent_tcp_tunnel_active_connections",
+			Help: "Tunneled TCP connections open now.",
+		}, []string{"service"}),
+		TCPTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pipeops_agent_tcp_tunnel_connections_total",
+			Help: "Tunneled TCP connections accepted (backend dialed successfully).",
+		}, []string{"service"}),
+		TCPBytes: NewPairCounter("pipeops_agent_tcp_tunnel_bytes_total",
+			"Bytes relayed: sent = backend to client, received = client to backend.",
+			[]string{"service"}, [2]string{"sent", "received"}),
+		TCPDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "pipeops_agent_tcp_tunnel_connection_duration_seconds",
+			Help:    "Lifetime of tunneled TCP connections.",
+			Buckets: []float64{0.01, 0.1, 1, 10, 60, 300, 1800, 3600, 6 * 3600, 24 * 3600},
+		}, []string{"service"}),
+		TCPErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pipeops_agent_tcp_tunnel_errors_total",
+			Help: "Tunneled TCP connections that failed, by reason.",
+		}, []string{"service", "reason"}),
+		UDPActive: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "pipeops_agent_udp_tunnel_active_sessions",
+			Help: "Tunneled UDP sessions open now.",
+		}, []string{"service"}),
+		UDPSessions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "portway_agent_udp_tunnel_sessions_total",
+			Help: "Tunneled UDP sessions started.",
+		}, []string{"service"}),
+		UDPPackets: NewPairCounter("pipeops_agent_udp_tunnel_packets_total",
+			"Datagrams relayed: sent = backend to client, received = client to backend.",
+			[]string{"service"}, [2]string{"sent", "received"}),
+		UDPDropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "portway_agent_udp_tunnel_dropped_total",
+			Help: "Datagrams or sessions dropped, by reason.",
+		}, []string{"service", "reason"}),
+		Discovered: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "pipeops_agent_gateway_watcher_discovered_services",
+			Help: "Services discovered from Kubernetes Gateways and routes.",
+		}, []string{"protocol"}),
+		Syncs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pipeops_agent_gateway_watcher_sync_total",
+			Help: "Discovery syncs (desired set recomputed), by result.",
+		}, []string{"result"}),
+		Connected: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "portway_agent_tunnel_connected",
+			Help: "1 while the tunnel to the gateway is up.",
+		}),
+		Reconnects: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "portway_agent_tunnel_reconnects_total",
+			Help: "Tunnel connections established after the first.",
+		}),
+		Protocol: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "portway_agent_tunnel_protocol",
+			Help: "1 for the protocol mode of the current tunnel.",
+		}, []string{"protocol"}),
+		HeartbeatRTT: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "portway_agent_tunnel_heartbeat_rtt_seconds",
+			Help: "Last heartbeat round-trip time to the gateway.",
+		}),
+		Registered: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "portway_agent_tunnel_registered_services",
+			Help: "Services the gateway accepted in the last register_ack.",
+		}),
+	}
+	reg.MustRegister(m.TCPActive, m.TCPTotal, m.TCPBytes, m.TCPDuration, m.TCPErrors,
+		m.UDPActive, m.UDPSessions, m.UDPPackets, m.UDPDropped, m.Discovered, m.Syncs,
+		m.Connected, m.Reconnects, m.Protocol, m.HeartbeatRTT, m.Registered)
+	return m
+}
+
+// ForgetService removes a withdrawn service's label sets.
+func (m *Agent) ForgetService(service string) {
+	m.TCPActive.DeleteLabelValues(service)
+	m.TCPTotal.DeleteLabelValues(service)
+	m.TCPBytes.Delete(service)
+	m.TCPDuration.DeleteLabelValues(service)
+	m.TCPErrors.DeletePartialMatch(prometheus.Labels{"service": service})
+	m.UDPActive.DeleteLabelValues(service)
+	m.UDPSessions.DeleteLabelValues(service)
+	m.UDPPackets.Delete(service)
+	m.UDPDropped.DeletePartialMatch(prometheus.Labels{"service": service})
+}
+
+// Gateway holds the gateway's metrics (portway_gateway_*).
+type Gateway struct {
+	AgentsConnected prometheus.Gauge
+	AgentSessions   *prometheus.CounterVec // agent
+	Services        *prometheus.GaugeVec   // protocol
+	PortAllocations prometheus.Gauge
+
+	ConnActive *prometheus.GaugeVec   // agent, service
+	ConnTotal  *prometheus.CounterVec // agent, service
+	Bytes      *PairCounter           // agent, service, direction=in|out
+	Refusals   *prometheus.CounterVec // agent, service, reason
+
+	UDPActive   *prometheus.GaugeVec   // agent, service
+	UDPSessions *prometheus.CounterVec // agent, service
+	UDPPackets  *PairCounter           // agent, service, direction=in|out
+	UDPDropped  *prometheus.CounterVec // agent, service, reason
+
+	AuthFailures *prometheus.CounterVec // reason
+	SessionEnds  *prometheus.CounterVec // reason
+}
+
+// NewGateway creates the gateway's metrics and registers them with reg.
+func NewGateway(reg prometheus.Registerer) *Gateway {
+	svc := []string{"agent", "service"}
+	m := &Gateway{
+		AgentsConnected: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "portway_gateway_agents_connected", Help: "Agents with a live tunnel.",
+		}),
+		AgentSessions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "portway_gateway_agent_sessions_total", Help: "Tunnel sessions accepted, per agent.",
+		}, []string{"agent"}),
+		Services: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "portway_gateway_services", Help: "Services with an open public listener.",
+		}, []string{"protocol"}),
+		PortAllocations: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "portway_gateway_port_allocations", Help: "Public ports allocated (live or retained).",
+		}),
+		ConnActive: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "portway_gateway_connections_active", Help: "Public TCP connections open now.",
+		}, svc),
+		ConnTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "portway_gateway_connections_total", Help: "Public TCP connections accepted.",
+		}, svc),
+		Bytes: NewPairCounter("portway_gateway_bytes_total",
+			"Bytes relayed on public TCP connections: in = from clients, out = to clients.",
+			svc, [2]string{"in", "out"}),
+		Refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "portway_gateway_refusals_total", Help: "Public connections or sessions refused, by reason.",
+		}, []string{"agent", "service", "reason"}),
+		UDPActive: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "portway_gateway_udp_sessions_active", Help: "Public UDP sessions open now.",
+		}, svc),
+		UDPSessions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "portway_gateway_udp_sessions_total", Help: "Public UDP sessions started.",
+		}, svc),
+		UDPPackets: NewPairCounter("portway_gateway_udp_packets_total",
+			"Datagrams relayed: in = from clients, out = to clients.",
+			svc, [2]string{"in", "out"}),
+		UDPDropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "portway_gateway_udp_dropped_total", Help: "Datagrams dropped, by reason.",
+		}, []string{"agent", "service", "reason"}),
+		AuthFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "portway_gateway_auth_failures_total", Help: "Rejected tunnel connection attempts, by reason.",
+		}, []string{"reason"}),
+		SessionEnds: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "portway_gateway_session_ends_total", Help: "Tunnel sessions ended, by reason.",
+		}, []string{"reason"}),
+	}
+	reg.MustRegister(m.AgentsConnected, m.AgentSessions, m.Services, m.PortAllocations,
+		m.ConnActive, m.ConnTotal, m.Bytes, m.Refusals, m.UDPActive, m.UDPSessions, m.UDPPackets,
+		m.UDPDropped, m.AuthFailures, m.SessionEnds)
+	return m
+}
+
+// ForgetService removes a withdrawn service's label sets.
+func (m *Gateway) ForgetService(agent, service string) {
+	l := prometheus.Labels{"agent": agent, "service": service}
+	m.ConnActive.DeletePartialMatch(l)
+	m.ConnTotal.DeletePartialMatch(l)
+	m.Bytes.Delete(agent, service)
+	m.Refusals.DeletePartialMatch(l)
+	m.UDPActive.DeletePartialMatch(l)
+	m.UDPSessions.DeletePartialMatch(l)
+	m.UDPPackets.Delete(agent, service)
+	m.UDPDropped.DeletePartialMatch(l)
+}
