@@ -1,0 +1,273 @@
+// Package e2e runs a real gateway and a real agent in-process on loopback,
+// connected through a real WebSocket, and drives real servers (PostgreSQL,
+// Redis, sshd, dnsmasq) with their real clients through them, in both
+// protocol modes.
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/portway/portway/internal/agent"
+	"github.com/portway/portway/internal/config"
+	"github.com/portway/portway/internal/gateway"
+	"github.com/portway/portway/internal/quickstart"
+)
+
+var modes = []string{"yamux", "json"}
+
+const (
+	tokenA     = "agent-a-token-0123456789"
+	tokenB     = "agent-b-token-0123456789"
+	adminToken = "admin-token-0123456789"
+)
+
+// logBuf collects a component's log lines; they are printed only when the
+// test fails, and tests may search them.
+type logBuf struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *logBuf) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *logBuf) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+func (l *logBuf) count(substr string) int { return strings.Count(l.String(), substr) }
+
+// since returns the log from the line after the n-th line containing marker
+// up to and including the (n+1)-th: one event's worth of log.
+func (l *logBuf) since(n int, marker string) string {
+	lines := strings.SplitAfter(l.String(), "\n")
+	seen := 0
+	var out strings.Builder
+	for _, line := range lines {
+		if seen >= n {
+			out.WriteString(line)
+		}
+		if strings.Contains(line, marker) {
+			seen++
+			if seen > n {
+				break
+			}
+		}
+	}
+	return out.String()
+}
+
+func newLogger(t *testing.T, name string) (*slog.Logger, *logBuf) {
+	lb := &logBuf{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("---- %s log ----\n%s", name, lb.String())
+		}
+	})
+	return slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})), lb
+}
+
+type gw struct {
+	*gateway.Gateway
+	cfg *config.Gateway
+	reg *prometheus.Registry
+	log *logBuf
+}
+
+// startGateway starts a gateway on loopback with two agents (agent-a and
+// agent-b) allowed. opts may adjust the config before it starts.
+func startGateway(t *testing.T, opts ...func(*config.Gateway)) *gw {
+	t.Helper()
+	cfg := config.DefaultGateway()
+	cfg.Listen = "127.0.0.1:0"
+	cfg.PublicHost = "127.0.0.1"
+	cfg.BindAddress = "127.0.0.1"
+	cfg.StateFile = t.TempDir() + "/gateway.db"
+	cfg.Insecure = true
+	cfg.HeartbeatInterval = config.D(time.Second)
+	cfg.Agents = []config.Agent{{Name: "agent-a", Token: tokenA}, {Name: "agent-b", Token: tokenB}}
+	cfg.Admin = config.Admin{Listen: "127.0.0.1:0", Token: adminToken}
+	for _, o := range opts {
+		o(cfg)
+	}
+	log, lb := newLogger(t, "gateway")
+	reg := prometheus.NewRegistry()
+	g, err := gateway.New(gateway.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Close)
+	return &gw{Gateway: g, cfg: cfg, reg: reg, log: lb}
+}
+
+func (g *gw) url() string { return "ws://" + g.TunnelAddr().String() + "/v1/tunnel" }
+
+type ag struct {
+	*agent.Agent
+	cfg    *config.AgentFile
+	reg    *prometheus.Registry
+	log    *logBuf
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// startAgent starts an agent connected to g in the given mode exposing
+// services, without waiting for registration.
+func startAgent(t *testing.T, url, token, mode string, services []config.StaticService, opts ...func(*config.AgentFile)) *ag {
+	t.Helper()
+	cfg := config.DefaultAgent()
+	cfg.Gateway = config.GatewayConn{URL: url, Token: token, Protocol: mode}
+	cfg.Metrics.Listen = "127.0.0.1:0"
+	cfg.Services = services
+	for _, o := range opts {
+		o(cfg)
+	}
+	log, lb := newLogger(t, "agent")
+	reg := prometheus.NewRegistry()
+	a, err := agent.New(agent.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.StartMetrics(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	h := &ag{Agent: a, cfg: cfg, reg: reg, log: lb, cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(h.done)
+		a.Run(ctx)
+	}()
+	t.Cleanup(h.stop)
+	return h
+}
+
+func (a *ag) stop() {
+	a.cancel()
+	<-a.done
+}
+
+// waitReady waits until the agent has registered and returns its endpoints
+// by service id ("udp/" prefix for UDP services).
+func (a *ag) waitReady(t *testing.T) map[string]string {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !a.Ready() {
+		if time.Now().After(deadline) {
+			t.Fatal("agent did not register within 15s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	eps := map[string]string{}
+	for _, e := range a.Endpoints() {
+		k := e.Service.ID
+		if e.Service.Protocol == "udp" {
+			k = "udp/" + k
+		}
+		if e.Error != "" {
+			eps[k] = "error: " + e.Error
+		} else {
+			eps[k] = e.Address
+		}
+	}
+	return eps
+}
+
+// eventually polls cond every 20 ms until it holds or the timeout passes.
+func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// echoBackend starts a TCP echo server for the test.
+func echoBackend(t *testing.T) string {
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	addr, err := quickstart.StartEcho(ctx, "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return addr.String()
+}
+
+func splitHostPort(t *testing.T, addr string) (string, int) {
+	t.Helper()
+	h, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		t.Fatalf("endpoint %q: %v", addr, err)
+	}
+	var port int
+	fmt.Sscan(p, &port)
+	return h, port
+}
+
+// echoRoundTrip sends payload through addr, half-closes, and checks the
+// whole echo comes back.
+func echoRoundTrip(addr string, payload []byte) error {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	errc := make(chan error, 1)
+	go func() {
+		_, err := c.Write(payload)
+		if err == nil {
+			err = c.(*net.TCPConn).CloseWrite()
+		}
+		errc <- err
+	}()
+	got, err := io.ReadAll(c)
+	if werr := <-errc; werr != nil {
+		return fmt.Errorf("write: %w", werr)
+	}
+	if err != nil {
+		return fmt.Errorf("read after %d bytes: %w", len(got), err)
+	}
+	if !bytes.Equal(got, payload) {
+		return fmt.Errorf("echo mismatch: sent %d bytes, got %d", len(payload), len(got))
+	}
+	return nil
+}
+
+// httpGet fetches url with an optional bearer token.
+func httpGet(t *testing.T, url, token string) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, url, nil)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
