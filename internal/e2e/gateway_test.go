@@ -286,4 +286,3 @@ func TestAgentRefusesUnregisteredServices(t *testing.T) {
 		})
 	}
 }
-

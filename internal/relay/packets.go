@@ -81,21 +81,10 @@ func PipePackets(tun PacketConn, sock Datagrams, opt PacketOptions, st *PacketSt
 			once.Do(func() { tun.Close(); sock.Close() })
 		}
 	)
-	var idle *time.Timer
-	if opt.IdleTimeout > 0 {
-		var check func()
-		check = func() {
-			since := time.Duration(monotonic() - st.lastActive.Load())
-			if since >= opt.IdleTimeout {
-				idled.Store(true)
-				closeUp(ErrIdle)
-				return
-			}
-			idle.Reset(opt.IdleTimeout - since)
-		}
-		idle = time.AfterFunc(opt.IdleTimeout, check)
-	}
-
+	stopIdle := watchIdle(opt.IdleTimeout, &st.lastActive, func() {
+		idled.Store(true)
+		closeUp(ErrIdle)
+	})
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -104,9 +93,7 @@ func PipePackets(tun PacketConn, sock Datagrams, opt PacketOptions, st *PacketSt
 	}()
 	closeUp(fromTunnel(tun, sock, opt.MaxDatagram, st))
 	wg.Wait()
-	if idle != nil {
-		idle.Stop()
-	}
+	stopIdle()
 	res := Result{IdleTimeout: idled.Load()}
 	errMu.Lock()
 	if first != io.EOF && !isClosed(first) {

@@ -76,22 +76,11 @@ func Pipe(a, b Conn, opt Options, st *Stats) Result {
 	st.lastActive.Store(monotonic())
 	p := &pipe{a: a, b: b}
 
-	var idle *time.Timer
 	var idled atomic.Bool
-	if opt.IdleTimeout > 0 {
-		var check func()
-		check = func() {
-			since := time.Duration(monotonic() - st.lastActive.Load())
-			if since >= opt.IdleTimeout {
-				idled.Store(true)
-				p.abort(ErrIdle)
-				return
-			}
-			idle.Reset(opt.IdleTimeout - since)
-		}
-		idle = time.AfterFunc(opt.IdleTimeout, check)
-	}
-
+	stopIdle := watchIdle(opt.IdleTimeout, &st.lastActive, func() {
+		idled.Store(true)
+		p.abort(ErrIdle)
+	})
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -100,12 +89,53 @@ func Pipe(a, b Conn, opt Options, st *Stats) Result {
 	}()
 	p.half(a, b, &st.AToB, &st.lastActive, opt.BufferSize)
 	wg.Wait()
-	if idle != nil {
-		idle.Stop()
-	}
+	stopIdle()
 	p.closeBoth()
 	res := Result{Err: p.firstErr(), IdleTimeout: idled.Load()}
 	return res
+}
+
+// watchIdle calls onIdle once nothing was recorded in last for d, checking
+// only when the timer fires (no per-read timer reset). d <= 0 disables it.
+// The returned stop must be called when the connection ends.
+func watchIdle(d time.Duration, last *atomic.Int64, onIdle func()) (stop func()) {
+	if d <= 0 {
+		return func() {}
+	}
+	w := &idleWatch{d: d, last: last, onIdle: onIdle}
+	w.mu.Lock()
+	w.t = time.AfterFunc(d, w.check)
+	w.mu.Unlock()
+	return func() {
+		w.mu.Lock()
+		w.stopped = true
+		w.t.Stop()
+		w.mu.Unlock()
+	}
+}
+
+type idleWatch struct {
+	d       time.Duration
+	last    *atomic.Int64
+	onIdle  func()
+	mu      sync.Mutex
+	t       *time.Timer
+	stopped bool
+}
+
+func (w *idleWatch) check() {
+	since := time.Duration(monotonic() - w.last.Load())
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.stopped {
+		return
+	}
+	if since < w.d {
+		w.t.Reset(w.d - since)
+		return
+	}
+	w.stopped = true
+	go w.onIdle() // onIdle closes connections; never under w.mu
 }
 
 type pipe struct {
