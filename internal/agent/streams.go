@@ -180,12 +180,16 @@ func (a *Agent) serveUDP(in *tunnel.Incoming, h protocol.StreamHeader, svc *Serv
 	if idle == 0 {
 		idle = cfg.SessionTimeout.Duration
 	}
-	res := relay.PipePackets(tunnel.AsPackets(st), relay.ConnectedUDP{UDPConn: c.(*net.UDPConn)},
+	pc := tunnel.AsPackets(st)
+	res := relay.PipePackets(pc, relay.ConnectedUDP{UDPConn: c.(*net.UDPConn)},
 		relay.PacketOptions{MaxDatagram: cfg.BufferSize, IdleTimeout: idle}, &stats)
 	flow.Done()
 	active.Dec()
 	if d := stats.Dropped.Load(); d > 0 {
 		a.metrics.UDPDropped.WithLabelValues(svc.ID, "too_large").Add(float64(d))
+	}
+	if d := tunnel.PacketsDropped(pc); d > 0 {
+		a.metrics.UDPDropped.WithLabelValues(svc.ID, "queue_full").Add(float64(d))
 	}
 	a.log.Debug("udp session closed", "service", svc.ID, "client", h.Client, "received", stats.FromTunnel.Load(),
 		"sent", stats.ToTunnel.Load(), "err", res.Err)

@@ -209,7 +209,13 @@ func (g *Gateway) bind(kind protocol.Kind) bindFunc {
 			if err != nil {
 				return nil, err
 			}
-			return net.ListenUDP("udp", ua)
+			c, err := net.ListenUDP("udp", ua)
+			if err == nil {
+				// Room for bursts: the kernel caps this at net.core.rmem_max.
+				c.SetReadBuffer(udpSocketBuffer)
+				c.SetWriteBuffer(udpSocketBuffer)
+			}
+			return c, err
 		}
 		return net.Listen("tcp", addr)
 	}

@@ -30,6 +30,8 @@ const (
 	// unknown service) has its datagrams dropped before the gateway asks
 	// the agent again.
 	refusalHold = 2 * time.Second
+	// udpSocketBuffer is the socket buffer asked for on public UDP ports.
+	udpSocketBuffer = 4 << 20
 )
 
 type udpSessions struct {
@@ -187,13 +189,17 @@ func (s *udpSession) run(sess *tunnel.Session) {
 	defer ps.leave()
 	var stats relay.PacketStats
 	flow := ps.g.metrics.UDPPackets.Track(func() (int64, int64) { return stats.ToTunnel.Load(), stats.FromTunnel.Load() }, ps.a.name, spec.ID)
-	res := relay.PipePackets(tunnel.AsPackets(st), s, relay.PacketOptions{
+	pc := tunnel.AsPackets(st)
+	res := relay.PipePackets(pc, s, relay.PacketOptions{
 		MaxDatagram: max(spec.MaxDatagram, 0),
 		IdleTimeout: time.Duration(spec.IdleTimeoutMS) * time.Millisecond,
 	}, &stats)
 	flow.Done()
 	if d := stats.Dropped.Load(); d > 0 {
 		ps.g.metrics.UDPDropped.WithLabelValues(ps.a.name, spec.ID, "too_large").Add(float64(d))
+	}
+	if d := tunnel.PacketsDropped(pc); d > 0 {
+		ps.g.metrics.UDPDropped.WithLabelValues(ps.a.name, spec.ID, "queue_full").Add(float64(d))
 	}
 	ps.g.log.Debug("udp session closed", "agent", ps.a.name, "service", spec.ID, "client", s.client,
 		"in", stats.ToTunnel.Load(), "out", stats.FromTunnel.Load(), "err", res.Err)
