@@ -214,11 +214,28 @@ func (g *Gateway) AdminAddr() net.Addr {
 	return g.adminLn.Addr()
 }
 
+// track registers a session goroutine with the gateway's wait group, unless
+// the gateway is closing. Hijacked WebSocket connections are not tracked by
+// http.Server, so Close waits for them here.
+func (g *Gateway) track() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	select {
+	case <-g.done:
+		return false
+	default:
+		g.wg.Add(1)
+		return true
+	}
+}
+
 // Close stops serving, ends every session and closes every public listener.
 func (g *Gateway) Close() {
 	g.closeOnce.Do(func() {
 		g.ready.Store(false)
+		g.mu.Lock()
 		close(g.done)
+		g.mu.Unlock()
 		for _, s := range g.servers {
 			s.Close()
 		}
@@ -298,6 +315,11 @@ func (g *Gateway) handleTunnel(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "unknown or missing agent token", http.StatusUnauthorized)
 		return
 	}
+	if !g.track() {
+		http.Error(w, "gateway shutting down", http.StatusServiceUnavailable)
+		return
+	}
+	defer g.wg.Done()
 	ws, err := g.upgrader.Upgrade(w, r, nil)
 	if err != nil {
 		g.log.Warn("tunnel upgrade failed", "agent", agent.name, "source", src, "err", err)
@@ -344,6 +366,7 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 	g.updateConnected()
 	g.log.Info("agent connected", "agent", a.name, "remote", remote, "protocol", sess.Protocol())
 
+	shutdown := g.done
 	for {
 		select {
 		case m := <-sess.Control():
@@ -363,7 +386,8 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 			}
 			g.updateConnected()
 			return
-		case <-g.done:
+		case <-shutdown:
+			shutdown = nil
 			sess.CloseWithError("shutdown", "gateway shutting down")
 		}
 	}
