@@ -198,6 +198,10 @@ func (a *Agent) desired() []Service {
 	return out
 }
 
+// Metrics returns the agent's metrics, for the discovery source to update
+// the watcher metrics.
+func (a *Agent) Metrics() *metrics.Agent { return a.metrics }
+
 // Ready reports whether the tunnel is up and the services are registered.
 func (a *Agent) Ready() bool { return a.connected.Load() && a.registered.Load() }
 
