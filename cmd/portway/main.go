@@ -3,7 +3,10 @@
 package main
 
 import (
+	"context"
 	"os"
+	"os/signal"
+	"syscall"
 
 	"github.com/portway/portway/internal/cli"
 )
@@ -12,5 +15,8 @@ import (
 var version = "dev"
 
 func main() {
-	os.Exit(cli.Main(os.Args[1:], version, os.Stdout, os.Stderr))
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := cli.Main(ctx, os.Args[1:], version, os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
 }

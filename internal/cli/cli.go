@@ -9,9 +9,10 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"os/signal"
 	"strings"
-	"syscall"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/spf13/cobra"
 )
@@ -26,8 +27,9 @@ type app struct {
 	logFormat string
 }
 
-// Main runs the portway command line and returns the process exit code.
-func Main(args []string, version string, stdout, stderr io.Writer) int {
+// Main runs the portway command line until ctx ends and returns the process
+// exit code.
+func Main(ctx context.Context, args []string, version string, stdout, stderr io.Writer) int {
 	a := &app{version: version, stdout: stdout, stderr: stderr, getenv: os.Getenv}
 	root := &cobra.Command{
 		Use:           "portway",
@@ -42,8 +44,6 @@ func Main(args []string, version string, stdout, stderr io.Writer) int {
 	root.SetErr(stderr)
 	root.AddCommand(a.gatewayCmd(), a.agentCmd(), a.upCmd(), a.statusCmd(), a.versionCmd())
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
 	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(stderr, "portway:", err)
 		return 1
@@ -64,6 +64,14 @@ func (a *app) logger() (*slog.Logger, error) {
 		return slog.New(slog.NewJSONHandler(a.stderr, opts)), nil
 	}
 	return nil, fmt.Errorf("--log-format: %q is not text or json", a.logFormat)
+}
+
+// registry returns a metrics registry with the Go runtime and process
+// collectors, for a gateway or agent run from the command line.
+func registry() *prometheus.Registry {
+	r := prometheus.NewRegistry()
+	r.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return r
 }
 
 func (a *app) versionCmd() *cobra.Command {

@@ -49,7 +49,8 @@ func (a *app) gatewayCmd() *cobra.Command {
 			if len(cfg.Agents) == 0 {
 				log.Warn("no agents configured: every tunnel connection will be refused")
 			}
-			gw, err := gateway.New(gateway.Options{Config: cfg, Logger: log, Version: a.version})
+			reg := registry()
+			gw, err := gateway.New(gateway.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: a.version})
 			if err != nil {
 				return err
 			}
@@ -109,7 +110,8 @@ func (a *app) agentCmd() *cobra.Command {
 			if err := cfg.Validate(); err != nil {
 				return err
 			}
-			ag, err := agent.New(agent.Options{Config: cfg, Logger: log, Version: a.version})
+			reg := registry()
+			ag, err := agent.New(agent.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: a.version})
 			if err != nil {
 				return err
 			}

@@ -99,6 +99,14 @@ func NewAgent(reg prometheus.Registerer) *Agent {
 	reg.MustRegister(m.TCPActive, m.TCPTotal, m.TCPBytes, m.TCPDuration, m.TCPErrors,
 		m.UDPActive, m.UDPSessions, m.UDPPackets, m.UDPDropped, m.Discovered, m.Syncs,
 		m.Connected, m.Reconnects, m.Protocol, m.HeartbeatRTT, m.Registered)
+	// Expose the discovery series from the start (at zero without
+	// Kubernetes), so dashboards and alerts see them.
+	for _, p := range []string{"tcp", "udp"} {
+		m.Discovered.WithLabelValues(p)
+	}
+	for _, r := range []string{"success", "error"} {
+		m.Syncs.WithLabelValues(r)
+	}
 	return m
 }
 
