@@ -23,6 +23,7 @@ import (
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/gateway"
 	"github.com/portway/portway/internal/quickstart"
+	"github.com/portway/portway/internal/testservers"
 )
 
 var modes = []string{"yamux", "json"}
@@ -266,6 +267,20 @@ func httpGet(t *testing.T, url, token string) (int, string) {
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func freePort(t *testing.T) int { return testservers.FreePort(t, "tcp") }
+
+// httpGetQuiet fetches url and returns the status (0 on a transport error).
+func httpGetQuiet(url string) (int, string) {
+	c := http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return 0, err.Error()
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)

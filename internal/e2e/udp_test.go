@@ -24,6 +24,9 @@ func udpEcho(t *testing.T) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
+	// Many sessions start at once in the load test: room for their bursts.
+	c.SetReadBuffer(4 << 20)
+	c.SetWriteBuffer(4 << 20)
 	go func() {
 		buf := make([]byte, 65536)
 		for {
