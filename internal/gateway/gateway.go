@@ -295,6 +295,7 @@ func (g *Gateway) handleTunnel(w http.ResponseWriter, r *http.Request) {
 	src := remoteIP(r.RemoteAddr)
 	if !g.limiter.allowed(src) {
 		g.metrics.AuthFailures.WithLabelValues("rate_limited").Inc()
+		w.Header().Set("Connection", "close")
 		w.Header().Set("Retry-After", "60")
 		http.Error(w, "too many failed authentication attempts", http.StatusTooManyRequests)
 		return
@@ -311,6 +312,8 @@ func (g *Gateway) handleTunnel(w http.ResponseWriter, r *http.Request) {
 		} else {
 			g.log.Warn("rejected tunnel connection", "source", src, "reason", reason)
 		}
+		// No keep-alive for a stranger: whatever follows is not parsed.
+		w.Header().Set("Connection", "close")
 		w.Header().Set("WWW-Authenticate", `Bearer realm="portway"`)
 		http.Error(w, "unknown or missing agent token", http.StatusUnauthorized)
 		return
