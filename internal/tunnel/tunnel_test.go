@@ -480,3 +480,17 @@ func mustEncode(m protocol.Message) []byte {
 	}
 	return b
 }
+
+// Streams are opened by the gateway only: an agent that opens one loses its
+// session, instead of parking data in the gateway's yamux backlog.
+func TestAgentOpenedStreamEndsSession(t *testing.T) {
+	gw, ag := pair(t, testHello("yamux"), "yamux")
+	st, err := ag.ym.OpenStream(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.Write(make([]byte, 1000))
+	if err := waitEnd(t, gw); !errors.Is(err, ErrProtocol) || !strings.Contains(err.Error(), "opened a stream") {
+		t.Fatalf("gateway session ended with %v", err)
+	}
+}

@@ -145,6 +145,21 @@ func (s *Session) startYamux() {
 			s.c.fail(errors.New("tunnel: yamux session closed"))
 		}
 	}()
+	if s.gateway {
+		go s.refuseAgentStreams()
+	}
+}
+
+// refuseAgentStreams ends the session if the agent opens a stream: streams
+// are opened by the gateway only, and an unaccepted stream would otherwise
+// sit in yamux's backlog holding its window of data.
+func (s *Session) refuseAgentStreams() {
+	st, err := s.ym.AcceptStream()
+	if err != nil {
+		return // the session ended
+	}
+	st.Reset()
+	s.c.fail(fmt.Errorf("%w: the agent opened a stream", ErrProtocol))
 }
 
 func (s *Session) openYamux(ctx context.Context, h protocol.StreamHeader) (Stream, error) {
