@@ -83,7 +83,8 @@ func ParseDataFast(b []byte) (kind Kind, id uint32, payload []byte, ok bool) {
 		return 0, 0, nil, false
 	}
 	b = b[i:]
-	if !bytes.HasPrefix(b, dataField) || !bytes.HasSuffix(b, dataSuffix) {
+	// The length check matters: prefix and suffix may overlap (`,"data":"}`).
+	if len(b) < len(dataField)+len(dataSuffix) || !bytes.HasPrefix(b, dataField) || !bytes.HasSuffix(b, dataSuffix) {
 		return 0, 0, nil, false
 	}
 	payload = b[len(dataField) : len(b)-len(dataSuffix)]
