@@ -111,11 +111,7 @@ func (a *app) agentCmd() *cobra.Command {
 				return err
 			}
 			reg := registry()
-			ag, err := agent.New(agent.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: a.version})
-			if err != nil {
-				return err
-			}
-			return runAgent(cmd.Context(), ag, cfg, log)
+			return runAgent(cmd.Context(), agent.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: a.version}, a.getenv)
 		},
 	}
 	f := cmd.Flags()

@@ -1,0 +1,529 @@
+package discovery
+
+import (
+	"cmp"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	discoverylisters "k8s.io/client-go/listers/discovery/v1"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gwlisters "sigs.k8s.io/gateway-api/pkg/client/listers/apis/v1"
+
+	"github.com/portway/portway/internal/config"
+)
+
+// world is what a recompute reads: the informer caches.
+type world struct {
+	gateways gwlisters.GatewayLister
+	services corelisters.ServiceLister
+	slices   discoverylisters.EndpointSliceLister
+	// routes maps "tcp"/"udp" to its route kind; absent when that
+	// protocol's discovery is disabled.
+	routes map[string]*routeSource
+}
+
+// result is one recompute's outcome.
+type result struct {
+	// services are all discovered services, direct ones included, sorted
+	// by id then protocol.
+	services []Service
+	// listeners are the Gateway listeners that became services, for the
+	// write-back.
+	listeners []listenerResult
+	problems  []problem
+	// gateways and routes are every object of those kinds in the caches,
+	// with the value of our annotation there ("" when absent).
+	gateways []cachedObject
+	routes   []cachedObject
+}
+
+// listenerResult is one Gateway listener exposed as a service.
+type listenerResult struct {
+	gateway  objectRef
+	listener string
+	service  Service
+	route    objectRef
+	// direct is public-address:listener-port for modes direct and dual;
+	// directErr says why it is unknown.
+	direct, directErr string
+}
+
+// cachedObject is a Gateway or route as cached, for the write-back.
+type cachedObject struct {
+	ref        objectRef
+	annotation string
+	source     *routeSource // nil for Gateways
+}
+
+// problem is something about an object that keeps a listener or route from
+// being exposed as asked (or an annotation that is ignored). It is logged
+// and recorded as an Event on the object once, when it appears.
+type problem struct {
+	obj     objectRef
+	reason  string // CamelCase, as Kubernetes Event reasons are
+	subject string // the listener, for per-listener problems
+	message string
+}
+
+func (p problem) key() string {
+	return p.obj.kind + "|" + p.obj.namespace + "/" + p.obj.name + "|" + p.reason + "|" + p.subject
+}
+
+// Problem reasons, also the Events' reasons.
+const (
+	reasonInvalidAnnotation  = "InvalidAnnotation"
+	reasonNoRoute            = "NoRoute"
+	reasonNoMatchingListener = "NoMatchingListener"
+	reasonNotAllowed         = "RouteNotAllowed"
+	reasonRouteConflict      = "RouteConflict"
+	reasonNoBackend          = "NoBackend"
+	reasonUnsupportedBackend = "UnsupportedBackend"
+	reasonBackendNotFound    = "BackendNotFound"
+	reasonBackendPort        = "BackendPortNotFound"
+	reasonNoReadyEndpoints   = "NoReadyEndpoints"
+	reasonNoPublicAddress    = "NoPublicAddress"
+)
+
+// minIdleTimeout is the smallest pipeops.io/idle-timeout accepted, as for
+// tunnels.tcp.idle_timeout.
+const minIdleTimeout = 100 * time.Millisecond
+
+// compute maps the cached objects to services, per the rules in
+// docs/kubernetes.md. It reads only w and t, so that it can be tested on
+// listers filled by hand.
+func compute(w *world, t config.Tunnels) (result, error) {
+	var res result
+	gws, err := w.gateways.List(labels.Everything())
+	if err != nil {
+		return res, fmt.Errorf("listing Gateways: %w", err)
+	}
+	slices.SortFunc(gws, func(a, b *gwv1.Gateway) int {
+		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
+	})
+	routes := map[string][]route{}
+	for proto, src := range w.routes {
+		rs, err := src.list()
+		if err != nil {
+			return res, err
+		}
+		slices.SortFunc(rs, olderFirst)
+		routes[proto] = rs
+		for _, r := range rs {
+			res.routes = append(res.routes, cachedObject{ref: r.ref, annotation: r.annotation, source: src})
+		}
+	}
+	enabled := map[string]config.DiscoverySource{"tcp": t.Discovery.TCP, "udp": t.Discovery.UDP}
+	managed := func(g *gwv1.Gateway, proto string) bool {
+		src := enabled[proto]
+		return src.Enabled && w.routes[proto] != nil && g.Labels[src.GatewayLabel] == "true"
+	}
+	// matched[route][parentRef index] is set when the parentRef selected
+	// a listener of a managed Gateway.
+	matched := map[objectKey]map[int]bool{}
+
+	for _, g := range gws {
+		gref := refOf("Gateway", gwv1.GroupVersion.String(), g)
+		res.gateways = append(res.gateways, cachedObject{ref: gref, annotation: g.Annotations[AnnotationEndpoints]})
+		if !managed(g, "tcp") && !managed(g, "udp") {
+			continue
+		}
+		mode, public, probs := routingMode(g, gref, w.services, t.Routing)
+		res.problems = append(res.problems, probs...)
+		idle, prob := idleTimeout(g, gref)
+		if prob != nil {
+			res.problems = append(res.problems, *prob)
+		}
+		for _, l := range g.Spec.Listeners {
+			proto := listenerProtocol(l.Protocol)
+			if proto == "" || !managed(g, proto) {
+				continue
+			}
+			var candidates []route
+			for _, r := range routes[proto] {
+				sel := false
+				for i, p := range r.parentRefs {
+					if selects(p, r.ref.namespace, g, l) {
+						sel = true
+						if matched[r.ref.key()] == nil {
+							matched[r.ref.key()] = map[int]bool{}
+						}
+						matched[r.ref.key()][i] = true
+					}
+				}
+				if !sel {
+					continue
+				}
+				if why := notAllowed(l, g.Namespace, r); why != "" {
+					res.problems = append(res.problems, problem{obj: r.ref, reason: reasonNotAllowed, subject: string(l.Name),
+						message: fmt.Sprintf("listener %q of Gateway %s/%s does not accept this route: %s", l.Name, g.Namespace, g.Name, why)})
+					continue
+				}
+				candidates = append(candidates, r)
+			}
+			if len(candidates) == 0 {
+				res.problems = append(res.problems, problem{obj: gref, reason: reasonNoRoute, subject: string(l.Name),
+					message: fmt.Sprintf("%s listener %q has no %s attached; not exposed", strings.ToUpper(proto), l.Name, w.routes[proto].kind)})
+				continue
+			}
+			// Gateway API conflict resolution: the oldest route wins.
+			r := candidates[0]
+			for _, loser := range candidates[1:] {
+				res.problems = append(res.problems, problem{obj: loser.ref, reason: reasonRouteConflict, subject: string(l.Name),
+					message: fmt.Sprintf("listener %q of Gateway %s/%s is already taken by the older %s; this route is ignored there", l.Name, g.Namespace, g.Name, r.ref)})
+			}
+			backend, prob := resolveBackend(w, r, proto)
+			if prob != nil {
+				prob.subject = string(l.Name)
+				res.problems = append(res.problems, *prob)
+				continue
+			}
+			svc := Service{
+				ID:          g.Namespace + "/" + g.Name + "/" + string(l.Name),
+				Protocol:    proto,
+				Port:        int(l.Port),
+				Backend:     backend,
+				IdleTimeout: idle,
+				Mode:        mode,
+			}
+			lr := listenerResult{gateway: gref, listener: string(l.Name), service: svc, route: r.ref}
+			if mode != ModeTunnel {
+				if public == "" {
+					lr.directErr = "no public address in the Gateway's status.addresses or its LoadBalancer Service"
+				} else {
+					lr.direct = net.JoinHostPort(public, strconv.Itoa(int(l.Port)))
+				}
+			}
+			res.services = append(res.services, svc)
+			res.listeners = append(res.listeners, lr)
+		}
+	}
+
+	// A parentRef naming a managed Gateway that selects none of its
+	// listeners is almost always a typo in sectionName or port.
+	for proto, rs := range routes {
+		for _, r := range rs {
+			for i, p := range r.parentRefs {
+				if matched[r.ref.key()][i] {
+					continue
+				}
+				g := findGateway(gws, p, r.ref.namespace)
+				if g == nil || !managed(g, proto) {
+					continue
+				}
+				res.problems = append(res.problems, problem{obj: r.ref, reason: reasonNoMatchingListener, subject: strconv.Itoa(i),
+					message: fmt.Sprintf("parentRefs[%d] selects no %s listener of Gateway %s/%s%s", i, strings.ToUpper(proto), g.Namespace, g.Name, describeSection(p))})
+			}
+		}
+	}
+	slices.SortFunc(res.services, func(a, b Service) int {
+		return cmp.Or(cmp.Compare(a.ID, b.ID), cmp.Compare(a.Protocol, b.Protocol))
+	})
+	return res, nil
+}
+
+func olderFirst(a, b route) int {
+	if !a.created.Equal(&b.created) {
+		if a.created.Before(&b.created) {
+			return -1
+		}
+		return 1
+	}
+	return cmp.Or(cmp.Compare(a.ref.namespace, b.ref.namespace), cmp.Compare(a.ref.name, b.ref.name))
+}
+
+func describeSection(p gwv1.ParentReference) string {
+	var parts []string
+	if p.SectionName != nil {
+		parts = append(parts, fmt.Sprintf("sectionName %q", *p.SectionName))
+	}
+	if p.Port != nil {
+		parts = append(parts, fmt.Sprintf("port %d", *p.Port))
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	return " with " + strings.Join(parts, " and ")
+}
+
+// listenerProtocol maps a listener protocol to "tcp" or "udp"; other
+// protocols (HTTP, TLS, ...) are not portway's.
+func listenerProtocol(p gwv1.ProtocolType) string {
+	switch p {
+	case gwv1.TCPProtocolType:
+		return "tcp"
+	case gwv1.UDPProtocolType:
+		return "udp"
+	}
+	return ""
+}
+
+// isGatewayRef reports whether p refers to a Gateway (group and kind
+// default to the Gateway API's Gateway), and returns its namespace.
+func isGatewayRef(p gwv1.ParentReference, routeNS string) (string, bool) {
+	if p.Group != nil && string(*p.Group) != gwv1.GroupName {
+		return "", false
+	}
+	if p.Kind != nil && *p.Kind != "Gateway" {
+		return "", false
+	}
+	ns := routeNS
+	if p.Namespace != nil && *p.Namespace != "" {
+		ns = string(*p.Namespace)
+	}
+	return ns, true
+}
+
+// selects reports whether a route's parentRef selects listener l of g:
+// the Gateway by name and namespace (default: the route's), the listener by
+// sectionName and port when given, else every listener.
+func selects(p gwv1.ParentReference, routeNS string, g *gwv1.Gateway, l gwv1.Listener) bool {
+	ns, ok := isGatewayRef(p, routeNS)
+	if !ok || ns != g.Namespace || string(p.Name) != g.Name {
+		return false
+	}
+	if p.SectionName != nil && *p.SectionName != l.Name {
+		return false
+	}
+	if p.Port != nil && *p.Port != l.Port {
+		return false
+	}
+	return true
+}
+
+func findGateway(gws []*gwv1.Gateway, p gwv1.ParentReference, routeNS string) *gwv1.Gateway {
+	ns, ok := isGatewayRef(p, routeNS)
+	if !ok {
+		return nil
+	}
+	for _, g := range gws {
+		if g.Namespace == ns && g.Name == string(p.Name) {
+			return g
+		}
+	}
+	return nil
+}
+
+// notAllowed returns why listener l (of a Gateway in gwNS) does not accept
+// route r, or "". allowedRoutes.namespaces.from is honoured for Same (the
+// default) and All; Selector would need read access to Namespaces, which the
+// agent does not have, so it accepts only the Gateway's own namespace.
+func notAllowed(l gwv1.Listener, gwNS string, r route) string {
+	from := gwv1.NamespacesFromSame
+	var kinds []gwv1.RouteGroupKind
+	if ar := l.AllowedRoutes; ar != nil {
+		if ar.Namespaces != nil && ar.Namespaces.From != nil {
+			from = *ar.Namespaces.From
+		}
+		kinds = ar.Kinds
+	}
+	switch from {
+	case gwv1.NamespacesFromAll:
+	case gwv1.NamespacesFromSame, gwv1.NamespacesFromSelector:
+		if r.ref.namespace != gwNS {
+			if from == gwv1.NamespacesFromSelector {
+				return "allowedRoutes.namespaces.from is Selector, which portway supports only for the Gateway's own namespace"
+			}
+			return "allowedRoutes.namespaces.from is Same and the route is in another namespace"
+		}
+	default:
+		return fmt.Sprintf("allowedRoutes.namespaces.from is %s", from)
+	}
+	if len(kinds) > 0 && !slices.ContainsFunc(kinds, func(k gwv1.RouteGroupKind) bool {
+		return (k.Group == nil || string(*k.Group) == gwv1.GroupName) && string(k.Kind) == r.ref.kind
+	}) {
+		return "allowedRoutes.kinds does not list " + r.ref.kind
+	}
+	return ""
+}
+
+// resolveBackend turns the route's first backendRef into host:port.
+// ExternalName Services resolve to their name (looked up at each dial),
+// Services with a ClusterIP to ClusterIP:port, headless Services to a ready
+// endpoint of their EndpointSlices; no cluster domain is assumed anywhere.
+func resolveBackend(w *world, r route, proto string) (string, *problem) {
+	fail := func(reason, format string, args ...any) (string, *problem) {
+		return "", &problem{obj: r.ref, reason: reason, message: fmt.Sprintf(format, args...)}
+	}
+	if len(r.backends) == 0 {
+		return fail(reasonNoBackend, "the route's first rule has no backendRefs; not exposed")
+	}
+	// Further backendRefs (weighted splits) are not used: portway dials one
+	// backend per service, as documented.
+	b := r.backends[0].BackendObjectReference
+	if (b.Group != nil && *b.Group != "") || (b.Kind != nil && *b.Kind != "Service") {
+		return fail(reasonUnsupportedBackend, "backendRef %s is not a core Service; only Services are supported", b.Name)
+	}
+	if b.Port == nil {
+		return fail(reasonBackendPort, "backendRef %s has no port", b.Name)
+	}
+	port := int32(*b.Port)
+	ns := r.ref.namespace
+	if b.Namespace != nil && *b.Namespace != "" {
+		ns = string(*b.Namespace)
+	}
+	svc, err := w.services.Services(ns).Get(string(b.Name))
+	if err != nil {
+		return fail(reasonBackendNotFound, "backend Service %s/%s not found; not exposed", ns, b.Name)
+	}
+	if svc.Spec.Type == corev1.ServiceTypeExternalName {
+		return net.JoinHostPort(svc.Spec.ExternalName, strconv.Itoa(int(port))), nil
+	}
+	want := corev1.ProtocolTCP
+	if proto == "udp" {
+		want = corev1.ProtocolUDP
+	}
+	i := slices.IndexFunc(svc.Spec.Ports, func(sp corev1.ServicePort) bool {
+		return sp.Port == port && cmp.Or(sp.Protocol, corev1.ProtocolTCP) == want
+	})
+	if i < 0 {
+		return fail(reasonBackendPort, "backend Service %s/%s has no %s port %d", ns, svc.Name, want, port)
+	}
+	if ip := svc.Spec.ClusterIP; ip != "" && ip != corev1.ClusterIPNone {
+		return net.JoinHostPort(ip, strconv.Itoa(int(port))), nil
+	}
+	// Headless: the Service port maps to the endpoints' port by name.
+	spName := svc.Spec.Ports[i].Name
+	sel := labels.SelectorFromSet(labels.Set{discoveryv1.LabelServiceName: svc.Name})
+	eps, err := w.slices.EndpointSlices(ns).List(sel)
+	if err != nil {
+		return fail(reasonNoReadyEndpoints, "listing EndpointSlices of %s/%s: %v", ns, svc.Name, err)
+	}
+	var candidates []string
+	for _, es := range eps {
+		var epPort int32
+		for _, p := range es.Ports {
+			if p.Port != nil && ptrOr(p.Name, "") == spName && ptrOr(p.Protocol, corev1.ProtocolTCP) == want {
+				epPort = *p.Port
+				break
+			}
+		}
+		if epPort == 0 {
+			continue
+		}
+		for _, e := range es.Endpoints {
+			if len(e.Addresses) == 0 || !(ptrOr(e.Conditions.Ready, true) || svc.Spec.PublishNotReadyAddresses) {
+				continue
+			}
+			candidates = append(candidates, net.JoinHostPort(e.Addresses[0], strconv.Itoa(int(epPort))))
+		}
+	}
+	if len(candidates) == 0 {
+		return fail(reasonNoReadyEndpoints, "headless Service %s/%s has no ready endpoint for %s port %d; not exposed", ns, svc.Name, want, port)
+	}
+	// The smallest address, so that the choice is stable across
+	// recomputes and only changes when that endpoint goes.
+	slices.Sort(candidates)
+	return candidates[0], nil
+}
+
+func ptrOr[T any](p *T, def T) T {
+	if p == nil {
+		return def
+	}
+	return *p
+}
+
+// routingMode decides a Gateway's mode: the routing-mode annotation wins;
+// then force_tunnel_mode; then a public address (direct, or dual when
+// dual_mode_enabled); else tunnel. public is the address for direct
+// endpoints ("" when none).
+func routingMode(g *gwv1.Gateway, gref objectRef, svcs corelisters.ServiceLister, r config.Routing) (mode Mode, public string, probs []problem) {
+	public = publicAddress(g, svcs)
+	if v, ok := g.Annotations[AnnotationRoutingMode]; ok {
+		switch m := Mode(strings.ToLower(strings.TrimSpace(v))); m {
+		case ModeTunnel, ModeDirect, ModeDual:
+			if m != ModeTunnel && public == "" {
+				probs = append(probs, problem{obj: gref, reason: reasonNoPublicAddress,
+					message: fmt.Sprintf("%s=%s but the Gateway has no public address (status.addresses or a LoadBalancer Service labelled %s=%s); direct endpoints unknown", AnnotationRoutingMode, m, LabelGatewayName, g.Name)})
+			}
+			return m, public, probs
+		default:
+			probs = append(probs, problem{obj: gref, reason: reasonInvalidAnnotation, subject: AnnotationRoutingMode,
+				message: fmt.Sprintf("annotation %s=%q is not tunnel, direct or dual; ignored", AnnotationRoutingMode, v)})
+		}
+	}
+	switch {
+	case r.ForceTunnelMode:
+		return ModeTunnel, public, probs
+	case public != "" && r.DualModeEnabled:
+		return ModeDual, public, probs
+	case public != "":
+		return ModeDirect, public, probs
+	}
+	return ModeTunnel, "", probs
+}
+
+// publicAddress returns the first public IP address of the Gateway: from
+// status.addresses (type IPAddress), else from the ingress of a
+// LoadBalancer Service in the Gateway's namespace labelled
+// gateway.networking.k8s.io/gateway-name=<gateway> (how Istio and other
+// implementations mark the Service they create). Host names are not
+// evidence: Istio reports the in-cluster Service name there before a load
+// balancer is assigned, and an internal load balancer's name resolves to
+// private addresses.
+func publicAddress(g *gwv1.Gateway, svcs corelisters.ServiceLister) string {
+	for _, a := range g.Status.Addresses {
+		if a.Type != nil && *a.Type != gwv1.IPAddressType {
+			continue
+		}
+		if ip, err := netip.ParseAddr(a.Value); err == nil && isPublic(ip) {
+			return ip.String()
+		}
+	}
+	lbs, err := svcs.Services(g.Namespace).List(labels.SelectorFromSet(labels.Set{LabelGatewayName: g.Name}))
+	if err != nil {
+		return ""
+	}
+	slices.SortFunc(lbs, func(a, b *corev1.Service) int { return cmp.Compare(a.Name, b.Name) })
+	for _, s := range lbs {
+		if s.Spec.Type != corev1.ServiceTypeLoadBalancer {
+			continue
+		}
+		for _, in := range s.Status.LoadBalancer.Ingress {
+			if ip, err := netip.ParseAddr(in.IP); err == nil && isPublic(ip) {
+				return ip.String()
+			}
+		}
+	}
+	return ""
+}
+
+// cgnat is RFC 6598's shared address space, used by carrier-grade NAT and
+// by some clouds for internal load balancers.
+var cgnat = netip.MustParsePrefix("100.64.0.0/10")
+
+// isPublic reports whether ip is reachable from the internet: a global
+// unicast address outside RFC 1918 / RFC 4193 private ranges, loopback,
+// link-local and CGNAT space.
+func isPublic(ip netip.Addr) bool {
+	ip = ip.Unmap()
+	return ip.IsGlobalUnicast() && !ip.IsPrivate() && !ip.IsLoopback() &&
+		!ip.IsLinkLocalUnicast() && !cgnat.Contains(ip)
+}
+
+// idleTimeout reads pipeops.io/idle-timeout; an invalid value is reported
+// and ignored (0: the agent's configured timeouts apply).
+func idleTimeout(g *gwv1.Gateway, gref objectRef) (time.Duration, *problem) {
+	v, ok := g.Annotations[AnnotationIdleTimeout]
+	if !ok {
+		return 0, nil
+	}
+	d, err := time.ParseDuration(strings.TrimSpace(v))
+	if err == nil && d < minIdleTimeout {
+		err = fmt.Errorf("below the minimum of %v", minIdleTimeout)
+	}
+	if err != nil {
+		return 0, &problem{obj: gref, reason: reasonInvalidAnnotation, subject: AnnotationIdleTimeout,
+			message: fmt.Sprintf("annotation %s=%q is not a duration of at least %v (like 10m); ignored", AnnotationIdleTimeout, v, minIdleTimeout)}
+	}
+	return d, nil
+}

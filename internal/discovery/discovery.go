@@ -1,0 +1,449 @@
+// Package discovery turns Kubernetes Gateway API objects into tunnel
+// services.
+//
+// It watches, with client-go shared informers (never by polling), the
+// Gateways labelled for portway, the TCPRoutes and UDPRoutes in every
+// namespace, and the Services and EndpointSlices those routes point at. On
+// every change it recomputes the full desired set of services and hands it to
+// Options.Publish. The endpoints the gateway assigns come back through
+// SetEndpoints and are written to annotations on the Gateways and routes.
+// Objects that cannot be exposed are reported in the log and as Kubernetes
+// Events on the object.
+//
+// The package knows nothing of the agent or the gateway: internal/cli maps
+// Service and Endpoint to and from the agent's types.
+package discovery
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
+	gwclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
+	gwinformers "sigs.k8s.io/gateway-api/pkg/client/informers/externalversions"
+
+	"github.com/portway/portway/internal/config"
+)
+
+// Annotations and labels read or written by discovery. The pipeops.io keys
+// are the seed's public interface and are kept exactly.
+const (
+	// AnnotationRoutingMode on a Gateway forces its routing mode:
+	// tunnel, direct or dual.
+	AnnotationRoutingMode = "pipeops.io/routing-mode"
+	// AnnotationIdleTimeout on a Gateway overrides tunnels.tcp.idle_timeout
+	// and tunnels.udp.session_timeout for its services (a Go duration).
+	AnnotationIdleTimeout = "pipeops.io/idle-timeout"
+	// AnnotationEndpoints is written on each managed Gateway: JSON, listener
+	// name → its endpoints.
+	AnnotationEndpoints = "pipeops.io/tunnel-endpoints"
+	// AnnotationRouteEndpoint is written on each route backing a service:
+	// its endpoints, comma-separated, tunnel first.
+	AnnotationRouteEndpoint = "pipeops.io/tunnel-endpoint"
+	// LabelGatewayName marks the Services that a Gateway implementation
+	// (Istio, for one) creates for a Gateway; a LoadBalancer among them
+	// gives the Gateway its public address.
+	LabelGatewayName = "gateway.networking.k8s.io/gateway-name"
+	// FieldManager names portway in managedFields and Events.
+	FieldManager = "portway-agent"
+)
+
+// Mode is a Gateway's routing mode.
+type Mode string
+
+// The routing modes of the seed.
+const (
+	// ModeTunnel exposes services only through the portway gateway.
+	ModeTunnel Mode = "tunnel"
+	// ModeDirect leaves services to the Gateway's own public address: they
+	// are not registered with the portway gateway.
+	ModeDirect Mode = "direct"
+	// ModeDual registers services with the portway gateway and reports the
+	// direct endpoint as well.
+	ModeDual Mode = "dual"
+)
+
+// Service is one discovered tunnel service: a TCP or UDP listener of a
+// managed Gateway with a route to a backend.
+type Service struct {
+	// ID is namespace/gateway/listener, unique in the cluster.
+	ID string
+	// Protocol is "tcp" or "udp", from the listener.
+	Protocol string
+	// Port is the listener's port.
+	Port int
+	// Backend is host:port to dial: the Service's ClusterIP and port, or a
+	// ready endpoint of a headless Service.
+	Backend string
+	// IdleTimeout is the Gateway's pipeops.io/idle-timeout, 0 when unset.
+	IdleTimeout time.Duration
+	// Mode is the Gateway's routing mode.
+	Mode Mode
+}
+
+// Endpoint is the gateway's answer for one published service.
+type Endpoint struct {
+	ID       string
+	Protocol string
+	// Address is the public host:port; empty when Error is set.
+	Address string
+	Error   string
+}
+
+// Options configure a Discoverer.
+type Options struct {
+	// Config reaches the Kubernetes API (see RESTConfig).
+	Config *rest.Config
+	// Tunnels is the agent's tunnels: block: enabled, routing, discovery.
+	Tunnels config.Tunnels
+	Logger  *slog.Logger
+	// Publish receives the full set of services to register (modes tunnel
+	// and dual) whenever it changes. It is called from one goroutine and
+	// must not block.
+	Publish func([]Service)
+	// Discovered and Syncs, when set, are the seed's
+	// pipeops_agent_gateway_watcher_discovered_services{protocol} and
+	// pipeops_agent_gateway_watcher_sync_total{result}.
+	Discovered *prometheus.GaugeVec
+	Syncs      *prometheus.CounterVec
+	// Instance names this agent in Events (default: the host name, which is
+	// the pod name in a cluster).
+	Instance string
+}
+
+// Timing of the loop. The throttle bounds how soon a change is published
+// (the agent then debounces its register by another 100 ms), so that a
+// burst of informer events costs one recompute.
+const (
+	throttle     = 150 * time.Millisecond
+	retryInitial = 500 * time.Millisecond
+	retryMax     = 20 * time.Second
+	// crdRetryMax bounds the wait for the Gateway API CRDs: an agent
+	// deployed with them recovers within seconds of their install.
+	crdRetryMax    = 8 * time.Second
+	requestTimeout = 15 * time.Second
+)
+
+// Discoverer watches the cluster and publishes tunnel services.
+type Discoverer struct {
+	opts   Options
+	log    *slog.Logger
+	kube   kubernetes.Interface
+	gw     gwclient.Interface
+	events *eventWriter
+
+	// trigger (cap 1) asks the loop for a recompute.
+	trigger chan struct{}
+
+	mu        sync.Mutex
+	endpoints map[serviceKey]Endpoint // from the last SetEndpoints
+
+	// Owned by the loop goroutine.
+	w         *world
+	published []Service
+	known     map[serviceKey]Service // every discovered service, for change logs
+	problems  map[string]problem     // reported and not yet resolved
+	written   map[objectKey]pending  // annotation patches the cache has not shown yet
+	loggedEP  map[string]string      // gateway/listener → endpoints line last logged
+	retry     *time.Timer            // re-runs a failed write-back
+	retryWait time.Duration
+}
+
+// New checks the options and builds the API clients. It does not contact
+// the API server; Run does.
+func New(o Options) (*Discoverer, error) {
+	if o.Config == nil {
+		return nil, errors.New("discovery: no Kubernetes client config")
+	}
+	if o.Publish == nil {
+		return nil, errors.New("discovery: no Publish function")
+	}
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if o.Instance == "" {
+		o.Instance, _ = os.Hostname()
+	}
+	base := rest.CopyConfig(o.Config)
+	if base.QPS == 0 {
+		// client-go's default (5/s, burst 10) would make the first sync of
+		// a cluster with many Gateways wait seconds for its patches.
+		base.QPS, base.Burst = 20, 40
+	}
+	base.UserAgent = FieldManager
+	base.WarningHandlerWithContext = newWarningLogger(log)
+
+	// Core objects are fetched as protobuf, cheaper for large lists of
+	// Services and EndpointSlices; the Gateway API types only speak JSON.
+	kcfg := rest.CopyConfig(base)
+	kcfg.ContentType = runtime.ContentTypeProtobuf
+	kcfg.AcceptContentTypes = runtime.ContentTypeProtobuf + "," + runtime.ContentTypeJSON
+	kube, err := kubernetes.NewForConfig(kcfg)
+	if err != nil {
+		return nil, fmt.Errorf("discovery: Kubernetes client: %w", err)
+	}
+	gcfg := rest.CopyConfig(base)
+	gcfg.ContentType = runtime.ContentTypeJSON
+	gcfg.AcceptContentTypes = runtime.ContentTypeJSON
+	gw, err := gwclient.NewForConfig(gcfg)
+	if err != nil {
+		return nil, fmt.Errorf("discovery: Gateway API client: %w", err)
+	}
+	return &Discoverer{
+		opts: o, log: log, kube: kube, gw: gw,
+		events:    newEventWriter(kube.EventsV1(), o.Instance, log),
+		trigger:   make(chan struct{}, 1),
+		endpoints: map[serviceKey]Endpoint{},
+		known:     map[serviceKey]Service{},
+		problems:  map[string]problem{},
+		written:   map[objectKey]pending{},
+		loggedEP:  map[string]string{},
+	}, nil
+}
+
+// SetEndpoints records the gateway's answers for the published services and
+// writes them back to Kubernetes. It does not block: the agent calls it from
+// its session loop.
+func (d *Discoverer) SetEndpoints(eps []Endpoint) {
+	m := make(map[serviceKey]Endpoint, len(eps))
+	for _, e := range eps {
+		m[serviceKey{e.Protocol, e.ID}] = e
+	}
+	d.mu.Lock()
+	d.endpoints = m
+	d.mu.Unlock()
+	d.poke()
+}
+
+func (d *Discoverer) poke() {
+	select {
+	case d.trigger <- struct{}{}:
+	default:
+	}
+}
+
+// Run waits until the Gateway API is installed, starts the informers and
+// publishes the desired set on every change until ctx ends. It returns nil
+// when ctx ends.
+func (d *Discoverer) Run(ctx context.Context) error {
+	apis, err := d.waitForAPI(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+	// Managed fields are never read here and are a large part of each
+	// cached object.
+	kf := informers.NewSharedInformerFactoryWithOptions(d.kube, 0, informers.WithTransform(stripManagedFields))
+	gf := gwinformers.NewSharedInformerFactoryWithOptions(d.gw, 0, gwinformers.WithTransform(stripManagedFields))
+	gateways := gf.Gateway().V1().Gateways()
+	services := kf.Core().V1().Services()
+	slices := kf.Discovery().V1().EndpointSlices()
+	w := &world{
+		gateways: gateways.Lister(),
+		services: services.Lister(),
+		slices:   slices.Lister(),
+		routes:   map[string]*routeSource{},
+	}
+	infs := []cache.SharedIndexInformer{gateways.Informer(), services.Informer(), slices.Informer()}
+	for proto, version := range apis.routes {
+		src := newRouteSource(proto, version, gf, d.gw)
+		w.routes[proto] = src
+		infs = append(infs, src.informer)
+	}
+	handler := cache.ResourceEventHandlerFuncs{
+		AddFunc: func(any) { d.poke() },
+		UpdateFunc: func(oldObj, newObj any) {
+			// Our own annotation patches come back as updates; they
+			// change nothing we compute from, so they must not start a
+			// recompute (nor, through it, another patch).
+			if !onlyOwnAnnotationsChanged(oldObj, newObj) {
+				d.poke()
+			}
+		},
+		DeleteFunc: func(any) { d.poke() },
+	}
+	for _, inf := range infs {
+		if _, err := inf.AddEventHandler(handler); err != nil {
+			return fmt.Errorf("discovery: adding event handler: %w", err)
+		}
+	}
+	kf.Start(ctx.Done())
+	gf.Start(ctx.Done())
+	// Shutdown waits for the informer goroutines; they stop with ctx.
+	defer gf.Shutdown()
+	defer kf.Shutdown()
+
+	evctx, stopEvents := context.WithCancel(ctx)
+	evDone := make(chan struct{})
+	go func() {
+		defer close(evDone)
+		d.events.run(evctx)
+	}()
+	defer func() {
+		stopEvents()
+		<-evDone
+	}()
+
+	synced := make([]cache.InformerSynced, len(infs))
+	for i, inf := range infs {
+		synced[i] = inf.HasSynced
+	}
+	// Publishing before every cache is filled would withdraw services
+	// that exist, for a moment, at every start.
+	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
+		return nil
+	}
+	d.w = w
+	d.log.Info("Kubernetes discovery started", "tcproutes", apis.routes["tcp"], "udproutes", apis.routes["udp"],
+		"tcp_label", labelOrOff(d.opts.Tunnels.Discovery.TCP), "udp_label", labelOrOff(d.opts.Tunnels.Discovery.UDP))
+	return d.loop(ctx)
+}
+
+func labelOrOff(s config.DiscoverySource) string {
+	if !s.Enabled {
+		return "(disabled)"
+	}
+	return s.GatewayLabel + "=true"
+}
+
+// loop recomputes at most once per throttle period while changes arrive.
+func (d *Discoverer) loop(ctx context.Context) error {
+	d.retry = time.NewTimer(time.Hour)
+	d.retry.Stop()
+	defer d.retry.Stop()
+	d.sync(ctx) // the first sync needs no event
+	var wait <-chan time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-d.trigger:
+			if wait == nil {
+				wait = time.After(throttle)
+			}
+		case <-d.retry.C:
+			if wait == nil {
+				wait = time.After(throttle)
+			}
+		case <-wait:
+			wait = nil
+			d.sync(ctx)
+		}
+	}
+}
+
+// sync recomputes the desired set, publishes it when it changed, reports
+// new problems and writes endpoints back.
+func (d *Discoverer) sync(ctx context.Context) {
+	res, err := compute(d.w, d.opts.Tunnels)
+	if err != nil {
+		// Listing from the informer caches fails only on a bug; keep the
+		// last published set.
+		d.log.Error("discovery: recompute failed", "err", err)
+		d.countSync(false)
+		return
+	}
+	d.publish(res.services)
+	d.report(res.problems)
+	ok := d.writeBack(ctx, res) && len(res.problems) == 0
+	d.countSync(ok)
+}
+
+func (d *Discoverer) countSync(ok bool) {
+	if d.opts.Syncs == nil {
+		return
+	}
+	result := "success"
+	if !ok {
+		result = "error"
+	}
+	d.opts.Syncs.WithLabelValues(result).Inc()
+}
+
+// publish hands the tunnel and dual services to Publish when the set
+// changed, and logs each service that appeared, changed or went.
+func (d *Discoverer) publish(all []Service) {
+	counts := map[string]int{"tcp": 0, "udp": 0}
+	next := make(map[serviceKey]Service, len(all))
+	var tunneled []Service
+	for _, s := range all {
+		counts[s.Protocol]++
+		next[serviceKey{s.Protocol, s.ID}] = s
+		if s.Mode != ModeDirect {
+			tunneled = append(tunneled, s)
+		}
+	}
+	if d.opts.Discovered != nil {
+		for proto, n := range counts {
+			d.opts.Discovered.WithLabelValues(proto).Set(float64(n))
+		}
+	}
+	for k, s := range next {
+		old, had := d.known[k]
+		switch {
+		case !had:
+			d.log.Info("service discovered", "service", s.ID, "protocol", s.Protocol, "port", s.Port,
+				"backend", s.Backend, "mode", s.Mode, "registered", s.Mode != ModeDirect)
+		case old != s:
+			d.log.Info("service changed", "service", s.ID, "protocol", s.Protocol, "port", s.Port,
+				"backend", s.Backend, "mode", s.Mode, "registered", s.Mode != ModeDirect, "idle_timeout", s.IdleTimeout)
+		}
+	}
+	for k, s := range d.known {
+		if _, ok := next[k]; !ok {
+			d.log.Info("service withdrawn", "service", s.ID, "protocol", s.Protocol)
+		}
+	}
+	d.known = next
+	if d.published != nil && equalServices(d.published, tunneled) {
+		return
+	}
+	if tunneled == nil {
+		tunneled = []Service{} // published, even when empty
+	}
+	d.published = tunneled
+	d.opts.Publish(append([]Service(nil), tunneled...))
+}
+
+func equalServices(a, b []Service) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// scheduleRetry re-runs the write-back later, with backoff, after an API
+// call failed; success resets the backoff.
+func (d *Discoverer) scheduleRetry(failed bool) {
+	if !failed {
+		d.retryWait = 0
+		return
+	}
+	if d.retryWait == 0 {
+		d.retryWait = retryInitial
+	} else {
+		d.retryWait = min(2*d.retryWait, retryMax)
+	}
+	d.retry.Reset(d.retryWait)
+}
+
+// serviceKey identifies a service: the same id may exist once per protocol.
+type serviceKey struct{ protocol, id string }
