@@ -15,7 +15,8 @@ import (
 
 // DNSServer is a running dnsmasq DNS server started by DNS.
 type DNSServer struct {
-	// Host is the address the server listens on: "127.0.0.1".
+	// Host is the address the server listens on: "127.0.0.1" unless
+	// started by DNSOn.
 	Host string
 	// Port is the port the server listens on, both UDP and TCP.
 	Port int
@@ -45,6 +46,14 @@ const readyName = "ready.testservers.invalid"
 // query. The server is stopped by t.Cleanup.
 func DNS(t testing.TB, records map[string]string) *DNSServer {
 	t.Helper()
+	return DNSOn(t, "127.0.0.1", records)
+}
+
+// DNSOn is DNS listening on host, an IPv4 address of this machine other than
+// 127.0.0.1 (such as a Service-like address added to the loopback interface
+// of a test's own network namespace).
+func DNSOn(t testing.TB, host string, records map[string]string) *DNSServer {
+	t.Helper()
 	dnsmasq := Require(t, "dnsmasq", "dnsmasq-base")
 	dig := Require(t, "dig", "dnsutils")
 
@@ -70,14 +79,14 @@ func DNS(t testing.TB, records map[string]string) *DNSServer {
 
 	dir := serverDir(t, "dnsmasq")
 	logPath := filepath.Join(dir, "dnsmasq.log")
-	s := &DNSServer{Host: "127.0.0.1", Dir: dir, LogPath: logPath, dig: dig}
-	_, port := startServer(t, "dnsmasq", func() int { return freeTCPUDPPort(t) },
+	s := &DNSServer{Host: host, Dir: dir, LogPath: logPath, dig: dig}
+	_, port := startServer(t, "dnsmasq", func() int { return freeTCPUDPPort(t, host) },
 		func(port int) *process {
 			args := []string{
 				"--keep-in-foreground",
 				"--conf-file=/dev/null",
 				"--port=" + strconv.Itoa(port),
-				"--listen-address=127.0.0.1",
+				"--listen-address=" + host,
 				"--bind-interfaces",
 				"--no-resolv",
 				"--no-hosts",
@@ -99,7 +108,7 @@ func DNS(t testing.TB, records map[string]string) *DNSServer {
 			return startProcess(t, "dnsmasq", cmd, logPath, syscall.SIGTERM)
 		},
 		func(port int) error {
-			ans, err := s.Dig(t, "127.0.0.1", port, readyName, "TXT")
+			ans, err := s.Dig(t, host, port, readyName, "TXT")
 			if err != nil {
 				return err
 			}
@@ -112,7 +121,7 @@ func DNS(t testing.TB, records map[string]string) *DNSServer {
 	return s
 }
 
-// Addr returns "127.0.0.1:<port>" of the server.
+// Addr returns "<host>:<port>" of the server.
 func (s *DNSServer) Addr() string { return hostPort(s.Host, s.Port) }
 
 // Dig runs the real dig client against server:port (the server itself or a

@@ -15,7 +15,8 @@ import (
 
 // RedisServer is a running Redis server started by Redis.
 type RedisServer struct {
-	// Host is the address the server listens on: "127.0.0.1".
+	// Host is the address the server listens on: "127.0.0.1" unless
+	// started by RedisOn.
 	Host string
 	// Port is the TCP port the server listens on.
 	Port int
@@ -34,16 +35,24 @@ type RedisServer struct {
 // is required as well, for CLI.
 func Redis(t testing.TB) *RedisServer {
 	t.Helper()
+	return RedisOn(t, "127.0.0.1")
+}
+
+// RedisOn is Redis listening on host, an IPv4 address of this machine other
+// than 127.0.0.1 (such as a pod-like address added to the loopback interface
+// of a test's own network namespace).
+func RedisOn(t testing.TB, host string) *RedisServer {
+	t.Helper()
 	server := Require(t, "redis-server", "redis-server")
 	cli := Require(t, "redis-cli", "redis-tools")
 	dir := serverDir(t, "redis")
 	logPath := filepath.Join(dir, "redis.log")
-	s := &RedisServer{Host: "127.0.0.1", Dir: dir, LogPath: logPath, cli: cli}
-	_, port := startServer(t, "redis-server", func() int { return FreePort(t, "tcp") },
+	s := &RedisServer{Host: host, Dir: dir, LogPath: logPath, cli: cli}
+	_, port := startServer(t, "redis-server", func() int { return freePortOn(t, "tcp", host) },
 		func(port int) *process {
 			cmd := exec.Command(server,
 				"--port", strconv.Itoa(port),
-				"--bind", "127.0.0.1",
+				"--bind", host,
 				"--save", "",
 				"--appendonly", "no",
 				"--dir", dir,
@@ -55,7 +64,7 @@ func Redis(t testing.TB) *RedisServer {
 			cmd.Dir = dir
 			return startProcess(t, "redis-server", cmd, logPath, syscall.SIGTERM)
 		},
-		func(port int) error { return redisPing(hostPort("127.0.0.1", port)) })
+		func(port int) error { return redisPing(hostPort(host, port)) })
 	s.Port = port
 	return s
 }
@@ -81,7 +90,7 @@ func redisPing(addr string) error {
 	return nil
 }
 
-// Addr returns "127.0.0.1:<port>" of the server.
+// Addr returns "<host>:<port>" of the server.
 func (s *RedisServer) Addr() string { return hostPort(s.Host, s.Port) }
 
 // CLI runs the real redis-cli against host:port (the server itself or a

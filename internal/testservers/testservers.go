@@ -162,18 +162,25 @@ var (
 // with a new port when that happens.
 func FreePort(t testing.TB, network string) int {
 	t.Helper()
+	return freePortOn(t, network, "127.0.0.1")
+}
+
+// freePortOn is FreePort for an IPv4 address of this host other than
+// 127.0.0.1.
+func freePortOn(t testing.TB, network, host string) int {
+	t.Helper()
 	for i := 0; i < 50; i++ {
 		var port int
 		switch network {
 		case "tcp", "tcp4":
-			l, err := net.Listen("tcp4", "127.0.0.1:0")
+			l, err := net.Listen("tcp4", net.JoinHostPort(host, "0"))
 			if err != nil {
 				t.Fatalf("testservers: FreePort: %v", err)
 			}
 			port = l.Addr().(*net.TCPAddr).Port
 			l.Close()
 		case "udp", "udp4":
-			c, err := net.ListenPacket("udp4", "127.0.0.1:0")
+			c, err := net.ListenPacket("udp4", net.JoinHostPort(host, "0"))
 			if err != nil {
 				t.Fatalf("testservers: FreePort: %v", err)
 			}
@@ -194,13 +201,13 @@ func FreePort(t testing.TB, network string) int {
 	return 0
 }
 
-// freeTCPUDPPort returns a port free for both TCP and UDP on 127.0.0.1 (for
+// freeTCPUDPPort returns a port free for both TCP and UDP on host (for
 // DNS, which serves both).
-func freeTCPUDPPort(t testing.TB) int {
+func freeTCPUDPPort(t testing.TB, host string) int {
 	t.Helper()
 	for i := 0; i < 50; i++ {
-		port := FreePort(t, "tcp")
-		c, err := net.ListenPacket("udp4", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+		port := freePortOn(t, "tcp", host)
+		c, err := net.ListenPacket("udp4", net.JoinHostPort(host, strconv.Itoa(port)))
 		if err == nil {
 			c.Close()
 			return port
@@ -390,7 +397,7 @@ func startServer(t testing.TB, name string, newPort func() int, start func(port 
 		p := start(port)
 		err := p.waitReady(func() error { return ready(port) })
 		if err == nil {
-			t.Logf("testservers: %s ready on 127.0.0.1:%d in %v (log %s)", name, port, time.Since(begin).Round(time.Millisecond), p.logPath)
+			t.Logf("testservers: %s ready on port %d in %v (log %s)", name, port, time.Since(begin).Round(time.Millisecond), p.logPath)
 			return p, port
 		}
 		tail := p.logTail()
@@ -399,7 +406,7 @@ func startServer(t testing.TB, name string, newPort func() int, start func(port 
 			t.Logf("testservers: %s: port %d was taken, retrying with another port", name, port)
 			continue
 		}
-		t.Fatalf("testservers: %s on 127.0.0.1:%d did not start: %v\n--- tail of %s ---\n%s", name, port, err, p.logPath, tail)
+		t.Fatalf("testservers: %s on port %d did not start: %v\n--- tail of %s ---\n%s", name, port, err, p.logPath, tail)
 	}
 }
 
