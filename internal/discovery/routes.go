@@ -46,9 +46,7 @@ func newRouteSource(protocol, version string, f gwinformers.SharedInformerFactor
 		return &routeSource{
 			kind: "TCPRoute", version: version, informer: inf.Informer(),
 			list: func() ([]route, error) {
-				return listRoutes(inf.Lister().List, "TCPRoute", version, func(o *gwv1.TCPRoute) ([]gwv1.ParentReference, []gwv1.BackendRef) {
-					return o.Spec.ParentRefs, firstRule(o.Spec.Rules, func(r gwv1.TCPRouteRule) []gwv1.BackendRef { return r.BackendRefs })
-				})
+				return listRoutes(inf.Lister().List, "TCPRoute", version, specTCPv1)
 			},
 			patch: func(ctx context.Context, ns, name string, data []byte) error {
 				_, err := c.GatewayV1().TCPRoutes(ns).Patch(ctx, name, types.MergePatchType, data, patchOptions)
@@ -60,9 +58,7 @@ func newRouteSource(protocol, version string, f gwinformers.SharedInformerFactor
 		return &routeSource{
 			kind: "TCPRoute", version: version, informer: inf.Informer(),
 			list: func() ([]route, error) {
-				return listRoutes(inf.Lister().List, "TCPRoute", version, func(o *gwv1alpha2.TCPRoute) ([]gwv1.ParentReference, []gwv1.BackendRef) {
-					return o.Spec.ParentRefs, firstRule(o.Spec.Rules, func(r gwv1alpha2.TCPRouteRule) []gwv1.BackendRef { return r.BackendRefs })
-				})
+				return listRoutes(inf.Lister().List, "TCPRoute", version, specTCPv1alpha2)
 			},
 			patch: func(ctx context.Context, ns, name string, data []byte) error {
 				_, err := c.GatewayV1alpha2().TCPRoutes(ns).Patch(ctx, name, types.MergePatchType, data, patchOptions)
@@ -74,9 +70,7 @@ func newRouteSource(protocol, version string, f gwinformers.SharedInformerFactor
 		return &routeSource{
 			kind: "UDPRoute", version: version, informer: inf.Informer(),
 			list: func() ([]route, error) {
-				return listRoutes(inf.Lister().List, "UDPRoute", version, func(o *gwv1.UDPRoute) ([]gwv1.ParentReference, []gwv1.BackendRef) {
-					return o.Spec.ParentRefs, firstRule(o.Spec.Rules, func(r gwv1.UDPRouteRule) []gwv1.BackendRef { return r.BackendRefs })
-				})
+				return listRoutes(inf.Lister().List, "UDPRoute", version, specUDPv1)
 			},
 			patch: func(ctx context.Context, ns, name string, data []byte) error {
 				_, err := c.GatewayV1().UDPRoutes(ns).Patch(ctx, name, types.MergePatchType, data, patchOptions)
@@ -88,9 +82,7 @@ func newRouteSource(protocol, version string, f gwinformers.SharedInformerFactor
 		return &routeSource{
 			kind: "UDPRoute", version: version, informer: inf.Informer(),
 			list: func() ([]route, error) {
-				return listRoutes(inf.Lister().List, "UDPRoute", version, func(o *gwv1alpha2.UDPRoute) ([]gwv1.ParentReference, []gwv1.BackendRef) {
-					return o.Spec.ParentRefs, firstRule(o.Spec.Rules, func(r gwv1alpha2.UDPRouteRule) []gwv1.BackendRef { return r.BackendRefs })
-				})
+				return listRoutes(inf.Lister().List, "UDPRoute", version, specUDPv1alpha2)
 			},
 			patch: func(ctx context.Context, ns, name string, data []byte) error {
 				_, err := c.GatewayV1alpha2().UDPRoutes(ns).Patch(ctx, name, types.MergePatchType, data, patchOptions)
@@ -119,6 +111,24 @@ func listRoutes[T metav1.Object](list func(labels.Selector) ([]T, error), kind, 
 		})
 	}
 	return out, nil
+}
+
+// The parentRefs and first rule's backendRefs of each route kind and
+// version; v1alpha2 rules are v1 rules under another name.
+func specTCPv1(o *gwv1.TCPRoute) ([]gwv1.ParentReference, []gwv1.BackendRef) {
+	return o.Spec.ParentRefs, firstRule(o.Spec.Rules, func(r gwv1.TCPRouteRule) []gwv1.BackendRef { return r.BackendRefs })
+}
+
+func specTCPv1alpha2(o *gwv1alpha2.TCPRoute) ([]gwv1.ParentReference, []gwv1.BackendRef) {
+	return o.Spec.ParentRefs, firstRule(o.Spec.Rules, func(r gwv1alpha2.TCPRouteRule) []gwv1.BackendRef { return r.BackendRefs })
+}
+
+func specUDPv1(o *gwv1.UDPRoute) ([]gwv1.ParentReference, []gwv1.BackendRef) {
+	return o.Spec.ParentRefs, firstRule(o.Spec.Rules, func(r gwv1.UDPRouteRule) []gwv1.BackendRef { return r.BackendRefs })
+}
+
+func specUDPv1alpha2(o *gwv1alpha2.UDPRoute) ([]gwv1.ParentReference, []gwv1.BackendRef) {
+	return o.Spec.ParentRefs, firstRule(o.Spec.Rules, func(r gwv1alpha2.UDPRouteRule) []gwv1.BackendRef { return r.BackendRefs })
 }
 
 func firstRule[R any](rules []R, backends func(R) []gwv1.BackendRef) []gwv1.BackendRef {

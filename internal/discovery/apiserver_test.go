@@ -1,0 +1,531 @@
+package discovery_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	authv1 "k8s.io/api/authorization/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
+	"k8s.io/client-go/discovery/cached/memory"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/restmapper"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gwclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
+	"sigs.k8s.io/yaml"
+
+	"github.com/portway/portway/internal/config"
+	"github.com/portway/portway/internal/discovery"
+	"github.com/portway/portway/internal/k8stest"
+)
+
+const (
+	deployDir = "../../deploy/agent"
+	agentSA   = "system:serviceaccount:pipeops-system:portway-agent"
+)
+
+// TestWithAPIServer checks, against a real kube-apiserver, that the deploy
+// manifests are valid, that their RBAC is least privilege, and that
+// discovery works with exactly that RBAC: it runs as the agent's
+// ServiceAccount (impersonated).
+func TestWithAPIServer(t *testing.T) {
+	if !k8stest.Isolate(t) {
+		return
+	}
+	env := k8stest.Start(t)
+	env.InstallGatewayAPI(t)
+	kube, err := kubernetes.NewForConfig(env.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gw, err := gwclient.NewForConfig(env.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("deploy manifests pass a server-side dry run", func(t *testing.T) {
+		objs := manifests(t)
+		kinds := map[string]int{}
+		for _, o := range objs {
+			kinds[o.GetKind()]++
+		}
+		for _, k := range []string{"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Secret", "Deployment"} {
+			if kinds[k] != 1 {
+				t.Errorf("deploy/agent has %d %s, want 1", kinds[k], k)
+			}
+		}
+		// The namespace must exist for the namespaced dry runs, and the
+		// RBAC for the subtests below: those are applied for real.
+		for _, o := range objs {
+			real := slices.Contains([]string{"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}, o.GetKind())
+			apply(t, env.Config, o, !real)
+		}
+	})
+
+	t.Run("the ConfigMap's agent.yaml is a valid config with discovery on", func(t *testing.T) {
+		var cm *unstructured.Unstructured
+		for _, o := range manifests(t) {
+			if o.GetKind() == "ConfigMap" {
+				cm = o
+			}
+		}
+		if cm == nil {
+			t.Fatal("no ConfigMap")
+		}
+		data, _, _ := unstructured.NestedString(cm.Object, "data", "agent.yaml")
+		cfg, err := config.ParseAgent([]byte(data), func(k string) string {
+			return map[string]string{"PORTWAY_GATEWAY_TOKEN": "from-the-secret"}[k]
+		})
+		if err != nil {
+			t.Fatalf("agent.yaml: %v", err)
+		}
+		if !cfg.Kubernetes.Enabled || !cfg.Tunnels.Enabled || cfg.Metrics.Listen != ":9090" ||
+			cfg.Tunnels.Discovery.TCP.GatewayLabel != "pipeops.io/managed" || cfg.Tunnels.Discovery.UDP.GatewayLabel != "pipeops.io/managed" {
+			t.Errorf("agent.yaml does not turn discovery on as the seed does: %+v", cfg)
+		}
+	})
+
+	t.Run("the ClusterRole grants what discovery needs and nothing more", func(t *testing.T) {
+		type attr struct{ verb, group, resource string }
+		allowed := []attr{}
+		for _, r := range []string{"gateways", "tcproutes", "udproutes"} {
+			for _, v := range []string{"get", "list", "watch", "patch"} {
+				allowed = append(allowed, attr{v, gwv1.GroupName, r})
+			}
+		}
+		for _, v := range []string{"get", "list", "watch"} {
+			allowed = append(allowed, attr{v, "", "services"}, attr{v, "discovery.k8s.io", "endpointslices"})
+		}
+		allowed = append(allowed, attr{"create", "events.k8s.io", "events"})
+		denied := []attr{
+			{"update", gwv1.GroupName, "gateways"}, {"create", gwv1.GroupName, "gateways"}, {"delete", gwv1.GroupName, "tcproutes"},
+			{"patch", gwv1.GroupName, "httproutes"}, {"update", gwv1.GroupName, "gateways/status"},
+			{"patch", "", "services"}, {"get", "", "secrets"}, {"list", "", "configmaps"}, {"list", "", "pods"},
+			{"list", "", "namespaces"}, {"create", "", "events"}, {"delete", "events.k8s.io", "events"},
+		}
+		check := func(a attr, want bool) {
+			res, sub := a.resource, ""
+			if r, s, ok := strings.Cut(a.resource, "/"); ok {
+				res, sub = r, s
+			}
+			sar := &authv1.SubjectAccessReview{Spec: authv1.SubjectAccessReviewSpec{
+				User:   agentSA,
+				Groups: []string{"system:serviceaccounts", "system:serviceaccounts:pipeops-system", "system:authenticated"},
+				ResourceAttributes: &authv1.ResourceAttributes{
+					Namespace: "databases", Verb: a.verb, Group: a.group, Resource: res, Subresource: sub,
+				},
+			}}
+			out, err := kube.AuthorizationV1().SubjectAccessReviews().Create(ctx(t), sar, metav1.CreateOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if out.Status.Allowed != want {
+				t.Errorf("%s %s.%s: allowed=%v, want %v", a.verb, a.resource, a.group, out.Status.Allowed, want)
+			}
+		}
+		for _, a := range allowed {
+			check(a, true)
+		}
+		for _, a := range denied {
+			check(a, false)
+		}
+	})
+
+	t.Run("discovery works as the agent's ServiceAccount", func(t *testing.T) {
+		testDiscoveryAsServiceAccount(t, env, kube, gw)
+	})
+}
+
+func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernetes.Interface, gw gwclient.Interface) {
+	for _, ns := range []string{"apps", "databases"} {
+		if _, err := kube.CoreV1().Namespaces().Create(ctx(t), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Left over from an earlier run, or a Gateway unlabelled while the
+	// agent was down: stale annotations are removed at start.
+	stale := &gwv1.Gateway{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "apps", Name: "retired", Annotations: map[string]string{discovery.AnnotationEndpoints: `{"x":[]}`}},
+		Spec:       gwv1.GatewaySpec{GatewayClassName: "istio", Listeners: []gwv1.Listener{{Name: "x", Port: 1, Protocol: gwv1.TCPProtocolType}}},
+	}
+	if _, err := gw.GatewayV1().Gateways("apps").Create(ctx(t), stale, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kube.CoreV1().Services("databases").Create(ctx(t), &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "databases", Name: "redis"},
+		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 6379}}},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	g := &gwv1.Gateway{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "apps", Name: "edge", Labels: map[string]string{"pipeops.io/managed": "true"}},
+		Spec: gwv1.GatewaySpec{GatewayClassName: "istio", Listeners: []gwv1.Listener{
+			{Name: "redis", Port: 6379, Protocol: gwv1.TCPProtocolType},
+		}},
+	}
+	if _, err := gw.GatewayV1().Gateways("apps").Create(ctx(t), g, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+
+	sa := rest.CopyConfig(env.Config)
+	sa.Impersonate = rest.ImpersonationConfig{UserName: agentSA, Groups: []string{"system:serviceaccounts", "system:serviceaccounts:pipeops-system"}}
+	rec := &recorder{}
+	reg := prometheus.NewRegistry()
+	discovered := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "discovered"}, []string{"protocol"})
+	syncs := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "syncs"}, []string{"result"})
+	reg.MustRegister(discovered, syncs)
+	logs := &syncBuffer{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("---- discovery log ----\n%s", logs.String())
+		}
+	})
+	d, err := discovery.New(discovery.Options{
+		Config:     sa,
+		Tunnels:    config.DefaultAgent().Tunnels,
+		Logger:     slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Publish:    rec.publish,
+		Discovered: discovered,
+		Syncs:      syncs,
+		Instance:   "test",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Run(runCtx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Errorf("Run did not return within 30s of its context ending")
+		}
+	})
+
+	eventually(t, 30*time.Second, "the first (empty) publish", func() bool { return rec.calls() > 0 })
+	eventually(t, 10*time.Second, "the stale annotation to be removed", func() bool {
+		o, err := gw.GatewayV1().Gateways("apps").Get(ctx(t), "retired", metav1.GetOptions{})
+		return err == nil && o.Annotations[discovery.AnnotationEndpoints] == ""
+	})
+
+	// A change reaches Publish within a second.
+	begin := time.Now()
+	route := tcpRoute("apps", "redis", "edge", "databases", "redis", 6379)
+	if _, err := gw.GatewayV1().TCPRoutes("apps").Create(ctx(t), route, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the route's service to be published", func() bool { return len(rec.last()) == 1 })
+	latency := time.Since(begin)
+	t.Logf("route created → service published in %v", latency.Round(time.Millisecond))
+	if latency > time.Second {
+		t.Errorf("publishing took %v, more than a second", latency)
+	}
+	svc := rec.last()[0]
+	if svc.ID != "apps/edge/redis" || svc.Protocol != "tcp" || svc.Port != 6379 || svc.Mode != discovery.ModeTunnel ||
+		!strings.HasSuffix(svc.Backend, ":6379") || strings.HasPrefix(svc.Backend, ":") {
+		t.Errorf("published %+v", svc)
+	}
+	if v := metric(t, reg, "discovered", "tcp"); v != 1 {
+		t.Errorf("discovered{tcp} = %v, want 1", v)
+	}
+
+	// The gateway's answer is written back, as the ServiceAccount.
+	d.SetEndpoints([]discovery.Endpoint{{ID: "apps/edge/redis", Protocol: "tcp", Address: "gw.example.com:16379"}})
+	var gwRV, routeRV string
+	eventually(t, 10*time.Second, "the annotations", func() bool {
+		g, err1 := gw.GatewayV1().Gateways("apps").Get(ctx(t), "edge", metav1.GetOptions{})
+		r, err2 := gw.GatewayV1().TCPRoutes("apps").Get(ctx(t), "redis", metav1.GetOptions{})
+		if err1 != nil || err2 != nil {
+			return false
+		}
+		gwRV, routeRV = g.ResourceVersion, r.ResourceVersion
+		return g.Annotations[discovery.AnnotationEndpoints] == `{"redis":[{"mode":"tunnel","protocol":"tcp","endpoint":"gw.example.com:16379"}]}` &&
+			r.Annotations[discovery.AnnotationRouteEndpoint] == "gw.example.com:16379"
+	})
+
+	// No write loop: our own patches start no recompute and no further
+	// patch, and neither does the agent acknowledging the same endpoints
+	// again (it does on every register).
+	time.Sleep(500 * time.Millisecond)
+	before := metric(t, reg, "syncs", "")
+	time.Sleep(time.Second)
+	after := metric(t, reg, "syncs", "")
+	if after != before {
+		t.Errorf("%v recomputes while nothing changed", after-before)
+	}
+	d.SetEndpoints([]discovery.Endpoint{{ID: "apps/edge/redis", Protocol: "tcp", Address: "gw.example.com:16379"}})
+	time.Sleep(time.Second)
+	g2, _ := gw.GatewayV1().Gateways("apps").Get(ctx(t), "edge", metav1.GetOptions{})
+	r2, _ := gw.GatewayV1().TCPRoutes("apps").Get(ctx(t), "redis", metav1.GetOptions{})
+	if g2.ResourceVersion != gwRV || r2.ResourceVersion != routeRV {
+		t.Errorf("objects rewritten with nothing changed: Gateway %s→%s, TCPRoute %s→%s", gwRV, g2.ResourceVersion, routeRV, r2.ResourceVersion)
+	}
+	if publishes := rec.calls(); publishes != 2 {
+		t.Errorf("Publish called %d times, want 2 (empty set, then the route)", publishes)
+	}
+
+	// A problem is recorded as an Event, by the ServiceAccount.
+	broken := tcpRoute("apps", "broken", "edge", "databases", "nope", 1)
+	broken.Spec.ParentRefs[0].SectionName = nil
+	if _, err := gw.GatewayV1().TCPRoutes("apps").Create(ctx(t), broken, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "a RouteConflict Event on the newer route", func() bool {
+		evs, err := kube.EventsV1().Events("apps").List(ctx(t), metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range evs.Items {
+			if e.Regarding.Name == "broken" && e.Regarding.Kind == "TCPRoute" && e.Reason == "RouteConflict" && e.ReportingInstance == "test" {
+				return true
+			}
+		}
+		return false
+	})
+
+	// Deleting the route withdraws the service and the annotation.
+	if err := gw.GatewayV1().TCPRoutes("apps").Delete(ctx(t), "redis", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the service to be withdrawn", func() bool { return rec.calls() == 3 && len(rec.last()) == 0 })
+	eventually(t, 10*time.Second, "the Gateway annotation to go", func() bool {
+		g, err := gw.GatewayV1().Gateways("apps").Get(ctx(t), "edge", metav1.GetOptions{})
+		_, has := g.Annotations[discovery.AnnotationEndpoints]
+		return err == nil && !has
+	})
+	for _, bad := range []string{"forbidden", "writing annotation failed", "recording Event failed"} {
+		if strings.Contains(logs.String(), bad) {
+			t.Errorf("the log says %q", bad)
+		}
+	}
+}
+
+// metric sums the samples of a gauge or counter whose label value is value
+// (any, when value is "").
+func metric(t *testing.T, reg *prometheus.Registry, name, value string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sum float64
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if value == "" || m.GetLabel()[0].GetValue() == value {
+				sum += m.GetGauge().GetValue() + m.GetCounter().GetValue()
+			}
+		}
+	}
+	return sum
+}
+
+// recorder keeps what Publish was given.
+type recorder struct {
+	mu   sync.Mutex
+	sets [][]discovery.Service
+}
+
+func (r *recorder) publish(s []discovery.Service) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.sets = append(r.sets, s)
+}
+
+func (r *recorder) calls() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.sets)
+}
+
+func (r *recorder) last() []discovery.Service {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.sets) == 0 {
+		return nil
+	}
+	return r.sets[len(r.sets)-1]
+}
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+func tcpRoute(ns, name, gateway, backendNS, backend string, port int) *gwv1.TCPRoute {
+	section := gwv1.SectionName("redis")
+	bns := gwv1.Namespace(backendNS)
+	p := gwv1.PortNumber(port)
+	r := &gwv1.TCPRoute{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}
+	r.Spec.ParentRefs = []gwv1.ParentReference{{Name: gwv1.ObjectName(gateway), SectionName: &section}}
+	r.Spec.Rules = []gwv1.TCPRouteRule{{BackendRefs: []gwv1.BackendRef{{BackendObjectReference: gwv1.BackendObjectReference{
+		Name: gwv1.ObjectName(backend), Namespace: &bns, Port: &p,
+	}}}}}
+	return r
+}
+
+// manifests reads the objects of deploy/agent, in kustomization order.
+func manifests(t *testing.T) []*unstructured.Unstructured {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(deployDir, "kustomization.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var k struct {
+		Resources []string `json:"resources"`
+	}
+	if err := yaml.Unmarshal(b, &k); err != nil {
+		t.Fatalf("kustomization.yaml: %v", err)
+	}
+	if len(k.Resources) == 0 {
+		t.Fatal("kustomization.yaml lists no resources")
+	}
+	files, _ := filepath.Glob(filepath.Join(deployDir, "*.yaml"))
+	for _, f := range files {
+		if base := filepath.Base(f); base != "kustomization.yaml" && !slices.Contains(k.Resources, base) {
+			t.Errorf("%s is not listed in kustomization.yaml", f)
+		}
+	}
+	var objs []*unstructured.Unstructured
+	for _, r := range k.Resources {
+		f, err := os.Open(filepath.Join(deployDir, r))
+		if err != nil {
+			t.Fatal(err)
+		}
+		dec := utilyaml.NewYAMLOrJSONDecoder(f, 4096)
+		for {
+			var m map[string]any
+			err := dec.Decode(&m)
+			if errors.Is(err, io.EOF) {
+				break
+			}
+			if err != nil {
+				f.Close()
+				t.Fatalf("%s: %v", r, err)
+			}
+			if len(m) > 0 {
+				objs = append(objs, &unstructured.Unstructured{Object: m})
+			}
+		}
+		f.Close()
+	}
+	return objs
+}
+
+// apply sends obj with server-side apply, as `kubectl apply --server-side`
+// would, only validating it when dryRun is set.
+func apply(t *testing.T, cfg *rest.Config, obj *unstructured.Unstructured, dryRun bool) {
+	t.Helper()
+	dc, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(dc.Discovery()))
+	gvk := obj.GroupVersionKind()
+	m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+	if err != nil {
+		t.Fatalf("%s %s: %v", gvk, obj.GetName(), err)
+	}
+	dyn, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ri dynamic.ResourceInterface = dyn.Resource(m.Resource)
+	if obj.GetNamespace() != "" {
+		ri = dyn.Resource(m.Resource).Namespace(obj.GetNamespace())
+	}
+	opts := metav1.ApplyOptions{FieldManager: "portway-deploy-test", Force: true}
+	if dryRun {
+		opts.DryRun = []string{metav1.DryRunAll}
+	}
+	if _, err := ri.Apply(ctx(t), obj.GetName(), obj, opts); err != nil {
+		t.Errorf("applying %s %s/%s (dry run %v): %v", gvk.Kind, obj.GetNamespace(), obj.GetName(), dryRun, err)
+	}
+}
+
+func ctx(t *testing.T) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return c
+}
+
+func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestRESTConfigPrecedence: kubernetes.kubeconfig, then KUBECONFIG, then
+// the in-cluster service account.
+func TestRESTConfigPrecedence(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, server string) string {
+		p := filepath.Join(dir, name)
+		kc := "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: " + server +
+			"}\ncontexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\nusers:\n- name: u\n  user: {token: t}\n"
+		if err := os.WriteFile(p, []byte(kc), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	fromFile := write("file", "https://file.example:6443")
+	fromEnv := write("env", "https://env.example:6443")
+	env := func(k string) string { return map[string]string{"KUBECONFIG": fromEnv}[k] }
+	noEnv := func(string) string { return "" }
+
+	cfg, src, err := discovery.RESTConfig(fromFile, env)
+	if err != nil || cfg.Host != "https://file.example:6443" || !strings.Contains(src, "kubernetes.kubeconfig") {
+		t.Errorf("kubernetes.kubeconfig and KUBECONFIG: %v %q %v", cfg, src, err)
+	}
+	cfg, src, err = discovery.RESTConfig("", env)
+	if err != nil || cfg.Host != "https://env.example:6443" || !strings.Contains(src, "KUBECONFIG") {
+		t.Errorf("KUBECONFIG: %v %q %v", cfg, src, err)
+	}
+	if _, _, err := discovery.RESTConfig(filepath.Join(dir, "missing"), env); err == nil || !strings.Contains(err.Error(), "kubernetes.kubeconfig") {
+		t.Errorf("a missing kubernetes.kubeconfig file: %v", err)
+	}
+	if os.Getenv("KUBERNETES_SERVICE_HOST") == "" {
+		if _, _, err := discovery.RESTConfig("", noEnv); err == nil || !strings.Contains(err.Error(), "set kubernetes.kubeconfig or KUBECONFIG") {
+			t.Errorf("outside a cluster, no kubeconfig: %v", err)
+		}
+	}
+}
