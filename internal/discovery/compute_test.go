@@ -12,9 +12,9 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/client-go/tools/cache"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	discoverylisters "k8s.io/client-go/listers/discovery/v1"
+	"k8s.io/client-go/tools/cache"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gwlisters "sigs.k8s.io/gateway-api/pkg/client/listers/apis/v1"
 
@@ -93,8 +93,12 @@ func managedGateway(ns, name string, ls ...listenerSpec) *gwv1.Gateway {
 	return gateway(ns, name, map[string]string{label: "true"}, nil, ls...)
 }
 
-func tcpL(name string, port int32) listenerSpec { return listenerSpec{name, port, gwv1.TCPProtocolType} }
-func udpL(name string, port int32) listenerSpec { return listenerSpec{name, port, gwv1.UDPProtocolType} }
+func tcpL(name string, port int32) listenerSpec {
+	return listenerSpec{name, port, gwv1.TCPProtocolType}
+}
+func udpL(name string, port int32) listenerSpec {
+	return listenerSpec{name, port, gwv1.UDPProtocolType}
+}
 
 func parent(gw, section string) gwv1.ParentReference {
 	p := gwv1.ParentReference{Name: gwv1.ObjectName(gw)}
