@@ -1,0 +1,196 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"time"
+)
+
+// dialTimeout bounds every dial the bench makes on loopback.
+const dialTimeout = 5 * time.Second
+
+// relayBuffer is the reference relay's copy buffer per direction: the size
+// of portway's default buffer_size, so the comparison is like for like.
+const relayBuffer = 32 << 10
+
+// startRelay starts the bench's reference for one userspace hop: a plain
+// TCP relay that accepts, dials target and copies both ways, passing each
+// half-close on. It copies through a buffer in user space, as any hop that
+// looks at or frames the bytes must; io.Copy between two TCP connections
+// would splice in the kernel instead and measure something a tunnel can
+// never do.
+func startRelay(target string) (*tcpServer, error) {
+	return listenTCP(func(ctx context.Context, c *net.TCPConn) {
+		d := net.Dialer{Timeout: dialTimeout}
+		bc, err := d.DialContext(ctx, "tcp", target)
+		if err != nil {
+			return
+		}
+		b := bc.(*net.TCPConn)
+		defer b.Close()
+		var wg sync.WaitGroup
+		wg.Go(func() { relayHalf(b, c) })
+		relayHalf(c, b)
+		wg.Wait()
+	})
+}
+
+// relayHalf copies src to dst and passes EOF on as a half-close; an error
+// closes both so the other direction ends too.
+func relayHalf(dst, src *net.TCPConn) {
+	buf := make([]byte, relayBuffer)
+	if _, err := io.CopyBuffer(writerOnly{dst}, readerOnly{src}, buf); err != nil {
+		src.Close()
+		dst.Close()
+		return
+	}
+	dst.CloseWrite()
+}
+
+// Delay stage limits: each direction of a connection holds at most
+// delayChunks reads of up to delayChunk bytes (64 MiB), allocated as
+// needed. At 10 ms that is room for 50 Gbit/s of full reads, so the stage
+// adds latency without limiting bandwidth.
+const (
+	delayChunk  = 64 << 10
+	delayChunks = 1024
+)
+
+// startDelay starts a TCP proxy to target that holds every chunk it reads
+// for delay before writing it on, in each direction, preserving order: a
+// link with 2×delay of round-trip time and no bandwidth limit of its own.
+func startDelay(target string, delay time.Duration) (*tcpServer, error) {
+	return listenTCP(func(ctx context.Context, c *net.TCPConn) {
+		d := net.Dialer{Timeout: dialTimeout}
+		bc, err := d.DialContext(ctx, "tcp", target)
+		if err != nil {
+			return
+		}
+		b := bc.(*net.TCPConn)
+		defer b.Close()
+		done := make(chan struct{})
+		var once sync.Once
+		abort := func() {
+			once.Do(func() {
+				close(done)
+				c.Close()
+				b.Close()
+			})
+		}
+		stop := context.AfterFunc(ctx, abort)
+		defer stop()
+		var wg sync.WaitGroup
+		for _, dir := range [][2]*net.TCPConn{{c, b}, {b, c}} {
+			l := newDelayLine(delay)
+			wg.Go(func() { l.read(dir[0], done) })
+			wg.Go(func() { l.write(dir[1], done, abort) })
+		}
+		wg.Wait()
+	})
+}
+
+// delayLine is one direction of the delay stage. The reader timestamps each
+// chunk and queues it; the writer writes it when due. Buffers circulate
+// between the two through free, which bounds the memory.
+type delayLine struct {
+	delay     time.Duration
+	queue     chan delayed // room for every buffer plus the final marker
+	free      chan *[]byte
+	allocated int // buffers made so far; touched by the reader only
+}
+
+// delayed is a chunk, or (buf nil) the end of the stream: err is io.EOF
+// for a clean end, anything else for a failure.
+type delayed struct {
+	buf *[]byte
+	n   int
+	due time.Time
+	err error
+}
+
+func newDelayLine(delay time.Duration) *delayLine {
+	return &delayLine{
+		delay: delay,
+		queue: make(chan delayed, delayChunks+1),
+		free:  make(chan *[]byte, delayChunks),
+	}
+}
+
+// buffer returns a free buffer, allocating until delayChunks exist, then
+// waiting for the writer to return one.
+func (l *delayLine) buffer(done <-chan struct{}) (*[]byte, bool) {
+	select {
+	case b := <-l.free:
+		return b, true
+	default:
+	}
+	if l.allocated < delayChunks {
+		l.allocated++
+		b := make([]byte, delayChunk)
+		return &b, true
+	}
+	select {
+	case b := <-l.free:
+		return b, true
+	case <-done:
+		return nil, false
+	}
+}
+
+func (l *delayLine) read(src *net.TCPConn, done <-chan struct{}) {
+	for {
+		buf, ok := l.buffer(done)
+		if !ok {
+			return
+		}
+		n, err := src.Read(*buf)
+		due := time.Now().Add(l.delay)
+		if n > 0 {
+			l.queue <- delayed{buf: buf, n: n, due: due} // never blocks: one slot per buffer
+		} else {
+			l.free <- buf
+		}
+		if err != nil {
+			l.queue <- delayed{due: due, err: err}
+			return
+		}
+	}
+}
+
+func (l *delayLine) write(dst *net.TCPConn, done <-chan struct{}, abort func()) {
+	t := time.NewTimer(time.Hour)
+	defer t.Stop()
+	for {
+		var d delayed
+		select {
+		case d = <-l.queue:
+		case <-done:
+			return
+		}
+		if wait := time.Until(d.due); wait > 0 {
+			t.Reset(wait)
+			select {
+			case <-t.C:
+			case <-done:
+				return
+			}
+		}
+		if d.buf == nil {
+			if errors.Is(d.err, io.EOF) {
+				dst.CloseWrite()
+			} else {
+				abort()
+			}
+			return
+		}
+		_, err := dst.Write((*d.buf)[:d.n])
+		l.free <- d.buf // never blocks: one slot per buffer
+		if err != nil {
+			abort()
+			return
+		}
+	}
+}
