@@ -1,0 +1,145 @@
+package bench
+
+import (
+	"context"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/portway/portway/internal/agent"
+	"github.com/portway/portway/internal/config"
+	"github.com/portway/portway/internal/gateway"
+	"github.com/portway/portway/internal/tunnel"
+)
+
+// The Go benchmarks run a real gateway and agent in this process, so that
+// `go test -bench . ./internal/bench` tracks the whole data path (public
+// socket → relay → tunnel → agent → backend) without child processes. The
+// figures `portway bench` reports are the reference; these catch
+// regressions between its runs.
+
+// inProcessTunnel starts a gateway and an agent in mode exposing the sink
+// and echo servers, and returns their public endpoints.
+func inProcessTunnel(b *testing.B, mode, sinkAddr, echoAddr string) (sinkEP, echoEP string) {
+	b.Helper()
+	const token = "bench-agent-token-0123456789"
+	gcfg := config.DefaultGateway()
+	gcfg.Listen = "127.0.0.1:0"
+	gcfg.PublicHost = "127.0.0.1"
+	gcfg.BindAddress = "127.0.0.1"
+	gcfg.StateFile = ""
+	gcfg.Insecure = true
+	gcfg.Agents = []config.Agent{{Name: agentName, Token: token}}
+	g, err := gateway.New(gateway.Options{Config: gcfg})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := g.Start(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(g.Close)
+
+	acfg := config.DefaultAgent()
+	acfg.Gateway = config.GatewayConn{URL: "ws://" + g.TunnelAddr().String() + tunnel.Path, Token: token, Protocol: mode}
+	acfg.Metrics.Listen = ""
+	acfg.Services = []config.StaticService{staticService(sinkService, sinkAddr), staticService(echoService, echoAddr)}
+	a, err := agent.New(agent.Options{Config: acfg})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		a.Run(ctx)
+	}()
+	b.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	deadline := time.Now().Add(startupTimeout)
+	for !a.Ready() {
+		if time.Now().After(deadline) {
+			b.Fatalf("agent not registered within %v", startupTimeout)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	for _, e := range a.Endpoints() {
+		switch e.Service.ID {
+		case sinkService:
+			sinkEP = e.Address
+		case echoService:
+			echoEP = e.Address
+		}
+	}
+	if sinkEP == "" || echoEP == "" {
+		b.Fatalf("endpoints missing: %+v", a.Endpoints())
+	}
+	return sinkEP, echoEP
+}
+
+func startBackends(b *testing.B) (*sink, *tcpServer) {
+	b.Helper()
+	snk, err := startSink()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(snk.Close)
+	echo, err := startEcho()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(echo.Close)
+	return snk, echo
+}
+
+// BenchmarkTunnelStream sends bulk data through one tunneled connection to
+// a sink; the MB/s column is the stream's throughput.
+func BenchmarkTunnelStream(b *testing.B) {
+	for _, mode := range []string{"yamux", "json"} {
+		b.Run(mode, func(b *testing.B) {
+			snk, echo := startBackends(b)
+			sinkEP, _ := inProcessTunnel(b, mode, snk.Addr(), echo.Addr())
+			c, err := net.DialTimeout("tcp", sinkEP, dialTimeout)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer c.Close()
+			buf := make([]byte, throughputWrite)
+			b.SetBytes(int64(len(buf)))
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := c.Write(buf); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkTunnelRoundTrip exchanges 1-byte messages on one tunneled
+// connection with an echo server; ns/op is the round-trip latency.
+func BenchmarkTunnelRoundTrip(b *testing.B) {
+	for _, mode := range []string{"yamux", "json"} {
+		b.Run(mode, func(b *testing.B) {
+			snk, echo := startBackends(b)
+			_, echoEP := inProcessTunnel(b, mode, snk.Addr(), echo.Addr())
+			c, err := net.DialTimeout("tcp", echoEP, dialTimeout)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer c.Close()
+			msg := []byte{1}
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := c.Write(msg); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := io.ReadFull(c, msg); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
