@@ -319,12 +319,12 @@ func (r *runner) measurePath(ctx context.Context, p Path, run int) (_ Figures, e
 	case Relay:
 		tg = target{sink: r.relaySink.Addr(), echo: r.relayEcho.Addr()}
 	case Yamux, JSON:
-		t, err := startTunnel(ctx, r.opts.Exec, r.dir, tunnelSpec{
+		t, terr := startTunnel(ctx, r.opts.Exec, r.dir, tunnelSpec{
 			name: fmt.Sprintf("%s-run%d", p, run), protocol: string(p),
 			sink: r.sink.Addr(), echo: r.echo.Addr(),
 		})
-		if err != nil {
-			return Figures{}, err
+		if terr != nil {
+			return Figures{}, terr
 		}
 		defer t.close()
 		defer func() { err = t.explain(err) }()

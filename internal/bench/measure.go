@@ -43,7 +43,8 @@ type throughputResult struct {
 	bytes   int64
 	elapsed time.Duration
 	// cpu is the CPU seconds the watched processes used in the window;
-	// peakKB their peak RSS in it, in the order given.
+	// peakKB their peak RSS from the first connection on (warm-up
+	// included), in the order given.
 	cpu    float64
 	peakKB []int64
 }
@@ -55,10 +56,15 @@ const throughputWrite = 128 << 10
 
 // throughput sends bulk data on streams connections to addr, which leads to
 // snk, and measures the rate at which snk receives it over d, after warmup
-// (connection setup and window growth are not what this measures). It
-// watches procs over the same window. Before returning it waits for snk to
-// have seen every connection close, so the next window starts clean.
+// (connection setup and window growth are not what this measures), and the
+// CPU time procs use in the same window. Their peak RSS counts from before
+// the first connection. Before returning it waits for snk to have seen
+// every connection close, so the next measurement starts clean.
 func throughput(ctx context.Context, addr string, streams int, warmup, d time.Duration, snk *sink, procs []proc) (throughputResult, error) {
+	u, err := beginUsage(procs)
+	if err != nil {
+		return throughputResult{}, err
+	}
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	conns := make([]net.Conn, 0, streams)
@@ -71,6 +77,7 @@ func throughput(ctx context.Context, addr string, streams int, warmup, d time.Du
 	for range streams {
 		c, err := dialer.DialContext(ctx, "tcp", addr)
 		if err != nil {
+			u.end()
 			return throughputResult{}, fmt.Errorf("dial: %w", err)
 		}
 		conns = append(conns, c)
@@ -92,7 +99,7 @@ func throughput(ctx context.Context, addr string, streams int, warmup, d time.Du
 			}
 		})
 	}
-	res, err := throughputWindow(ctx, warmup, d, snk, procs, fe)
+	res, err := throughputWindow(ctx, warmup, d, snk, u, fe)
 	cancel()
 	wg.Wait()
 	for _, c := range conns {
@@ -108,8 +115,9 @@ func throughput(ctx context.Context, addr string, streams int, warmup, d time.Du
 	return res, nil
 }
 
-// throughputWindow waits out warmup, then measures snk and procs over d.
-func throughputWindow(ctx context.Context, warmup, d time.Duration, snk *sink, procs []proc, fe *firstErr) (throughputResult, error) {
+// throughputWindow waits out warmup, then measures snk and u over d. It
+// ends u.
+func throughputWindow(ctx context.Context, warmup, d time.Duration, snk *sink, u *usage, fe *firstErr) (throughputResult, error) {
 	wait := func(d time.Duration) error {
 		t := time.NewTimer(d)
 		defer t.Stop()
@@ -122,11 +130,8 @@ func throughputWindow(ctx context.Context, warmup, d time.Duration, snk *sink, p
 			return fe.err
 		}
 	}
-	if err := wait(warmup); err != nil {
-		return throughputResult{}, err
-	}
-	u, err := beginUsage(procs)
-	if err != nil {
+	if err := errors.Join(wait(warmup), u.markCPU()); err != nil {
+		u.end()
 		return throughputResult{}, err
 	}
 	b0, t0 := snk.received.Load(), time.Now()

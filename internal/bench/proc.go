@@ -99,9 +99,10 @@ func (p proc) resetPeak() error {
 	return nil
 }
 
-// usage measures the CPU time and the peak RSS of processes over a window.
-// The peak comes from VmHWM after resetting it at the start; where the
-// kernel refuses the reset, RSS is sampled instead.
+// usage measures the peak RSS of processes from its start, and their CPU
+// time from its start or from the last markCPU. The peak comes from VmHWM
+// after resetting it at the start; where the kernel refuses the reset, RSS
+// is sampled instead.
 type usage struct {
 	procs []proc
 	cpu0  []float64
@@ -115,7 +116,7 @@ type usage struct {
 // usageSample is how often RSS is sampled where VmHWM cannot be reset.
 const usageSample = 20 * time.Millisecond
 
-// beginUsage starts a window over procs.
+// beginUsage starts measuring procs.
 func beginUsage(procs []proc) (*usage, error) {
 	u := &usage{
 		procs: procs, cpu0: make([]float64, len(procs)), reset: make([]bool, len(procs)),
@@ -125,17 +126,27 @@ func beginUsage(procs []proc) (*usage, error) {
 	for i, p := range procs {
 		u.reset[i] = p.resetPeak() == nil
 		sample = sample || !u.reset[i]
-		c, err := p.cpuSeconds()
-		if err != nil {
-			return nil, err
-		}
-		u.cpu0[i] = c
+	}
+	if err := u.markCPU(); err != nil {
+		return nil, err
 	}
 	if sample {
 		u.sampled.Add(1)
 		go u.sampleLoop()
 	}
 	return u, nil
+}
+
+// markCPU makes the CPU time count from now.
+func (u *usage) markCPU() error {
+	for i, p := range u.procs {
+		c, err := p.cpuSeconds()
+		if err != nil {
+			return err
+		}
+		u.cpu0[i] = c
+	}
+	return nil
 }
 
 func (u *usage) sampleLoop() {
@@ -159,8 +170,8 @@ func (u *usage) sampleLoop() {
 	}
 }
 
-// end closes the window and returns the CPU seconds used in it by all the
-// processes together and each one's peak RSS in KiB.
+// end returns the CPU seconds used by all the processes together since the
+// mark, and each one's peak RSS in KiB since the start. Call it once.
 func (u *usage) end() (cpu float64, peakKB []int64, err error) {
 	close(u.stop)
 	u.sampled.Wait()
