@@ -68,11 +68,7 @@ func throughput(ctx context.Context, addr string, streams int, warmup, d time.Du
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	conns := make([]net.Conn, 0, streams)
-	defer func() {
-		for _, c := range conns {
-			c.Close()
-		}
-	}()
+	defer func() { closeAll(conns) }()
 	dialer := net.Dialer{Timeout: dialTimeout}
 	for range streams {
 		c, err := dialer.DialContext(ctx, "tcp", addr)
@@ -102,9 +98,7 @@ func throughput(ctx context.Context, addr string, streams int, warmup, d time.Du
 	res, err := throughputWindow(ctx, warmup, d, snk, u, fe)
 	cancel()
 	wg.Wait()
-	for _, c := range conns {
-		c.Close()
-	}
+	closeAll(conns)
 	if err != nil {
 		return res, err
 	}
@@ -130,7 +124,11 @@ func throughputWindow(ctx context.Context, warmup, d time.Duration, snk *sink, u
 			return fe.err
 		}
 	}
-	if err := errors.Join(wait(warmup), u.markCPU()); err != nil {
+	err := wait(warmup)
+	if err == nil {
+		err = u.markCPU()
+	}
+	if err != nil {
 		u.end()
 		return throughputResult{}, err
 	}
