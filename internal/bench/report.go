@@ -76,6 +76,9 @@ type figure struct {
 	key    string // JSON key
 	label  string
 	format string
+	// digits is the precision kept in the report: measurement noise is
+	// far above it.
+	digits int
 	// tunnel marks figures of the gateway and agent processes.
 	tunnel bool
 	field  func(*Figures) *float64
@@ -83,21 +86,21 @@ type figure struct {
 
 func figureList() []figure {
 	return []figure{
-		{"stream1_gbps", "throughput, 1 stream (Gbit/s)", "%.2f", false, func(f *Figures) *float64 { return &f.Stream1Gbps }},
-		{"stream8_gbps", "throughput, 8 streams (Gbit/s)", "%.2f", false, func(f *Figures) *float64 { return &f.Stream8Gbps }},
-		{"rr_per_s", "round trips/s, 1 conn, 1 byte", "%.0f", false, func(f *Figures) *float64 { return &f.RRPerS }},
-		{"rr_p50_us", "round trip p50 (µs)", "%.0f", false, func(f *Figures) *float64 { return &f.RRP50us }},
-		{"rr_p99_us", "round trip p99 (µs)", "%.0f", false, func(f *Figures) *float64 { return &f.RRP99us }},
-		{"conn_per_s", "new connections/s", "%.0f", false, func(f *Figures) *float64 { return &f.ConnPerS }},
-		{"gateway_peak_rss_mib", "gateway peak RSS, 8 streams (MiB)", "%.1f", true, func(f *Figures) *float64 { return &f.GatewayPeakRSSMiB }},
-		{"agent_peak_rss_mib", "agent peak RSS, 8 streams (MiB)", "%.1f", true, func(f *Figures) *float64 { return &f.AgentPeakRSSMiB }},
-		{"cpu_s_per_gb", "gateway+agent CPU s per GB", "%.2f", true, func(f *Figures) *float64 { return &f.CPUSecPerGB }},
+		{"stream1_gbps", "throughput, 1 stream (Gbit/s)", "%.2f", 3, false, func(f *Figures) *float64 { return &f.Stream1Gbps }},
+		{"stream8_gbps", "throughput, 8 streams (Gbit/s)", "%.2f", 3, false, func(f *Figures) *float64 { return &f.Stream8Gbps }},
+		{"rr_per_s", "round trips/s, 1 conn, 1 byte", "%.0f", 0, false, func(f *Figures) *float64 { return &f.RRPerS }},
+		{"rr_p50_us", "round trip p50 (µs)", "%.0f", 1, false, func(f *Figures) *float64 { return &f.RRP50us }},
+		{"rr_p99_us", "round trip p99 (µs)", "%.0f", 1, false, func(f *Figures) *float64 { return &f.RRP99us }},
+		{"conn_per_s", "new connections/s", "%.0f", 0, false, func(f *Figures) *float64 { return &f.ConnPerS }},
+		{"gateway_peak_rss_mib", "gateway peak RSS, 8 streams (MiB)", "%.1f", 1, true, func(f *Figures) *float64 { return &f.GatewayPeakRSSMiB }},
+		{"agent_peak_rss_mib", "agent peak RSS, 8 streams (MiB)", "%.1f", 1, true, func(f *Figures) *float64 { return &f.AgentPeakRSSMiB }},
+		{"cpu_s_per_gb", "gateway+agent CPU s per GB", "%.2f", 3, true, func(f *Figures) *float64 { return &f.CPUSecPerGB }},
 	}
 }
 
 // newReport aggregates the samples of every run into medians and spreads.
 func newReport(samples map[Path][]Figures, rtt []float64, idle *Idle) *Report {
-	rep := &Report{Paths: map[Path]Figures{}, Spread: map[string]map[string][2]float64{}, Idle10k: idle}
+	rep := &Report{Paths: map[Path]Figures{}, Spread: map[string]map[string][2]float64{}}
 	for p, runs := range samples {
 		var med Figures
 		spread := map[string][2]float64{}
@@ -109,15 +112,22 @@ func newReport(samples map[Path][]Figures, rtt []float64, idle *Idle) *Report {
 			for i := range runs {
 				vals[i] = *fg.field(&runs[i])
 			}
-			*fg.field(&med) = median(vals)
-			spread[fg.key] = [2]float64{slices.Min(vals), slices.Max(vals)}
+			*fg.field(&med) = round(median(vals), fg.digits)
+			spread[fg.key] = [2]float64{round(slices.Min(vals), fg.digits), round(slices.Max(vals), fg.digits)}
 		}
 		rep.Paths[p] = med
 		rep.Spread[string(p)] = spread
 	}
 	if len(rtt) > 0 {
-		rep.RTT20ms = &RTT{Yamux1Gbps: median(rtt)}
-		rep.Spread["rtt20ms"] = map[string][2]float64{"yamux_stream1_gbps": {slices.Min(rtt), slices.Max(rtt)}}
+		rep.RTT20ms = &RTT{Yamux1Gbps: round(median(rtt), 3)}
+		rep.Spread["rtt20ms"] = map[string][2]float64{"yamux_stream1_gbps": {round(slices.Min(rtt), 3), round(slices.Max(rtt), 3)}}
+	}
+	if idle != nil {
+		rounded := *idle
+		rounded.BytesPerConn = math.Round(idle.BytesPerConn)
+		rounded.GatewayBytesPerConn = math.Round(idle.GatewayBytesPerConn)
+		rounded.AgentBytesPerConn = math.Round(idle.AgentBytesPerConn)
+		rep.Idle10k = &rounded
 	}
 	return rep
 }
