@@ -155,8 +155,12 @@ func round(v float64, digits int) float64 {
 // and by the direct path's.
 func (r *Report) WriteTable(w io.Writer) error {
 	var b strings.Builder
-	fmt.Fprintf(&b, "portway bench: %d runs, %v per measurement, started %s, %v wall\n",
-		r.Runs, time.Duration(r.DurationS*float64(time.Second)), r.Started.Format("2006-01-02 15:04 MST"),
+	runs := "runs"
+	if r.Runs == 1 {
+		runs = "run"
+	}
+	fmt.Fprintf(&b, "portway bench: %d %s, %v per measurement, started %s, %v wall\n",
+		r.Runs, runs, time.Duration(r.DurationS*float64(time.Second)), r.Started.Format("2006-01-02 15:04 MST"),
 		time.Duration(r.WallS*float64(time.Second)))
 	fmt.Fprintf(&b, "%s; medians (min–max over runs); ×relay and ×direct divide by those paths' medians\n\n", r.Platform)
 

@@ -32,6 +32,11 @@ connections. docs/benchmarks.md explains every figure.`,
 			if err != nil {
 				return err
 			}
+			// Zero means "the default" to bench.Run; on the command
+			// line it can only be a mistake.
+			if o.Runs < 1 || o.Duration <= 0 || o.IdleConns < 1 {
+				return fmt.Errorf("--runs, --duration and --idle-conns must be positive")
+			}
 			if o.Paths, err = bench.ParsePaths(only); err != nil {
 				return err
 			}
