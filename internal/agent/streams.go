@@ -80,7 +80,6 @@ func (a *Agent) serveTCP(in *tunnel.Incoming, h protocol.StreamHeader, svc *Serv
 		}
 		return
 	}
-	defer lim.release()
 	d := net.Dialer{Timeout: cfg.ConnectionTimeout.Duration}
 	if cfg.Keepalive {
 		d.KeepAliveConfig = net.KeepAliveConfig{Enable: true, Idle: cfg.KeepalivePeriod.Duration, Interval: cfg.KeepalivePeriod.Duration, Count: 3}
@@ -89,6 +88,7 @@ func (a *Agent) serveTCP(in *tunnel.Incoming, h protocol.StreamHeader, svc *Serv
 	}
 	c, err := d.Dial("tcp", svc.Backend)
 	if err != nil {
+		lim.release()
 		status, reason := dialStatus(err)
 		in.Reject(status)
 		a.metrics.TCPErrors.WithLabelValues(svc.ID, reason).Inc()
@@ -99,6 +99,7 @@ func (a *Agent) serveTCP(in *tunnel.Incoming, h protocol.StreamHeader, svc *Serv
 	}
 	st, err := in.Accept()
 	if err != nil {
+		lim.release()
 		c.Close()
 		a.metrics.TCPErrors.WithLabelValues(svc.ID, "tunnel").Inc()
 		return
@@ -107,26 +108,30 @@ func (a *Agent) serveTCP(in *tunnel.Incoming, h protocol.StreamHeader, svc *Serv
 	a.metrics.TCPTotal.WithLabelValues(svc.ID).Inc()
 	active := a.metrics.TCPActive.WithLabelValues(svc.ID)
 	active.Inc()
-	var stats relay.Stats
+	stats := new(relay.Stats)
 	// a = stream (from the client), b = backend: AToB is received, BToA sent.
 	flow := a.metrics.TCPBytes.Track(func() (int64, int64) { return stats.BToA.Load(), stats.AToB.Load() }, svc.ID)
 	idle := svc.IdleTimeout
 	if idle == 0 {
 		idle = cfg.IdleTimeout.Duration
 	}
-	res := relay.Pipe(st, c.(*net.TCPConn), relay.Options{BufferSize: cfg.BufferSize, IdleTimeout: idle}, &stats)
-	flow.Done()
-	active.Dec()
-	a.metrics.TCPDuration.WithLabelValues(svc.ID).Observe(time.Since(start).Seconds())
-	if res.Err != nil {
-		reason := "reset"
-		if res.IdleTimeout {
-			reason = "idle_timeout"
+	// The relay runs on its own goroutines; this one, whose stack grew
+	// dialing, ends here.
+	relay.Start(st, c.(*net.TCPConn), relay.Options{BufferSize: cfg.BufferSize, IdleTimeout: idle}, stats, func(res relay.Result) {
+		lim.release()
+		flow.Done()
+		active.Dec()
+		a.metrics.TCPDuration.WithLabelValues(svc.ID).Observe(time.Since(start).Seconds())
+		if res.Err != nil {
+			reason := "reset"
+			if res.IdleTimeout {
+				reason = "idle_timeout"
+			}
+			a.metrics.TCPErrors.WithLabelValues(svc.ID, reason).Inc()
 		}
-		a.metrics.TCPErrors.WithLabelValues(svc.ID, reason).Inc()
-	}
-	a.log.Debug("connection closed", "service", svc.ID, "client", h.Client, "received", stats.AToB.Load(),
-		"sent", stats.BToA.Load(), "duration", time.Since(start).Round(time.Millisecond), "err", res.Err)
+		a.log.Debug("connection closed", "service", svc.ID, "client", h.Client, "received", stats.AToB.Load(),
+			"sent", stats.BToA.Load(), "duration", time.Since(start).Round(time.Millisecond), "err", res.Err)
+	})
 }
 
 // dialStatus maps a dial error to the status sent to the gateway and a

@@ -339,18 +339,19 @@ func (ps *publicService) serveConn(c *net.TCPConn) {
 		return
 	}
 	ps.enter()
-	defer ps.leave()
-	var stats relay.Stats
+	stats := new(relay.Stats)
 	flow := ps.g.metrics.Bytes.Track(func() (int64, int64) { return stats.AToB.Load(), stats.BToA.Load() }, ps.a.name, spec.ID)
-	res := relay.Pipe(c, st, relay.Options{
+	relay.Start(c, st, relay.Options{
 		BufferSize:  ps.g.cfg.BufferSize,
 		IdleTimeout: time.Duration(spec.IdleTimeoutMS) * time.Millisecond,
-	}, &stats)
-	flow.Done()
-	var oe *protocol.OpenError
-	if errors.As(res.Err, &oe) {
-		ps.refuse(oe.Status.String())
-	}
-	ps.g.log.Debug("connection closed", "agent", ps.a.name, "service", spec.ID, "client", client,
-		"in", stats.AToB.Load(), "out", stats.BToA.Load(), "err", res.Err)
+	}, stats, func(res relay.Result) {
+		flow.Done()
+		ps.leave()
+		var oe *protocol.OpenError
+		if errors.As(res.Err, &oe) {
+			ps.refuse(oe.Status.String())
+		}
+		ps.g.log.Debug("connection closed", "agent", ps.a.name, "service", spec.ID, "client", client,
+			"in", stats.AToB.Load(), "out", stats.BToA.Load(), "err", res.Err)
+	})
 }

@@ -67,6 +67,17 @@ func monotonic() int64 { return int64(time.Since(epoch)) }
 // both. An EOF on one side is passed on as a half-close of the other; an
 // error on either side aborts both. Pipe returns when both copies are done.
 func Pipe(a, b Conn, opt Options, st *Stats) Result {
+	ch := make(chan Result, 1)
+	Start(a, b, opt, st, func(r Result) { ch <- r })
+	return <-ch
+}
+
+// Start is Pipe without the wait: it copies in two new goroutines, one per
+// direction, and calls done with the result once both have ended and the
+// connections are closed. The caller's goroutine is free to return, so a
+// long-lived connection holds only the two copy goroutines, whose stacks
+// stay small, rather than also the deeper stack that set it up.
+func Start(a, b Conn, opt Options, st *Stats, done func(Result)) {
 	if opt.BufferSize <= 0 {
 		opt.BufferSize = 32 << 10
 	}
@@ -75,24 +86,29 @@ func Pipe(a, b Conn, opt Options, st *Stats) Result {
 	}
 	st.lastActive.Store(monotonic())
 	p := &pipe{a: a, b: b}
-
 	var idled atomic.Bool
 	stopIdle := watchIdle(opt.IdleTimeout, &st.lastActive, func() {
 		idled.Store(true)
 		p.abort(ErrIdle)
 	})
-	var wg sync.WaitGroup
-	wg.Add(1)
+	var running atomic.Int32
+	running.Store(2)
+	finish := func() {
+		if running.Add(-1) != 0 {
+			return
+		}
+		stopIdle()
+		p.closeBoth()
+		done(Result{Err: p.firstErr(), IdleTimeout: idled.Load()})
+	}
 	go func() {
-		defer wg.Done()
 		p.half(b, a, &st.BToA, &st.lastActive, opt.BufferSize)
+		finish()
 	}()
-	p.half(a, b, &st.AToB, &st.lastActive, opt.BufferSize)
-	wg.Wait()
-	stopIdle()
-	p.closeBoth()
-	res := Result{Err: p.firstErr(), IdleTimeout: idled.Load()}
-	return res
+	go func() {
+		p.half(a, b, &st.AToB, &st.lastActive, opt.BufferSize)
+		finish()
+	}()
 }
 
 // watchIdle calls onIdle once nothing was recorded in last for d, checking
@@ -201,31 +217,49 @@ func Abort(c io.Closer) {
 	}
 }
 
+// smallRead is what a socket is read with while no data is in flight: big
+// enough for a typical request or reply in one read, small enough that idle
+// connections cost little.
+const smallRead = 512
+
 // copyCounting copies until EOF (returning nil) or an error. It holds a
-// buffer only while data flows: before a read that may block it waits for
-// readability with no buffer, so idle connections cost no copy buffers.
+// full-size buffer only while data flows. A socket with nothing in flight
+// is read with a small buffer of its own; a read that fills it means more
+// is coming, and the copy switches to a pooled buffer until the socket
+// drains (a short read). A tunnel stream is first waited on with no buffer
+// at all (WaitReadable costs no system call there).
 func copyCounting(dst io.Writer, src io.Reader, n, active *atomic.Int64, size int) error {
-	var buf *[]byte
+	_, isStream := src.(interface{ WaitReadable() error })
+	var small []byte
+	var big *[]byte
 	defer func() {
-		if buf != nil {
-			pool.Put(buf)
+		if big != nil {
+			pool.Put(big)
 		}
 	}()
 	for {
-		if buf == nil {
-			// A socket reports a pending error (such as a reset) once,
-			// so an error seen while waiting must not be lost.
+		var b []byte
+		switch {
+		case big != nil:
+			b = *big
+		case isStream:
 			if err := WaitReadable(src); err == io.EOF {
 				return nil
 			} else if err != nil {
 				return err
 			}
-			buf = pool.Get(size)
+			big = pool.Get(size)
+			b = *big
+		default:
+			if small == nil {
+				small = make([]byte, min(smallRead, size))
+			}
+			b = small
 		}
-		nr, rerr := src.Read(*buf)
+		nr, rerr := src.Read(b)
 		if nr > 0 {
 			active.Store(monotonic())
-			nw, werr := dst.Write((*buf)[:nr])
+			nw, werr := dst.Write(b[:nr])
 			n.Add(int64(nw))
 			if werr != nil {
 				return werr
@@ -240,10 +274,14 @@ func copyCounting(dst io.Writer, src io.Reader, n, active *atomic.Int64, size in
 		if rerr != nil {
 			return rerr
 		}
-		if nr < len(*buf) {
-			// The source is drained for now: the next read may block.
-			pool.Put(buf)
-			buf = nil
+		switch {
+		case big != nil && nr < len(b):
+			// Drained for now: the next read may block; don't hold the
+			// big buffer through it.
+			pool.Put(big)
+			big = nil
+		case big == nil && !isStream && nr == len(b):
+			big = pool.Get(size) // a burst: read the rest in big chunks
 		}
 	}
 }

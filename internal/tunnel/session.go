@@ -52,7 +52,7 @@ func (c *Config) withDefaults() Config {
 		out.MaxStreamWindow = 16 << 20
 	}
 	if out.SessionWindowMemory <= 0 {
-		out.SessionWindowMemory = 64 << 20
+		out.SessionWindowMemory = 32 << 20
 	}
 	if out.MaxStreams <= 0 {
 		out.MaxStreams = 65536
