@@ -28,6 +28,10 @@ const (
 	// Relay goes through one plain userspace TCP relay: the reference for
 	// what a userspace hop costs.
 	Relay Path = "relay"
+	// RelayProcess is the same relay running as a process of its own, as
+	// real relays do: it shows what crossing into another process costs,
+	// which the in-process relay does not pay and the tunnel pays twice.
+	RelayProcess Path = "relay-process"
 	// Yamux goes client → gateway public port → tunnel (yamux mode) →
 	// agent → backend.
 	Yamux Path = "yamux"
@@ -36,7 +40,7 @@ const (
 )
 
 // Paths returns every path, in the order each run measures them.
-func Paths() []Path { return []Path{Direct, Relay, Yamux, JSON} }
+func Paths() []Path { return []Path{Direct, Relay, RelayProcess, Yamux, JSON} }
 
 func (p Path) tunnel() bool { return p == Yamux || p == JSON }
 
@@ -51,7 +55,7 @@ func ParsePaths(vals []string) ([]Path, error) {
 		for name := range strings.SplitSeq(v, ",") {
 			p := Path(strings.ToLower(strings.TrimSpace(name)))
 			if !p.valid() {
-				return nil, fmt.Errorf("--only: %q is not one of direct, relay, yamux, json", name)
+				return nil, fmt.Errorf("--only: %q is not one of direct, relay, relay-process, yamux, json", name)
 			}
 			want[p] = true
 		}
@@ -318,6 +322,17 @@ func (r *runner) measurePath(ctx context.Context, p Path, run int) (_ Figures, e
 	switch p {
 	case Relay:
 		tg = target{sink: r.relaySink.Addr(), echo: r.relayEcho.Addr()}
+	case RelayProcess:
+		pctx, cancel := context.WithCancelCause(ctx)
+		defer cancel(nil)
+		c, rtg, rerr := startRelayProcess(pctx, r.opts.Exec, r.dir, fmt.Sprintf("relay-run%d", run), r.sink.Addr(), r.echo.Addr(),
+			func(c *child) { cancel(c.exitErr()) })
+		if rerr != nil {
+			return Figures{}, rerr
+		}
+		defer c.stop()
+		tg = rtg
+		ctx = pctx
 	case Yamux, JSON:
 		t, terr := startTunnel(ctx, r.opts.Exec, r.dir, tunnelSpec{
 			name: fmt.Sprintf("%s-run%d", p, run), protocol: string(p),

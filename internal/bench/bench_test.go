@@ -76,7 +76,7 @@ func TestBenchJSON(t *testing.T) {
 	}
 	common := []string{"stream1_gbps", "stream8_gbps", "rr_per_s", "rr_p50_us", "rr_p99_us", "conn_per_s"}
 	tunnelOnly := []string{"gateway_peak_rss_mib", "agent_peak_rss_mib", "cpu_s_per_gb"}
-	for _, path := range []string{"direct", "relay", "yamux", "json"} {
+	for _, path := range []string{"direct", "relay", "relay-process", "yamux", "json"} {
 		f, ok := got.Paths[path]
 		if !ok {
 			t.Errorf("paths.%s missing", path)

@@ -3,8 +3,10 @@ package bench
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"time"
 )
@@ -23,7 +25,12 @@ const relayBuffer = 32 << 10
 // would splice in the kernel instead and measure something a tunnel can
 // never do.
 func startRelay(target string) (*tcpServer, error) {
-	return listenTCP(func(ctx context.Context, c *net.TCPConn) {
+	return startRelayOn("127.0.0.1:0", target)
+}
+
+// startRelayOn is startRelay listening on addr.
+func startRelayOn(addr, target string) (*tcpServer, error) {
+	return listenTCPOn(addr, func(ctx context.Context, c *net.TCPConn) {
 		d := net.Dialer{Timeout: dialTimeout}
 		bc, err := d.DialContext(ctx, "tcp", target)
 		if err != nil {
@@ -193,4 +200,58 @@ func (l *delayLine) write(dst *net.TCPConn, done <-chan struct{}, abort func()) 
 			return
 		}
 	}
+}
+
+// ServeRelays runs the reference relay in this process, one listener per
+// pair ("listen=target"), until ctx ends. It is the child process of the
+// relay-process path (`portway bench-relay`).
+func ServeRelays(ctx context.Context, pairs []string) error {
+	var servers []*tcpServer
+	defer func() {
+		for _, s := range servers {
+			s.Close()
+		}
+	}()
+	for _, pr := range pairs {
+		listen, target, ok := strings.Cut(pr, "=")
+		if !ok {
+			return fmt.Errorf("bench-relay: %q is not LISTEN=TARGET", pr)
+		}
+		s, err := startRelayOn(listen, target)
+		if err != nil {
+			return fmt.Errorf("bench-relay: %w", err)
+		}
+		servers = append(servers, s)
+	}
+	<-ctx.Done()
+	return nil
+}
+
+// startRelayProcess runs the reference relay as a child process in front
+// of sink and echo, and waits until both listeners accept.
+func startRelayProcess(ctx context.Context, ex Exec, dir, name, sink, echo string, onExit func(*child)) (*child, target, error) {
+	ports, err := freePorts(2)
+	if err != nil {
+		return nil, target{}, err
+	}
+	c, err := startChild(ex, dir, name, []string{"bench-relay", ports[0] + "=" + sink, ports[1] + "=" + echo}, onExit)
+	if err != nil {
+		return nil, target{}, err
+	}
+	deadline := time.Now().Add(startupTimeout)
+	for _, addr := range ports {
+		for {
+			conn, err := net.DialTimeout("tcp", addr, time.Second)
+			if err == nil {
+				conn.Close()
+				break
+			}
+			if time.Now().After(deadline) || ctx.Err() != nil {
+				c.stop()
+				return nil, target{}, fmt.Errorf("relay process not listening on %s: %w", addr, err)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	return c, target{sink: ports[0], echo: ports[1]}, nil
 }

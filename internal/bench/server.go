@@ -31,7 +31,12 @@ type tcpServer struct {
 // listenTCP starts a server on a free loopback port. handle's ctx ends when
 // the server closes; the server closes the connection when handle returns.
 func listenTCP(handle func(ctx context.Context, c *net.TCPConn)) (*tcpServer, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	return listenTCPOn("127.0.0.1:0", handle)
+}
+
+// listenTCPOn is listenTCP on a given address.
+func listenTCPOn(addr string, handle func(ctx context.Context, c *net.TCPConn)) (*tcpServer, error) {
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("listen: %w", err)
 	}

@@ -68,3 +68,16 @@ connections. docs/benchmarks.md explains every figure.`,
 	f.IntVar(&o.IdleConns, "idle-conns", bench.DefaultIdleConns, "idle connections held in the memory-at-scale case")
 	return cmd
 }
+
+// benchRelayCmd is the child process of the bench's relay-process path.
+func (a *app) benchRelayCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:    "bench-relay LISTEN=TARGET...",
+		Short:  "The reference relay of portway bench, as a process of its own",
+		Hidden: true,
+		Args:   cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return bench.ServeRelays(cmd.Context(), args)
+		},
+	}
+}
