@@ -39,6 +39,10 @@ fi
 
 step "go vet"
 go vet ./...
+# The lean build for gateway hosts (docs/benchmarks.md): it must keep
+# compiling, and refuse kubernetes.enabled clearly.
+go vet -tags nokubernetes ./cmd/... ./internal/cli/...
+go test -tags nokubernetes -count=1 -run TestNoKubernetesBuild ./internal/cli
 
 step "staticcheck"
 go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...

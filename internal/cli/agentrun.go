@@ -4,12 +4,8 @@ import (
 	"context"
 	"log/slog"
 
-	"golang.org/x/sync/errgroup"
-	"k8s.io/klog/v2"
-
 	"github.com/portway/portway/internal/agent"
 	"github.com/portway/portway/internal/config"
-	"github.com/portway/portway/internal/discovery"
 )
 
 // runAgent builds the agent from opts and runs it until ctx ends, with
@@ -29,40 +25,7 @@ func runAgent(ctx context.Context, opts agent.Options, getenv func(string) strin
 		}
 		return ag.Run(ctx)
 	}
-
-	restCfg, source, err := discovery.RESTConfig(cfg.Kubernetes.Kubeconfig, getenv)
-	if err != nil {
-		return err
-	}
-	// client-go logs through klog (informer retries, for one); send it to
-	// the agent's log so that it has one format.
-	klog.SetSlogLogger(log.With("component", "client-go"))
-	log.Info("Kubernetes discovery enabled", "api", restCfg.Host, "config", source)
-
-	// The agent reports endpoints to discovery, which is built after it;
-	// the agent calls OnEndpoints only once Run has started.
-	var d *discovery.Discoverer
-	opts.OnEndpoints = func(eps []agent.Endpoint) { d.SetEndpoints(discoveryEndpoints(eps)) }
-	ag, err := agent.New(opts)
-	if err != nil {
-		return err
-	}
-	m := ag.Metrics()
-	d, err = discovery.New(discovery.Options{
-		Config:     restCfg,
-		Tunnels:    cfg.Tunnels,
-		Logger:     log,
-		Publish:    func(svcs []discovery.Service) { ag.SetDiscovered(agentServices(svcs)) },
-		Discovered: m.Discovered,
-		Syncs:      m.Syncs,
-	})
-	if err != nil {
-		return err
-	}
-	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return ag.Run(gctx) })
-	g.Go(func() error { return d.Run(gctx) })
-	return g.Wait()
+	return runWithDiscovery(ctx, opts, getenv)
 }
 
 // discoveryWanted reports whether to run Kubernetes discovery, logging why
@@ -81,25 +44,4 @@ func discoveryWanted(cfg *config.AgentFile, log *slog.Logger) bool {
 		return false
 	}
 	return true
-}
-
-// agentServices maps discovered services to the agent's.
-func agentServices(svcs []discovery.Service) []agent.Service {
-	out := make([]agent.Service, len(svcs))
-	for i, s := range svcs {
-		out[i] = agent.Service{
-			ID: s.ID, Protocol: s.Protocol, Port: s.Port, Backend: s.Backend,
-			IdleTimeout: s.IdleTimeout, Mode: string(s.Mode),
-		}
-	}
-	return out
-}
-
-// discoveryEndpoints maps the agent's endpoints back for the write-back.
-func discoveryEndpoints(eps []agent.Endpoint) []discovery.Endpoint {
-	out := make([]discovery.Endpoint, len(eps))
-	for i, e := range eps {
-		out[i] = discovery.Endpoint{ID: e.Service.ID, Protocol: e.Service.Protocol, Address: e.Address, Error: e.Error}
-	}
-	return out
 }
