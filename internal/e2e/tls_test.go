@@ -1,0 +1,143 @@
+package e2e
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"encoding/pem"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/portway/portway/internal/agent"
+	"github.com/portway/portway/internal/config"
+)
+
+// writeTestCert writes a self-signed certificate for 127.0.0.1 and its key,
+// and returns their paths.
+func writeTestCert(t *testing.T) (certFile, keyFile string) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "portway test gateway"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	certFile, keyFile = filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
+	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600)
+	return certFile, keyFile
+}
+
+// The agent endpoint over TLS, with the agent trusting the gateway's
+// certificate through gateway.ca_file, and a token configured only by its
+// SHA-256. An agent that does not trust the certificate is refused by its
+// own TLS check, and says so.
+func TestTLSAndHashedToken(t *testing.T) {
+	certFile, keyFile := writeTestCert(t)
+	const token = "hashed-token-0123456789abcdef"
+	sum := sha256.Sum256([]byte(token))
+	g := startGateway(t, func(c *config.Gateway) {
+		c.Insecure = false
+		c.TLS = &config.TLS{CertFile: certFile, KeyFile: keyFile}
+		c.Agents = []config.Agent{{Name: "hashed", TokenSHA256: hex.EncodeToString(sum[:])}}
+	})
+	url := "wss://" + g.TunnelAddr().String() + "/v1/tunnel"
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			a := startAgent(t, url, token, mode, []config.StaticService{{Name: "echo", Protocol: "tcp", Port: 7, Backend: echoBackend(t)}},
+				func(c *config.AgentFile) { c.Gateway.CAFile = certFile })
+			if err := echoRoundTrip(a.waitReady(t)["echo"], []byte("over tls")); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+
+	// The TLS settings: 1.2 is the floor.
+	conn, err := tls.Dial("tcp", g.TunnelAddr().String(), &tls.Config{InsecureSkipVerify: true, MaxVersion: tls.VersionTLS11})
+	if err == nil {
+		conn.Close()
+		t.Error("the gateway accepted TLS 1.1")
+	}
+
+	untrusting := startAgent(t, url, token, "auto", nil)
+	eventually(t, 10*time.Second, "the untrusting agent to report the certificate", func() bool {
+		return strings.Contains(untrusting.log.String(), "certificate")
+	})
+	if untrusting.Ready() {
+		t.Fatal("an agent that does not trust the certificate connected")
+	}
+	// Plain ws:// to a TLS endpoint does not get through either.
+	plain := startAgent(t, "ws://"+g.TunnelAddr().String()+"/v1/tunnel", token, "auto", nil)
+	time.Sleep(time.Second)
+	if plain.Ready() {
+		t.Fatal("plain ws:// connected to a TLS endpoint")
+	}
+}
+
+// Services withdrawn from the agent's set close their public port at once,
+// and come back on the same port.
+func TestWithdrawnServiceClosesAndComesBack(t *testing.T) {
+	g := startGateway(t)
+	echo := echoBackend(t)
+	a := startAgent(t, g.url(), tokenA, "yamux", []config.StaticService{{Name: "static", Protocol: "tcp", Port: 7, Backend: echo}})
+	a.waitReady(t)
+	dyn := agent.Service{ID: "dynamic", Protocol: "tcp", Port: 4242, Backend: echo, Mode: "tunnel"}
+	endpoint := func() string {
+		for _, e := range a.Endpoints() {
+			if e.Service.ID == "dynamic" {
+				return e.Address
+			}
+		}
+		return ""
+	}
+	a.SetDiscovered([]agent.Service{dyn})
+	eventually(t, 5*time.Second, "the service to be exposed", func() bool { return endpoint() != "" })
+	ep := endpoint()
+	if err := echoRoundTrip(ep, []byte("up")); err != nil {
+		t.Fatal(err)
+	}
+	a.SetDiscovered(nil)
+	eventually(t, 5*time.Second, "the withdrawn service's port to close", func() bool {
+		c, err := net.DialTimeout("tcp", ep, time.Second)
+		if err == nil {
+			c.Close()
+		}
+		return err != nil && endpoint() == ""
+	})
+	a.SetDiscovered([]agent.Service{dyn})
+	eventually(t, 5*time.Second, "the service to return", func() bool { return endpoint() != "" })
+	if got := endpoint(); got != ep {
+		t.Fatalf("service came back on %s, was %s", got, ep)
+	}
+	if err := echoRoundTrip(ep, []byte("back")); err != nil {
+		t.Fatal(err)
+	}
+}
