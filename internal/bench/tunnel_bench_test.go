@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/portway/portway/internal/agent"
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/gateway"
@@ -22,6 +24,12 @@ import (
 // inProcessTunnel starts a gateway and an agent in mode exposing the sink
 // and echo servers, and returns their public endpoints.
 func inProcessTunnel(b *testing.B, mode, sinkAddr, echoAddr string) (sinkEP, echoEP string) {
+	return inProcessTunnelWith(b, mode, sinkAddr, echoAddr, prometheus.NewRegistry(), prometheus.NewRegistry())
+}
+
+// inProcessTunnelWith is inProcessTunnel with the gateway's and the agent's
+// metrics registries given.
+func inProcessTunnelWith(b *testing.B, mode, sinkAddr, echoAddr string, gwReg, agReg *prometheus.Registry) (sinkEP, echoEP string) {
 	b.Helper()
 	const token = "bench-agent-token-0123456789"
 	gcfg := config.DefaultGateway()
@@ -31,7 +39,7 @@ func inProcessTunnel(b *testing.B, mode, sinkAddr, echoAddr string) (sinkEP, ech
 	gcfg.StateFile = ""
 	gcfg.Insecure = true
 	gcfg.Agents = []config.Agent{{Name: agentName, Token: token}}
-	g, err := gateway.New(gateway.Options{Config: gcfg})
+	g, err := gateway.New(gateway.Options{Config: gcfg, Registry: gwReg, Gatherer: gwReg})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -44,7 +52,7 @@ func inProcessTunnel(b *testing.B, mode, sinkAddr, echoAddr string) (sinkEP, ech
 	acfg.Gateway = config.GatewayConn{URL: "ws://" + g.TunnelAddr().String() + tunnel.Path, Token: token, Protocol: mode}
 	acfg.Metrics.Listen = ""
 	acfg.Services = []config.StaticService{staticService(sinkService, sinkAddr), staticService(echoService, echoAddr)}
-	a, err := agent.New(agent.Options{Config: acfg})
+	a, err := agent.New(agent.Options{Config: acfg, Registry: agReg, Gatherer: agReg})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -139,6 +147,62 @@ func BenchmarkTunnelRoundTrip(b *testing.B) {
 				if _, err := io.ReadFull(c, msg); err != nil {
 					b.Fatal(err)
 				}
+			}
+		})
+	}
+}
+
+// BenchmarkMetricsScrape measures what metrics cost the data path: bulk
+// data through a yamux tunnel while nobody reads the metrics, and while
+// both registries are gathered every 10 ms (a Prometheus server scrapes
+// every 15-60 s). Counting itself is always on: one atomic add per read.
+func BenchmarkMetricsScrape(b *testing.B) {
+	for _, every := range []time.Duration{0, 10 * time.Millisecond} {
+		name := "not-scraped"
+		if every > 0 {
+			name = "scraped-every-10ms"
+		}
+		b.Run(name, func(b *testing.B) {
+			snk, echo := startBackends(b)
+			gwReg, agReg := prometheus.NewRegistry(), prometheus.NewRegistry()
+			sinkEP, _ := inProcessTunnelWith(b, "yamux", snk.Addr(), echo.Addr(), gwReg, agReg)
+			c, err := net.DialTimeout("tcp", sinkEP, dialTimeout)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer c.Close()
+			stop := make(chan struct{})
+			scraped := make(chan int)
+			go func() {
+				n := 0
+				defer func() { scraped <- n }()
+				if every == 0 {
+					<-stop
+					return
+				}
+				t := time.NewTicker(every)
+				defer t.Stop()
+				for {
+					select {
+					case <-stop:
+						return
+					case <-t.C:
+						gwReg.Gather()
+						agReg.Gather()
+						n++
+					}
+				}
+			}()
+			buf := make([]byte, throughputWrite)
+			b.SetBytes(int64(len(buf)))
+			for b.Loop() {
+				if _, err := c.Write(buf); err != nil {
+					b.Fatal(err)
+				}
+			}
+			close(stop)
+			if n := <-scraped; every > 0 && n == 0 && b.Elapsed() > 100*time.Millisecond {
+				b.Fatal("the scraper never ran")
 			}
 		})
 	}

@@ -10,30 +10,13 @@ import (
 	"net"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/portway/portway/internal/testlog"
 )
 
-// syncBuf is a bytes.Buffer safe for a command writing while the test reads.
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func waitFor(t *testing.T, b *syncBuf, substr string) {
+func waitFor(t *testing.T, b *testlog.Buffer, substr string) {
 	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
 	for !strings.Contains(b.String(), substr) {
@@ -50,7 +33,7 @@ func waitFor(t *testing.T, b *syncBuf, substr string) {
 func TestUpThenStatus(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	var out, errOut syncBuf
+	var out, errOut testlog.Buffer
 	done := make(chan int, 1)
 	go func() {
 		done <- Main(ctx, []string{"--log-format", "json", "up", "--port-range", "31000-31999", "--admin-listen", "127.0.0.1:0"}, "test", &out, &errOut)

@@ -10,11 +10,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -35,6 +33,7 @@ import (
 	"github.com/portway/portway/internal/discovery"
 	"github.com/portway/portway/internal/gateway"
 	"github.com/portway/portway/internal/k8stest"
+	"github.com/portway/portway/internal/testlog"
 	"github.com/portway/portway/internal/testservers"
 )
 
@@ -82,15 +81,15 @@ func TestKubernetesEndToEnd(t *testing.T) {
 
 	t.Run("waits for the Gateway API CRDs and recovers", func(t *testing.T) {
 		const line = "Gateway API CRDs not installed yet (gateways.gateway.networking.k8s.io, tcproutes.gateway.networking.k8s.io, udproutes.gateway.networking.k8s.io); waiting"
-		eventually(t, 30*time.Second, "the agent to say it waits for the CRDs", func() bool { return ag.log.count(line) > 0 })
+		eventually(t, 30*time.Second, "the agent to say it waits for the CRDs", func() bool { return ag.log.Count(line) > 0 })
 		// Let it retry a few times: the line must not repeat.
 		time.Sleep(2 * time.Second)
 		env.InstallGatewayAPI(t)
-		eventually(t, 60*time.Second, "discovery to start", func() bool { return ag.log.count("Kubernetes discovery started") == 1 })
-		if n := ag.log.count(line); n != 1 {
+		eventually(t, 60*time.Second, "discovery to start", func() bool { return ag.log.Count("Kubernetes discovery started") == 1 })
+		if n := ag.log.Count(line); n != 1 {
 			t.Errorf("the waiting line was logged %d times, want once", n)
 		}
-		if ag.log.count("Gateway API CRDs found; starting discovery") != 1 {
+		if ag.log.Count("Gateway API CRDs found; starting discovery") != 1 {
 			t.Errorf("no line saying the CRDs were found")
 		}
 	})
@@ -148,14 +147,14 @@ func TestKubernetesEndToEnd(t *testing.T) {
 		if n := gaugeValue(t, ag.reg, "pipeops_agent_gateway_watcher_sync_total", "result", "error"); n < 1 {
 			t.Errorf("sync_total{result=error} = %v; the postgres listener without a route should count", n)
 		}
-		if ag.log.count(`msg=endpoint gateway=pipeops-system/tcp-gateway listener=redis protocol=tcp mode=tunnel endpoint=`+redisEP) != 1 {
+		if ag.log.Count(`msg=endpoint gateway=pipeops-system/tcp-gateway listener=redis protocol=tcp mode=tunnel endpoint=`+redisEP) != 1 {
 			t.Errorf("the redis endpoint was not logged exactly once")
 		}
 	})
 
 	t.Run("a listener without a route is reported, not exposed", func(t *testing.T) {
 		k.waitEvent(t, "pipeops-system", "Gateway", "tcp-gateway", "NoRoute", `TCP listener "postgres" has no TCPRoute attached`)
-		if n := ag.log.count(`TCP listener \"postgres\" has no TCPRoute attached`); n != 1 {
+		if n := ag.log.Count(`TCP listener \"postgres\" has no TCPRoute attached`); n != 1 {
 			t.Errorf("the missing route was logged %d times, want once", n)
 		}
 		waitRefused(t, "tcp", "127.0.0.1:15432")
@@ -296,7 +295,7 @@ func TestKubernetesEndToEnd(t *testing.T) {
 		}
 		k.patch(t, "Gateway", "pipeops-system", "tcp-gateway", `{"metadata":{"annotations":{"pipeops.io/idle-timeout":"1s"}}}`)
 		eventually(t, 10*time.Second, "the agent to log the new idle timeout", func() bool {
-			return ag.log.countLines(`msg="service changed" service=pipeops-system/tcp-gateway/redis `, " idle_timeout=1s") > 0
+			return ag.log.CountLines(`msg="service changed" service=pipeops-system/tcp-gateway/redis `, " idle_timeout=1s") > 0
 		})
 		time.Sleep(500 * time.Millisecond) // the register after the agent's debounce
 		if err := idleSurvives(redisEP, 3*time.Second); err == nil {
@@ -369,7 +368,7 @@ func startTestGateway(t *testing.T) *testGateway {
 	cfg.HeartbeatInterval = config.D(time.Second)
 	cfg.Agents = []config.Agent{{Name: "cluster", Token: agentTok}}
 	cfg.Admin = config.Admin{Listen: "127.0.0.1:0", Token: "admin-token-0123456789"}
-	log, lb := testLogger(t, "gateway")
+	log, lb := testlog.New(t, "gateway")
 	_ = lb
 	reg := prometheus.NewRegistry()
 	g, err := gateway.New(gateway.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: "test"})
@@ -393,7 +392,7 @@ func gatewayServiceMode(g *testGateway, id string) string {
 }
 
 type kubeAgent struct {
-	log *logBuf
+	log *testlog.Buffer
 	reg *prometheus.Registry
 }
 
@@ -408,7 +407,7 @@ func startKubeAgent(t *testing.T, url, kubeconfig string) *kubeAgent {
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	log, lb := testLogger(t, "agent")
+	log, lb := testlog.New(t, "agent")
 	reg := prometheus.NewRegistry()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -428,51 +427,6 @@ func startKubeAgent(t *testing.T, url, kubeconfig string) *kubeAgent {
 		}
 	})
 	return &kubeAgent{log: lb, reg: reg}
-}
-
-// logBuf collects a component's log; it is printed when the test fails.
-type logBuf struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *logBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *logBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
-func (l *logBuf) count(s string) int { return strings.Count(l.String(), s) }
-
-// countLines counts the lines that contain every one of parts.
-func (l *logBuf) countLines(parts ...string) int {
-	n := 0
-	for _, line := range strings.Split(l.String(), "\n") {
-		all := true
-		for _, p := range parts {
-			all = all && strings.Contains(line, p)
-		}
-		if all {
-			n++
-		}
-	}
-	return n
-}
-
-func testLogger(t *testing.T, name string) (*slog.Logger, *logBuf) {
-	lb := &logBuf{}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("---- %s log ----\n%s", name, lb.String())
-		}
-	})
-	return slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})), lb
 }
 
 func gaugeValue(t *testing.T, reg *prometheus.Registry, name, label, value string) float64 {

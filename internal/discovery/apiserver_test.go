@@ -1,7 +1,6 @@
 package discovery_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -32,6 +31,7 @@ import (
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/discovery"
 	"github.com/portway/portway/internal/k8stest"
+	"github.com/portway/portway/internal/testlog"
 )
 
 const (
@@ -189,7 +189,7 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 	discovered := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "discovered"}, []string{"protocol"})
 	syncs := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "syncs"}, []string{"result"})
 	reg.MustRegister(discovered, syncs)
-	logs := &syncBuffer{}
+	logs := &testlog.Buffer{}
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("---- discovery log ----\n%s", logs.String())
@@ -368,23 +368,6 @@ func (r *recorder) last() []discovery.Service {
 		return nil
 	}
 	return r.sets[len(r.sets)-1]
-}
-
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 func tcpRoute(ns, name, gateway, backendNS, backend string, port int) *gwv1.TCPRoute {

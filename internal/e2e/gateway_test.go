@@ -83,14 +83,14 @@ func TestWrongTokenIsRefusedAndRetried(t *testing.T) {
 	const bad = "not-the-right-token-42"
 	a := startAgent(t, g.url(), bad, "auto", []config.StaticService{{Name: "echo", Protocol: "tcp", Port: 7, Backend: echoBackend(t)}})
 	// The agent says why, and keeps retrying with backoff.
-	eventually(t, 10*time.Second, "two refused attempts", func() bool { return a.log.count("HTTP 401") >= 2 })
+	eventually(t, 10*time.Second, "two refused attempts", func() bool { return a.log.Count("HTTP 401") >= 2 })
 	if a.Ready() {
 		t.Fatal("agent with a wrong token is ready")
 	}
 	if !strings.Contains(a.log.String(), "check gateway.token") {
 		t.Error("agent log does not say what to check")
 	}
-	if n := g.log.count("rejected tunnel connection"); n < 2 {
+	if n := g.log.Count("rejected tunnel connection"); n < 2 {
 		t.Errorf("gateway logged %d rejections, want >= 2", n)
 	}
 	if strings.Contains(g.log.String()+a.log.String(), bad) {
@@ -158,14 +158,14 @@ func TestBadMessagesCloseOnlyThatSession(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			before := g.log.count(`msg="agent disconnected" agent=agent-b`)
+			before := g.log.Count(`msg="agent disconnected" agent=agent-b`)
 			ws := rawAgent(t, g, tokenB, c.proto)
 			ws.WriteMessage(c.typ, c.msg)
 			waitClosed(t, ws)
 			eventually(t, 5*time.Second, "the gateway to log the disconnect", func() bool {
-				return g.log.count(`msg="agent disconnected" agent=agent-b`) > before
+				return g.log.Count(`msg="agent disconnected" agent=agent-b`) > before
 			})
-			if tail := g.log.since(before, `msg="agent disconnected" agent=agent-b`); !strings.Contains(tail, c.wantLog) {
+			if tail := g.log.Since(before, `msg="agent disconnected" agent=agent-b`); !strings.Contains(tail, c.wantLog) {
 				t.Errorf("gateway log for this session does not mention %q:\n%s", c.wantLog, tail)
 			}
 			if err := echoRoundTrip(ep, []byte("still fine after "+c.name)); err != nil {

@@ -9,11 +9,8 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -23,6 +20,7 @@ import (
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/gateway"
 	"github.com/portway/portway/internal/quickstart"
+	"github.com/portway/portway/internal/testlog"
 	"github.com/portway/portway/internal/testservers"
 )
 
@@ -34,62 +32,11 @@ const (
 	adminToken = "admin-token-0123456789"
 )
 
-// logBuf collects a component's log lines; they are printed only when the
-// test fails, and tests may search them.
-type logBuf struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *logBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *logBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
-func (l *logBuf) count(substr string) int { return strings.Count(l.String(), substr) }
-
-// since returns the log from the line after the n-th line containing marker
-// up to and including the (n+1)-th: one event's worth of log.
-func (l *logBuf) since(n int, marker string) string {
-	lines := strings.SplitAfter(l.String(), "\n")
-	seen := 0
-	var out strings.Builder
-	for _, line := range lines {
-		if seen >= n {
-			out.WriteString(line)
-		}
-		if strings.Contains(line, marker) {
-			seen++
-			if seen > n {
-				break
-			}
-		}
-	}
-	return out.String()
-}
-
-func newLogger(t *testing.T, name string) (*slog.Logger, *logBuf) {
-	lb := &logBuf{}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("---- %s log ----\n%s", name, lb.String())
-		}
-	})
-	return slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})), lb
-}
-
 type gw struct {
 	*gateway.Gateway
 	cfg *config.Gateway
 	reg *prometheus.Registry
-	log *logBuf
+	log *testlog.Buffer
 }
 
 // startGateway starts a gateway on loopback with two agents (agent-a and
@@ -108,7 +55,7 @@ func startGateway(t *testing.T, opts ...func(*config.Gateway)) *gw {
 	for _, o := range opts {
 		o(cfg)
 	}
-	log, lb := newLogger(t, "gateway")
+	log, lb := testlog.New(t, "gateway")
 	reg := prometheus.NewRegistry()
 	g, err := gateway.New(gateway.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: "test"})
 	if err != nil {
@@ -127,7 +74,7 @@ type ag struct {
 	*agent.Agent
 	cfg    *config.AgentFile
 	reg    *prometheus.Registry
-	log    *logBuf
+	log    *testlog.Buffer
 	cancel context.CancelFunc
 	done   chan struct{}
 }
@@ -143,7 +90,7 @@ func startAgent(t *testing.T, url, token, mode string, services []config.StaticS
 	for _, o := range opts {
 		o(cfg)
 	}
-	log, lb := newLogger(t, "agent")
+	log, lb := testlog.New(t, "agent")
 	reg := prometheus.NewRegistry()
 	a, err := agent.New(agent.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: "test"})
 	if err != nil {

@@ -48,7 +48,7 @@ func TestAuthAttemptsRateLimited(t *testing.T) {
 	if code := try(tokenA); code != http.StatusTooManyRequests {
 		t.Fatalf("valid token from a throttled source: HTTP %d, want 429", code)
 	}
-	if n := g.log.count("throttling tunnel authentication attempts"); n != 1 {
+	if n := g.log.Count("throttling tunnel authentication attempts"); n != 1 {
 		t.Errorf("throttling logged %d times, want once", n)
 	}
 	m := scrape(t, "http://"+g.AdminAddr().String()+"/metrics")
@@ -88,7 +88,7 @@ func TestUnauthenticatedFrames(t *testing.T) {
 			t.Logf("answer: %q", status)
 		})
 	}
-	if n := g.log.count("agent connected"); n != 0 {
+	if n := g.log.Count("agent connected"); n != 0 {
 		t.Fatalf("%d sessions started", n)
 	}
 }
@@ -269,7 +269,7 @@ func TestMaxConnectionsPerService(t *testing.T) {
 			if v != 20 {
 				t.Errorf("over_limit counted %v, want 20", v)
 			}
-			if n := a.log.count("max_connections reached"); n < 1 || n > 3 {
+			if n := a.log.Count("max_connections reached"); n < 1 || n > 3 {
 				t.Errorf("max_connections logged %d times for 20 refusals, want 1-3 (once per second)", n)
 			}
 		})
