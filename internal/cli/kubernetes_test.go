@@ -35,6 +35,7 @@ import (
 	"github.com/portway/portway/internal/k8stest"
 	"github.com/portway/portway/internal/testlog"
 	"github.com/portway/portway/internal/testservers"
+	"github.com/portway/portway/internal/testwait"
 )
 
 // Addresses inside the test's own network namespace: two pod-like addresses
@@ -537,16 +538,10 @@ func idleSurvives(addr string, d time.Duration) error {
 	return nil
 }
 
-// waitFor polls cond every 50 ms until it holds or timeout passes.
+// eventually waits for cond (see testwait.For).
 func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	testwait.For(t, timeout, what, cond)
 }
 
 // ---- Kubernetes objects ----

@@ -32,6 +32,7 @@ import (
 	"github.com/portway/portway/internal/discovery"
 	"github.com/portway/portway/internal/k8stest"
 	"github.com/portway/portway/internal/testlog"
+	"github.com/portway/portway/internal/testwait"
 )
 
 const (
@@ -467,15 +468,10 @@ func ctx(t *testing.T) context.Context {
 	return c
 }
 
+// eventually waits for cond (see testwait.For).
 func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	testwait.For(t, timeout, what, cond)
 }
 
 // TestRESTConfigPrecedence: kubernetes.kubeconfig, then KUBECONFIG, then

@@ -22,6 +22,7 @@ import (
 	"github.com/portway/portway/internal/quickstart"
 	"github.com/portway/portway/internal/testlog"
 	"github.com/portway/portway/internal/testservers"
+	"github.com/portway/portway/internal/testwait"
 )
 
 var modes = []string{"yamux", "json"}
@@ -140,16 +141,10 @@ func (a *ag) waitReady(t *testing.T) map[string]string {
 	return eps
 }
 
-// eventually polls cond every 20 ms until it holds or the timeout passes.
+// eventually waits for cond (see testwait.For).
 func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	testwait.For(t, timeout, what, cond)
 }
 
 // echoBackend starts a TCP echo server for the test.
