@@ -494,3 +494,16 @@ func TestAgentOpenedStreamEndsSession(t *testing.T) {
 		t.Fatalf("gateway session ended with %v", err)
 	}
 }
+
+func TestYamuxLogLinesLoseTheirTimestamp(t *testing.T) {
+	var got []string
+	w := logWriter{warnFunc(func(msg string, args ...any) { got = append(got, fmt.Sprint(args...)) })}
+	w.Write([]byte("2026/11/26 01:02:03 [WARN] yamux: backlog exceeded\n"))
+	if len(got) != 1 || got[0] != "msg[WARN] yamux: backlog exceeded" {
+		t.Fatalf("logged %q", got)
+	}
+}
+
+type warnFunc func(string, ...any)
+
+func (f warnFunc) Warn(msg string, args ...any) { f(msg, args...) }

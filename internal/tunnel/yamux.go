@@ -324,6 +324,11 @@ type logWriter struct {
 }
 
 func (w logWriter) Write(p []byte) (int, error) {
-	w.log.Warn("yamux", "msg", strings.TrimSpace(string(p)))
+	msg := strings.TrimSpace(string(p))
+	// go-yamux's logger stamps "2006/01/02 15:04:05 "; slog has the time.
+	if len(msg) > 20 && msg[4] == '/' && msg[7] == '/' && msg[10] == ' ' && msg[19] == ' ' {
+		msg = msg[20:]
+	}
+	w.log.Warn("yamux", "msg", msg)
 	return len(p), nil
 }
