@@ -497,10 +497,34 @@ func TestAgentOpenedStreamEndsSession(t *testing.T) {
 
 func TestYamuxLogLinesLoseTheirTimestamp(t *testing.T) {
 	var got []string
-	w := logWriter{warnFunc(func(msg string, args ...any) { got = append(got, fmt.Sprint(args...)) })}
+	w := newLogWriter(warnFunc(func(msg string, args ...any) { got = append(got, fmt.Sprint(args...)) }))
 	w.Write([]byte("2026/11/26 01:02:03 [WARN] yamux: backlog exceeded\n"))
 	if len(got) != 1 || got[0] != "msg[WARN] yamux: backlog exceeded" {
 		t.Fatalf("logged %q", got)
+	}
+}
+
+// A flood of per-stream warnings from yamux is logged at most once per
+// interval, with the count of what was left out.
+func TestYamuxLogLinesAreRateLimited(t *testing.T) {
+	var got []string
+	w := newLogWriter(warnFunc(func(msg string, args ...any) { got = append(got, fmt.Sprint(args...)) }))
+	clock := time.Unix(1000, 0)
+	w.now = func() time.Time { return clock }
+	line := []byte("2026/11/26 01:02:03 [WARN] yamux: MaxIncomingStreams exceeded, forcing stream reset\n")
+	for range 1000 {
+		if n, err := w.Write(line); n != len(line) || err != nil {
+			t.Fatalf("Write = %d, %v", n, err)
+		}
+	}
+	if len(got) != 1 {
+		t.Fatalf("1000 lines within a second logged %d times: %q", len(got), got)
+	}
+	clock = clock.Add(logInterval)
+	w.Write(line)
+	want := "msg[WARN] yamux: MaxIncomingStreams exceeded, forcing stream resetsuppressed_since_last999"
+	if len(got) != 2 || got[1] != want {
+		t.Fatalf("after the interval logged %q, want the line with the 999 left out", got)
 	}
 }
 

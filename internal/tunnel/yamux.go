@@ -122,7 +122,7 @@ func (s *Session) startYamux() {
 	cfg.MaxStreamWindowSize = uint32(s.cfg.MaxStreamWindow)
 	cfg.ReadBufSize = 16 << 10
 	cfg.ConnectionWriteTimeout = s.cfg.WriteTimeout
-	cfg.LogOutput = logWriter{s.cfg.Logger}
+	cfg.LogOutput = newLogWriter(s.cfg.Logger)
 	budget := &windowBudget{limit: int64(s.cfg.SessionWindowMemory)}
 	conn := &yamuxConn{s: s}
 	var err error
@@ -318,17 +318,48 @@ func (sp *budgetSpan) ReleaseMemory(size int) {
 
 func (sp *budgetSpan) Done() { sp.b.used.Add(-sp.reserved.Swap(0)) }
 
-// logWriter turns yamux's log lines into structured log records.
+// logWriter turns yamux's log lines into structured log records, at most
+// one per logInterval: some of yamux's warnings come once per stream (a
+// backlog or stream limit exceeded), and a flood of streams must not become
+// a flood of log lines. Lines dropped in between are counted in the next.
 type logWriter struct {
 	log interface{ Warn(string, ...any) }
+	now func() time.Time
+
+	mu         sync.Mutex
+	last       time.Time
+	suppressed int
 }
 
-func (w logWriter) Write(p []byte) (int, error) {
+// logInterval is the least time between two yamux log lines.
+const logInterval = time.Second
+
+func newLogWriter(log interface{ Warn(string, ...any) }) *logWriter {
+	return &logWriter{log: log, now: time.Now}
+}
+
+func (w *logWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	now := w.now()
+	if !w.last.IsZero() && now.Sub(w.last) < logInterval {
+		w.suppressed++
+		w.mu.Unlock()
+		return len(p), nil
+	}
+	w.last = now
+	suppressed := w.suppressed
+	w.suppressed = 0
+	w.mu.Unlock()
+
 	msg := strings.TrimSpace(string(p))
 	// go-yamux's logger stamps "2006/01/02 15:04:05 "; slog has the time.
 	if len(msg) > 20 && msg[4] == '/' && msg[7] == '/' && msg[10] == ' ' && msg[19] == ' ' {
 		msg = msg[20:]
 	}
-	w.log.Warn("yamux", "msg", msg)
+	if suppressed > 0 {
+		w.log.Warn("yamux", "msg", msg, "suppressed_since_last", suppressed)
+	} else {
+		w.log.Warn("yamux", "msg", msg)
+	}
 	return len(p), nil
 }
