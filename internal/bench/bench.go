@@ -389,6 +389,8 @@ func (r *runner) measure(ctx context.Context, tg target, procs []proc) (Figures,
 	if len(procs) == 2 {
 		f.GatewayPeakRSSMiB = float64(s8.peakKB[0]) / 1024
 		f.AgentPeakRSSMiB = float64(s8.peakKB[1]) / 1024
+		f.GatewayPeakPrivateMiB = float64(s8.peakPrivateKB[0]) / 1024
+		f.AgentPeakPrivateMiB = float64(s8.peakPrivateKB[1]) / 1024
 		if gb := float64(s1.bytes+s8.bytes) / 1e9; gb > 0 {
 			f.CPUSecPerGB = (s1.cpu + s8.cpu) / gb
 		}

@@ -75,7 +75,7 @@ func TestBenchJSON(t *testing.T) {
 		t.Fatalf("output holds more than one JSON value")
 	}
 	common := []string{"stream1_gbps", "stream8_gbps", "rr_per_s", "rr_p50_us", "rr_p99_us", "conn_per_s"}
-	tunnelOnly := []string{"gateway_peak_rss_mib", "agent_peak_rss_mib", "cpu_s_per_gb"}
+	tunnelOnly := []string{"gateway_peak_rss_mib", "agent_peak_rss_mib", "gateway_peak_private_mib", "agent_peak_private_mib", "cpu_s_per_gb"}
 	for _, path := range []string{"direct", "relay", "relay-process", "yamux", "json"} {
 		f, ok := got.Paths[path]
 		if !ok {
@@ -95,6 +95,13 @@ func TestBenchJSON(t *testing.T) {
 		for _, k := range want {
 			if v, ok := f[k]; !ok || !(v > 0) {
 				t.Errorf("paths.%s.%s = %v (present: %v), want a positive number", path, k, v, ok)
+			}
+		}
+		// Private memory is part of RSS at every moment, so its peak
+		// cannot exceed the RSS peak.
+		for _, side := range []string{"gateway", "agent"} {
+			if priv, rss := f[side+"_peak_private_mib"], f[side+"_peak_rss_mib"]; priv > rss {
+				t.Errorf("paths.%s: %s peak private memory %.1f MiB above its peak RSS %.1f MiB", path, side, priv, rss)
 			}
 		}
 	}

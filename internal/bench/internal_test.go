@@ -51,12 +51,13 @@ func TestUsageOfThisProcess(t *testing.T) {
 	for i := range ballast {
 		ballast[i] = 1 // touch every page, so it is resident
 	}
-	cpu, peak, err := u.end()
+	use, err := u.end()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cpu < 0 || peak[0] < 32<<10 {
-		t.Errorf("cpu %v s, peak %d KiB; want cpu >= 0 and a peak of at least the 32 MiB touched", cpu, peak[0])
+	if use.cpu < 0 || use.peakKB[0] < 32<<10 || use.peakPrivateKB[0] < 32<<10 {
+		t.Errorf("cpu %v s, peak %d KiB, private %d KiB; want cpu >= 0 and peaks of at least the 32 MiB touched",
+			use.cpu, use.peakKB[0], use.peakPrivateKB[0])
 	}
 	_ = ballast[len(ballast)-1]
 }

@@ -42,11 +42,10 @@ func (f *firstErr) report(err error) {
 type throughputResult struct {
 	bytes   int64
 	elapsed time.Duration
-	// cpu is the CPU seconds the watched processes used in the window;
-	// peakKB their peak RSS from the first connection on (warm-up
+	// usage is the CPU seconds the watched processes used in the window,
+	// and their peak memory from the first connection on (warm-up
 	// included), in the order given.
-	cpu    float64
-	peakKB []int64
+	usageResult
 }
 
 func (r throughputResult) gbps() float64 { return float64(r.bytes) * 8 / r.elapsed.Seconds() / 1e9 }
@@ -135,11 +134,11 @@ func throughputWindow(ctx context.Context, warmup, d time.Duration, snk *sink, u
 	b0, t0 := snk.received.Load(), time.Now()
 	werr := wait(d)
 	b1, t1 := snk.received.Load(), time.Now()
-	cpu, peak, uerr := u.end()
+	use, uerr := u.end()
 	if err := errors.Join(werr, uerr); err != nil {
 		return throughputResult{}, err
 	}
-	return throughputResult{bytes: b1 - b0, elapsed: t1.Sub(t0), cpu: cpu, peakKB: peak}, nil
+	return throughputResult{bytes: b1 - b0, elapsed: t1.Sub(t0), usageResult: use}, nil
 }
 
 // rrResult is a round-trip measurement.

@@ -50,11 +50,21 @@ func parseStatCPU(b []byte) (float64, error) {
 	return float64(ut+st) / clockTicks, nil
 }
 
-// statusKB returns a "Vm..." field of /proc/PID/status in KiB.
-func (p proc) statusKB(field string) (int64, error) {
+// status returns the contents of /proc/PID/status.
+func (p proc) status() ([]byte, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p))
 	if err != nil {
-		return 0, fmt.Errorf("memory: %w", err)
+		return nil, fmt.Errorf("memory: %w", err)
+	}
+	return b, nil
+}
+
+// statusKB returns a memory field ("VmRSS", "RssAnon", ...) of
+// /proc/PID/status in KiB.
+func (p proc) statusKB(field string) (int64, error) {
+	b, err := p.status()
+	if err != nil {
+		return 0, err
 	}
 	return parseStatusKB(b, field)
 }
@@ -99,10 +109,12 @@ func (p proc) resetPeak() error {
 	return nil
 }
 
-// usage measures the peak RSS of processes from its start, and their CPU
-// time from its start or from the last markCPU. The peak comes from VmHWM
-// after resetting it at the start; where the kernel refuses the reset, RSS
-// is sampled instead.
+// usage measures the peak memory of processes from its start, and their
+// CPU time from its start or from the last markCPU. The peak RSS comes from
+// VmHWM after resetting it at the start; where the kernel refuses the
+// reset, RSS is sampled instead. The peak private memory (RssAnon: heap,
+// stacks and written data, without the executable's pages mapped from its
+// file) has no kernel peak and is always sampled.
 type usage struct {
 	procs []proc
 	cpu0  []float64
@@ -110,30 +122,38 @@ type usage struct {
 
 	stop    chan struct{}
 	sampled sync.WaitGroup
-	maxKB   []int64 // sampled peaks, written by the sampler until it stops
+	// Sampled peaks, written by the sampler until it stops.
+	maxKB, maxPrivateKB []int64
 }
 
-// usageSample is how often RSS is sampled where VmHWM cannot be reset.
+// usageResult is what a usage measured.
+type usageResult struct {
+	// cpu is the CPU seconds of all the processes together since the mark.
+	cpu float64
+	// peakKB and peakPrivateKB are each process's peak RSS and peak
+	// private (anonymous) RSS since the start, in KiB.
+	peakKB, peakPrivateKB []int64
+}
+
+// usageSample is how often memory is sampled.
 const usageSample = 20 * time.Millisecond
 
 // beginUsage starts measuring procs.
 func beginUsage(procs []proc) (*usage, error) {
 	u := &usage{
 		procs: procs, cpu0: make([]float64, len(procs)), reset: make([]bool, len(procs)),
-		maxKB: make([]int64, len(procs)), stop: make(chan struct{}),
+		maxKB: make([]int64, len(procs)), maxPrivateKB: make([]int64, len(procs)),
+		stop: make(chan struct{}),
 	}
-	sample := false
 	for i, p := range procs {
 		u.reset[i] = p.resetPeak() == nil
-		sample = sample || !u.reset[i]
 	}
 	if err := u.markCPU(); err != nil {
 		return nil, err
 	}
-	if sample {
-		u.sampled.Add(1)
-		go u.sampleLoop()
-	}
+	u.sample()
+	u.sampled.Add(1)
+	go u.sampleLoop()
 	return u, nil
 }
 
@@ -149,49 +169,58 @@ func (u *usage) markCPU() error {
 	return nil
 }
 
+// sample records the current RSS (where VmHWM could not be reset) and
+// private RSS of every process into the peaks.
+func (u *usage) sample() {
+	for i, p := range u.procs {
+		b, err := p.status()
+		if err != nil {
+			continue // the process ended; end reports it
+		}
+		if kb, err := parseStatusKB(b, "RssAnon"); err == nil && kb > u.maxPrivateKB[i] {
+			u.maxPrivateKB[i] = kb
+		}
+		if u.reset[i] {
+			continue
+		}
+		if kb, err := parseStatusKB(b, "VmRSS"); err == nil && kb > u.maxKB[i] {
+			u.maxKB[i] = kb
+		}
+	}
+}
+
 func (u *usage) sampleLoop() {
 	defer u.sampled.Done()
 	t := time.NewTicker(usageSample)
 	defer t.Stop()
 	for {
-		for i, p := range u.procs {
-			if u.reset[i] {
-				continue
-			}
-			if kb, err := p.rssKB(); err == nil && kb > u.maxKB[i] {
-				u.maxKB[i] = kb
-			}
-		}
 		select {
 		case <-u.stop:
 			return
 		case <-t.C:
+			u.sample()
 		}
 	}
 }
 
-// end returns the CPU seconds used by all the processes together since the
-// mark, and each one's peak RSS in KiB since the start. Call it once.
-func (u *usage) end() (cpu float64, peakKB []int64, err error) {
+// end stops measuring and returns the result. Call it once.
+func (u *usage) end() (usageResult, error) {
 	close(u.stop)
 	u.sampled.Wait()
-	peakKB = make([]int64, len(u.procs))
+	u.sample() // the last moment counts too
+	res := usageResult{peakKB: make([]int64, len(u.procs)), peakPrivateKB: u.maxPrivateKB}
 	for i, p := range u.procs {
 		c, err := p.cpuSeconds()
 		if err != nil {
-			return 0, nil, err
+			return usageResult{}, err
 		}
-		cpu += c - u.cpu0[i]
+		res.cpu += c - u.cpu0[i]
+		res.peakKB[i] = u.maxKB[i]
 		if u.reset[i] {
-			if peakKB[i], err = p.statusKB("VmHWM"); err != nil {
-				return 0, nil, err
-			}
-		} else {
-			peakKB[i] = u.maxKB[i]
-			if kb, err := p.rssKB(); err == nil && kb > peakKB[i] {
-				peakKB[i] = kb
+			if res.peakKB[i], err = p.statusKB("VmHWM"); err != nil {
+				return usageResult{}, err
 			}
 		}
 	}
-	return cpu, peakKB, nil
+	return res, nil
 }

@@ -30,6 +30,11 @@ type Figures struct {
 	// resident memory during the 8-stream measurement.
 	GatewayPeakRSSMiB float64 `json:"gateway_peak_rss_mib,omitempty"`
 	AgentPeakRSSMiB   float64 `json:"agent_peak_rss_mib,omitempty"`
+	// GatewayPeakPrivateMiB and AgentPeakPrivateMiB are the same peaks of
+	// private memory only (RssAnon): RSS without the executable's pages
+	// mapped from its file, which the two processes share.
+	GatewayPeakPrivateMiB float64 `json:"gateway_peak_private_mib,omitempty"`
+	AgentPeakPrivateMiB   float64 `json:"agent_peak_private_mib,omitempty"`
 	// CPUSecPerGB is the CPU time of gateway and agent together per 10⁹
 	// bytes received by the sink, over both throughput measurements.
 	CPUSecPerGB float64 `json:"cpu_s_per_gb,omitempty"`
@@ -93,7 +98,9 @@ func figureList() []figure {
 		{"rr_p99_us", "round trip p99 (µs)", "%.0f", 1, false, func(f *Figures) *float64 { return &f.RRP99us }},
 		{"conn_per_s", "new connections/s", "%.0f", 0, false, func(f *Figures) *float64 { return &f.ConnPerS }},
 		{"gateway_peak_rss_mib", "gateway peak RSS, 8 streams (MiB)", "%.1f", 1, true, func(f *Figures) *float64 { return &f.GatewayPeakRSSMiB }},
+		{"gateway_peak_private_mib", "gateway peak private, 8 streams (MiB)", "%.1f", 1, true, func(f *Figures) *float64 { return &f.GatewayPeakPrivateMiB }},
 		{"agent_peak_rss_mib", "agent peak RSS, 8 streams (MiB)", "%.1f", 1, true, func(f *Figures) *float64 { return &f.AgentPeakRSSMiB }},
+		{"agent_peak_private_mib", "agent peak private, 8 streams (MiB)", "%.1f", 1, true, func(f *Figures) *float64 { return &f.AgentPeakPrivateMiB }},
 		{"cpu_s_per_gb", "gateway+agent CPU s per GB", "%.2f", 3, true, func(f *Figures) *float64 { return &f.CPUSecPerGB }},
 	}
 }
