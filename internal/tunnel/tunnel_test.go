@@ -497,10 +497,19 @@ func TestAgentOpenedStreamEndsSession(t *testing.T) {
 
 func TestYamuxLogLinesLoseTheirTimestamp(t *testing.T) {
 	var got []string
-	w := newLogWriter(warnFunc(func(msg string, args ...any) { got = append(got, fmt.Sprint(args...)) }))
+	done := make(chan struct{})
+	w := newLogWriter(warnFunc(func(msg string, args ...any) { got = append(got, fmt.Sprint(args...)) }), done)
 	w.Write([]byte("2026/11/26 01:02:03 [WARN] yamux: backlog exceeded\n"))
-	if len(got) != 1 || got[0] != "msg[WARN] yamux: backlog exceeded" {
+	if len(got) != 1 || got[0] != "detail[WARN] yamux: backlog exceeded" {
 		t.Fatalf("logged %q", got)
+	}
+	// Once the session is closing, yamux's complaints about the closed
+	// connection are not logged: the session reports why it ended.
+	close(done)
+	w.now = func() time.Time { return time.Now().Add(time.Hour) }
+	w.Write([]byte("2026/11/26 01:02:04 [ERR] yamux: Failed to read stream data on stream 1: use of closed network connection\n"))
+	if len(got) != 1 {
+		t.Fatalf("logged after close: %q", got[1:])
 	}
 }
 
@@ -508,7 +517,7 @@ func TestYamuxLogLinesLoseTheirTimestamp(t *testing.T) {
 // interval, with the count of what was left out.
 func TestYamuxLogLinesAreRateLimited(t *testing.T) {
 	var got []string
-	w := newLogWriter(warnFunc(func(msg string, args ...any) { got = append(got, fmt.Sprint(args...)) }))
+	w := newLogWriter(warnFunc(func(msg string, args ...any) { got = append(got, fmt.Sprint(args...)) }), nil)
 	clock := time.Unix(1000, 0)
 	w.now = func() time.Time { return clock }
 	line := []byte("2026/11/26 01:02:03 [WARN] yamux: MaxIncomingStreams exceeded, forcing stream reset\n")
@@ -522,7 +531,7 @@ func TestYamuxLogLinesAreRateLimited(t *testing.T) {
 	}
 	clock = clock.Add(logInterval)
 	w.Write(line)
-	want := "msg[WARN] yamux: MaxIncomingStreams exceeded, forcing stream resetsuppressed_since_last999"
+	want := "detail[WARN] yamux: MaxIncomingStreams exceeded, forcing stream resetsuppressed_since_last999"
 	if len(got) != 2 || got[1] != want {
 		t.Fatalf("after the interval logged %q, want the line with the 999 left out", got)
 	}

@@ -122,7 +122,7 @@ func (s *Session) startYamux() {
 	cfg.MaxStreamWindowSize = uint32(s.cfg.MaxStreamWindow)
 	cfg.ReadBufSize = 16 << 10
 	cfg.ConnectionWriteTimeout = s.cfg.WriteTimeout
-	cfg.LogOutput = newLogWriter(s.cfg.Logger)
+	cfg.LogOutput = newLogWriter(s.cfg.Logger, s.c.done)
 	budget := &windowBudget{limit: int64(s.cfg.SessionWindowMemory)}
 	conn := &yamuxConn{s: s}
 	var err error
@@ -322,9 +322,13 @@ func (sp *budgetSpan) Done() { sp.b.used.Add(-sp.reserved.Swap(0)) }
 // one per logInterval: some of yamux's warnings come once per stream (a
 // backlog or stream limit exceeded), and a flood of streams must not become
 // a flood of log lines. Lines dropped in between are counted in the next.
+// Once the session is closing (done is closed), yamux's complaints about the
+// closed connection are consequences of the close, whose reason the session
+// reports, so they are dropped.
 type logWriter struct {
-	log interface{ Warn(string, ...any) }
-	now func() time.Time
+	log  interface{ Warn(string, ...any) }
+	now  func() time.Time
+	done <-chan struct{}
 
 	mu         sync.Mutex
 	last       time.Time
@@ -334,11 +338,16 @@ type logWriter struct {
 // logInterval is the least time between two yamux log lines.
 const logInterval = time.Second
 
-func newLogWriter(log interface{ Warn(string, ...any) }) *logWriter {
-	return &logWriter{log: log, now: time.Now}
+func newLogWriter(log interface{ Warn(string, ...any) }, done <-chan struct{}) *logWriter {
+	return &logWriter{log: log, now: time.Now, done: done}
 }
 
 func (w *logWriter) Write(p []byte) (int, error) {
+	select {
+	case <-w.done:
+		return len(p), nil
+	default:
+	}
 	w.mu.Lock()
 	now := w.now()
 	if !w.last.IsZero() && now.Sub(w.last) < logInterval {
@@ -357,9 +366,9 @@ func (w *logWriter) Write(p []byte) (int, error) {
 		msg = msg[20:]
 	}
 	if suppressed > 0 {
-		w.log.Warn("yamux", "msg", msg, "suppressed_since_last", suppressed)
+		w.log.Warn("yamux", "detail", msg, "suppressed_since_last", suppressed)
 	} else {
-		w.log.Warn("yamux", "msg", msg)
+		w.log.Warn("yamux", "detail", msg)
 	}
 	return len(p), nil
 }
