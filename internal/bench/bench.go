@@ -422,16 +422,20 @@ func (r *runner) measureRTT(ctx context.Context, run int) (_ float64, err error)
 // they cost in RSS, gateway and agent together.
 func (r *runner) measureIdle(ctx context.Context) (_ *Idle, err error) {
 	n := r.opts.IdleConns
-	// An echo server of its own: a fresh port, so the connections made
-	// by earlier measurements, now in TIME_WAIT, take none of the ports
-	// the agent needs towards it.
-	echo, err := startEcho()
+	// An echo server of its own, in a child process: a fresh port, so the
+	// connections made by earlier measurements, now in TIME_WAIT, take
+	// none of the ports the agent needs towards it; and a process of its
+	// own, so the backend ends of the connections do not count against
+	// this process's descriptor limit.
+	ectx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	echo, echoAddr, err := startEchoProcess(ectx, r.opts.Exec, r.dir, "idle-echo", func(c *child) { cancel(c.exitErr()) })
 	if err != nil {
 		return nil, err
 	}
-	defer echo.Close()
-	t, err := startTunnel(ctx, r.opts.Exec, r.dir, tunnelSpec{
-		name: "idle", protocol: string(Yamux), sink: r.sink.Addr(), echo: echo.Addr(), maxConns: n + 64,
+	defer echo.stop()
+	t, err := startTunnel(ectx, r.opts.Exec, r.dir, tunnelSpec{
+		name: "idle", protocol: string(Yamux), sink: r.sink.Addr(), echo: echoAddr, maxConns: n + 64,
 	})
 	if err != nil {
 		return nil, err

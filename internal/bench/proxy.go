@@ -238,8 +238,48 @@ func startRelayProcess(ctx context.Context, ex Exec, dir, name, sink, echo strin
 	if err != nil {
 		return nil, target{}, err
 	}
+	if err := waitListening(ctx, c, ports...); err != nil {
+		return nil, target{}, err
+	}
+	return c, target{sink: ports[0], echo: ports[1]}, nil
+}
+
+// ServeEcho runs the bench's echo backend on listen until ctx ends. It is
+// the child process that holds the backend side of the idle connections
+// (`portway bench-echo`), so that the bench process needs one descriptor
+// per idle connection, not two.
+func ServeEcho(ctx context.Context, listen string) error {
+	s, err := startEchoOn(listen)
+	if err != nil {
+		return fmt.Errorf("bench-echo: %w", err)
+	}
+	<-ctx.Done()
+	s.Close()
+	return nil
+}
+
+// startEchoProcess runs the echo backend as a child process and waits until
+// it accepts; it returns the child and its address.
+func startEchoProcess(ctx context.Context, ex Exec, dir, name string, onExit func(*child)) (*child, string, error) {
+	ports, err := freePorts(1)
+	if err != nil {
+		return nil, "", err
+	}
+	c, err := startChild(ex, dir, name, []string{"bench-echo", ports[0]}, onExit)
+	if err != nil {
+		return nil, "", err
+	}
+	if err := waitListening(ctx, c, ports[0]); err != nil {
+		return nil, "", err
+	}
+	return c, ports[0], nil
+}
+
+// waitListening waits until a child accepts connections on every address,
+// and stops it if it does not within startupTimeout.
+func waitListening(ctx context.Context, c *child, addrs ...string) error {
 	deadline := time.Now().Add(startupTimeout)
-	for _, addr := range ports {
+	for _, addr := range addrs {
 		for {
 			conn, err := net.DialTimeout("tcp", addr, time.Second)
 			if err == nil {
@@ -248,10 +288,10 @@ func startRelayProcess(ctx context.Context, ex Exec, dir, name, sink, echo strin
 			}
 			if time.Now().After(deadline) || ctx.Err() != nil {
 				c.stop()
-				return nil, target{}, fmt.Errorf("relay process not listening on %s: %w", addr, err)
+				return fmt.Errorf("%s not listening on %s: %w", c.name, addr, err)
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
 	}
-	return c, target{sink: ports[0], echo: ports[1]}, nil
+	return nil
 }

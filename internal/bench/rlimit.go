@@ -6,9 +6,10 @@ import (
 )
 
 // raiseNoFile makes room for conns idle connections: the bench process
-// holds both ends of each (client and echo server), so it needs 2×conns
-// descriptors and some to spare. It raises the soft limit, and the hard one
-// when allowed (root); the children inherit both. When the hard limit is
+// holds the client end of each (the echo server, a child, holds the other),
+// so it needs conns descriptors and some to spare; so do the children
+// (gateway, agent, echo server), which inherit its limits. It raises the
+// soft limit, and the hard one when allowed (root). When the hard limit is
 // too low and cannot be raised, it returns how many connections fit and a
 // note saying so.
 func raiseNoFile(conns int) (n int, note string, err error) {
@@ -16,7 +17,7 @@ func raiseNoFile(conns int) (n int, note string, err error) {
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
 		return 0, "", fmt.Errorf("RLIMIT_NOFILE: %w", err)
 	}
-	want := uint64(2*conns + fdReserve)
+	want := uint64(conns + fdReserve)
 	if lim.Cur >= want {
 		return conns, "", nil
 	}
@@ -35,6 +36,6 @@ func raiseNoFile(conns int) (n int, note string, err error) {
 	if lim.Cur <= 2*fdReserve {
 		return 0, "", fmt.Errorf("RLIMIT_NOFILE is %d, too low to hold idle connections (raise it with ulimit -n, or use --skip-idle)", lim.Cur)
 	}
-	n = int(lim.Cur-fdReserve) / 2
+	n = int(lim.Cur - fdReserve)
 	return n, fmt.Sprintf("RLIMIT_NOFILE hard limit %d (not raisable) allows %d idle connections, not %d", lim.Max, n, conns), nil
 }

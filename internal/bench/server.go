@@ -163,10 +163,13 @@ func startSink() (*sink, error) {
 // thousands of idle connections in the memory-at-scale case.
 const echoBuffer = 512
 
-// startEcho starts the round-trip backend: it echoes every byte and, after
-// the client's FIN, closes its side.
-func startEcho() (*tcpServer, error) {
-	srv, err := listenTCP(func(_ context.Context, c *net.TCPConn) {
+// startEcho starts the round-trip backend on a free loopback port: it
+// echoes every byte and, after the client's FIN, closes its side.
+func startEcho() (*tcpServer, error) { return startEchoOn("127.0.0.1:0") }
+
+// startEchoOn is startEcho on a given address.
+func startEchoOn(addr string) (*tcpServer, error) {
+	srv, err := listenTCPOn(addr, func(_ context.Context, c *net.TCPConn) {
 		buf := make([]byte, echoBuffer)
 		if _, err := io.CopyBuffer(writerOnly{c}, readerOnly{c}, buf); err == nil {
 			c.CloseWrite()

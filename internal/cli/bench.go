@@ -19,13 +19,14 @@ func (a *app) benchCmd() *cobra.Command {
 		Short: "Measure the tunnel against the direct path and a plain relay, on loopback",
 		Long: `Measure the tunnel against the direct path and a plain one-hop relay, on loopback.
 
-The bench starts a sink and an echo server in this process and a gateway and
-an agent as child processes of this binary, then measures, alternating the
-paths in each run: throughput on 1 and 8 streams, 1-byte round trips on one
-connection (with p50/p99 latency), new connections per second, and the peak
-RSS and CPU time of the gateway and the agent. Then one yamux stream through
-20 ms of added round-trip time, and the RSS cost of 10,000 idle tunneled
-connections. docs/benchmarks.md explains every figure.`,
+The bench starts a sink and an echo server in this process, and a gateway
+and an agent as child processes of this binary (the relay-process path's
+relay and the idle case's echo server are children too). It then measures,
+alternating the paths in each run: throughput on 1 and 8 streams, 1-byte
+round trips on one connection (with p50/p99 latency), new connections per
+second, and the peak RSS and CPU time of the gateway and the agent. Then one
+yamux stream through 20 ms of added round-trip time, and the RSS cost of
+10,000 idle tunneled connections. docs/benchmarks.md explains every figure.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := a.logger()
@@ -78,6 +79,20 @@ func (a *app) benchRelayCmd() *cobra.Command {
 		Args:   cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return bench.ServeRelays(cmd.Context(), args)
+		},
+	}
+}
+
+// benchEchoCmd is the child process that holds the backend side of the
+// bench's idle connections.
+func (a *app) benchEchoCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:    "bench-echo LISTEN",
+		Short:  "The echo backend of portway bench's idle connections, as a process of its own",
+		Hidden: true,
+		Args:   cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return bench.ServeEcho(cmd.Context(), args[0])
 		},
 	}
 }

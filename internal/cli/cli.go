@@ -42,7 +42,7 @@ func Main(ctx context.Context, args []string, version string, stdout, stderr io.
 	root.SetArgs(args)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.AddCommand(a.gatewayCmd(), a.agentCmd(), a.upCmd(), a.statusCmd(), a.benchCmd(), a.benchRelayCmd(), a.versionCmd())
+	root.AddCommand(a.gatewayCmd(), a.agentCmd(), a.upCmd(), a.statusCmd(), a.benchCmd(), a.benchRelayCmd(), a.benchEchoCmd(), a.versionCmd())
 
 	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(stderr, "portway:", err)
