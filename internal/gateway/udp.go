@@ -220,6 +220,10 @@ func (s *udpSession) WaitReadable() error {
 	}
 }
 
+// Waiting reports whether a datagram is queued: with it the relay sends a
+// burst into the tunnel in batches.
+func (s *udpSession) Waiting() bool { return s.held != nil || len(s.queue) > 0 }
+
 // ReadDatagram implements relay.Datagrams.
 func (s *udpSession) ReadDatagram(buf []byte) (int, error) {
 	if err := s.WaitReadable(); err != nil {

@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/portway/portway/internal/pool"
 	"github.com/portway/portway/internal/protocol"
@@ -106,7 +107,24 @@ func PipePackets(tun PacketConn, sock Datagrams, opt PacketOptions, st *PacketSt
 	return res
 }
 
+// waiter is a Datagrams that can say, without blocking, whether a
+// datagram is waiting to be read.
+type waiter interface{ Waiting() bool }
+
+// framedWriter is a PacketConn that can send several datagrams, each
+// framed by protocol.PutDatagramHeader and laid end to end, in one write
+// (a stream, in yamux mode).
+type framedWriter interface{ WriteFramed(frames []byte) error }
+
+// batchBytes bounds the framed datagrams gathered into one tunnel write
+// while more are waiting: enough to carry dozens of small datagrams per
+// write in a burst, and a buffer held only while the burst lasts. A lone
+// datagram, or one too large for a batch, is written on its own.
+const batchBytes = 16 << 10
+
 func toTunnel(tun PacketConn, sock Datagrams, max int, st *PacketStats) error {
+	w, _ := sock.(waiter)
+	fw, _ := tun.(framedWriter)
 	for {
 		if err := WaitReadable(sock); err != nil && !isTransient(err) {
 			return err
@@ -126,6 +144,19 @@ func toTunnel(tun PacketConn, sock Datagrams, max int, st *PacketStats) error {
 			continue
 		}
 		st.lastActive.Store(monotonic())
+		if fw != nil && w != nil && Headroom+n <= batchBytes/2 && w.Waiting() {
+			// A burst: send this datagram and those waiting behind it
+			// in batches.
+			batch := pool.Get(batchBytes)
+			b := batcher{fw: fw, buf: (*batch)[:0], st: st}
+			err = b.gather(w, sock, *frame, n, max)
+			pool.Put(batch)
+			pool.Put(frame)
+			if err != nil {
+				return err
+			}
+			continue
+		}
 		err = tun.WritePacket((*frame)[:Headroom+n])
 		pool.Put(frame)
 		if errors.Is(err, protocol.ErrDatagramTooLarge) {
@@ -138,6 +169,94 @@ func toTunnel(tun PacketConn, sock Datagrams, max int, st *PacketStats) error {
 		st.ToTunnel.Add(1)
 		st.BytesToTunnel.Add(int64(n))
 	}
+}
+
+// batcher gathers framed datagrams into buf and sends them with one
+// WriteFramed per full buffer.
+type batcher struct {
+	fw           framedWriter
+	buf          []byte // framed datagrams not yet sent; capacity batchBytes
+	count, bytes int64  // datagrams and payload bytes in buf
+	st           *PacketStats
+}
+
+// gather sends the n-byte datagram in frame[Headroom:] and then every
+// datagram waiting behind it, reading them into frame (which has room for
+// the largest). It returns once none is waiting, with everything sent.
+func (b *batcher) gather(w waiter, sock Datagrams, frame []byte, n, max int) error {
+	for {
+		if err := b.add(frame, n); err != nil {
+			return err
+		}
+		var err error
+		for {
+			if !w.Waiting() {
+				return b.flush()
+			}
+			n, err = sock.ReadDatagram(frame[Headroom:])
+			if err == nil && n <= max {
+				break
+			}
+			if err == nil {
+				b.st.Dropped.Add(1)
+				continue
+			}
+			if isTransient(err) {
+				continue
+			}
+			if ferr := b.flush(); ferr != nil {
+				return ferr
+			}
+			return err
+		}
+		b.st.lastActive.Store(monotonic())
+	}
+}
+
+// add appends the n-byte datagram in frame[Headroom:] to the batch,
+// sending the batch first when it would not fit. A datagram larger than a
+// whole batch is sent on its own, framed in place.
+func (b *batcher) add(frame []byte, n int) error {
+	f := framed(frame, n)
+	if len(b.buf)+len(f) > cap(b.buf) {
+		if err := b.flush(); err != nil {
+			return err
+		}
+	}
+	if len(f) > cap(b.buf) {
+		if err := b.fw.WriteFramed(f); err != nil {
+			return err
+		}
+		b.st.ToTunnel.Add(1)
+		b.st.BytesToTunnel.Add(int64(n))
+		return nil
+	}
+	b.buf = append(b.buf, f...)
+	b.count++
+	b.bytes += int64(n)
+	return nil
+}
+
+// flush sends the batch, if any.
+func (b *batcher) flush() error {
+	if len(b.buf) == 0 {
+		return nil
+	}
+	if err := b.fw.WriteFramed(b.buf); err != nil {
+		return err
+	}
+	b.st.ToTunnel.Add(b.count)
+	b.st.BytesToTunnel.Add(b.bytes)
+	b.buf, b.count, b.bytes = b.buf[:0], 0, 0
+	return nil
+}
+
+// framed writes the length prefix of the n-byte datagram in
+// frame[Headroom:] and returns the framed datagram. n never exceeds
+// protocol.MaxDatagram here (the session's maximum is capped to it).
+func framed(frame []byte, n int) []byte {
+	protocol.PutDatagramHeader(frame, n)
+	return frame[:Headroom+n]
 }
 
 func fromTunnel(tun PacketConn, sock Datagrams, max int, st *PacketStats) error {
@@ -180,6 +299,24 @@ type ConnectedUDP struct{ *net.UDPConn }
 
 // ReadDatagram implements Datagrams.
 func (c ConnectedUDP) ReadDatagram(buf []byte) (int, error) { return c.UDPConn.Read(buf) }
+
+// Waiting reports whether a datagram (or an error to report) is waiting
+// on the socket, by peeking without blocking.
+func (c ConnectedUDP) Waiting() bool {
+	rc, err := c.UDPConn.SyscallConn()
+	if err != nil {
+		return false
+	}
+	waiting := false
+	rc.Read(func(fd uintptr) bool {
+		var b [1]byte
+		_, _, e := syscall.Syscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1,
+			syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
+		waiting = e != syscall.EAGAIN
+		return true // never park: this is a question, not a wait
+	})
+	return waiting
+}
 
 // WriteDatagram implements Datagrams.
 func (c ConnectedUDP) WriteDatagram(b []byte) error {

@@ -69,6 +69,15 @@ func (f *framedPackets) WritePacket(frame []byte) error {
 	return err
 }
 
+// WriteFramed sends several datagrams in one stream write: frames holds
+// them end to end, each framed by protocol.PutDatagramHeader. The relay
+// uses it to carry a burst in a few yamux frames instead of one per
+// datagram.
+func (f *framedPackets) WriteFramed(frames []byte) error {
+	_, err := f.st.Write(frames)
+	return err
+}
+
 func (f *framedPackets) WaitReadable() error { return f.st.WaitReadable() }
 
 func (f *framedPackets) Close() error { return f.st.Close() }
