@@ -110,14 +110,14 @@ func TestWithAPIServer(t *testing.T) {
 			}
 		}
 		for _, v := range []string{"get", "list", "watch"} {
-			allowed = append(allowed, attr{v, "", "services"}, attr{v, "discovery.k8s.io", "endpointslices"})
+			allowed = append(allowed, attr{v, "", "services"}, attr{v, "discovery.k8s.io", "endpointslices"}, attr{v, "", "namespaces"})
 		}
 		allowed = append(allowed, attr{"create", "events.k8s.io", "events"})
 		denied := []attr{
 			{"update", gwv1.GroupName, "gateways"}, {"create", gwv1.GroupName, "gateways"}, {"delete", gwv1.GroupName, "tcproutes"},
 			{"patch", gwv1.GroupName, "httproutes"}, {"update", gwv1.GroupName, "gateways/status"},
 			{"patch", "", "services"}, {"get", "", "secrets"}, {"list", "", "configmaps"}, {"list", "", "pods"},
-			{"list", "", "namespaces"}, {"create", "", "events"}, {"delete", "events.k8s.io", "events"},
+			{"patch", "", "namespaces"}, {"create", "", "events"}, {"delete", "events.k8s.io", "events"},
 		}
 		check := func(a attr, want bool) {
 			res, sub := a.resource, ""
@@ -315,12 +315,68 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 		_, has := g.Annotations[discovery.AnnotationEndpoints]
 		return err == nil && !has
 	})
-	for _, bad := range []string{"forbidden", "writing annotation failed", "recording Event failed"} {
+	// A listener that admits routes from namespaces with a label follows
+	// the namespace's labels as they change.
+	shared := &gwv1.Gateway{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "apps", Name: "shared", Labels: map[string]string{"pipeops.io/managed": "true"}},
+		Spec: gwv1.GatewaySpec{GatewayClassName: "istio", Listeners: []gwv1.Listener{{
+			Name: "redis", Port: 6380, Protocol: gwv1.TCPProtocolType,
+			AllowedRoutes: &gwv1.AllowedRoutes{Namespaces: &gwv1.RouteNamespaces{
+				From:     ptrTo(gwv1.NamespacesFromSelector),
+				Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"portway-test/access": "true"}},
+			}},
+		}}},
+	}
+	if _, err := gw.GatewayV1().Gateways("apps").Create(ctx(t), shared, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	cross := tcpRoute("databases", "redis", "shared", "databases", "redis", 6379)
+	cross.Spec.ParentRefs[0].Namespace = ptrTo(gwv1.Namespace("apps"))
+	if _, err := gw.GatewayV1().TCPRoutes("databases").Create(ctx(t), cross, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "a RouteNotAllowed Event on the route from an unlabelled namespace", func() bool {
+		evs, err := kube.EventsV1().Events("databases").List(ctx(t), metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range evs.Items {
+			if e.Regarding.Name == "redis" && e.Reason == "RouteNotAllowed" {
+				return true
+			}
+		}
+		return false
+	})
+	if n := len(rec.last()); n != 0 {
+		t.Fatalf("%d services published for a route its listener does not admit", n)
+	}
+	setAccess := func(labels map[string]string) {
+		t.Helper()
+		ns, err := kube.CoreV1().Namespaces().Get(ctx(t), "databases", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ns.Labels = labels
+		if _, err := kube.CoreV1().Namespaces().Update(ctx(t), ns, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	setAccess(map[string]string{"portway-test/access": "true"})
+	eventually(t, 10*time.Second, "the route to attach once its namespace has the label", func() bool {
+		l := rec.last()
+		return len(l) == 1 && l[0].ID == "apps/shared/redis"
+	})
+	setAccess(nil)
+	eventually(t, 10*time.Second, "the service to be withdrawn once the label is gone", func() bool { return len(rec.last()) == 0 })
+
+	for _, bad := range []string{"forbidden", "writing annotation failed", "recording Event failed", "cannot read Namespaces"} {
 		if strings.Contains(logs.String(), bad) {
 			t.Errorf("the log says %q", bad)
 		}
 	}
 }
+
+func ptrTo[T any](v T) *T { return &v }
 
 // metric sums the samples of a gauge or counter whose label value is value
 // (any, when value is "").

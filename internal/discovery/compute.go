@@ -2,6 +2,7 @@ package discovery
 
 import (
 	"cmp"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -12,6 +13,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	discoverylisters "k8s.io/client-go/listers/discovery/v1"
@@ -26,6 +28,11 @@ type world struct {
 	gateways gwlisters.GatewayLister
 	services corelisters.ServiceLister
 	slices   discoverylisters.EndpointSliceLister
+	// namespaces serves allowedRoutes.namespaces.from: Selector; nil, or
+	// not yet synced (namespacesSynced false), when the agent cannot read
+	// Namespaces.
+	namespaces       corelisters.NamespaceLister
+	namespacesSynced func() bool
 	// routes maps "tcp"/"udp" to its route kind; absent when that
 	// protocol's discovery is disabled.
 	routes map[string]*routeSource
@@ -162,7 +169,7 @@ func compute(w *world, t config.Tunnels) (result, error) {
 				if !sel {
 					continue
 				}
-				if why := notAllowed(l, g.Namespace, r); why != "" {
+				if why := notAllowed(l, g.Namespace, r, w.namespaceLabels); why != "" {
 					res.problems = append(res.problems, problem{obj: r.ref, reason: reasonNotAllowed, subject: string(l.Name),
 						message: fmt.Sprintf("listener %q of Gateway %s/%s does not accept this route: %s", l.Name, g.Namespace, g.Name, why)})
 					continue
@@ -313,26 +320,41 @@ func findGateway(gws []*gwv1.Gateway, p gwv1.ParentReference, routeNS string) *g
 }
 
 // notAllowed returns why listener l (of a Gateway in gwNS) does not accept
-// route r, or "". allowedRoutes.namespaces.from is honoured for Same (the
-// default) and All; Selector would need read access to Namespaces, which the
-// agent does not have, so it accepts only the Gateway's own namespace.
-func notAllowed(l gwv1.Listener, gwNS string, r route) string {
+// route r, or "". nsLabels returns the labels of a namespace, for
+// allowedRoutes.namespaces.from: Selector.
+func notAllowed(l gwv1.Listener, gwNS string, r route, nsLabels func(string) (labels.Set, error)) string {
 	from := gwv1.NamespacesFromSame
+	var nsSel *metav1.LabelSelector
 	var kinds []gwv1.RouteGroupKind
 	if ar := l.AllowedRoutes; ar != nil {
 		if ar.Namespaces != nil && ar.Namespaces.From != nil {
 			from = *ar.Namespaces.From
+			nsSel = ar.Namespaces.Selector
 		}
 		kinds = ar.Kinds
 	}
 	switch from {
 	case gwv1.NamespacesFromAll:
-	case gwv1.NamespacesFromSame, gwv1.NamespacesFromSelector:
+	case gwv1.NamespacesFromSame:
 		if r.ref.namespace != gwNS {
-			if from == gwv1.NamespacesFromSelector {
-				return "allowedRoutes.namespaces.from is Selector, which portway supports only for the Gateway's own namespace"
-			}
 			return "allowedRoutes.namespaces.from is Same and the route is in another namespace"
+		}
+	case gwv1.NamespacesFromSelector:
+		// As the Gateway API defines it: the Gateway's own namespace too
+		// must match the selector.
+		if nsSel == nil {
+			return "allowedRoutes.namespaces.from is Selector but no selector is given"
+		}
+		sel, err := metav1.LabelSelectorAsSelector(nsSel)
+		if err != nil {
+			return fmt.Sprintf("allowedRoutes.namespaces.selector is invalid: %v", err)
+		}
+		set, err := nsLabels(r.ref.namespace)
+		if err != nil {
+			return fmt.Sprintf("allowedRoutes.namespaces.from is Selector and the labels of namespace %s are unknown: %v", r.ref.namespace, err)
+		}
+		if !sel.Matches(set) {
+			return fmt.Sprintf("namespace %s does not match allowedRoutes.namespaces.selector (%s)", r.ref.namespace, sel)
 		}
 	default:
 		return fmt.Sprintf("allowedRoutes.namespaces.from is %s", from)
@@ -343,6 +365,22 @@ func notAllowed(l gwv1.Listener, gwNS string, r route) string {
 		return "allowedRoutes.kinds does not list " + r.ref.kind
 	}
 	return ""
+}
+
+// errNamespacesUnreadable is namespaceLabels' answer while Namespaces
+// cannot be read (not yet synced, or the agent's RBAC lacks them).
+var errNamespacesUnreadable = errors.New("namespaces are not readable yet (the agent needs get, list and watch on namespaces)")
+
+// namespaceLabels returns the labels of namespace ns from the cache.
+func (w *world) namespaceLabels(ns string) (labels.Set, error) {
+	if w.namespaces == nil || (w.namespacesSynced != nil && !w.namespacesSynced()) {
+		return nil, errNamespacesUnreadable
+	}
+	n, err := w.namespaces.Get(ns)
+	if err != nil {
+		return nil, err
+	}
+	return labels.Set(n.Labels), nil
 }
 
 // resolveBackend turns the route's first backendRef into host:port.

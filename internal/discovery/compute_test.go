@@ -33,13 +33,15 @@ func newIndexer() cache.Indexer {
 }
 
 // testWorld builds a world holding objs (Gateways, TCPRoutes, UDPRoutes at
-// v1, Services, EndpointSlices).
+// v1, Services, EndpointSlices, Namespaces).
 func testWorld(t *testing.T, objs ...runtime.Object) *world {
 	t.Helper()
-	gws, svcs, slices, tcp, udp := newIndexer(), newIndexer(), newIndexer(), newIndexer(), newIndexer()
+	gws, svcs, slices, tcp, udp, nss := newIndexer(), newIndexer(), newIndexer(), newIndexer(), newIndexer(), newIndexer()
 	for _, o := range objs {
 		var err error
 		switch o.(type) {
+		case *corev1.Namespace:
+			err = nss.Add(o)
 		case *gwv1.Gateway:
 			err = gws.Add(o)
 		case *corev1.Service:
@@ -59,9 +61,10 @@ func testWorld(t *testing.T, objs ...runtime.Object) *world {
 	}
 	tcpLister, udpLister := gwlisters.NewTCPRouteLister(tcp), gwlisters.NewUDPRouteLister(udp)
 	return &world{
-		gateways: gwlisters.NewGatewayLister(gws),
-		services: corelisters.NewServiceLister(svcs),
-		slices:   discoverylisters.NewEndpointSliceLister(slices),
+		gateways:   gwlisters.NewGatewayLister(gws),
+		services:   corelisters.NewServiceLister(svcs),
+		slices:     discoverylisters.NewEndpointSliceLister(slices),
+		namespaces: corelisters.NewNamespaceLister(nss),
 		routes: map[string]*routeSource{
 			"tcp": {kind: "TCPRoute", version: "v1", list: func() ([]route, error) {
 				return listRoutes(tcpLister.List, "TCPRoute", "v1", specTCPv1)
@@ -349,6 +352,65 @@ func TestAllowedRoutesAndConflicts(t *testing.T) {
 		"RouteNotAllowed TCPRoute apps/cross same", "NoRoute Gateway edge/gw same",
 		"RouteConflict TCPRoute edge/newer all",
 		"RouteNotAllowed TCPRoute edge/kinds kinds", "NoRoute Gateway edge/gw kinds")
+}
+
+// allowedRoutes.namespaces.from: Selector admits routes from the namespaces
+// whose labels match, the Gateway's own included only if it matches too.
+func TestAllowedRoutesSelector(t *testing.T) {
+	sel := gwv1.NamespacesFromSelector
+	gw := managedGateway("edge", "gw", tcpL("db", 1), tcpL("own", 2), tcpL("none", 3), tcpL("bad", 4))
+	gw.Spec.Listeners[0].AllowedRoutes = &gwv1.AllowedRoutes{Namespaces: &gwv1.RouteNamespaces{From: &sel,
+		Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"team": "db"}}}}
+	gw.Spec.Listeners[1].AllowedRoutes = &gwv1.AllowedRoutes{Namespaces: &gwv1.RouteNamespaces{From: &sel,
+		Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"team": "db"}}}}
+	gw.Spec.Listeners[2].AllowedRoutes = &gwv1.AllowedRoutes{Namespaces: &gwv1.RouteNamespaces{From: &sel}}
+	gw.Spec.Listeners[3].AllowedRoutes = &gwv1.AllowedRoutes{Namespaces: &gwv1.RouteNamespaces{From: &sel,
+		Selector: &metav1.LabelSelector{MatchExpressions: []metav1.LabelSelectorRequirement{{Key: "team", Operator: "Near"}}}}}
+	to := func(section string) gwv1.ParentReference {
+		p := parent("gw", section)
+		p.Namespace = ptr(gwv1.Namespace("edge"))
+		return p
+	}
+	objs := []runtime.Object{gw,
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "apps", Labels: map[string]string{"team": "db"}}},
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "web", Labels: map[string]string{"team": "web"}}},
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "edge"}},
+		clusterIPService("apps", "svc", "10.96.0.1", port("p", 80, "")),
+		clusterIPService("web", "svc", "10.96.0.2", port("p", 80, "")),
+		clusterIPService("edge", "svc", "10.96.0.3", port("p", 80, "")),
+		// A matching namespace: accepted, though an older route from a
+		// namespace that does not match asks for the same listener.
+		tcpRoute("apps", "db", time.Unix(5, 0), []gwv1.ParentReference{to("db"), to("none"), to("bad")}, backend("", "svc", 80)),
+		tcpRoute("web", "db", time.Unix(1, 0), []gwv1.ParentReference{to("db")}, backend("", "svc", 80)),
+		// The Gateway's own namespace, unlabelled: refused.
+		tcpRoute("edge", "own", time.Unix(1, 0), []gwv1.ParentReference{parent("gw", "own")}, backend("", "svc", 80)),
+	}
+	res := mustCompute(t, testWorld(t, objs...), defaultTunnels())
+	equalMaps(t, "services", backends(res), map[string]string{"edge/gw/db": "tcp 10.96.0.1:80 tunnel"})
+	got := problems(res)
+	hasKeys(t, "problems", got,
+		"RouteNotAllowed TCPRoute web/db db", "RouteNotAllowed TCPRoute edge/own own", "NoRoute Gateway edge/gw own",
+		"RouteNotAllowed TCPRoute apps/db none", "NoRoute Gateway edge/gw none",
+		"RouteNotAllowed TCPRoute apps/db bad", "NoRoute Gateway edge/gw bad")
+	for key, want := range map[string]string{
+		"RouteNotAllowed TCPRoute web/db db":    "namespace web does not match allowedRoutes.namespaces.selector (team=db)",
+		"RouteNotAllowed TCPRoute apps/db none": "no selector is given",
+		"RouteNotAllowed TCPRoute apps/db bad":  "allowedRoutes.namespaces.selector is invalid",
+	} {
+		if !strings.Contains(got[key], want) {
+			t.Errorf("problem %q says %q, want it to say %q", key, got[key], want)
+		}
+	}
+
+	// Without read access to Namespaces, a Selector listener accepts no
+	// route, and says why.
+	w := testWorld(t, objs...)
+	w.namespacesSynced = func() bool { return false }
+	res = mustCompute(t, w, defaultTunnels())
+	equalMaps(t, "services without Namespaces", backends(res), map[string]string{})
+	if msg := problems(res)["RouteNotAllowed TCPRoute apps/db db"]; !strings.Contains(msg, "get, list and watch on namespaces") {
+		t.Errorf("without Namespaces the route's problem says %q", msg)
+	}
 }
 
 func TestBackendProblems(t *testing.T) {

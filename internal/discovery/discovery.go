@@ -3,7 +3,8 @@
 //
 // It watches, with client-go shared informers (never by polling), the
 // Gateways labelled for portway, the TCPRoutes and UDPRoutes in every
-// namespace, and the Services and EndpointSlices those routes point at. On
+// namespace, the Services and EndpointSlices those routes point at, and
+// Namespaces (for listeners that select route namespaces by label). On
 // every change it recomputes the full desired set of services and hands it to
 // Options.Publish. The endpoints the gateway assigns come back through
 // SetEndpoints and are written to annotations on the Gateways and routes.
@@ -132,6 +133,8 @@ const (
 	// deployed with them recovers within seconds of their install.
 	crdRetryMax    = 8 * time.Second
 	requestTimeout = 15 * time.Second
+	// namespaceSyncWait bounds the wait for the Namespaces cache at start.
+	namespaceSyncWait = 10 * time.Second
 )
 
 // Discoverer watches the cluster and publishes tunnel services.
@@ -251,11 +254,14 @@ func (d *Discoverer) Run(ctx context.Context) error {
 	gateways := gf.Gateway().V1().Gateways()
 	services := kf.Core().V1().Services()
 	slices := kf.Discovery().V1().EndpointSlices()
+	namespaces := kf.Core().V1().Namespaces()
 	w := &world{
-		gateways: gateways.Lister(),
-		services: services.Lister(),
-		slices:   slices.Lister(),
-		routes:   map[string]*routeSource{},
+		gateways:         gateways.Lister(),
+		services:         services.Lister(),
+		slices:           slices.Lister(),
+		namespaces:       namespaces.Lister(),
+		namespacesSynced: namespaces.Informer().HasSynced,
+		routes:           map[string]*routeSource{},
 	}
 	infs := []cache.SharedIndexInformer{gateways.Informer(), services.Informer(), slices.Informer()}
 	for proto, version := range apis.routes {
@@ -275,7 +281,9 @@ func (d *Discoverer) Run(ctx context.Context) error {
 		},
 		DeleteFunc: func(any) { d.poke() },
 	}
-	for _, inf := range infs {
+	// Namespaces matter only to listeners that select route namespaces by
+	// label; their labels change rarely, so any change is a recompute.
+	for _, inf := range append(infs, namespaces.Informer()) {
 		if _, err := inf.AddEventHandler(handler); err != nil {
 			return fmt.Errorf("discovery: adding event handler: %w", err)
 		}
@@ -305,6 +313,17 @@ func (d *Discoverer) Run(ctx context.Context) error {
 	// that exist, for a moment, at every start.
 	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
 		return nil
+	}
+	// Namespaces are waited for too, but not for ever: an agent whose RBAC
+	// predates namespace selectors still serves everything else.
+	nsctx, cancel := context.WithTimeout(ctx, namespaceSyncWait)
+	nsOK := cache.WaitForCacheSync(nsctx.Done(), namespaces.Informer().HasSynced)
+	cancel()
+	if ctx.Err() != nil {
+		return nil
+	}
+	if !nsOK {
+		d.log.Warn("cannot read Namespaces yet; listeners with allowedRoutes.namespaces.from: Selector accept no routes until the agent can (it needs get, list and watch on namespaces)")
 	}
 	d.w = w
 	d.log.Info("Kubernetes discovery started", "tcproutes", apis.routes["tcp"], "udproutes", apis.routes["udp"],
