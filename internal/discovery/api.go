@@ -24,6 +24,9 @@ type apis struct {
 	// routes maps "tcp"/"udp" to the route version to watch ("v1" or
 	// "v1alpha2"), for each protocol whose discovery is enabled.
 	routes map[string]string
+	// grants is the ReferenceGrant version to watch ("v1" or "v1beta1"),
+	// "" when the cluster serves none: then no grant exists.
+	grants string
 }
 
 // routeVersions are the versions tried for TCPRoute and UDPRoute, newest
@@ -77,7 +80,7 @@ func (d *Discoverer) waitForAPI(ctx context.Context) (apis, error) {
 // missing names each absent CRD by its full name.
 func (d *Discoverer) probeAPI(ctx context.Context) (found apis, missing []string, err error) {
 	served := map[string][]string{} // version → resources
-	for _, v := range []string{"v1", "v1alpha2"} {
+	for _, v := range []string{"v1", "v1beta1", "v1alpha2"} {
 		rl, err := d.kube.Discovery().ServerResourcesForGroupVersion(gwv1.GroupName + "/" + v)
 		if apierrors.IsNotFound(err) {
 			continue
@@ -114,6 +117,12 @@ func (d *Discoverer) probeAPI(ctx context.Context) (found apis, missing []string
 		}
 		if found.routes[p.proto] == "" {
 			missing = append(missing, p.resource+"."+gwv1.GroupName)
+		}
+	}
+	for _, v := range grantVersions {
+		if slices.Contains(served[v], "referencegrants") {
+			found.grants = v
+			break
 		}
 	}
 	return found, missing, nil

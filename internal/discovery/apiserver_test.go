@@ -110,14 +110,15 @@ func TestWithAPIServer(t *testing.T) {
 			}
 		}
 		for _, v := range []string{"get", "list", "watch"} {
-			allowed = append(allowed, attr{v, "", "services"}, attr{v, "discovery.k8s.io", "endpointslices"}, attr{v, "", "namespaces"})
+			allowed = append(allowed, attr{v, "", "services"}, attr{v, "discovery.k8s.io", "endpointslices"}, attr{v, "", "namespaces"},
+				attr{v, gwv1.GroupName, "referencegrants"})
 		}
 		allowed = append(allowed, attr{"create", "events.k8s.io", "events"})
 		denied := []attr{
 			{"update", gwv1.GroupName, "gateways"}, {"create", gwv1.GroupName, "gateways"}, {"delete", gwv1.GroupName, "tcproutes"},
 			{"patch", gwv1.GroupName, "httproutes"}, {"update", gwv1.GroupName, "gateways/status"},
 			{"patch", "", "services"}, {"get", "", "secrets"}, {"list", "", "configmaps"}, {"list", "", "pods"},
-			{"patch", "", "namespaces"}, {"create", "", "events"}, {"delete", "events.k8s.io", "events"},
+			{"patch", "", "namespaces"}, {"patch", gwv1.GroupName, "referencegrants"}, {"create", "", "events"}, {"delete", "events.k8s.io", "events"},
 		}
 		check := func(a attr, want bool) {
 			res, sub := a.resource, ""
@@ -319,13 +320,16 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 	// the namespace's labels as they change.
 	shared := &gwv1.Gateway{
 		ObjectMeta: metav1.ObjectMeta{Namespace: "apps", Name: "shared", Labels: map[string]string{"pipeops.io/managed": "true"}},
-		Spec: gwv1.GatewaySpec{GatewayClassName: "istio", Listeners: []gwv1.Listener{{
-			Name: "redis", Port: 6380, Protocol: gwv1.TCPProtocolType,
+		Spec:       gwv1.GatewaySpec{GatewayClassName: "istio"},
+	}
+	for i, name := range []string{"redis", "cache"} {
+		shared.Spec.Listeners = append(shared.Spec.Listeners, gwv1.Listener{
+			Name: gwv1.SectionName(name), Port: gwv1.PortNumber(6380 + i), Protocol: gwv1.TCPProtocolType,
 			AllowedRoutes: &gwv1.AllowedRoutes{Namespaces: &gwv1.RouteNamespaces{
 				From:     ptrTo(gwv1.NamespacesFromSelector),
 				Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"portway-test/access": "true"}},
 			}},
-		}}},
+		})
 	}
 	if _, err := gw.GatewayV1().Gateways("apps").Create(ctx(t), shared, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
@@ -368,6 +372,63 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 	})
 	setAccess(nil)
 	eventually(t, 10*time.Second, "the service to be withdrawn once the label is gone", func() bool { return len(rec.last()) == 0 })
+
+	// A route from outside the Gateway's namespace may use a Service of a
+	// third namespace only while a ReferenceGrant there allows it.
+	if _, err := kube.CoreV1().Namespaces().Create(ctx(t), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "cache"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kube.CoreV1().Services("cache").Create(ctx(t), &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "cache", Name: "redis"},
+		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 6379}}},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	setAccess(map[string]string{"portway-test/access": "true"})
+	third := tcpRoute("databases", "cache", "shared", "cache", "redis", 6379)
+	third.Spec.ParentRefs[0].Namespace = ptrTo(gwv1.Namespace("apps"))
+	third.Spec.ParentRefs[0].SectionName = ptrTo(gwv1.SectionName("cache"))
+	if _, err := gw.GatewayV1().TCPRoutes("databases").Create(ctx(t), third, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "a RefNotPermitted Event on the route to another namespace's Service", func() bool {
+		evs, err := kube.EventsV1().Events("databases").List(ctx(t), metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range evs.Items {
+			if e.Regarding.Name == "cache" && e.Reason == "RefNotPermitted" {
+				return true
+			}
+		}
+		return false
+	})
+	published := func() []string {
+		var ids []string
+		for _, s := range rec.last() {
+			ids = append(ids, s.ID)
+		}
+		slices.Sort(ids)
+		return ids
+	}
+	eventually(t, 10*time.Second, "only the route to its own namespace's Service to be published", func() bool {
+		return slices.Equal(published(), []string{"apps/shared/redis"})
+	})
+	rg := &gwv1.ReferenceGrant{ObjectMeta: metav1.ObjectMeta{Namespace: "cache", Name: "from-databases"}}
+	rg.Spec.From = []gwv1.ReferenceGrantFrom{{Group: gwv1.GroupName, Kind: "TCPRoute", Namespace: "databases"}}
+	rg.Spec.To = []gwv1.ReferenceGrantTo{{Group: "", Kind: "Service", Name: ptrTo(gwv1.ObjectName("redis"))}}
+	if _, err := gw.GatewayV1().ReferenceGrants("cache").Create(ctx(t), rg, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the route to be published once a ReferenceGrant allows it", func() bool {
+		return slices.Equal(published(), []string{"apps/shared/cache", "apps/shared/redis"})
+	})
+	if err := gw.GatewayV1().ReferenceGrants("cache").Delete(ctx(t), "from-databases", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the route to be withdrawn once the ReferenceGrant is gone", func() bool {
+		return slices.Equal(published(), []string{"apps/shared/redis"})
+	})
 
 	for _, bad := range []string{"forbidden", "writing annotation failed", "recording Event failed", "cannot read Namespaces"} {
 		if strings.Contains(logs.String(), bad) {

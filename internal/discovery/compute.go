@@ -33,6 +33,9 @@ type world struct {
 	// Namespaces.
 	namespaces       corelisters.NamespaceLister
 	namespacesSynced func() bool
+	// grants lists ReferenceGrants; nil when the cluster does not serve
+	// them (then no cross-namespace reference needing one is allowed).
+	grants *grantSource
 	// routes maps "tcp"/"udp" to its route kind; absent when that
 	// protocol's discovery is disabled.
 	routes map[string]*routeSource
@@ -95,6 +98,7 @@ const (
 	reasonNoBackend          = "NoBackend"
 	reasonUnsupportedBackend = "UnsupportedBackend"
 	reasonBackendNotFound    = "BackendNotFound"
+	reasonRefNotPermitted    = "RefNotPermitted"
 	reasonBackendPort        = "BackendPortNotFound"
 	reasonNoReadyEndpoints   = "NoReadyEndpoints"
 	reasonNoPublicAddress    = "NoPublicAddress"
@@ -187,7 +191,7 @@ func compute(w *world, t config.Tunnels) (result, error) {
 				res.problems = append(res.problems, problem{obj: loser.ref, reason: reasonRouteConflict, subject: string(l.Name),
 					message: fmt.Sprintf("listener %q of Gateway %s/%s is already taken by the older %s; this route is ignored there", l.Name, g.Namespace, g.Name, r.ref)})
 			}
-			backend, prob := resolveBackend(w, r, proto)
+			backend, prob := resolveBackend(w, r, proto, g.Namespace)
 			if prob != nil {
 				prob.subject = string(l.Name)
 				res.problems = append(res.problems, *prob)
@@ -387,7 +391,13 @@ func (w *world) namespaceLabels(ns string) (labels.Set, error) {
 // ExternalName Services resolve to their name (looked up at each dial),
 // Services with a ClusterIP to ClusterIP:port, headless Services to a ready
 // endpoint of their EndpointSlices; no cluster domain is assumed anywhere.
-func resolveBackend(w *world, r route, proto string) (string, *problem) {
+//
+// A route outside the Gateway's namespace (gwNS) may use a Service of a
+// third namespace only when a ReferenceGrant there allows it. Routes beside
+// the Gateway need none: whoever may write them is trusted as the Gateway's
+// owner, and the seed's examples (routes in pipeops-system, Services in
+// databases) rely on that.
+func resolveBackend(w *world, r route, proto, gwNS string) (string, *problem) {
 	fail := func(reason, format string, args ...any) (string, *problem) {
 		return "", &problem{obj: r.ref, reason: reason, message: fmt.Sprintf(format, args...)}
 	}
@@ -407,6 +417,16 @@ func resolveBackend(w *world, r route, proto string) (string, *problem) {
 	ns := r.ref.namespace
 	if b.Namespace != nil && *b.Namespace != "" {
 		ns = string(*b.Namespace)
+	}
+	if ns != r.ref.namespace && r.ref.namespace != gwNS {
+		ok, err := w.referenceAllowed(r.ref.kind, r.ref.namespace, ns, string(b.Name))
+		if err != nil {
+			return fail(reasonRefNotPermitted, "backend Service %s/%s: %v; not exposed", ns, b.Name, err)
+		}
+		if !ok {
+			return fail(reasonRefNotPermitted, "backend Service %s/%s is in another namespace, and no ReferenceGrant in %s lets %ss of namespace %s use it; not exposed",
+				ns, b.Name, ns, r.ref.kind, r.ref.namespace)
+		}
 	}
 	svc, err := w.services.Services(ns).Get(string(b.Name))
 	if err != nil {

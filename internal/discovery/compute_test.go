@@ -11,6 +11,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	discoverylisters "k8s.io/client-go/listers/discovery/v1"
@@ -33,15 +34,17 @@ func newIndexer() cache.Indexer {
 }
 
 // testWorld builds a world holding objs (Gateways, TCPRoutes, UDPRoutes at
-// v1, Services, EndpointSlices, Namespaces).
+// v1, Services, EndpointSlices, Namespaces, ReferenceGrants).
 func testWorld(t *testing.T, objs ...runtime.Object) *world {
 	t.Helper()
-	gws, svcs, slices, tcp, udp, nss := newIndexer(), newIndexer(), newIndexer(), newIndexer(), newIndexer(), newIndexer()
+	gws, svcs, slices, tcp, udp, nss, grants := newIndexer(), newIndexer(), newIndexer(), newIndexer(), newIndexer(), newIndexer(), newIndexer()
 	for _, o := range objs {
 		var err error
 		switch o.(type) {
 		case *corev1.Namespace:
 			err = nss.Add(o)
+		case *gwv1.ReferenceGrant:
+			err = grants.Add(o)
 		case *gwv1.Gateway:
 			err = gws.Add(o)
 		case *corev1.Service:
@@ -60,7 +63,16 @@ func testWorld(t *testing.T, objs ...runtime.Object) *world {
 		}
 	}
 	tcpLister, udpLister := gwlisters.NewTCPRouteLister(tcp), gwlisters.NewUDPRouteLister(udp)
+	grantLister := gwlisters.NewReferenceGrantLister(grants)
 	return &world{
+		grants: &grantSource{list: func(ns string) ([]gwv1.ReferenceGrantSpec, error) {
+			gs, err := grantLister.ReferenceGrants(ns).List(labels.Everything())
+			specs := make([]gwv1.ReferenceGrantSpec, len(gs))
+			for i, g := range gs {
+				specs[i] = g.Spec
+			}
+			return specs, err
+		}},
 		gateways:   gwlisters.NewGatewayLister(gws),
 		services:   corelisters.NewServiceLister(svcs),
 		slices:     discoverylisters.NewEndpointSliceLister(slices),
@@ -411,6 +423,57 @@ func TestAllowedRoutesSelector(t *testing.T) {
 	if msg := problems(res)["RouteNotAllowed TCPRoute apps/db db"]; !strings.Contains(msg, "get, list and watch on namespaces") {
 		t.Errorf("without Namespaces the route's problem says %q", msg)
 	}
+}
+
+// A route outside the Gateway's namespace may use a Service of a third
+// namespace only with a ReferenceGrant there; a route beside the Gateway
+// needs none (the seed's examples rely on that).
+func TestReferenceGrants(t *testing.T) {
+	all := gwv1.NamespacesFromAll
+	gw := managedGateway("edge", "gw", tcpL("a", 1), tcpL("b", 2), tcpL("c", 3), tcpL("d", 4))
+	for i := range 3 {
+		gw.Spec.Listeners[i].AllowedRoutes = &gwv1.AllowedRoutes{Namespaces: &gwv1.RouteNamespaces{From: &all}}
+	}
+	to := func(section string) []gwv1.ParentReference {
+		p := parent("gw", section)
+		p.Namespace = ptr(gwv1.Namespace("edge"))
+		return []gwv1.ParentReference{p}
+	}
+	grant := func(name, fromKind, fromNS string, toName string) *gwv1.ReferenceGrant {
+		g := &gwv1.ReferenceGrant{ObjectMeta: metav1.ObjectMeta{Namespace: "db", Name: name}}
+		g.Spec.From = []gwv1.ReferenceGrantFrom{{Group: gwv1.GroupName, Kind: gwv1.Kind(fromKind), Namespace: gwv1.Namespace(fromNS)}}
+		g.Spec.To = []gwv1.ReferenceGrantTo{{Group: "", Kind: "Service"}}
+		if toName != "" {
+			g.Spec.To[0].Name = ptr(gwv1.ObjectName(toName))
+		}
+		return g
+	}
+	objs := []runtime.Object{gw,
+		clusterIPService("db", "pg", "10.96.1.1", port("p", 5432, "")),
+		clusterIPService("db", "other", "10.96.1.2", port("p", 5432, "")),
+		grant("apps-all", "TCPRoute", "apps", ""),
+		grant("apps2-pg-only", "TCPRoute", "apps2", "pg"),
+		grant("web-udp-only", "UDPRoute", "web", ""),
+		tcpRoute("apps", "granted", time.Unix(1, 0), to("a"), backend("db", "pg", 5432)),
+		tcpRoute("apps2", "named", time.Unix(1, 0), to("b"), backend("db", "other", 5432)),
+		tcpRoute("web", "kind", time.Unix(1, 0), to("c"), backend("db", "pg", 5432)),
+		tcpRoute("edge", "beside", time.Unix(1, 0), []gwv1.ParentReference{parent("gw", "d")}, backend("db", "pg", 5432)),
+	}
+	res := mustCompute(t, testWorld(t, objs...), defaultTunnels())
+	equalMaps(t, "services", backends(res), map[string]string{
+		"edge/gw/a": "tcp 10.96.1.1:5432 tunnel",
+		"edge/gw/d": "tcp 10.96.1.1:5432 tunnel",
+	})
+	hasKeys(t, "problems", problems(res), "RefNotPermitted TCPRoute apps2/named b", "RefNotPermitted TCPRoute web/kind c")
+	if msg := problems(res)["RefNotPermitted TCPRoute web/kind c"]; !strings.Contains(msg, "no ReferenceGrant in db lets TCPRoutes of namespace web use it") {
+		t.Errorf("the refusal says %q", msg)
+	}
+
+	// A cluster that serves no ReferenceGrant grants nothing.
+	w := testWorld(t, objs...)
+	w.grants = nil
+	res = mustCompute(t, w, defaultTunnels())
+	equalMaps(t, "services without ReferenceGrants", backends(res), map[string]string{"edge/gw/d": "tcp 10.96.1.1:5432 tunnel"})
 }
 
 func TestBackendProblems(t *testing.T) {

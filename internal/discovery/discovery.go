@@ -3,8 +3,9 @@
 //
 // It watches, with client-go shared informers (never by polling), the
 // Gateways labelled for portway, the TCPRoutes and UDPRoutes in every
-// namespace, the Services and EndpointSlices those routes point at, and
-// Namespaces (for listeners that select route namespaces by label). On
+// namespace, the Services and EndpointSlices those routes point at, the
+// ReferenceGrants that allow routes to use Services of other namespaces,
+// and Namespaces (for listeners that select route namespaces by label). On
 // every change it recomputes the full desired set of services and hands it to
 // Options.Publish. The endpoints the gateway assigns come back through
 // SetEndpoints and are written to annotations on the Gateways and routes.
@@ -16,6 +17,7 @@
 package discovery
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -133,8 +135,9 @@ const (
 	// deployed with them recovers within seconds of their install.
 	crdRetryMax    = 8 * time.Second
 	requestTimeout = 15 * time.Second
-	// namespaceSyncWait bounds the wait for the Namespaces cache at start.
-	namespaceSyncWait = 10 * time.Second
+	// optionalSyncWait bounds the wait at start for the caches that need
+	// permissions older RBAC lacks (Namespaces, ReferenceGrants).
+	optionalSyncWait = 10 * time.Second
 )
 
 // Discoverer watches the cluster and publishes tunnel services.
@@ -269,6 +272,15 @@ func (d *Discoverer) Run(ctx context.Context) error {
 		w.routes[proto] = src
 		infs = append(infs, src.informer)
 	}
+	// Namespaces and ReferenceGrants are read under permissions that an
+	// agent deployed with older RBAC lacks: they are not waited for at
+	// start beyond optionalSyncWait, and until they sync nothing they
+	// would allow is allowed.
+	optional := []cache.SharedIndexInformer{namespaces.Informer()}
+	if apis.grants != "" {
+		w.grants = newGrantSource(apis.grants, gf)
+		optional = append(optional, w.grants.informer)
+	}
 	handler := cache.ResourceEventHandlerFuncs{
 		AddFunc: func(any) { d.poke() },
 		UpdateFunc: func(oldObj, newObj any) {
@@ -283,7 +295,7 @@ func (d *Discoverer) Run(ctx context.Context) error {
 	}
 	// Namespaces matter only to listeners that select route namespaces by
 	// label; their labels change rarely, so any change is a recompute.
-	for _, inf := range append(infs, namespaces.Informer()) {
+	for _, inf := range append(infs, optional...) {
 		if _, err := inf.AddEventHandler(handler); err != nil {
 			return fmt.Errorf("discovery: adding event handler: %w", err)
 		}
@@ -314,19 +326,22 @@ func (d *Discoverer) Run(ctx context.Context) error {
 	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
 		return nil
 	}
-	// Namespaces are waited for too, but not for ever: an agent whose RBAC
-	// predates namespace selectors still serves everything else.
-	nsctx, cancel := context.WithTimeout(ctx, namespaceSyncWait)
-	nsOK := cache.WaitForCacheSync(nsctx.Done(), namespaces.Informer().HasSynced)
+	optctx, cancel := context.WithTimeout(ctx, optionalSyncWait)
+	for _, inf := range optional {
+		cache.WaitForCacheSync(optctx.Done(), inf.HasSynced)
+	}
 	cancel()
 	if ctx.Err() != nil {
 		return nil
 	}
-	if !nsOK {
+	if !namespaces.Informer().HasSynced() {
 		d.log.Warn("cannot read Namespaces yet; listeners with allowedRoutes.namespaces.from: Selector accept no routes until the agent can (it needs get, list and watch on namespaces)")
 	}
+	if w.grants != nil && !w.grants.informer.HasSynced() {
+		d.log.Warn("cannot read ReferenceGrants yet; routes outside a Gateway's namespace cannot use Services of other namespaces until the agent can (it needs get, list and watch on referencegrants)")
+	}
 	d.w = w
-	d.log.Info("Kubernetes discovery started", "tcproutes", apis.routes["tcp"], "udproutes", apis.routes["udp"],
+	d.log.Info("Kubernetes discovery started", "tcproutes", apis.routes["tcp"], "udproutes", apis.routes["udp"], "referencegrants", cmp.Or(apis.grants, "(not served)"),
 		"tcp_label", labelOrOff(d.opts.Tunnels.Discovery.TCP), "udp_label", labelOrOff(d.opts.Tunnels.Discovery.UDP))
 	return d.loop(ctx)
 }
