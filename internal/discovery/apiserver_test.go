@@ -294,16 +294,7 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 		t.Fatal(err)
 	}
 	eventually(t, 10*time.Second, "a RouteConflict Event on the newer route", func() bool {
-		evs, err := kube.EventsV1().Events("apps").List(ctx(t), metav1.ListOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, e := range evs.Items {
-			if e.Regarding.Name == "broken" && e.Regarding.Kind == "TCPRoute" && e.Reason == "RouteConflict" && e.ReportingInstance == "test" {
-				return true
-			}
-		}
-		return false
+		return hasEvent(t, kube, "apps", "broken", "RouteConflict")
 	})
 
 	// Deleting the route withdraws the service and the annotation.
@@ -340,16 +331,7 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 		t.Fatal(err)
 	}
 	eventually(t, 10*time.Second, "a RouteNotAllowed Event on the route from an unlabelled namespace", func() bool {
-		evs, err := kube.EventsV1().Events("databases").List(ctx(t), metav1.ListOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, e := range evs.Items {
-			if e.Regarding.Name == "redis" && e.Reason == "RouteNotAllowed" {
-				return true
-			}
-		}
-		return false
+		return hasEvent(t, kube, "databases", "redis", "RouteNotAllowed")
 	})
 	if n := len(rec.last()); n != 0 {
 		t.Fatalf("%d services published for a route its listener does not admit", n)
@@ -392,16 +374,7 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 		t.Fatal(err)
 	}
 	eventually(t, 10*time.Second, "a RefNotPermitted Event on the route to another namespace's Service", func() bool {
-		evs, err := kube.EventsV1().Events("databases").List(ctx(t), metav1.ListOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, e := range evs.Items {
-			if e.Regarding.Name == "cache" && e.Reason == "RefNotPermitted" {
-				return true
-			}
-		}
-		return false
+		return hasEvent(t, kube, "databases", "cache", "RefNotPermitted")
 	})
 	published := func() []string {
 		var ids []string
@@ -438,6 +411,22 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 }
 
 func ptrTo[T any](v T) *T { return &v }
+
+// hasEvent reports whether discovery (instance "test") recorded an Event
+// with reason about the TCPRoute ns/name.
+func hasEvent(t *testing.T, kube kubernetes.Interface, ns, name, reason string) bool {
+	t.Helper()
+	evs, err := kube.EventsV1().Events(ns).List(ctx(t), metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range evs.Items {
+		if e.Regarding.Name == name && e.Regarding.Kind == "TCPRoute" && e.Reason == reason && e.ReportingInstance == "test" {
+			return true
+		}
+	}
+	return false
+}
 
 // metric sums the samples of a gauge or counter whose label value is value
 // (any, when value is "").

@@ -11,7 +11,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	discoverylisters "k8s.io/client-go/listers/discovery/v1"
@@ -66,12 +65,7 @@ func testWorld(t *testing.T, objs ...runtime.Object) *world {
 	grantLister := gwlisters.NewReferenceGrantLister(grants)
 	return &world{
 		grants: &grantSource{list: func(ns string) ([]gwv1.ReferenceGrantSpec, error) {
-			gs, err := grantLister.ReferenceGrants(ns).List(labels.Everything())
-			specs := make([]gwv1.ReferenceGrantSpec, len(gs))
-			for i, g := range gs {
-				specs[i] = g.Spec
-			}
-			return specs, err
+			return grantSpecs(grantLister.ReferenceGrants(ns).List, func(g *gwv1.ReferenceGrant) gwv1.ReferenceGrantSpec { return g.Spec })
 		}},
 		gateways:   gwlisters.NewGatewayLister(gws),
 		services:   corelisters.NewServiceLister(svcs),

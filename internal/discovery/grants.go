@@ -7,6 +7,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/tools/cache"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 	gwinformers "sigs.k8s.io/gateway-api/pkg/client/informers/externalversions"
 )
 
@@ -24,25 +25,28 @@ func newGrantSource(version string, f gwinformers.SharedInformerFactory) *grantS
 	case "v1":
 		inf := f.Gateway().V1().ReferenceGrants()
 		return &grantSource{informer: inf.Informer(), list: func(ns string) ([]gwv1.ReferenceGrantSpec, error) {
-			gs, err := inf.Lister().ReferenceGrants(ns).List(labels.Everything())
-			specs := make([]gwv1.ReferenceGrantSpec, len(gs))
-			for i, g := range gs {
-				specs[i] = g.Spec
-			}
-			return specs, err
+			return grantSpecs(inf.Lister().ReferenceGrants(ns).List, func(g *gwv1.ReferenceGrant) gwv1.ReferenceGrantSpec { return g.Spec })
 		}}
 	case "v1beta1":
 		inf := f.Gateway().V1beta1().ReferenceGrants()
 		return &grantSource{informer: inf.Informer(), list: func(ns string) ([]gwv1.ReferenceGrantSpec, error) {
-			gs, err := inf.Lister().ReferenceGrants(ns).List(labels.Everything())
-			specs := make([]gwv1.ReferenceGrantSpec, len(gs))
-			for i, g := range gs {
-				specs[i] = g.Spec
-			}
-			return specs, err
+			return grantSpecs(inf.Lister().ReferenceGrants(ns).List, func(g *gwv1beta1.ReferenceGrant) gwv1.ReferenceGrantSpec { return g.Spec })
 		}}
 	}
 	panic(fmt.Sprintf("discovery: no ReferenceGrant source for %s", version)) // probeAPI returns only the versions above
+}
+
+// grantSpecs lists ReferenceGrants of one version and keeps their specs.
+func grantSpecs[T any](list func(labels.Selector) ([]T, error), spec func(T) gwv1.ReferenceGrantSpec) ([]gwv1.ReferenceGrantSpec, error) {
+	gs, err := list(labels.Everything())
+	if err != nil {
+		return nil, err
+	}
+	specs := make([]gwv1.ReferenceGrantSpec, len(gs))
+	for i, g := range gs {
+		specs[i] = spec(g)
+	}
+	return specs, nil
 }
 
 // errGrantsUnreadable is referenceAllowed's answer while ReferenceGrants
