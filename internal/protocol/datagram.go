@@ -36,20 +36,33 @@ func PutDatagramHeader(frame []byte, n int) error {
 // returns its length. Zero-length datagrams are valid. A datagram that does
 // not fit in buf is read and discarded, and ErrDatagramTooLarge returned.
 // io.EOF is returned only at a clean boundary between datagrams; a stream
-// that ends mid-datagram gives io.ErrUnexpectedEOF.
+// that ends mid-datagram gives io.ErrUnexpectedEOF. A DatagramReader does
+// the same without allocating per call.
 func ReadDatagram(r io.Reader, buf []byte) (int, error) {
-	var hdr [DatagramHeaderLen]byte
-	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+	d := DatagramReader{R: r}
+	return d.ReadDatagram(buf)
+}
+
+// DatagramReader reads length-prefixed datagrams from a stream, keeping its
+// scratch space for the length prefix so that a read allocates nothing.
+type DatagramReader struct {
+	R   io.Reader
+	hdr [DatagramHeaderLen]byte
+}
+
+// ReadDatagram is the package's ReadDatagram on d.R.
+func (d *DatagramReader) ReadDatagram(buf []byte) (int, error) {
+	if _, err := io.ReadFull(d.R, d.hdr[:]); err != nil {
 		return 0, err
 	}
-	n := int(binary.BigEndian.Uint16(hdr[:]))
+	n := int(binary.BigEndian.Uint16(d.hdr[:]))
 	if n > len(buf) {
-		if _, err := io.CopyN(io.Discard, r, int64(n)); err != nil {
+		if _, err := io.CopyN(io.Discard, d.R, int64(n)); err != nil {
 			return 0, noEOF(err)
 		}
 		return 0, fmt.Errorf("%w: %d > %d bytes", ErrDatagramTooLarge, n, len(buf))
 	}
-	if _, err := io.ReadFull(r, buf[:n]); err != nil {
+	if _, err := io.ReadFull(d.R, buf[:n]); err != nil {
 		return 0, noEOF(err)
 	}
 	return n, nil

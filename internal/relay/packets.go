@@ -300,22 +300,48 @@ type ConnectedUDP struct{ *net.UDPConn }
 // ReadDatagram implements Datagrams.
 func (c ConnectedUDP) ReadDatagram(buf []byte) (int, error) { return c.UDPConn.Read(buf) }
 
+// WaitReadable blocks until a datagram (or an error to report) is
+// waiting on the socket, without consuming it.
+func (c ConnectedUDP) WaitReadable() error {
+	_, err := c.peek(true)
+	return err
+}
+
 // Waiting reports whether a datagram (or an error to report) is waiting
-// on the socket, by peeking without blocking.
+// on the socket, without blocking and without consuming it.
 func (c ConnectedUDP) Waiting() bool {
+	ready, err := c.peek(false)
+	return ready || err != nil
+}
+
+// peek asks the socket whether something is waiting to be read, parking
+// until something is when wait is set. A pending socket error (an ICMP
+// report from an earlier send) is returned as err. It allocates nothing,
+// as it runs once or twice per datagram.
+func (c ConnectedUDP) peek(wait bool) (ready bool, err error) {
 	rc, err := c.UDPConn.SyscallConn()
 	if err != nil {
-		return false
+		return false, err
 	}
-	waiting := false
-	rc.Read(func(fd uintptr) bool {
+	var perr error
+	err = rc.Read(func(fd uintptr) bool {
 		var b [1]byte
 		_, _, e := syscall.Syscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1,
 			syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
-		waiting = e != syscall.EAGAIN
-		return true // never park: this is a question, not a wait
+		switch e {
+		case 0:
+			ready = true
+		case syscall.EAGAIN, syscall.EINTR:
+			return !wait // park until the poller says readable, or answer now
+		default:
+			perr = e
+		}
+		return true
 	})
-	return waiting
+	if err != nil {
+		return false, err
+	}
+	return ready, perr
 }
 
 // WriteDatagram implements Datagrams.

@@ -218,8 +218,55 @@ func TestConnectedUDPWaiting(t *testing.T) {
 	if c.Waiting() {
 		t.Fatal("Waiting with nothing left on the socket")
 	}
+	// A closed socket has an error to report: Waiting says so, so that the
+	// reader meets it instead of waiting.
 	b.Close()
-	if c.Waiting() {
-		t.Fatal("Waiting on a closed socket")
+	if !c.Waiting() {
+		t.Fatal("Waiting on a closed socket said nothing is waiting")
+	}
+	if _, err := c.ReadDatagram(buf); err == nil {
+		t.Fatal("ReadDatagram on a closed socket succeeded")
+	}
+}
+
+// The agent's side of a UDP session allocates nothing per datagram: wait,
+// check for more, read, write.
+func TestConnectedUDPAllocatesNothing(t *testing.T) {
+	a, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, err := net.DialUDP("udp", nil, a.LocalAddr().(*net.UDPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	a.SetReadBuffer(1 << 20)
+	b.SetReadBuffer(1 << 20)
+	c := ConnectedUDP{UDPConn: b}
+	var sock Datagrams = c
+	msg, buf := []byte("datagram"), make([]byte, 64)
+	const runs = 200
+	for range runs + 1 { // AllocsPerRun runs once more to warm up
+		if _, err := a.WriteToUDP(msg, b.LocalAddr().(*net.UDPAddr)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b.SetReadDeadline(time.Now().Add(10 * time.Second))
+	allocs := testing.AllocsPerRun(runs, func() {
+		if err := WaitReadable(sock); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := sock.ReadDatagram(buf); err != nil {
+			t.Fatal(err)
+		}
+		c.Waiting()
+		if err := sock.WriteDatagram(msg); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if allocs != 0 {
+		t.Errorf("%.1f allocations per datagram, want 0", allocs)
 	}
 }

@@ -53,13 +53,16 @@ func AsPackets(st Stream) PacketConn {
 	if pc, ok := st.(PacketConn); ok {
 		return pc
 	}
-	return &framedPackets{st: st}
+	return &framedPackets{st: st, r: protocol.DatagramReader{R: st}}
 }
 
 // framedPackets length-prefixes datagrams on a byte stream (yamux mode).
-type framedPackets struct{ st Stream }
+type framedPackets struct {
+	st Stream
+	r  protocol.DatagramReader
+}
 
-func (f *framedPackets) ReadPacket(buf []byte) (int, error) { return protocol.ReadDatagram(f.st, buf) }
+func (f *framedPackets) ReadPacket(buf []byte) (int, error) { return f.r.ReadDatagram(buf) }
 
 func (f *framedPackets) WritePacket(frame []byte) error {
 	if err := protocol.PutDatagramHeader(frame, len(frame)-PacketHeadroom); err != nil {

@@ -540,3 +540,41 @@ func TestYamuxLogLinesAreRateLimited(t *testing.T) {
 type warnFunc func(string, ...any)
 
 func (f warnFunc) Warn(msg string, args ...any) { f(msg, args...) }
+
+// bufStream is a Stream over an in-memory buffer, for what the datagram
+// framing itself costs.
+type bufStream struct{ bytes.Buffer }
+
+func (*bufStream) CloseWrite() error   { return nil }
+func (*bufStream) Close() error        { return nil }
+func (*bufStream) Reset() error        { return nil }
+func (*bufStream) WaitReadable() error { return nil }
+
+// Framing datagrams on a stream (yamux mode) allocates nothing per
+// datagram, one at a time or in a batch.
+func TestFramedPacketsAllocateNothing(t *testing.T) {
+	st := &bufStream{}
+	st.Grow(1 << 20)
+	pc := AsPackets(st)
+	fw := pc.(interface{ WriteFramed([]byte) error })
+	frame := make([]byte, PacketHeadroom+100)
+	batch := make([]byte, 0, 2*len(frame))
+	buf := make([]byte, 200)
+	allocs := testing.AllocsPerRun(200, func() {
+		if err := pc.WritePacket(frame); err != nil {
+			t.Fatal(err)
+		}
+		batch = append(append(batch[:0], frame...), frame...)
+		if err := fw.WriteFramed(batch); err != nil {
+			t.Fatal(err)
+		}
+		for range 3 {
+			if n, err := pc.ReadPacket(buf); err != nil || n != 100 {
+				t.Fatalf("ReadPacket = %d, %v", n, err)
+			}
+		}
+	})
+	if allocs != 0 {
+		t.Errorf("%.1f allocations per round, want 0", allocs)
+	}
+}
