@@ -578,3 +578,39 @@ func TestFramedPacketsAllocateNothing(t *testing.T) {
 		t.Errorf("%.1f allocations per round, want 0", allocs)
 	}
 }
+
+// BenchmarkFramedPackets measures framing and unframing 64-byte datagrams
+// on a stream, one at a time and in batches of 32.
+func BenchmarkFramedPackets(b *testing.B) {
+	for _, batch := range []int{1, 32} {
+		b.Run(fmt.Sprintf("batch%d", batch), func(b *testing.B) {
+			st := &bufStream{}
+			pc := AsPackets(st)
+			fw := pc.(interface{ WriteFramed([]byte) error })
+			frame := make([]byte, PacketHeadroom+64)
+			if err := protocol.PutDatagramHeader(frame, 64); err != nil {
+				b.Fatal(err)
+			}
+			frames := bytes.Repeat(frame, batch)
+			buf := make([]byte, 128)
+			b.SetBytes(int64(64 * batch))
+			b.ReportAllocs()
+			for b.Loop() {
+				var err error
+				if batch == 1 {
+					err = pc.WritePacket(frame)
+				} else {
+					err = fw.WriteFramed(frames)
+				}
+				if err != nil {
+					b.Fatal(err)
+				}
+				for range batch {
+					if _, err := pc.ReadPacket(buf); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+		})
+	}
+}
