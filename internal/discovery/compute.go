@@ -35,7 +35,9 @@ type world struct {
 	namespacesSynced func() bool
 	// grants lists ReferenceGrants; nil when the cluster does not serve
 	// them (then no cross-namespace reference needing one is allowed).
-	grants *grantSource
+	// grantsSynced is false while they cannot be read yet.
+	grants       *grantSource
+	grantsSynced func() bool
 	// routes maps "tcp"/"udp" to its route kind; absent when that
 	// protocol's discovery is disabled.
 	routes map[string]*routeSource

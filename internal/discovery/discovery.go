@@ -279,6 +279,7 @@ func (d *Discoverer) Run(ctx context.Context) error {
 	optional := []cache.SharedIndexInformer{namespaces.Informer()}
 	if apis.grants != "" {
 		w.grants = newGrantSource(apis.grants, gf)
+		w.grantsSynced = w.grants.informer.HasSynced
 		optional = append(optional, w.grants.informer)
 	}
 	handler := cache.ResourceEventHandlerFuncs{
@@ -293,8 +294,8 @@ func (d *Discoverer) Run(ctx context.Context) error {
 		},
 		DeleteFunc: func(any) { d.poke() },
 	}
-	// Namespaces matter only to listeners that select route namespaces by
-	// label; their labels change rarely, so any change is a recompute.
+	// Namespaces and ReferenceGrants change rarely: any change of theirs is
+	// a recompute too.
 	for _, inf := range append(infs, optional...) {
 		if _, err := inf.AddEventHandler(handler); err != nil {
 			return fmt.Errorf("discovery: adding event handler: %w", err)
@@ -337,7 +338,7 @@ func (d *Discoverer) Run(ctx context.Context) error {
 	if !namespaces.Informer().HasSynced() {
 		d.log.Warn("cannot read Namespaces yet; listeners with allowedRoutes.namespaces.from: Selector accept no routes until the agent can (it needs get, list and watch on namespaces)")
 	}
-	if w.grants != nil && !w.grants.informer.HasSynced() {
+	if w.grants != nil && !w.grantsSynced() {
 		d.log.Warn("cannot read ReferenceGrants yet; routes outside a Gateway's namespace cannot use Services of other namespaces until the agent can (it needs get, list and watch on referencegrants)")
 	}
 	d.w = w

@@ -15,7 +15,7 @@ import (
 // cluster serves (v1, or v1beta1 before Gateway API v1.5; the spec is the
 // same type at both).
 type grantSource struct {
-	informer cache.SharedIndexInformer // nil in tests
+	informer cache.SharedIndexInformer
 	list     func(namespace string) ([]gwv1.ReferenceGrantSpec, error)
 }
 
@@ -63,7 +63,7 @@ func (w *world) referenceAllowed(kind, fromNS, toNS, name string) (bool, error) 
 	if w.grants == nil {
 		return false, nil
 	}
-	if w.grants.informer != nil && !w.grants.informer.HasSynced() {
+	if w.grantsSynced != nil && !w.grantsSynced() {
 		return false, errGrantsUnreadable
 	}
 	specs, err := w.grants.list(toNS)
