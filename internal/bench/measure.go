@@ -42,7 +42,7 @@ func (f *firstErr) report(err error) {
 type throughputResult struct {
 	bytes   int64
 	elapsed time.Duration
-	// usage is the CPU seconds the watched processes used in the window,
+	// usageResult holds the CPU seconds the watched processes used in the window,
 	// and their peak memory from the first connection on (warm-up
 	// included), in the order given.
 	usageResult
