@@ -42,9 +42,9 @@ func (f *firstErr) report(err error) {
 type throughputResult struct {
 	bytes   int64
 	elapsed time.Duration
-	// usageResult holds the CPU seconds the watched processes used in the window,
-	// and their peak memory from the first connection on (warm-up
-	// included), in the order given.
+	// usageResult holds the CPU seconds the watched processes used in
+	// the window, and their peak memory from the first connection on
+	// (warm-up included), in the order given.
 	usageResult
 }
 
