@@ -224,8 +224,11 @@ var ErrBadMessage = errors.New("protocol: bad message")
 
 // Encode returns the JSON text of m, with its "type" field first.
 func Encode(m Message) ([]byte, error) {
-	if d, ok := m.(*Data); ok {
-		return AppendData(nil, d.Kind, d.ID, d.Data), nil
+	switch m := m.(type) {
+	case *Data:
+		return AppendData(nil, m.Kind, m.ID, m.Data), nil
+	case *Credit:
+		return AppendCredit(nil, m.ID, m.Bytes), nil
 	}
 	b, err := json.Marshal(m)
 	if err != nil {
@@ -247,6 +250,9 @@ func Encode(m Message) ([]byte, error) {
 func Decode(b []byte) (Message, error) {
 	if d, ok := decodeDataFast(b); ok {
 		return d, nil
+	}
+	if id, n, ok := ParseCreditFast(b); ok {
+		return &Credit{ID: id, Bytes: n}, nil
 	}
 	var env struct {
 		Type string `json:"type"`

@@ -74,15 +74,10 @@ func ParseDataFast(b []byte) (kind Kind, id uint32, payload []byte, ok bool) {
 		return 0, 0, nil, false
 	}
 	b = b[len(dataMid):]
-	var v uint64
-	i := 0
-	for ; i < len(b) && i < 10 && b[i] >= '0' && b[i] <= '9'; i++ {
-		v = v*10 + uint64(b[i]-'0')
-	}
-	if i == 0 || v == 0 || v > 1<<32-1 {
+	id, b, ok = cutUint32(b)
+	if !ok || id == 0 {
 		return 0, 0, nil, false
 	}
-	b = b[i:]
 	// The length check matters: prefix and suffix may overlap (`,"data":"}`).
 	if len(b) < len(dataField)+len(dataSuffix) || !bytes.HasPrefix(b, dataField) || !bytes.HasSuffix(b, dataSuffix) {
 		return 0, 0, nil, false
@@ -91,7 +86,59 @@ func ParseDataFast(b []byte) (kind Kind, id uint32, payload []byte, ok bool) {
 	if bytes.IndexByte(payload, '"') >= 0 || bytes.IndexByte(payload, '\\') >= 0 {
 		return 0, 0, nil, false
 	}
-	return kind, uint32(v), payload, true
+	return kind, id, payload, true
+}
+
+// cutUint32 parses the decimal number at the start of b, spelled as JSON
+// spells it (no sign, no leading zero), and returns it and the rest of b.
+func cutUint32(b []byte) (v uint32, rest []byte, ok bool) {
+	var n uint64
+	i := 0
+	for ; i < len(b) && i < 11 && b[i] >= '0' && b[i] <= '9'; i++ {
+		n = n*10 + uint64(b[i]-'0')
+	}
+	if i == 0 || n > 1<<32-1 || (b[0] == '0' && i > 1) {
+		return 0, b, false
+	}
+	return uint32(n), b[i:], true
+}
+
+// Credit messages flow back for every few data messages in JSON mode, so
+// they too have a hand-written encoder and a decoder for its exact form.
+var (
+	creditPrefix = []byte(`{"type":"credit","id":`)
+	creditMid    = []byte(`,"bytes":`)
+)
+
+// CreditLen bounds the length of a credit message AppendCredit writes.
+const CreditLen = len(`{"type":"credit","id":4294967295,"bytes":4294967295}`)
+
+// AppendCredit appends a credit message to dst, in the form Encode writes.
+func AppendCredit(dst []byte, id, n uint32) []byte {
+	dst = append(dst, creditPrefix...)
+	dst = strconv.AppendUint(dst, uint64(id), 10)
+	dst = append(dst, creditMid...)
+	dst = strconv.AppendUint(dst, uint64(n), 10)
+	return append(dst, '}')
+}
+
+// ParseCreditFast recognises a valid credit message in the exact form
+// AppendCredit writes. ok is false for anything else (which may still be a
+// valid message: use Decode).
+func ParseCreditFast(b []byte) (id, n uint32, ok bool) {
+	if b, ok = bytes.CutPrefix(b, creditPrefix); !ok {
+		return 0, 0, false
+	}
+	if id, b, ok = cutUint32(b); !ok || id == 0 {
+		return 0, 0, false
+	}
+	if b, ok = bytes.CutPrefix(b, creditMid); !ok {
+		return 0, 0, false
+	}
+	if n, b, ok = cutUint32(b); !ok || n == 0 || string(b) != "}" {
+		return 0, 0, false
+	}
+	return id, n, true
 }
 
 func decodeDataFast(b []byte) (*Data, bool) {

@@ -2,6 +2,7 @@ package protocol
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"testing"
 )
@@ -28,7 +29,17 @@ func FuzzDecode(f *testing.F) {
 	}
 	f.Add([]byte(`{"type":"tcp_data","id":1,"data":"=="}`))
 	f.Add([]byte(`{"type":"tcp_data","id":01,"data":"AAAA"}`))
+	f.Add([]byte(`{"type":"credit","id":4294967295,"bytes":1}`))
+	f.Add([]byte(`{"type":"credit","id":1,"bytes":0}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
+		// The fast credit decoder must agree with encoding/json on
+		// whatever it accepts.
+		if id, n, ok := ParseCreditFast(b); ok {
+			var c Credit
+			if err := json.Unmarshal(b, &c); err != nil || c.ID != id || c.Bytes != n {
+				t.Fatalf("ParseCreditFast(%q) = %d, %d; encoding/json: %+v, %v", b, id, n, c, err)
+			}
+		}
 		m, err := Decode(b)
 		if err != nil {
 			if !errors.Is(err, ErrBadMessage) {

@@ -272,3 +272,61 @@ func BenchmarkParseDataFast(b *testing.B) {
 		}
 	}
 }
+
+func TestCreditFastPath(t *testing.T) {
+	for _, c := range []Credit{{ID: 1, Bytes: 1}, {ID: 42, Bytes: 65536}, {ID: 4294967295, Bytes: 4294967295}} {
+		b := AppendCredit(nil, c.ID, c.Bytes)
+		if len(b) > CreditLen {
+			t.Errorf("%q is longer than CreditLen %d", b, CreditLen)
+		}
+		slow, err := Encode(&c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var viaJSON Credit
+		if err := json.Unmarshal(b, &viaJSON); err != nil || viaJSON != c {
+			t.Errorf("AppendCredit wrote %q; encoding/json reads it as %+v, %v", b, viaJSON, err)
+		}
+		if !bytes.Equal(slow, b) {
+			t.Errorf("Encode wrote %q, AppendCredit %q", slow, b)
+		}
+		id, n, ok := ParseCreditFast(b)
+		if !ok || id != c.ID || n != c.Bytes {
+			t.Errorf("ParseCreditFast(%q) = %d, %d, %v", b, id, n, ok)
+		}
+		if m, err := Decode(b); err != nil || *m.(*Credit) != c {
+			t.Errorf("Decode(%q) = %+v, %v", b, m, err)
+		}
+	}
+	for _, in := range []string{
+		`{"type":"credit","id":0,"bytes":1}`,          // id 0: invalid
+		`{"type":"credit","id":1,"bytes":0}`,          // no credit: invalid
+		`{"type":"credit","id":01,"bytes":1}`,         // not JSON
+		`{"type":"credit","id":4294967296,"bytes":1}`, // overflows
+		`{"type":"credit","id":1,"bytes":1} `,         // other spelling: left to encoding/json
+		`{"type":"credit","id":1, "bytes":1}`,
+		`{"type":"credit","id":1,"bytes":1,"x":2}`,
+		`{"type":"credit","id":-1,"bytes":1}`,
+		`{"type":"credit","id":1,"bytes":}`,
+	} {
+		if id, n, ok := ParseCreditFast([]byte(in)); ok {
+			t.Errorf("ParseCreditFast(%s) = %d, %d: accepted", in, id, n)
+		}
+	}
+	// Other spellings of a valid credit still decode, through encoding/json.
+	if m, err := Decode([]byte(`{"bytes":5, "type":"credit","id":3}`)); err != nil || *m.(*Credit) != (Credit{ID: 3, Bytes: 5}) {
+		t.Errorf("Decode of another spelling = %+v, %v", m, err)
+	}
+}
+
+func TestAppendCreditAllocatesNothing(t *testing.T) {
+	buf := make([]byte, 0, CreditLen)
+	if a := testing.AllocsPerRun(100, func() {
+		buf = AppendCredit(buf[:0], 7, 65536)
+		if _, _, ok := ParseCreditFast(buf); !ok {
+			t.Fatal("not parsed")
+		}
+	}); a != 0 {
+		t.Errorf("%.1f allocations per credit, want 0", a)
+	}
+}

@@ -64,6 +64,45 @@ type chunk struct {
 	off int
 }
 
+// chunkQueue is a stream's FIFO of received data. It reuses its backing
+// array, so a steady flow of data messages allocates nothing; a drained
+// queue keeps at most keptChunks slots, so an idle stream holds little.
+type chunkQueue struct {
+	items []chunk
+	head  int
+}
+
+const keptChunks = 16
+
+func (q *chunkQueue) len() int { return len(q.items) - q.head }
+
+// front returns the oldest chunk; the queue must not be empty.
+func (q *chunkQueue) front() *chunk { return &q.items[q.head] }
+
+func (q *chunkQueue) push(c chunk) {
+	if q.head > 0 && len(q.items) == cap(q.items) {
+		// Full at the back with room at the front: move the live part down.
+		n := copy(q.items, q.items[q.head:])
+		clear(q.items[n:])
+		q.items, q.head = q.items[:n], 0
+	}
+	q.items = append(q.items, c)
+}
+
+// pop removes and returns the oldest chunk; the queue must not be empty.
+func (q *chunkQueue) pop() chunk {
+	c := q.items[q.head]
+	q.items[q.head] = chunk{}
+	q.head++
+	if q.head == len(q.items) {
+		q.items, q.head = q.items[:0], 0
+		if cap(q.items) > keptChunks {
+			q.items = nil
+		}
+	}
+	return c
+}
+
 type jsonStream struct {
 	m    *jsonMux
 	id   uint32
@@ -74,7 +113,7 @@ type jsonStream struct {
 	openDone chan struct{} // closed once the open result is known
 
 	mu       sync.Mutex
-	chunks   []chunk
+	chunks   chunkQueue
 	buffered int // bytes queued in chunks
 	unacked  int // bytes received and not yet credited back
 	consumed int // bytes read since the last credit message
@@ -134,6 +173,12 @@ func (s *Session) jsonReadLoopErr() error {
 			}
 			continue
 		}
+		if id, n, ok := protocol.ParseCreditFast(b); ok {
+			if err := m.onCredit(id, n); err != nil {
+				return err
+			}
+			continue
+		}
 		msg, err := protocol.Decode(b)
 		if err != nil {
 			return fmt.Errorf("%w: %w", ErrProtocol, err)
@@ -150,7 +195,7 @@ func (s *Session) jsonReadLoopErr() error {
 		case *protocol.Close:
 			err = m.onClose(msg)
 		case *protocol.Credit:
-			err = m.onCredit(msg)
+			err = m.onCredit(msg.ID, msg.Bytes)
 		default:
 			err = s.handleControl(msg)
 		}
@@ -200,7 +245,7 @@ func (m *jsonMux) onData(kind protocol.Kind, id uint32, buf *[]byte) error {
 		pool.Put(buf)
 		return fmt.Errorf("%w: data after close on stream %d", ErrProtocol, id)
 	case kind == protocol.KindUDP:
-		if st.buffered+n > m.window || len(st.chunks) >= udpQueueLen {
+		if st.buffered+n > m.window || st.chunks.len() >= udpQueueLen {
 			st.dropped++
 			pool.Put(buf)
 			return nil
@@ -212,7 +257,7 @@ func (m *jsonMux) onData(kind protocol.Kind, id uint32, buf *[]byte) error {
 		}
 		st.unacked += n
 	}
-	st.chunks = append(st.chunks, chunk{buf: buf})
+	st.chunks.push(chunk{buf: buf})
 	st.buffered += n
 	signal(st.readable)
 	return nil
@@ -329,19 +374,19 @@ func (m *jsonMux) onClose(c *protocol.Close) error {
 	return nil
 }
 
-func (m *jsonMux) onCredit(c *protocol.Credit) error {
-	st := m.lookup(c.ID)
+func (m *jsonMux) onCredit(id, bytes uint32) error {
+	st := m.lookup(id)
 	if st == nil {
 		return nil
 	}
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	if st.kind != protocol.KindTCP {
-		return fmt.Errorf("%w: credit for udp stream %d", ErrProtocol, c.ID)
+		return fmt.Errorf("%w: credit for udp stream %d", ErrProtocol, id)
 	}
-	st.credit += int(c.Bytes)
+	st.credit += int(bytes)
 	if st.credit > m.window {
-		return fmt.Errorf("%w: credit for stream %d exceeds the window", ErrProtocol, c.ID)
+		return fmt.Errorf("%w: credit for stream %d exceeds the window", ErrProtocol, id)
 	}
 	signal(st.writable)
 	return nil
@@ -452,7 +497,7 @@ func (st *jsonStream) Read(p []byte) (int, error) {
 			st.mu.Unlock()
 			return 0, err
 		}
-		if len(st.chunks) > 0 {
+		if st.chunks.len() > 0 {
 			if len(p) == 0 {
 				st.mu.Unlock()
 				return 0, nil
@@ -499,19 +544,14 @@ func (st *jsonStream) waitReadable() {
 // take copies queued data into p. Caller holds st.mu.
 func (st *jsonStream) take(p []byte) int {
 	n := 0
-	for n < len(p) && len(st.chunks) > 0 {
-		c := &st.chunks[0]
+	for n < len(p) && st.chunks.len() > 0 {
+		c := st.chunks.front()
 		k := copy(p[n:], (*c.buf)[c.off:])
 		n += k
 		c.off += k
 		if c.off == len(*c.buf) {
-			pool.Put(c.buf)
-			st.chunks[0] = chunk{}
-			st.chunks = st.chunks[1:]
+			pool.Put(st.chunks.pop().buf)
 		}
-	}
-	if len(st.chunks) == 0 {
-		st.chunks = st.chunks[:0:0] // drop the backing array of a drained queue
 	}
 	st.buffered -= n
 	st.consumed += n
@@ -519,10 +559,9 @@ func (st *jsonStream) take(p []byte) int {
 }
 
 func (st *jsonStream) sendCredit(n int) {
-	b, err := protocol.Encode(&protocol.Credit{ID: st.id, Bytes: uint32(n)})
-	if err == nil {
-		_ = st.m.s.c.sendCopy(websocket.TextMessage, b, true)
-	}
+	buf := pool.Get(protocol.CreditLen)
+	*buf = protocol.AppendCredit((*buf)[:0], st.id, uint32(n))
+	_ = st.m.s.c.send(outMsg{typ: websocket.TextMessage, buf: buf}, true)
 }
 
 func (st *jsonStream) Write(p []byte) (int, error) {
@@ -597,10 +636,8 @@ func (st *jsonStream) ReadPacket(buf []byte) (int, error) {
 			st.mu.Unlock()
 			return 0, err
 		}
-		if len(st.chunks) > 0 {
-			c := st.chunks[0]
-			st.chunks[0] = chunk{}
-			st.chunks = st.chunks[1:]
+		if st.chunks.len() > 0 {
+			c := st.chunks.pop()
 			n := len(*c.buf)
 			st.buffered -= n
 			st.mu.Unlock()
@@ -687,10 +724,10 @@ func (st *jsonStream) discard() {
 		return
 	}
 	st.closed = true
-	for _, c := range st.chunks {
-		pool.Put(c.buf)
+	for st.chunks.len() > 0 {
+		pool.Put(st.chunks.pop().buf)
 	}
-	st.chunks = nil
+	st.chunks = chunkQueue{}
 	st.buffered = 0
 	st.fail(errStreamClosed)
 }

@@ -614,3 +614,43 @@ func BenchmarkFramedPackets(b *testing.B) {
 		})
 	}
 }
+
+// The JSON streams' queue keeps FIFO order across the compaction that lets
+// it reuse its array, and a drained queue holds no large array.
+func TestChunkQueue(t *testing.T) {
+	var q chunkQueue
+	next, want := 0, 0
+	bufs := make([][]byte, 1000)
+	push := func(k int) {
+		for range k {
+			bufs[next] = make([]byte, next%7)
+			q.push(chunk{buf: &bufs[next]})
+			next++
+		}
+	}
+	pop := func(k int) {
+		for range k {
+			if c := q.pop(); c.buf != &bufs[want] {
+				t.Fatalf("pop %d returned chunk %p, want %p", want, c.buf, &bufs[want])
+			}
+			want++
+		}
+	}
+	push(10)
+	pop(7)
+	push(30) // the array fills at the back with room at the front
+	pop(20)
+	push(100)
+	if q.len() != next-want {
+		t.Fatalf("len = %d, want %d", q.len(), next-want)
+	}
+	pop(next - want)
+	if q.len() != 0 || cap(q.items) > keptChunks {
+		t.Fatalf("drained queue: len %d, cap %d (keeps at most %d)", q.len(), cap(q.items), keptChunks)
+	}
+	push(5)
+	pop(5)
+	if cap(q.items) == 0 {
+		t.Error("a small drained queue let its array go: the next burst would allocate again")
+	}
+}
