@@ -180,19 +180,27 @@ func TestBurstIsBatchedIntact(t *testing.T) {
 	t.Logf("%d datagrams in %d writes", len(want), len(tun.writes))
 }
 
-// Waiting on a real UDP socket answers without blocking and without
-// consuming the datagram.
-func TestConnectedUDPWaiting(t *testing.T) {
+// udpPair returns a socket on loopback (a, the backend) and a socket
+// connected to it (b, the agent's side), closed when the test ends.
+func udpPair(t *testing.T) (a, b *net.UDPConn) {
+	t.Helper()
 	a, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer a.Close()
-	b, err := net.DialUDP("udp", nil, a.LocalAddr().(*net.UDPAddr))
+	t.Cleanup(func() { a.Close() })
+	b, err = net.DialUDP("udp", nil, a.LocalAddr().(*net.UDPAddr))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer b.Close()
+	t.Cleanup(func() { b.Close() })
+	return a, b
+}
+
+// Waiting on a real UDP socket answers without blocking and without
+// consuming the datagram.
+func TestConnectedUDPWaiting(t *testing.T) {
+	a, b := udpPair(t)
 	if _, err := a.WriteToUDP([]byte("x"), b.LocalAddr().(*net.UDPAddr)); err != nil {
 		t.Fatal(err)
 	}
@@ -232,16 +240,7 @@ func TestConnectedUDPWaiting(t *testing.T) {
 // The agent's side of a UDP session allocates nothing per datagram: wait,
 // check for more, read, write.
 func TestConnectedUDPAllocatesNothing(t *testing.T) {
-	a, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
-	b, err := net.DialUDP("udp", nil, a.LocalAddr().(*net.UDPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	a, b := udpPair(t)
 	a.SetReadBuffer(1 << 20)
 	b.SetReadBuffer(1 << 20)
 	c := ConnectedUDP{UDPConn: b}
