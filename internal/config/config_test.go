@@ -201,6 +201,7 @@ func FuzzParseAgent(f *testing.F) {
 func FuzzParseGateway(f *testing.F) {
 	f.Add([]byte("insecure: true\nagents: [{name: a, token: 0123456789abcdef0}]"))
 	f.Add([]byte("port_range: \"1-2\"\ninsecure: true"))
+	f.Add([]byte("insecure: true\nmax_retained_ports: 3\nmax_services: 2\nagents: [{name: a, token: 0123456789abcdef0, max_services: 4, max_retained_ports: 4}]"))
 	f.Add([]byte("&a [*a]"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		g, err := ParseGateway(b, nil)
@@ -210,4 +211,52 @@ func FuzzParseGateway(f *testing.F) {
 			}
 		}
 	})
+}
+
+// max_retained_ports: twice max_services unless set, per agent or for all,
+// and never below the agent's max_services.
+func TestGatewayRetainedPortsCap(t *testing.T) {
+	g, err := ParseGateway([]byte(`
+insecure: true
+max_services: 10
+agents:
+  - {name: plain, token: 0123456789abcdef0}
+  - {name: big, token: 0123456789abcdef1, max_services: 40}
+  - {name: own, token: 0123456789abcdef2, max_retained_ports: 15}
+`), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []int{20, 80, 15} {
+		if got := g.RetainedPortsCap(&g.Agents[i]); got != want {
+			t.Errorf("%s: cap %d, want %d", g.Agents[i].Name, got, want)
+		}
+	}
+	if got := g.RetainedPortsCap(nil); got != 20 {
+		t.Errorf("unconfigured agent: cap %d, want 20", got)
+	}
+	g.MaxRetainedPorts = 50
+	if got := g.RetainedPortsCap(&g.Agents[0]); got != 50 {
+		t.Errorf("gateway-wide max_retained_ports 50: cap %d", got)
+	}
+
+	cases := map[string]string{
+		`insecure: true
+max_retained_ports: 50`: "max_retained_ports: 50 is below max_services (100)",
+		`insecure: true
+max_retained_ports: -1`: "max_retained_ports: -1 is outside",
+		`insecure: true
+agents: [{name: a, token: 0123456789abcdef0, max_retained_ports: 5, max_services: 6}]`: "agents[0].max_retained_ports: 5 is below this agent's max_services (6)",
+		`insecure: true
+max_retained_ports: 120
+agents: [{name: a, token: 0123456789abcdef0, max_services: 200}]`: `max_retained_ports: 120 is below the max_services (200) of agents[0] ("a")`,
+		`insecure: true
+agents: [{name: a, token: 0123456789abcdef0, max_retained_ports: 200000}]`: "agents[0].max_retained_ports: 200000 is outside",
+	}
+	for in, want := range cases {
+		_, err := ParseGateway([]byte(in), nil)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("config %q: err = %v, want it to contain %q", in, err, want)
+		}
+	}
 }

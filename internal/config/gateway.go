@@ -47,6 +47,10 @@ type Gateway struct {
 	// PortRetention is how long a withdrawn service's port stays reserved
 	// for its agent.
 	PortRetention Duration `json:"port_retention"`
+	// MaxRetainedPorts caps the withdrawn services' ports one agent keeps
+	// reserved; beyond it the oldest are freed. 0: twice the agent's
+	// max_services.
+	MaxRetainedPorts int `json:"max_retained_ports"`
 	// BufferSize is the copy buffer per direction of a public connection.
 	BufferSize int `json:"buffer_size"`
 	// AuthFailuresPerMinute limits failed token attempts per source
@@ -74,6 +78,9 @@ type Agent struct {
 	TokenSHA256 string `json:"token_sha256,omitempty"`
 	// MaxServices overrides the gateway's max_services for this agent.
 	MaxServices int `json:"max_services,omitempty"`
+	// MaxRetainedPorts overrides the gateway's max_retained_ports for this
+	// agent.
+	MaxRetainedPorts int `json:"max_retained_ports,omitempty"`
 }
 
 // Admin configures the admin HTTP server.
@@ -210,6 +217,10 @@ func (g *Gateway) Validate() error {
 	p.intRange("max_stream_window", g.MaxStreamWindow, 256<<10, 1<<30)
 	p.intRange("max_services", g.MaxServices, 1, protocol.MaxRegisterServices)
 	p.duration("port_retention", g.PortRetention, 0, 0, true)
+	p.intRange("max_retained_ports", g.MaxRetainedPorts, 0, maxRetainedPorts)
+	if g.MaxRetainedPorts > 0 && g.MaxRetainedPorts < g.MaxServices {
+		p.add("max_retained_ports", "%d is below max_services (%d): a reconnecting agent would lose ports", g.MaxRetainedPorts, g.MaxServices)
+	}
 	p.intRange("buffer_size", g.BufferSize, 512, 16<<20)
 	p.intRange("auth_failures_per_minute", g.AuthFailuresPerMinute, 1, 1<<20)
 	p.duration("handshake_timeout", g.HandshakeTimeout, 100*time.Millisecond, 10*time.Minute, false)
@@ -247,7 +258,54 @@ func (g *Gateway) validateAgents(p *problems) {
 		if a.MaxServices < 0 || a.MaxServices > protocol.MaxRegisterServices {
 			p.add(key+".max_services", "%d is outside 0-%d", a.MaxServices, protocol.MaxRegisterServices)
 		}
+		g.validateRetained(p, key, a)
 	}
+}
+
+// maxRetainedPorts bounds max_retained_ports: every TCP and UDP port.
+const maxRetainedPorts = 2 * 65535
+
+// validateRetained checks the retained-port cap that applies to agent a
+// (agents[i] is key): it may not be below the agent's max_services, or an
+// agent that reconnects with all its services would lose some of their
+// ports.
+func (g *Gateway) validateRetained(p *problems, key string, a *Agent) {
+	if a.MaxRetainedPorts < 0 || a.MaxRetainedPorts > maxRetainedPorts {
+		p.add(key+".max_retained_ports", "%d is outside 0-%d", a.MaxRetainedPorts, maxRetainedPorts)
+		return
+	}
+	services := a.MaxServices
+	if services == 0 {
+		services = g.MaxServices
+	}
+	switch limit := g.RetainedPortsCap(a); {
+	case limit >= services:
+	case a.MaxRetainedPorts != 0:
+		p.add(key+".max_retained_ports", "%d is below this agent's max_services (%d): a reconnecting agent would lose ports", limit, services)
+	case a.MaxServices != 0: // else reported for the gateway-wide keys
+		p.add("max_retained_ports", "%d is below the max_services (%d) of %s (%q): a reconnecting agent would lose ports; raise it or set %s.max_retained_ports", limit, services, key, a.Name, key)
+	}
+}
+
+// RetainedPortsCap returns how many retained port allocations (ports of
+// withdrawn or disconnected services, kept for port_retention) the agent
+// entry a may hold: its max_retained_ports, else the gateway's, else twice
+// its max_services. a nil (an agent no longer configured) gets the
+// gateway-wide default.
+func (g *Gateway) RetainedPortsCap(a *Agent) int {
+	services := g.MaxServices
+	if a != nil {
+		if a.MaxRetainedPorts > 0 {
+			return a.MaxRetainedPorts
+		}
+		if a.MaxServices > 0 {
+			services = a.MaxServices
+		}
+	}
+	if g.MaxRetainedPorts > 0 {
+		return g.MaxRetainedPorts
+	}
+	return 2 * services
 }
 
 // PortBounds returns the parsed port_range (after Validate).

@@ -1,10 +1,12 @@
 package gateway
 
 import (
+	"container/list"
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
 	"net/http"
+	"net/netip"
 	"sort"
 	"strings"
 	"sync"
@@ -158,18 +160,25 @@ func (g *Gateway) Services() []ServiceInfo {
 	return out
 }
 
-// authLimiter counts failed authentications per source address in fixed
-// windows; a source over the limit is refused until its window ends.
+// authLimiter counts failed authentications per source in fixed windows; a
+// source over the limit is refused until its window ends. A source is an
+// IPv4 address or an IPv6 /64: one host commonly holds a whole /64 and could
+// otherwise rotate addresses for unlimited tries.
 type authLimiter struct {
 	limit  int
 	window time.Duration
 	now    func() time.Time
+	max    int // sources tracked at most
 
 	mu      sync.Mutex
-	sources map[string]*failWindow
+	sources map[netip.Prefix]*list.Element // of *failWindow
+	// order holds the windows oldest first: a window is appended when it
+	// starts, so when max sources are tracked the front is evicted.
+	order list.List
 }
 
 type failWindow struct {
+	src    netip.Prefix
 	start  time.Time
 	count  int
 	warned bool
@@ -179,19 +188,39 @@ type failWindow struct {
 const maxTrackedSources = 100000
 
 func newAuthLimiter(limit int, window time.Duration) *authLimiter {
-	return &authLimiter{limit: limit, window: window, now: time.Now, sources: map[string]*failWindow{}}
+	return &authLimiter{limit: limit, window: window, now: time.Now, max: maxTrackedSources,
+		sources: map[netip.Prefix]*list.Element{}}
+}
+
+// sourceKey maps a peer address to the unit the limiter counts: the
+// address itself for IPv4 (and IPv4-mapped IPv6), its /64 for IPv6. An
+// unparsable address maps to the zero prefix, shared by all such peers.
+func sourceKey(src string) netip.Prefix {
+	a, err := netip.ParseAddr(src)
+	if err != nil {
+		return netip.Prefix{}
+	}
+	a = a.Unmap().WithZone("")
+	bits := 32
+	if a.Is6() {
+		bits = 64
+	}
+	p, _ := a.Prefix(bits)
+	return p
 }
 
 // allowed reports whether src may try to authenticate now.
 func (l *authLimiter) allowed(src string) bool {
+	key := sourceKey(src)
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	w := l.sources[src]
-	if w == nil {
+	e := l.sources[key]
+	if e == nil {
 		return true
 	}
+	w := e.Value.(*failWindow)
 	if l.now().Sub(w.start) >= l.window {
-		delete(l.sources, src)
+		l.forget(e)
 		return true
 	}
 	return w.count < l.limit
@@ -200,23 +229,29 @@ func (l *authLimiter) allowed(src string) bool {
 // fail records a failed attempt. It returns true the first time src goes
 // over the limit in a window, so the caller logs that once.
 func (l *authLimiter) fail(src string) bool {
+	key := sourceKey(src)
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	now := l.now()
-	w := l.sources[src]
-	if w == nil || now.Sub(w.start) >= l.window {
-		if len(l.sources) >= maxTrackedSources {
-			for k, v := range l.sources {
-				if now.Sub(v.start) >= l.window {
-					delete(l.sources, k)
-				}
-			}
-			if len(l.sources) >= maxTrackedSources {
-				clear(l.sources) // still full: start over rather than grow
-			}
+	var w *failWindow
+	if e := l.sources[key]; e != nil {
+		if w = e.Value.(*failWindow); now.Sub(w.start) >= l.window {
+			l.forget(e)
+			w = nil
 		}
-		w = &failWindow{start: now}
-		l.sources[src] = w
+	}
+	if w == nil {
+		// Ended windows first, then, if still full, the oldest live ones:
+		// a spray of new sources costs the earliest sources their count,
+		// not everyone's.
+		for e := l.order.Front(); e != nil && now.Sub(e.Value.(*failWindow).start) >= l.window; e = l.order.Front() {
+			l.forget(e)
+		}
+		for len(l.sources) >= l.max && l.order.Len() > 0 {
+			l.forget(l.order.Front())
+		}
+		w = &failWindow{src: key, start: now}
+		l.sources[key] = l.order.PushBack(w)
 	}
 	w.count++
 	if w.count >= l.limit && !w.warned {
@@ -224,4 +259,10 @@ func (l *authLimiter) fail(src string) bool {
 		return true
 	}
 	return false
+}
+
+// forget drops a tracked window. Caller holds l.mu.
+func (l *authLimiter) forget(e *list.Element) {
+	delete(l.sources, e.Value.(*failWindow).src)
+	l.order.Remove(e)
 }

@@ -3,6 +3,10 @@
 // per (agent, service), opens public TCP and UDP listeners for registered
 // services and carries every client connection or UDP session through the
 // owning agent's tunnel. It also serves the admin API.
+//
+// The port allocator's save lock (ports.saveMu) is taken before its state
+// lock (ports.mu) and held across the state file's write; ports.mu is never
+// held during file I/O.
 package gateway
 
 import (
@@ -113,6 +117,7 @@ func New(o Options) (*Gateway, error) {
 		done:     make(chan struct{}),
 	}
 	g.upgrader = tunnel.NewUpgrader(cfg.HandshakeTimeout.Duration)
+	g.limitRetained()
 	for _, a := range cfg.Agents {
 		t := agentToken{name: a.Name, maxServices: a.MaxServices}
 		if t.maxServices == 0 {
@@ -253,6 +258,29 @@ func (g *Gateway) Close() {
 		}
 		g.wg.Wait()
 	})
+}
+
+// limitRetained gives the port allocator each agent's max_retained_ports
+// and reports its evictions.
+func (g *Gateway) limitRetained() {
+	caps := make(map[string]int, len(g.cfg.Agents))
+	for i := range g.cfg.Agents {
+		caps[g.cfg.Agents[i].Name] = g.cfg.RetainedPortsCap(&g.cfg.Agents[i])
+	}
+	def := g.cfg.RetainedPortsCap(nil)
+	g.ports.maxRetained = func(agent string) int {
+		if n, ok := caps[agent]; ok {
+			return n
+		}
+		return def
+	}
+	g.ports.onEvict = func(ev []eviction) {
+		for _, e := range ev {
+			g.metrics.PortEvictions.WithLabelValues(e.reason.String()).Inc()
+			g.log.Info("retained public port freed early", "agent", e.agent, "service", e.svc.String(),
+				"port", e.port, "reason", e.reason.String())
+		}
+	}
 }
 
 func serverTLS(c *config.TLS) (*tls.Config, error) {

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"iter"
+	"maps"
 	"sort"
 	"sync"
 	"syscall"
@@ -33,45 +35,98 @@ type allocation struct {
 	lastUsed time.Time
 }
 
+// evictReason says why a retained allocation was given up before its
+// port_retention ended. It is the reason label of
+// portway_gateway_port_evictions_total.
+type evictReason uint8
+
+const (
+	// evictAgentCap: the agent held more retained allocations than its
+	// max_retained_ports.
+	evictAgentCap evictReason = iota
+	// evictRangeFull: port_range had no free port for a new service.
+	evictRangeFull
+)
+
+func (r evictReason) String() string {
+	if r == evictRangeFull {
+		return "range_full"
+	}
+	return "agent_cap"
+}
+
+// eviction is one retained allocation given up, reported after the lock.
+type eviction struct {
+	reason evictReason
+	agent  string
+	svc    protocol.ServiceKey
+	port   int
+}
+
 // ports allocates public ports per (agent, service) from the configured
 // range and persists the allocations. A service gets its previous port
 // back; a new one prefers 10000+port. Ports of one agent are never given to
-// another while allocated or retained.
+// another while allocated or retained, with two bounds so that retained
+// ports cannot crowd out live ones: an agent keeps at most maxRetained
+// retained allocations (its oldest go first), and when the range is full a
+// new service takes the oldest retained allocation, its own agent's first.
 type ports struct {
+	// saveMu orders saves: it is held from the snapshot to the end of the
+	// write, so an older snapshot never lands after a newer one. It is
+	// taken before mu, and mu is not held during the write.
+	saveMu sync.Mutex
+
 	mu        sync.Mutex
 	low, high int
 	retention time.Duration
 	now       func() time.Time
-	byKey     map[allocKey]*allocation
-	byPort    map[portKey]*allocation
-	st        store.Store
+	// maxRetained returns an agent's cap on retained allocations; nil
+	// means no cap. Set before use, read-only after.
+	maxRetained func(agent string) int
+	// onEvict is told of evictions, without mu held. Set before use.
+	onEvict func([]eviction)
+	byKey   map[allocKey]*allocation
+	byPort  map[portKey]*allocation
+	byAgent map[string]map[protocol.ServiceKey]*allocation
+	evicted []eviction // since the last takeEvictions
+	st      store.Store
 }
 
 func newPorts(low, high int, retention time.Duration, st store.Store) *ports {
 	return &ports{
 		low: low, high: high, retention: retention, now: time.Now, st: st,
 		byKey: map[allocKey]*allocation{}, byPort: map[portKey]*allocation{},
+		byAgent: map[string]map[protocol.ServiceKey]*allocation{},
 	}
 }
 
 // load reads the persisted allocations. Allocations outside the current
-// port range are dropped.
+// port range are dropped, and agents over their retained cap lose their
+// oldest allocations (every loaded allocation is retained until its
+// service registers again).
 func (p *ports) load(ctx context.Context) error {
 	allocs, err := p.st.Load(ctx)
 	if err != nil {
 		return err
 	}
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	for _, a := range allocs {
 		kind, err := protocol.ParseKind(a.Protocol)
 		if err != nil || a.Port < p.low || a.Port > p.high {
 			continue
 		}
-		al := &allocation{key: allocKey{a.Agent, protocol.ServiceKey{ID: a.Service, Kind: kind}}, port: a.Port, lastUsed: a.LastUsed}
-		p.byKey[al.key] = al
-		p.byPort[portKey{kind, a.Port}] = al
+		key := allocKey{a.Agent, protocol.ServiceKey{ID: a.Service, Kind: kind}}
+		if p.byKey[key] != nil {
+			continue // listed twice: keep the first, so no port is orphaned
+		}
+		p.add(&allocation{key: key, port: a.Port, lastUsed: a.LastUsed})
 	}
+	for agent := range p.byAgent {
+		p.enforceCap(agent)
+	}
+	ev := p.takeEvictions()
+	p.mu.Unlock()
+	p.report(ev)
 	return nil
 }
 
@@ -88,10 +143,17 @@ const maxBindFailures = 256
 
 // acquire returns the port for a service and its open listener.
 func (p *ports) acquire(agent string, svc *protocol.Service, bind bindFunc) (int, io.Closer, error) {
+	p.mu.Lock()
+	port, l, err := p.acquireLocked(agent, svc, bind)
+	ev := p.takeEvictions()
+	p.mu.Unlock()
+	p.report(ev)
+	return port, l, err
+}
+
+func (p *ports) acquireLocked(agent string, svc *protocol.Service, bind bindFunc) (int, io.Closer, error) {
 	kind, _ := protocol.ParseKind(svc.Protocol)
 	key := allocKey{agent, svc.Key()}
-	p.mu.Lock()
-	defer p.mu.Unlock()
 	p.expire()
 
 	if svc.PublicPort != 0 {
@@ -125,17 +187,71 @@ func (p *ports) acquire(agent string, svc *protocol.Service, bind bindFunc) (int
 				return 0, nil, err
 			}
 			if failures++; failures >= maxBindFailures {
-				break
+				return 0, nil, errNoPort
 			}
 			continue
 		}
-		a := &allocation{key: key, port: port}
-		p.byKey[key] = a
-		p.byPort[portKey{kind, port}] = a
-		p.markLive(a)
-		return port, l, nil
+		return p.assign(key, port, l)
+	}
+	return p.reclaim(key, kind, failures, bind)
+}
+
+// reclaim serves a new service when the range is full: it takes the oldest
+// retained allocation of the service's own agent, else the oldest of
+// anyone, rather than refuse while ports sit unused.
+func (p *ports) reclaim(key allocKey, kind protocol.Kind, failures int, bind bindFunc) (int, io.Closer, error) {
+	var tried map[int]bool // ports held by other processes: rare
+	for failures < maxBindFailures {
+		victim := oldestRetained(maps.Values(p.byAgent[key.agent]), kind, tried)
+		if victim == nil {
+			victim = oldestRetained(maps.Values(p.byKey), kind, tried)
+		}
+		if victim == nil {
+			break
+		}
+		l, err := bind(victim.port)
+		if err != nil {
+			if !errors.Is(err, syscall.EADDRINUSE) {
+				return 0, nil, err
+			}
+			if tried == nil {
+				tried = map[int]bool{}
+			}
+			tried[victim.port] = true
+			failures++
+			continue
+		}
+		p.evict(victim, evictRangeFull)
+		return p.assign(key, victim.port, l)
 	}
 	return 0, nil, errNoPort
+}
+
+// oldestRetained returns the least recently used retained allocation of
+// kind among allocs, skipping the ports in skip.
+func oldestRetained(allocs iter.Seq[*allocation], kind protocol.Kind, skip map[int]bool) *allocation {
+	var best *allocation
+	for a := range allocs {
+		if a.live || a.key.svc.Kind != kind || skip[a.port] {
+			continue
+		}
+		if best == nil || older(a, best) {
+			best = a
+		}
+	}
+	return best
+}
+
+// older orders allocations for eviction: least recently used first, then
+// by port, so the order is the same on every run.
+func older(a, b *allocation) bool {
+	if !a.lastUsed.Equal(b.lastUsed) {
+		return a.lastUsed.Before(b.lastUsed)
+	}
+	if a.port != b.port {
+		return a.port < b.port
+	}
+	return a.key.svc.Kind < b.key.svc.Kind
 }
 
 func (p *ports) acquireExact(key allocKey, kind protocol.Kind, port int, bind bindFunc) (int, io.Closer, error) {
@@ -161,9 +277,13 @@ func (p *ports) acquireExact(key allocKey, kind protocol.Kind, port int, bind bi
 	if old := p.byKey[key]; old != nil && old.port != port {
 		p.release(old)
 	}
+	return p.assign(key, port, l)
+}
+
+// assign records a new live allocation of port to key.
+func (p *ports) assign(key allocKey, port int, l io.Closer) (int, io.Closer, error) {
 	a := &allocation{key: key, port: port}
-	p.byKey[key] = a
-	p.byPort[portKey{kind, port}] = a
+	p.add(a)
 	p.markLive(a)
 	return port, l, nil
 }
@@ -174,19 +294,82 @@ func (p *ports) markLive(a *allocation) {
 }
 
 // retain marks a service's allocation as not live: its listener closed, its
-// port kept for the retention period.
+// port kept for the retention period, or until the agent is over its cap.
 func (p *ports) retain(agent string, svc protocol.ServiceKey) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	if a := p.byKey[allocKey{agent, svc}]; a != nil {
 		a.live = false
 		a.lastUsed = p.now()
+		p.enforceCap(agent)
 	}
+	ev := p.takeEvictions()
+	p.mu.Unlock()
+	p.report(ev)
+}
+
+// enforceCap evicts the agent's oldest retained allocations beyond its cap.
+func (p *ports) enforceCap(agent string) {
+	if p.maxRetained == nil {
+		return
+	}
+	limit := p.maxRetained(agent)
+	var retained []*allocation
+	for _, a := range p.byAgent[agent] {
+		if !a.live {
+			retained = append(retained, a)
+		}
+	}
+	if len(retained) <= limit {
+		return
+	}
+	sort.Slice(retained, func(i, j int) bool { return older(retained[i], retained[j]) })
+	for _, a := range retained[:len(retained)-limit] {
+		p.evict(a, evictAgentCap)
+	}
+}
+
+// evict releases a retained allocation before its retention ended and
+// records why.
+func (p *ports) evict(a *allocation, why evictReason) {
+	p.release(a)
+	p.evicted = append(p.evicted, eviction{reason: why, agent: a.key.agent, svc: a.key.svc, port: a.port})
+}
+
+// takeEvictions returns and forgets the evictions recorded so far. Caller
+// holds p.mu.
+func (p *ports) takeEvictions() []eviction {
+	ev := p.evicted
+	p.evicted = nil
+	return ev
+}
+
+// report hands evictions to onEvict. Caller does not hold p.mu.
+func (p *ports) report(ev []eviction) {
+	if len(ev) > 0 && p.onEvict != nil {
+		p.onEvict(ev)
+	}
+}
+
+func (p *ports) add(a *allocation) {
+	p.byKey[a.key] = a
+	p.byPort[portKey{a.key.svc.Kind, a.port}] = a
+	m := p.byAgent[a.key.agent]
+	if m == nil {
+		m = map[protocol.ServiceKey]*allocation{}
+		p.byAgent[a.key.agent] = m
+	}
+	m[a.key.svc] = a
 }
 
 func (p *ports) release(a *allocation) {
 	delete(p.byKey, a.key)
 	delete(p.byPort, portKey{a.key.svc.Kind, a.port})
+	if m := p.byAgent[a.key.agent]; m != nil {
+		delete(m, a.key.svc)
+		if len(m) == 0 {
+			delete(p.byAgent, a.key.agent)
+		}
+	}
 }
 
 // expire forgets retained allocations older than the retention period.
@@ -227,8 +410,13 @@ func (p *ports) snapshot() []store.Allocation {
 	return out
 }
 
-// save persists the allocations.
+// save persists the allocations. Saves are serialized from snapshot to
+// write, so concurrent saves land in the order their snapshots were taken
+// and the last write holds the latest state; p.mu is held only while
+// taking the snapshot, never during the write.
 func (p *ports) save(ctx context.Context) error {
+	p.saveMu.Lock()
+	defer p.saveMu.Unlock()
 	return p.st.Save(ctx, p.snapshot())
 }
 

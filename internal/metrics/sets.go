@@ -129,6 +129,7 @@ type Gateway struct {
 	AgentSessions   *prometheus.CounterVec // agent
 	Services        *prometheus.GaugeVec   // protocol
 	PortAllocations prometheus.Gauge
+	PortEvictions   *prometheus.CounterVec // reason
 
 	ConnActive *prometheus.GaugeVec   // agent, service
 	ConnTotal  *prometheus.CounterVec // agent, service
@@ -160,6 +161,10 @@ func NewGateway(reg prometheus.Registerer) *Gateway {
 		PortAllocations: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "portway_gateway_port_allocations", Help: "Public ports allocated (live or retained).",
 		}),
+		PortEvictions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "portway_gateway_port_evictions_total",
+			Help: "Retained port allocations freed before port_retention ended, by reason.",
+		}, []string{"reason"}),
 		ConnActive: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "portway_gateway_connections_active", Help: "Public TCP connections open now.",
 		}, svc),
@@ -191,9 +196,13 @@ func NewGateway(reg prometheus.Registerer) *Gateway {
 			Name: "portway_gateway_session_ends_total", Help: "Tunnel sessions ended, by reason.",
 		}, []string{"reason"}),
 	}
-	reg.MustRegister(m.AgentsConnected, m.AgentSessions, m.Services, m.PortAllocations,
+	reg.MustRegister(m.AgentsConnected, m.AgentSessions, m.Services, m.PortAllocations, m.PortEvictions,
 		m.ConnActive, m.ConnTotal, m.Bytes, m.Refusals, m.UDPActive, m.UDPSessions, m.UDPPackets,
 		m.UDPDropped, m.AuthFailures, m.SessionEnds)
+	// Both reasons from the start, so an alert on their rate sees zero.
+	for _, r := range []string{"agent_cap", "range_full"} {
+		m.PortEvictions.WithLabelValues(r)
+	}
 	return m
 }
 
