@@ -2,9 +2,11 @@ package deploytest
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -24,6 +26,9 @@ import (
 // of its own, where helm could not be built if it had to be.
 const renderedEnv = "PORTWAY_DEPLOYTEST_RENDERED"
 
+// helmEnv passes the path of the built helm to the isolated re-run.
+const helmEnv = "PORTWAY_DEPLOYTEST_HELM"
+
 // TestChartsDryRun renders both charts with every scenario's values and
 // sends every object to a real kube-apiserver as a server-side apply with
 // dryRun=All: the API server's own validation (schemas, field values,
@@ -36,6 +41,7 @@ func TestChartsDryRun(t *testing.T) {
 	if dir == "" {
 		dir = t.TempDir()
 		bin := helmBinary(t)
+		t.Setenv(helmEnv, bin)
 		for _, s := range scenarios() {
 			out, err := helm(t, bin, templateArgs(t, s)...)
 			if err != nil {
@@ -79,6 +85,43 @@ func TestChartsDryRun(t *testing.T) {
 	if skipped == 0 {
 		t.Error("no scenario rendered a ServiceMonitor")
 	}
+
+	t.Run("helm install keeps the admin token and prints how to use it", func(t *testing.T) {
+		// A token from an earlier install: an upgrade must not replace it,
+		// or every `portway status` user is locked out.
+		const kept = "kept-admin-token-0123456789"
+		secret := &unstructured.Unstructured{Object: obj{
+			"apiVersion": "v1", "kind": "Secret",
+			"metadata": obj{"name": "portway-gateway-admin", "namespace": "portway"},
+			"data":     obj{"token": base64.StdEncoding.EncodeToString([]byte(kept))},
+		}}
+		ap.apply(t, secret, false)
+		out, err := helm(t, os.Getenv(helmEnv), "install", "portway-gateway", filepath.Join(chartsDir, gwChart),
+			"--namespace", "portway", "--dry-run=server", "--kubeconfig", env.Kubeconfig(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		manifest, notes, ok := strings.Cut(out, "\nNOTES:\n")
+		_, manifest, _ = strings.Cut(manifest, "\nMANIFEST:\n")
+		if !ok || manifest == "" {
+			t.Fatalf("helm install printed no manifest and notes:\n%s", out)
+		}
+		objs := decode(t, "helm install", manifest)
+		if got := dataOf(t, objs, "Secret", "portway-gateway-admin")["token"]; got != kept {
+			t.Errorf("the admin token was replaced on upgrade: %q", got)
+		}
+		for _, want := range []string{
+			"wss://gateway.example.com:8443/v1/tunnel",
+			"No public ports are listed in publicService.ports",
+			"No agents are configured",
+			"kubectl -n portway port-forward svc/portway-gateway-admin 9000",
+			"get secret portway-gateway-admin -o jsonpath='{.data.token}'",
+		} {
+			if !strings.Contains(notes, want) {
+				t.Errorf("NOTES lack %q:\n%s", want, notes)
+			}
+		}
+	})
 }
 
 // applier sends objects with server-side apply, as `kubectl apply
