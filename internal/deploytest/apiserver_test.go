@@ -92,8 +92,14 @@ func TestChartsDryRun(t *testing.T) {
 		const kept = "kept-admin-token-0123456789"
 		secret := &unstructured.Unstructured{Object: obj{
 			"apiVersion": "v1", "kind": "Secret",
-			"metadata": obj{"name": "portway-gateway-admin", "namespace": "portway"},
-			"data":     obj{"token": base64.StdEncoding.EncodeToString([]byte(kept))},
+			"metadata": obj{
+				"name": "portway-gateway-admin", "namespace": "portway",
+				// What helm marks its objects with: the Secret of an
+				// earlier install of this release.
+				"labels":      obj{"app.kubernetes.io/managed-by": "Helm"},
+				"annotations": obj{"meta.helm.sh/release-name": "portway-gateway", "meta.helm.sh/release-namespace": "portway"},
+			},
+			"data": obj{"token": base64.StdEncoding.EncodeToString([]byte(kept))},
 		}}
 		ap.apply(t, secret, false)
 		out, err := helm(t, os.Getenv(helmEnv), "install", "portway-gateway", filepath.Join(chartsDir, gwChart),
