@@ -396,6 +396,20 @@ func TestGatewayChart(t *testing.T) {
 				if replicas != 3 || find(t, objs, "PersistentVolumeClaim", 0) != nil {
 					t.Errorf("cluster: %d replicas, want 3 without a PersistentVolumeClaim", replicas)
 				}
+				// Kubernetes expands $(POD_IP) only from a variable defined
+				// before.
+				names := []string{}
+				list, _, _ := unstructured.NestedSlice(ctr, "env")
+				for _, e := range list {
+					names = append(names, e.(obj)["name"].(string))
+				}
+				if i, j := slices.Index(names, "POD_IP"), slices.Index(names, "PORTWAY_CLUSTER_ADVERTISE"); i < 0 || j < i ||
+					env["PORTWAY_CLUSTER_ADVERTISE"] != "$(POD_IP):7946" || containerPort(t, ctr, "cluster") != 7946 {
+					t.Errorf("cluster: the advertised address is not the pod's: env %v", env)
+				}
+				if env["PORTWAY_CLUSTER_TOKEN"] != "placeholder:cluster-token/token" || env["PORTWAY_ETCD_PASSWORD"] != "placeholder:etcd-password/password" {
+					t.Errorf("cluster: the cluster token and etcd password do not come from their Secrets: env %v", env)
+				}
 			} else {
 				if replicas != 1 || strategy != "Recreate" {
 					t.Errorf("%d replicas, strategy %q: want 1, Recreate (one state file)", replicas, strategy)
