@@ -24,7 +24,13 @@ k8s_env_out=$(mktemp)
 k8s_env_log=$(mktemp)
 scripts/k8s-test-env.sh >"$k8s_env_out" 2>"$k8s_env_log" &
 k8s_env_pid=$!
-trap 'kill "$k8s_env_pid" 2>/dev/null || true; rm -f "$k8s_env_out" "$k8s_env_log"' EXIT
+# The chart tests (internal/deploytest) run helm built from its Go module
+# (scripts/helm.sh: about a minute the first time, cached after): build it
+# alongside too.
+helm_log=$(mktemp)
+scripts/helm.sh version >"$helm_log" 2>&1 &
+helm_pid=$!
+trap 'kill "$k8s_env_pid" "$helm_pid" 2>/dev/null || true; rm -f "$k8s_env_out" "$k8s_env_log" "$helm_log"' EXIT
 
 step "installing test dependencies"
 scripts/install-test-deps.sh
@@ -58,6 +64,16 @@ fi
 KUBEBUILDER_ASSETS=$(cat "$k8s_env_out")
 export KUBEBUILDER_ASSETS
 echo "KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS" >&2
+
+step "helm lint (scripts/helm.sh); internal/deploytest renders and dry-runs the charts"
+helm_rc=0
+wait "$helm_pid" || helm_rc=$?
+if [ "$helm_rc" != 0 ]; then
+  cat "$helm_log" >&2
+  echo "scripts/helm.sh could not build helm (exit $helm_rc): the chart tests cannot run" >&2
+  exit 1
+fi
+scripts/helm.sh lint --strict deploy/helm/portway-gateway deploy/helm/portway-agent
 
 step "tests (race detector on)"
 go test -race -count=1 -timeout 12m ./...
