@@ -100,15 +100,17 @@ func (g *Gateway) Agents() []AgentInfo {
 		info := AgentInfo{Name: t.name}
 		if a := states[t.name]; a != nil {
 			a.mu.Lock()
-			if a.sess != nil {
-				info.Connected = true
-				info.Protocol = a.sess.Protocol()
-				info.Remote = a.remote
-				info.ConnectedSince = a.since.UTC()
-				info.HeartbeatRTTMS = float64(a.sess.RTT().Microseconds()) / 1000
-			}
+			sess := a.session()
+			remote, since := a.remote, a.since
 			info.Services = len(a.services)
 			a.mu.Unlock()
+			if sess != nil {
+				info.Connected = true
+				info.Protocol = sess.Protocol()
+				info.Remote = remote
+				info.ConnectedSince = since.UTC()
+				info.HeartbeatRTTMS = float64(sess.RTT().Microseconds()) / 1000
+			}
 		}
 		out = append(out, info)
 	}
@@ -118,15 +120,14 @@ func (g *Gateway) Agents() []AgentInfo {
 // Services lists every exposed service.
 func (g *Gateway) Services() []ServiceInfo {
 	var out []ServiceInfo
-	g.mu.Lock()
-	agents := make([]*agentState, 0, len(g.agents))
-	for _, a := range g.agents {
-		agents = append(agents, a)
-	}
-	g.mu.Unlock()
-	for _, a := range agents {
+	for _, a := range g.agentList() {
 		a.mu.Lock()
+		services := make([]*publicService, 0, len(a.services))
 		for _, ps := range a.services {
+			services = append(services, ps)
+		}
+		a.mu.Unlock()
+		for _, ps := range services {
 			spec := ps.spec.Load()
 			mode := spec.Mode
 			if mode == "" {
@@ -144,7 +145,6 @@ func (g *Gateway) Services() []ServiceInfo {
 			}
 			out = append(out, si)
 		}
-		a.mu.Unlock()
 	}
 	sort.Slice(out, func(i, j int) bool {
 		if out[i].Agent != out[j].Agent {
