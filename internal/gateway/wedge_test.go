@@ -3,7 +3,9 @@ package gateway
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"runtime"
 	"strings"
@@ -232,4 +234,54 @@ func TestReconnectUnderUDPLoadDoesNotWedge(t *testing.T) {
 		}
 	}
 	fa.sess.Close()
+}
+
+// /healthz is the liveness check: it fails, naming the lock, when the
+// registration path is wedged, and answers again once it is free.
+func TestHealthzFailsWhenWedged(t *testing.T) {
+	g := startTestGateway(t)
+	defer g.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	fa, err := connectFakeAgent(ctx, g, "json", []protocol.Service{udpService("dns")}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fa.sess.Close()
+	url := "http://" + g.AdminAddr().String() + "/healthz"
+	get := func() (int, string) {
+		t.Helper()
+		c := http.Client{Timeout: 20 * time.Second}
+		resp, err := c.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := get(); code != 200 {
+		t.Fatalf("healthy gateway: %d %s", code, body)
+	}
+	g.mu.Lock()
+	a := g.agents["agent-a"]
+	g.mu.Unlock()
+	for _, c := range []struct {
+		mu   *sync.Mutex
+		want string
+	}{
+		{&g.mu, "agents lock"},
+		{&a.mu, "agent agent-a"},
+		{&g.ports.mu, "port allocations"},
+	} {
+		c.mu.Lock()
+		code, body := get()
+		c.mu.Unlock()
+		if code != http.StatusServiceUnavailable || !strings.Contains(body, c.want) {
+			t.Errorf("with the %s held: %d %q, want 503 naming it", c.want, code, body)
+		}
+		if code, body := get(); code != 200 {
+			t.Fatalf("after releasing the %s: %d %s", c.want, code, body)
+		}
+	}
 }
