@@ -131,38 +131,44 @@ func (ps *publicService) serveUDP() {
 			ps.drop("too_large")
 			continue
 		}
-		addr = netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port())
-		s, why := ps.session(addr)
-		if s == nil {
-			switch why {
-			case "":
-			case "agent_offline":
-				ps.refuse(why) // as a TCP connection while the agent is offline
-			default:
-				ps.drop(why)
-			}
-			continue
-		}
-		b := ps.g.dgrams.get(n)
-		if !ps.charge(b) {
-			ps.g.dgrams.put(b)
-			ps.drop("over_budget")
-			continue
-		}
-		copy(*b, buf[:n])
-		select {
-		case s.queue <- b:
-			select {
-			case <-s.done:
-				// Closed meanwhile: its Close may have drained the
-				// queue before this datagram arrived in it.
-				s.drain()
-			default:
-			}
+		ps.handle(netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port()), buf[:n])
+	}
+}
+
+// handle queues one datagram from client for its session, or drops it
+// and counts why. It is the per-datagram path: it allocates nothing once
+// the client has a session and the buffer pool is warm.
+func (ps *publicService) handle(client netip.AddrPort, data []byte) {
+	s, why := ps.session(client)
+	if s == nil {
+		switch why {
+		case "":
+		case "agent_offline":
+			ps.refuse(why) // as a TCP connection while the agent is offline
 		default:
-			ps.release(b)
-			ps.drop("queue_full")
+			ps.drop(why)
 		}
+		return
+	}
+	b := ps.g.dgrams.get(len(data))
+	if !ps.charge(b) {
+		ps.g.dgrams.put(b)
+		ps.drop("over_budget")
+		return
+	}
+	copy(*b, data)
+	select {
+	case s.queue <- b:
+		select {
+		case <-s.done:
+			// Closed meanwhile: its Close may have drained the queue
+			// before this datagram arrived in it.
+			s.drain()
+		default:
+		}
+	default:
+		ps.release(b)
+		ps.drop("queue_full")
 	}
 }
 
