@@ -204,7 +204,7 @@ func TestReconnectUnderUDPLoadDoesNotWedge(t *testing.T) {
 	fa := first
 	var slowest time.Duration
 	defer func() { t.Logf("slowest reconnect: %v", slowest.Round(time.Millisecond)) }()
-	const reconnects = 25
+	const reconnects = 15
 	for i := 0; i < reconnects; i++ {
 		time.Sleep(30 * time.Millisecond) // let sessions start on this tunnel
 		fa.sess.Close()
@@ -213,7 +213,7 @@ func TestReconnectUnderUDPLoadDoesNotWedge(t *testing.T) {
 		go func() {
 			// Bounded below the guard, so the goroutine never outlives
 			// the test by long.
-			cctx, ccancel := context.WithTimeout(ctx, 20*time.Second)
+			cctx, ccancel := context.WithTimeout(ctx, 25*time.Second)
 			defer ccancel()
 			next, err := connectFakeAgent(cctx, g, "yamux", []protocol.Service{udpService("dns")}, nil)
 			if err == nil {
@@ -227,9 +227,9 @@ func TestReconnectUnderUDPLoadDoesNotWedge(t *testing.T) {
 				t.Fatalf("reconnect %d: %v", i+1, err)
 			}
 			slowest = max(slowest, time.Since(began))
-		case <-time.After(15 * time.Second):
+		case <-time.After(30 * time.Second): // a wedge is for ever; a loaded machine is slow
 			wedged = true
-			t.Fatalf("reconnect %d not registered within 15s: the gateway is wedged; goroutines blocked on its locks:\n%s",
+			t.Fatalf("reconnect %d not registered within 30s: the gateway is wedged; goroutines blocked on its locks:\n%s",
 				i+1, lockWaiters())
 		}
 	}
