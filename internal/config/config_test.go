@@ -24,6 +24,7 @@ agents:
   - {name: dev, token_sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}
 admin: {listen: "127.0.0.1:9000", token: admin-secret}
 heartbeat_interval: 2s
+udp_queue_bytes_per_service: 1048576
 `), nil)
 	if err != nil {
 		t.Fatal(err)
@@ -36,6 +37,9 @@ heartbeat_interval: 2s
 	}
 	if g.StateFile != "" {
 		t.Errorf("state_file \"\" not kept: %q", g.StateFile)
+	}
+	if g.UDPQueueBytesPerService != 1<<20 || g.UDPQueueBytes != 64<<20 {
+		t.Errorf("udp queue budgets %d per service, %d in all", g.UDPQueueBytesPerService, g.UDPQueueBytes)
 	}
 }
 
@@ -84,6 +88,10 @@ heartbeat_interval: 5`: "heartbeat_interval: \"5\" is not a duration",
 heartbeat_interval: 1ms`: "heartbeat_interval: 1ms is below",
 		`insecure: true
 max_message_size: 10`: "max_message_size:",
+		`insecure: true
+udp_queue_bytes: 1000`: "udp_queue_bytes:",
+		`insecure: true
+udp_queue_bytes_per_service: 0`: "udp_queue_bytes_per_service:",
 		`insecure: true
 listne: ":1"`: `unknown key "listne"`,
 		`insecure: true

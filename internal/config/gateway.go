@@ -58,6 +58,11 @@ type Gateway struct {
 	AuthFailuresPerMinute int `json:"auth_failures_per_minute"`
 	// HandshakeTimeout bounds the HTTP upgrade and the hello exchange.
 	HandshakeTimeout Duration `json:"handshake_timeout"`
+	// UDPQueueBytes bounds the bytes of UDP datagrams queued toward
+	// agents, all services together; datagrams beyond it are dropped.
+	UDPQueueBytes int `json:"udp_queue_bytes"`
+	// UDPQueueBytesPerService bounds them for each UDP service.
+	UDPQueueBytesPerService int `json:"udp_queue_bytes_per_service"`
 
 	// portLow and portHigh are PortRange, parsed by Validate.
 	portLow, portHigh int
@@ -94,20 +99,22 @@ type Admin struct {
 // DefaultGateway returns the gateway defaults.
 func DefaultGateway() *Gateway {
 	return &Gateway{
-		Listen:                ":8443",
-		PortRange:             "10000-19999",
-		BindAddress:           "0.0.0.0",
-		StateFile:             "/var/lib/portway/gateway.db",
-		Protocols:             []string{protocol.ProtocolYamux, protocol.ProtocolJSON},
-		HeartbeatInterval:     D(5 * time.Second),
-		MaxMessageSize:        1 << 20,
-		StreamWindow:          256 << 10,
-		MaxStreamWindow:       16 << 20,
-		MaxServices:           100,
-		PortRetention:         D(7 * 24 * time.Hour),
-		BufferSize:            32 << 10,
-		AuthFailuresPerMinute: 10,
-		HandshakeTimeout:      D(10 * time.Second),
+		Listen:                  ":8443",
+		PortRange:               "10000-19999",
+		BindAddress:             "0.0.0.0",
+		StateFile:               "/var/lib/portway/gateway.db",
+		Protocols:               []string{protocol.ProtocolYamux, protocol.ProtocolJSON},
+		HeartbeatInterval:       D(5 * time.Second),
+		MaxMessageSize:          1 << 20,
+		StreamWindow:            256 << 10,
+		MaxStreamWindow:         16 << 20,
+		MaxServices:             100,
+		PortRetention:           D(7 * 24 * time.Hour),
+		BufferSize:              32 << 10,
+		AuthFailuresPerMinute:   10,
+		HandshakeTimeout:        D(10 * time.Second),
+		UDPQueueBytes:           64 << 20,
+		UDPQueueBytesPerService: 8 << 20,
 	}
 }
 
@@ -224,6 +231,9 @@ func (g *Gateway) Validate() error {
 	p.intRange("buffer_size", g.BufferSize, 512, 16<<20)
 	p.intRange("auth_failures_per_minute", g.AuthFailuresPerMinute, 1, 1<<20)
 	p.duration("handshake_timeout", g.HandshakeTimeout, 100*time.Millisecond, 10*time.Minute, false)
+	// At least one largest datagram must fit.
+	p.intRange("udp_queue_bytes", g.UDPQueueBytes, 64<<10, 1<<30)
+	p.intRange("udp_queue_bytes_per_service", g.UDPQueueBytesPerService, 64<<10, 1<<30)
 	return p.err()
 }
 

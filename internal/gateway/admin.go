@@ -50,6 +50,10 @@ func (g *Gateway) adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(g.gatherer, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		if stuck := g.stuckLock(livenessWait); stuck != "" {
+			http.Error(w, "wedged: the "+stuck+" has been held for over "+livenessWait.String(), http.StatusServiceUnavailable)
+			return
+		}
 		w.Write([]byte("ok\n"))
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
@@ -66,6 +70,50 @@ func (g *Gateway) adminHandler() http.Handler {
 		writeJSON(w, g.Services())
 	}))
 	return mux
+}
+
+// livenessWait is how long /healthz waits for each lock of the
+// registration path before it declares the gateway wedged. Registration
+// holds them for microseconds; a lock held this long is stuck.
+const livenessWait = 1500 * time.Millisecond
+
+// stuckLock takes, one at a time, the locks every agent connect and
+// registration needs (the agents map, each agent, the port allocations),
+// waiting at most wait for each, and names the first one it could not
+// get ("" when all were free).
+func (g *Gateway) stuckLock(wait time.Duration) string {
+	if !lockWithin(&g.mu, wait) {
+		return "gateway's agents lock"
+	}
+	agents := make([]*agentState, 0, len(g.agents))
+	for _, a := range g.agents {
+		agents = append(agents, a)
+	}
+	g.mu.Unlock()
+	for _, a := range agents {
+		if !lockWithin(&a.mu, wait) {
+			return "lock of agent " + a.name
+		}
+		a.mu.Unlock()
+	}
+	if !lockWithin(&g.ports.mu, wait) {
+		return "port allocations lock"
+	}
+	g.ports.mu.Unlock()
+	return ""
+}
+
+// lockWithin tries to lock mu for up to wait, in bounded steps, and
+// reports whether it holds it.
+func lockWithin(mu *sync.Mutex, wait time.Duration) bool {
+	const step = 5 * time.Millisecond
+	for i := time.Duration(0); i <= wait/step; i++ {
+		if mu.TryLock() {
+			return true
+		}
+		time.Sleep(step)
+	}
+	return false
 }
 
 func (g *Gateway) requireToken(h http.HandlerFunc) http.Handler {
@@ -102,15 +150,17 @@ func (g *Gateway) Agents() []AgentInfo {
 		info := AgentInfo{Name: t.name}
 		if a := states[t.name]; a != nil {
 			a.mu.Lock()
-			if a.sess != nil {
-				info.Connected = true
-				info.Protocol = a.sess.Protocol()
-				info.Remote = a.remote
-				info.ConnectedSince = a.since.UTC()
-				info.HeartbeatRTTMS = float64(a.sess.RTT().Microseconds()) / 1000
-			}
+			sess := a.session()
+			remote, since := a.remote, a.since
 			info.Services = len(a.services)
 			a.mu.Unlock()
+			if sess != nil {
+				info.Connected = true
+				info.Protocol = sess.Protocol()
+				info.Remote = remote
+				info.ConnectedSince = since.UTC()
+				info.HeartbeatRTTMS = float64(sess.RTT().Microseconds()) / 1000
+			}
 		}
 		out = append(out, info)
 	}
@@ -120,15 +170,14 @@ func (g *Gateway) Agents() []AgentInfo {
 // Services lists every exposed service.
 func (g *Gateway) Services() []ServiceInfo {
 	var out []ServiceInfo
-	g.mu.Lock()
-	agents := make([]*agentState, 0, len(g.agents))
-	for _, a := range g.agents {
-		agents = append(agents, a)
-	}
-	g.mu.Unlock()
-	for _, a := range agents {
+	for _, a := range g.agentList() {
 		a.mu.Lock()
+		services := make([]*publicService, 0, len(a.services))
 		for _, ps := range a.services {
+			services = append(services, ps)
+		}
+		a.mu.Unlock()
+		for _, ps := range services {
 			spec := ps.spec.Load()
 			mode := spec.Mode
 			if mode == "" {
@@ -146,7 +195,6 @@ func (g *Gateway) Services() []ServiceInfo {
 			}
 			out = append(out, si)
 		}
-		a.mu.Unlock()
 	}
 	sort.Slice(out, func(i, j int) bool {
 		if out[i].Agent != out[j].Agent {

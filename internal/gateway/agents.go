@@ -26,8 +26,13 @@ type agentState struct {
 	name        string
 	maxServices int
 
+	// sess is the live session. It is written under mu (so that attach,
+	// detach and register agree on which session is live) and read
+	// without it: the per-connection and per-datagram paths must never
+	// wait for a registration.
+	sess atomic.Pointer[tunnel.Session]
+
 	mu       sync.Mutex
-	sess     *tunnel.Session
 	remote   string
 	since    time.Time
 	services map[protocol.ServiceKey]*publicService
@@ -41,8 +46,8 @@ func newAgentState(name string, maxServices int) *agentState {
 func (a *agentState) attach(s *tunnel.Session, remote string) *tunnel.Session {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	old := a.sess
-	a.sess, a.remote, a.since = s, remote, time.Now()
+	old := a.sess.Swap(s)
+	a.remote, a.since = remote, time.Now()
 	return old
 }
 
@@ -51,11 +56,10 @@ func (a *agentState) attach(s *tunnel.Session, remote string) *tunnel.Session {
 // whether s was the live session.
 func (a *agentState) detach(s *tunnel.Session, g *Gateway) bool {
 	a.mu.Lock()
-	if a.sess != s {
+	if !a.sess.CompareAndSwap(s, nil) {
 		a.mu.Unlock()
 		return false
 	}
-	a.sess = nil
 	withdrawn := a.withdrawAll(g)
 	a.mu.Unlock()
 	g.afterWithdraw(a.name, withdrawn)
@@ -65,8 +69,7 @@ func (a *agentState) detach(s *tunnel.Session, g *Gateway) bool {
 // shutdown ends the session and closes the listeners (gateway shutdown).
 func (a *agentState) shutdown(g *Gateway) {
 	a.mu.Lock()
-	s := a.sess
-	a.sess = nil
+	s := a.sess.Swap(nil)
 	withdrawn := a.withdrawAll(g)
 	a.mu.Unlock()
 	if s != nil {
@@ -75,11 +78,12 @@ func (a *agentState) shutdown(g *Gateway) {
 	g.afterWithdraw(a.name, withdrawn)
 }
 
-// withdrawAll closes every public listener. Caller holds a.mu.
+// withdrawAll forgets every public listener, keeping their ports retained.
+// Caller holds a.mu; it closes the returned services after unlocking
+// (afterWithdraw).
 func (a *agentState) withdrawAll(g *Gateway) []*publicService {
 	out := make([]*publicService, 0, len(a.services))
 	for k, ps := range a.services {
-		ps.close()
 		g.ports.retain(a.name, k)
 		delete(a.services, k)
 		out = append(out, ps)
@@ -87,19 +91,21 @@ func (a *agentState) withdrawAll(g *Gateway) []*publicService {
 	return out
 }
 
-func (a *agentState) session() *tunnel.Session {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.sess
-}
+// session returns the live session, or nil. It takes no lock.
+func (a *agentState) session() *tunnel.Session { return a.sess.Load() }
 
 // register reconciles the agent's public listeners with its full desired
 // set: new services get a port and a listener, changed ones are updated,
 // absent ones are withdrawn. Each service gets an endpoint or an error.
+//
+// Under a.mu it decides, allocates (ports.mu is taken inside) and opens
+// the new listeners; closing replaced and withdrawn listeners (which takes
+// their udpSessions.mu) and forgetting their metrics happen after
+// unlocking.
 func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Register) *protocol.RegisterAck {
 	ack := &protocol.RegisterAck{Seq: reg.Seq, Endpoints: make([]protocol.Endpoint, len(reg.Services))}
 	a.mu.Lock()
-	if a.sess != sess {
+	if a.sess.Load() != sess {
 		a.mu.Unlock()
 		for i, s := range reg.Services {
 			ack.Endpoints[i] = protocol.Endpoint{ID: s.ID, Protocol: s.Protocol, Error: "session replaced"}
@@ -108,6 +114,8 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 	}
 	keep := map[protocol.ServiceKey]bool{}
 	var opened []string
+	var replaced []*publicService
+	var moveFailed []string
 	failed := 0
 	for i := range reg.Services {
 		svc := reg.Services[i]
@@ -120,20 +128,29 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 		}
 		key := svc.Key()
 		keep[key] = true
-		if ps := a.services[key]; ps != nil {
-			if svc.PublicPort == 0 || svc.PublicPort == ps.port {
-				ps.spec.Store(&svc)
-				ep.PublicPort, ep.Address = ps.port, ps.endpoint
-				continue
-			}
-			ps.close() // the requested public port changed
-			delete(a.services, key)
+		old := a.services[key]
+		if old != nil && (svc.PublicPort == 0 || svc.PublicPort == old.port) {
+			old.spec.Store(&svc)
+			ep.PublicPort, ep.Address = old.port, old.endpoint
+			continue
 		}
+		// New, or its requested public port changed. The old listener
+		// stays open until the new one is bound: on failure the service
+		// keeps its old port and allocation.
 		port, l, err := g.ports.acquire(a.name, &svc, g.bind(key.Kind))
 		if err != nil {
+			if old != nil {
+				old.spec.Store(&svc)
+				ep.PublicPort, ep.Address = old.port, old.endpoint
+				moveFailed = append(moveFailed, fmt.Sprintf("%s: %v", key, err))
+				continue
+			}
 			ep.Error = err.Error()
 			failed++
 			continue
+		}
+		if old != nil {
+			replaced = append(replaced, old)
 		}
 		ps := g.newPublicService(a, &svc, port, l)
 		a.services[key] = ps
@@ -143,13 +160,15 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 	var withdrawn []*publicService
 	for k, ps := range a.services {
 		if !keep[k] {
-			ps.close()
 			g.ports.retain(a.name, k)
 			delete(a.services, k)
 			withdrawn = append(withdrawn, ps)
 		}
 	}
 	a.mu.Unlock()
+	for _, ps := range replaced {
+		ps.close()
+	}
 	g.afterWithdraw(a.name, withdrawn)
 	if len(opened) > 0 || len(withdrawn) > 0 {
 		g.saveState()
@@ -157,6 +176,9 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 	g.countServices()
 	g.log.Info("agent registered services", "agent", a.name, "services", len(reg.Services),
 		"opened", opened, "withdrawn", len(withdrawn), "failed", failed)
+	for _, m := range moveFailed {
+		g.log.Warn("public_port change failed; service kept on its old port", "agent", a.name, "reason", m)
+	}
 	for _, ep := range ack.Endpoints {
 		if ep.Error != "" {
 			g.log.Warn("service not exposed", "agent", a.name, "service", ep.ID, "protocol", ep.Protocol, "reason", ep.Error)
@@ -165,8 +187,11 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 	return ack
 }
 
+// afterWithdraw closes withdrawn services and forgets their metrics. It is
+// called with no lock held.
 func (g *Gateway) afterWithdraw(agent string, withdrawn []*publicService) {
 	for _, ps := range withdrawn {
+		ps.close()
 		g.metrics.ForgetService(agent, ps.key.ID)
 	}
 	if len(withdrawn) > 0 {
@@ -184,8 +209,7 @@ func (g *Gateway) saveState() {
 
 func (g *Gateway) countServices() {
 	var tcp, udp int
-	g.mu.Lock()
-	for _, a := range g.agents {
+	for _, a := range g.agentList() {
 		a.mu.Lock()
 		for k := range a.services {
 			if k.Kind == protocol.KindUDP {
@@ -196,7 +220,6 @@ func (g *Gateway) countServices() {
 		}
 		a.mu.Unlock()
 	}
-	g.mu.Unlock()
 	g.metrics.Services.WithLabelValues("tcp").Set(float64(tcp))
 	g.metrics.Services.WithLabelValues("udp").Set(float64(udp))
 }
@@ -239,6 +262,9 @@ type publicService struct {
 	activeN  atomic.Int64 // the same count, for the admin API
 	total    prometheus.Counter
 	sessions *udpSessions
+	// queued counts the bytes of this service's queued datagrams against
+	// udp_queue_bytes_per_service.
+	queued atomic.Int64
 }
 
 func (g *Gateway) newPublicService(a *agentState, svc *protocol.Service, port int, l io.Closer) *publicService {

@@ -4,9 +4,31 @@
 // services and carries every client connection or UDP session through the
 // owning agent's tunnel. It also serves the admin API.
 //
-// The port allocator's save lock (ports.saveMu) is taken before its state
-// lock (ports.mu) and held across the state file's write; ports.mu is never
-// held during file I/O.
+// # Locks
+//
+// The order, outermost first, is:
+//
+//	agentState.mu → ports.mu
+//	ports.saveMu  → ports.mu
+//
+// ports.saveMu orders state saves: it is held from the snapshot to the end
+// of the state file's write, never under agentState.mu, and ports.mu is
+// never held during file I/O.
+//
+// and every other lock is a leaf, never held while taking another of this
+// package's locks: Gateway.mu (the agents map: callers copy what they need
+// and unlock before touching an agent), udpSessions.mu (one public UDP
+// port's clients) and authLimiter.mu. Nothing here calls out of the
+// package under a lock except into internal/metrics' vectors and the
+// listen call of a bind under ports.mu, neither of which calls back.
+//
+// What must not wait for a registration reads without a lock: an agent's
+// live session is an atomic pointer, a service's spec too. Closing
+// listeners and UDP sessions, forgetting metrics and saving state happen
+// after unlocking: register, detach and shutdown collect what to close
+// under agentState.mu and close it afterwards. The liveness check
+// (/healthz) takes Gateway.mu, each agentState.mu and ports.mu with a
+// bounded wait and fails when one of them stays held.
 package gateway
 
 import (
@@ -59,6 +81,11 @@ type Gateway struct {
 	tokens   []agentToken
 	limiter  *authLimiter
 	upgrader *websocket.Upgrader
+
+	// dgrams holds the buffers of queued UDP datagrams; udpQueued counts
+	// their bytes against udp_queue_bytes.
+	dgrams    dgramPool
+	udpQueued atomic.Int64
 
 	mu     sync.Mutex
 	agents map[string]*agentState
@@ -244,13 +271,7 @@ func (g *Gateway) Close() {
 		for _, s := range g.servers {
 			s.Close()
 		}
-		g.mu.Lock()
-		agents := make([]*agentState, 0, len(g.agents))
-		for _, a := range g.agents {
-			agents = append(agents, a)
-		}
-		g.mu.Unlock()
-		for _, a := range agents {
+		for _, a := range g.agentList() {
 			a.shutdown(g)
 		}
 		if err := g.ports.save(context.Background()); err != nil {
@@ -449,15 +470,24 @@ func (g *Gateway) agent(tok agentToken) *agentState {
 	return a
 }
 
-func (g *Gateway) updateConnected() {
+// agentList returns the known agents; the caller may then lock each one.
+func (g *Gateway) agentList() []*agentState {
 	g.mu.Lock()
-	n := 0
+	defer g.mu.Unlock()
+	agents := make([]*agentState, 0, len(g.agents))
 	for _, a := range g.agents {
+		agents = append(agents, a)
+	}
+	return agents
+}
+
+func (g *Gateway) updateConnected() {
+	n := 0
+	for _, a := range g.agentList() {
 		if a.session() != nil {
 			n++
 		}
 	}
-	g.mu.Unlock()
 	g.metrics.AgentsConnected.Set(float64(n))
 }
 

@@ -8,7 +8,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/portway/portway/internal/pool"
 	"github.com/portway/portway/internal/protocol"
 	"github.com/portway/portway/internal/relay"
 	"github.com/portway/portway/internal/tunnel"
@@ -18,7 +17,10 @@ import (
 // address, each session its own stream to the agent (which dials the backend
 // from a socket of its own, so replies reach only that client). The read loop
 // never blocks on a session: each has a bounded queue, and a session that
-// cannot keep up drops its own datagrams.
+// cannot keep up drops its own datagrams. The bytes queued are bounded too,
+// per service (udp_queue_bytes_per_service) and for the whole gateway
+// (udp_queue_bytes): a datagram over either budget is dropped, so a flood
+// toward an agent that reads slowly cannot grow the heap without bound.
 
 const (
 	// udpQueueLen bounds the datagrams waiting for one session's stream.
@@ -26,19 +28,26 @@ const (
 	// maxUDPSessions bounds sessions per public port on the gateway, whatever
 	// the agent's udp.max_sessions; spoofed sources cannot exhaust memory.
 	maxUDPSessions = 65536
+	// maxRefused bounds the clients held after a refusal per public port.
+	maxRefused = 65536
 	// refusalHold is how long a client the agent refused (over limit,
 	// unknown service) has its datagrams dropped before the gateway asks
 	// the agent again.
 	refusalHold = 2 * time.Second
+	// refusedSweepEvery spaces the sweeps of a full refused map, so that a
+	// map full of live holds costs one scan per interval, not one per
+	// refusal.
+	refusedSweepEvery = refusalHold / 4
 	// udpSocketBuffer is the socket buffer asked for on public UDP ports.
 	udpSocketBuffer = 4 << 20
 )
 
 type udpSessions struct {
-	mu      sync.Mutex
-	m       map[netip.AddrPort]*udpSession
-	refused map[netip.AddrPort]time.Time
-	closed  bool
+	mu        sync.Mutex
+	m         map[netip.AddrPort]*udpSession
+	refused   map[netip.AddrPort]time.Time
+	lastSweep time.Time
+	closed    bool
 }
 
 func newUDPSessions() *udpSessions {
@@ -64,6 +73,26 @@ func (u *udpSessions) remove(s *udpSession) {
 		delete(u.m, s.client)
 	}
 	u.mu.Unlock()
+}
+
+// hold records that the agent refused client, so that its datagrams are
+// dropped until the hold ends. A full map is first swept of expired holds
+// (at most once per refusedSweepEvery); if it is still full, the client is
+// not held and the agent is asked again next time, as without a hold.
+func (u *udpSessions) hold(client netip.AddrPort, now time.Time) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if len(u.refused) >= maxRefused && now.Sub(u.lastSweep) >= refusedSweepEvery {
+		u.lastSweep = now
+		for c, until := range u.refused {
+			if !now.Before(until) {
+				delete(u.refused, c)
+			}
+		}
+	}
+	if len(u.refused) < maxRefused {
+		u.refused[client] = now.Add(refusalHold)
+	}
 }
 
 // udpSession is one client of a public UDP port. It is the socket side
@@ -102,58 +131,106 @@ func (ps *publicService) serveUDP() {
 			ps.drop("too_large")
 			continue
 		}
-		addr = netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port())
-		s := ps.session(addr)
-		if s == nil {
-			continue
-		}
-		b := pool.Get(n)
-		copy(*b, buf[:n])
-		select {
-		case s.queue <- b:
-		default:
-			pool.Put(b)
-			ps.drop("queue_full")
-		}
+		ps.handle(netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port()), buf[:n])
 	}
+}
+
+// handle queues one datagram from client for its session, or drops it
+// and counts why. It is the per-datagram path: it allocates nothing once
+// the client has a session and the buffer pool is warm.
+func (ps *publicService) handle(client netip.AddrPort, data []byte) {
+	s, why := ps.session(client)
+	if s == nil {
+		switch why {
+		case "":
+		case "agent_offline":
+			ps.refuse(why) // as a TCP connection while the agent is offline
+		default:
+			ps.drop(why)
+		}
+		return
+	}
+	b := ps.g.dgrams.get(len(data))
+	if !ps.charge(b) {
+		ps.g.dgrams.put(b)
+		ps.drop("over_budget")
+		return
+	}
+	copy(*b, data)
+	select {
+	case s.queue <- b:
+		select {
+		case <-s.done:
+			// Closed meanwhile: its Close may have drained the queue
+			// before this datagram arrived in it.
+			s.drain()
+		default:
+		}
+	default:
+		ps.release(b)
+		ps.drop("queue_full")
+	}
+}
+
+// charge counts a queued datagram's buffer against the service's and the
+// gateway's budgets; it reports false, charging nothing, if either would
+// be exceeded.
+func (ps *publicService) charge(b *[]byte) bool {
+	n := int64(cap(*b))
+	g := ps.g
+	svc, all := ps.queued.Add(n), g.udpQueued.Add(n)
+	if svc > int64(g.cfg.UDPQueueBytesPerService) || all > int64(g.cfg.UDPQueueBytes) {
+		ps.queued.Add(-n)
+		g.udpQueued.Add(-n)
+		return false
+	}
+	return true
+}
+
+// release uncharges a datagram's buffer and recycles it.
+func (ps *publicService) release(b *[]byte) {
+	n := int64(cap(*b))
+	ps.queued.Add(-n)
+	ps.g.udpQueued.Add(-n)
+	ps.g.dgrams.put(b)
 }
 
 func (ps *publicService) drop(reason string) {
 	ps.g.metrics.UDPDropped.WithLabelValues(ps.a.name, ps.key.ID, reason).Inc()
 }
 
-// session returns the client's session, starting one if needed, or nil when
-// the datagram must be dropped.
-func (ps *publicService) session(client netip.AddrPort) *udpSession {
+// session returns the client's session, starting one if needed. It returns
+// nil when the datagram must be dropped, with the reason to count, which is
+// "agent_offline" for a refusal and "" when nothing is to be counted. It
+// reads the agent's session without a lock and counts nothing itself: the
+// sessions lock is never held while waiting for anything else.
+func (ps *publicService) session(client netip.AddrPort) (*udpSession, string) {
 	u := ps.sessions
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if s := u.m[client]; s != nil {
-		return s
+		return s, ""
 	}
 	if u.closed {
-		return nil
+		return nil, ""
 	}
 	if until, ok := u.refused[client]; ok {
 		if time.Now().Before(until) {
-			ps.drop("refused")
-			return nil
+			return nil, "refused"
 		}
 		delete(u.refused, client)
 	}
 	if len(u.m) >= maxUDPSessions {
-		ps.drop("over_limit")
-		return nil
+		return nil, "over_limit"
 	}
 	sess := ps.a.session()
 	if sess == nil {
-		ps.refuse("agent_offline")
-		return nil
+		return nil, "agent_offline"
 	}
 	s := &udpSession{ps: ps, client: client, queue: make(chan *[]byte, udpQueueLen), done: make(chan struct{})}
 	u.m[client] = s
 	go s.run(sess)
-	return s
+	return s, ""
 }
 
 func (s *udpSession) run(sess *tunnel.Session) {
@@ -174,11 +251,7 @@ func (s *udpSession) run(sess *tunnel.Session) {
 		var oe *protocol.OpenError
 		if errors.As(err, &oe) {
 			ps.refuse(oe.Status.String())
-			ps.sessions.mu.Lock()
-			if len(ps.sessions.refused) < maxUDPSessions {
-				ps.sessions.refused[s.client] = time.Now().Add(refusalHold)
-			}
-			ps.sessions.mu.Unlock()
+			ps.sessions.hold(s.client, time.Now())
 		} else {
 			ps.refuse("tunnel_error")
 		}
@@ -194,6 +267,12 @@ func (s *udpSession) run(sess *tunnel.Session) {
 		MaxDatagram: max(spec.MaxDatagram, 0),
 		IdleTimeout: time.Duration(spec.IdleTimeoutMS) * time.Millisecond,
 	}, &stats)
+	// The relay's reader is done: a datagram it took but did not read
+	// goes back to the budget.
+	if s.held != nil {
+		ps.release(s.held)
+		s.held = nil
+	}
 	flow.Done()
 	if d := stats.Dropped.Load(); d > 0 {
 		ps.g.metrics.UDPDropped.WithLabelValues(ps.a.name, spec.ID, "too_large").Add(float64(d))
@@ -232,7 +311,7 @@ func (s *udpSession) ReadDatagram(buf []byte) (int, error) {
 	b := s.held
 	s.held = nil
 	n := copy(buf, *b)
-	pool.Put(b)
+	s.ps.release(b)
 	return n, nil
 }
 
@@ -246,14 +325,19 @@ func (s *udpSession) WriteDatagram(b []byte) error {
 func (s *udpSession) Close() error {
 	s.once.Do(func() {
 		close(s.done)
-		for {
-			select {
-			case b := <-s.queue:
-				pool.Put(b)
-			default:
-				return
-			}
-		}
+		s.drain()
 	})
 	return nil
+}
+
+// drain releases the queued datagrams of a closed session.
+func (s *udpSession) drain() {
+	for {
+		select {
+		case b := <-s.queue:
+			s.ps.release(b)
+		default:
+			return
+		}
+	}
 }
