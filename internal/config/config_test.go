@@ -154,7 +154,7 @@ services:
 }
 
 func TestAgentErrorsNameTheKey(t *testing.T) {
-	base := "gateway: {url: \"ws://h:1/v1/tunnel\", token: t}\n"
+	base := "gateway: {url: \"ws://127.0.0.1:1/v1/tunnel\", token: t}\n"
 	cases := map[string]string{
 		`gateway: {token: t}`:                                                                           "gateway.url: is required",
 		`gateway: {url: "http://h/v1/tunnel", token: t}`:                                                "gateway.url:",
@@ -179,6 +179,48 @@ func TestAgentErrorsNameTheKey(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("config %q: err = %v, want it to contain %q", in, err, want)
 		}
+	}
+}
+
+// Plain ws:// sends the token in clear: allowed to loopback, elsewhere only
+// with gateway.insecure: true, and the refusal names both keys.
+func TestAgentPlainWSNeedsInsecure(t *testing.T) {
+	allowed := []string{
+		`url: "ws://127.0.0.1:8443/v1/tunnel"`,
+		`url: "ws://127.9.8.7:8443/v1/tunnel"`,
+		`url: "ws://[::1]:8443/v1/tunnel"`,
+		`url: "ws://[::ffff:127.0.0.1]:8443/v1/tunnel"`,
+		`url: "ws://localhost:8443/v1/tunnel"`,
+		`url: "ws://LocalHost/v1/tunnel"`,
+		`url: "wss://gw.example.com:8443/v1/tunnel"`,
+		`url: "wss://10.0.0.1:8443/v1/tunnel"`,
+		`url: "ws://gw.example.com:8443/v1/tunnel", insecure: true`,
+		`url: "ws://10.0.0.1:8443/v1/tunnel", insecure: true`,
+	}
+	for _, gw := range allowed {
+		if _, err := ParseAgent([]byte("gateway: {token: t, "+gw+"}"), nil); err != nil {
+			t.Errorf("gateway: {%s}: %v", gw, err)
+		}
+	}
+	refused := []string{
+		`url: "ws://gw.example.com:8443/v1/tunnel"`,
+		`url: "ws://10.0.0.1:8443/v1/tunnel"`,
+		`url: "ws://128.0.0.1:8443/v1/tunnel"`,
+		`url: "ws://[::2]:8443/v1/tunnel"`,
+		`url: "ws://0.0.0.0:8443/v1/tunnel"`,
+		`url: "ws://localhost.example.com/v1/tunnel"`,
+		`url: "ws://gw.example.com:8443/v1/tunnel", insecure: false`,
+	}
+	for _, gw := range refused {
+		_, err := ParseAgent([]byte("gateway: {token: t, "+gw+"}"), nil)
+		if err == nil || !strings.Contains(err.Error(), "gateway.url:") || !strings.Contains(err.Error(), "gateway.insecure: true") {
+			t.Errorf("gateway: {%s}: err = %v, want one naming gateway.url and gateway.insecure", gw, err)
+		}
+	}
+	// The URL may come from the environment: the check applies to it too.
+	_, err := ParseAgent([]byte(`gateway: {token: t}`), env(map[string]string{"PORTWAY_GATEWAY_URL": "ws://gw.example.com/v1/tunnel"}))
+	if err == nil || !strings.Contains(err.Error(), "gateway.insecure") {
+		t.Errorf("ws:// from PORTWAY_GATEWAY_URL: err = %v", err)
 	}
 }
 
