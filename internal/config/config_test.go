@@ -1,9 +1,14 @@
 package config
 
 import (
+	"bytes"
+	"encoding/json"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
+
+	"sigs.k8s.io/yaml"
 )
 
 func env(m map[string]string) func(string) string {
@@ -224,32 +229,92 @@ func TestAgentPlainWSNeedsInsecure(t *testing.T) {
 	}
 }
 
-// FuzzParseAgent and FuzzParseGateway check that no input panics the
-// config parsers, and that accepted configs validate again.
+// FuzzParseAgent and FuzzParseGateway check the config parsers: no input
+// panics them, an accepted config passes Validate again unchanged, and
+// written back as YAML it parses to the same value.
 func FuzzParseAgent(f *testing.F) {
 	f.Add([]byte("gateway: {url: \"ws://h:1/v1/tunnel\", token: t}\nservices: [{name: r, port: 1, backend: \"h:1\"}]"))
+	f.Add([]byte("gateway: {url: \"ws://127.0.0.1:1/v1/tunnel\", token: t}\nservices: [{name: r, port: 1, backend: \"h:1\"}]\ntunnels: {tcp: {idle_timeout: 90000ms}}"))
+	f.Add([]byte("gateway: {url: \"ws://h:1/v1/tunnel\", token: t, insecure: true, protocol: json}\nmetrics: {listen: \"\"}"))
 	f.Add([]byte("tunnels: {tcp: {idle_timeout: 5m}}"))
 	f.Add([]byte("- a\n- b"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		a, err := ParseAgent(b, nil)
-		if err == nil {
-			if err := a.Validate(); err != nil {
-				t.Fatalf("accepted config fails validation: %v", err)
-			}
+		if err != nil {
+			return
 		}
+		checkReparse(t, a, ParseAgent, (*AgentFile).Validate)
 	})
 }
 
 func FuzzParseGateway(f *testing.F) {
 	f.Add([]byte("insecure: true\nagents: [{name: a, token: 0123456789abcdef0}]"))
 	f.Add([]byte("port_range: \"1-2\"\ninsecure: true"))
+	f.Add([]byte("insecure: true\nheartbeat_interval: 1500ms\nprotocols: [json]\nagents: [{name: a, token_sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08, max_services: 3}]"))
 	f.Add([]byte("&a [*a]"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		g, err := ParseGateway(b, nil)
-		if err == nil {
-			if err := g.Validate(); err != nil {
-				t.Fatalf("accepted config fails validation: %v", err)
+		if err != nil {
+			return
+		}
+		checkReparse(t, g, ParseGateway, (*Gateway).Validate)
+	})
+}
+
+// checkReparse checks an accepted config: Validate passes again and
+// changes nothing, and the config marshalled to YAML parses back to the
+// same value (compared through its JSON form, which is every key).
+func checkReparse[T any](t *testing.T, v *T, parse func([]byte, func(string) string) (*T, error), validate func(*T) error) {
+	t.Helper()
+	before, err := json.Marshal(v)
+	if err != nil {
+		t.Fatalf("accepted config does not marshal: %v", err)
+	}
+	if err := validate(v); err != nil {
+		t.Fatalf("accepted config fails validation: %v", err)
+	}
+	after, err := json.Marshal(v)
+	if err != nil || !bytes.Equal(before, after) {
+		t.Fatalf("validating again changed the config: %s to %s (%v)", before, after, err)
+	}
+	y, err := yaml.Marshal(v)
+	if err != nil {
+		t.Fatalf("accepted config does not marshal to YAML: %v", err)
+	}
+	v2, err := parse(y, nil)
+	if err != nil {
+		t.Fatalf("accepted config, written back as\n%s\nis refused: %v", y, err)
+	}
+	// Compare values, not spellings: "90000ms" is written back as "1m30s".
+	clearSpelling(reflect.ValueOf(v))
+	clearSpelling(reflect.ValueOf(v2))
+	if !reflect.DeepEqual(v, v2) {
+		again, _ := json.Marshal(v2)
+		t.Fatalf("config %s, written back as\n%s\nparses to %s", before, y, again)
+	}
+}
+
+// clearSpelling forgets how every Duration in v was written, keeping its
+// value.
+func clearSpelling(v reflect.Value) {
+	switch v.Kind() {
+	case reflect.Pointer:
+		if !v.IsNil() {
+			clearSpelling(v.Elem())
+		}
+	case reflect.Slice:
+		for i := range v.Len() {
+			clearSpelling(v.Index(i))
+		}
+	case reflect.Struct:
+		if d, ok := v.Addr().Interface().(*Duration); ok {
+			d.raw = ""
+			return
+		}
+		for i := range v.NumField() {
+			if v.Type().Field(i).IsExported() {
+				clearSpelling(v.Field(i))
 			}
 		}
-	})
+	}
 }
