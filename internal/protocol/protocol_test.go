@@ -228,6 +228,8 @@ func TestDecodeRejects(t *testing.T) {
 		"open id 0":             `{"type":"tcp_open","id":0,"service":"a"}`,
 		"open bad client":       `{"type":"tcp_open","id":1,"service":"a","client":"nowhere"}`,
 		"data bad base64":       `{"type":"tcp_data","id":1,"data":"***"}`,
+		"data raw newline":      "{\"type\":\"tcp_data\",\"id\":1,\"data\":\"aGk\n=\"}",
+		"data raw CRLF":         "{\"type\":\"udp_data\",\"id\":1,\"data\":\"aGk=\r\n\r\n\"}",
 		"data id 0":             `{"type":"tcp_data","id":0,"data":""}`,
 		"credit 0":              `{"type":"credit","id":1,"bytes":0}`,
 		"status unknown":        `{"type":"tcp_open_result","id":1,"status":"perhaps"}`,

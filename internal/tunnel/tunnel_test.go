@@ -422,6 +422,7 @@ func TestSessionEndsOnBadInput(t *testing.T) {
 		{"garbage text json", "json", websocket.TextMessage, []byte("{not json"), "protocol violation"},
 		{"unknown type", "json", websocket.TextMessage, []byte(`{"type":"launch"}`), "unknown type"},
 		{"binary in json mode", "json", websocket.BinaryMessage, []byte{1, 2, 3}, "binary message in json mode"},
+		{"raw newline in data", "json", websocket.TextMessage, []byte("{\"type\":\"tcp_data\",\"id\":1,\"data\":\"aGk\n=\"}"), "raw line break"},
 		{"json data in yamux mode", "yamux", websocket.TextMessage, []byte(`{"type":"tcp_data","id":1,"data":""}`), "in yamux mode"},
 		{"second hello", "json", websocket.TextMessage, mustEncode(testHello("json")), "unexpected gateway_hello"},
 		{"register_ack to gateway", "json", websocket.TextMessage, []byte(`{"type":"register_ack","seq":1,"endpoints":[]}`), "register_ack sent to the gateway"},
