@@ -123,6 +123,23 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 	}
 }
 
+// Plain ws:// to a host other than loopback needs --insecure (or
+// gateway.insecure). With the flag, only the deliberately bad protocol is
+// refused, so the agent never starts and dials nothing.
+func TestAgentInsecureFlag(t *testing.T) {
+	var out, errOut bytes.Buffer
+	args := []string{"agent", "--gateway-url", "ws://gw.example.com:8443/v1/tunnel", "--token", "x", "--protocol", "smux"}
+	code := Main(context.Background(), args, "test", &out, &errOut)
+	if code == 0 || !strings.Contains(errOut.String(), "gateway.insecure") {
+		t.Fatalf("without --insecure: exit %d, stderr %q", code, errOut.String())
+	}
+	errOut.Reset()
+	code = Main(context.Background(), append(args, "--insecure"), "test", &out, &errOut)
+	if code == 0 || strings.Contains(errOut.String(), "gateway.url") || !strings.Contains(errOut.String(), "gateway.protocol") {
+		t.Fatalf("with --insecure: exit %d, stderr %q", code, errOut.String())
+	}
+}
+
 func TestParseExpose(t *testing.T) {
 	s, err := parseExpose("redis=tcp://127.0.0.1:6379")
 	if err != nil || s.Name != "redis" || s.Protocol != "tcp" || s.Port != 6379 || s.Backend != "127.0.0.1:6379" {

@@ -78,6 +78,7 @@ func setString(changed bool, dst *string, v string) {
 func (a *app) agentCmd() *cobra.Command {
 	var path, gwURL, token, proto, metricsListen string
 	var expose []string
+	var insecure bool
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the agent: connect out to the gateway and expose services",
@@ -100,6 +101,9 @@ func (a *app) agentCmd() *cobra.Command {
 			setString(f.Changed("token"), &cfg.Gateway.Token, token)
 			setString(f.Changed("protocol"), &cfg.Gateway.Protocol, proto)
 			setString(f.Changed("metrics-listen"), &cfg.Metrics.Listen, metricsListen)
+			if f.Changed("insecure") {
+				cfg.Gateway.Insecure = insecure
+			}
 			for _, e := range expose {
 				s, err := parseExpose(e)
 				if err != nil {
@@ -120,6 +124,7 @@ func (a *app) agentCmd() *cobra.Command {
 	f.StringVar(&token, "token", "", "agent token (gateway.token; prefer PORTWAY_GATEWAY_TOKEN)")
 	f.StringVar(&proto, "protocol", "", "auto, yamux or json (gateway.protocol)")
 	f.StringVar(&metricsListen, "metrics-listen", "", "metrics/health address (metrics.listen)")
+	f.BoolVar(&insecure, "insecure", false, "allow plain ws:// to a gateway other than loopback, token in clear (gateway.insecure)")
 	f.StringArrayVar(&expose, "expose", nil, "expose a service: NAME=tcp://HOST:PORT or NAME=udp://HOST:PORT (repeatable)")
 	return cmd
 }

@@ -2,7 +2,9 @@ package config
 
 import (
 	"fmt"
+	"net/netip"
 	"net/url"
+	"strings"
 	"time"
 
 	"github.com/portway/portway/internal/protocol"
@@ -30,6 +32,9 @@ type GatewayConn struct {
 	CAFile string `json:"ca_file,omitempty"`
 	// ServerName overrides the TLS server name.
 	ServerName string `json:"server_name,omitempty"`
+	// Insecure allows a plain ws:// URL to a host other than loopback,
+	// which sends the token and all traffic in clear.
+	Insecure bool `json:"insecure,omitempty"`
 }
 
 // Metrics configures the agent's HTTP server for /metrics, /healthz and
@@ -186,6 +191,8 @@ func (a *AgentFile) Validate() error {
 		p.add("gateway.url", "%q must start with wss:// (or ws:// for a gateway with insecure: true)", a.Gateway.URL)
 	} else if u.Host == "" {
 		p.add("gateway.url", "%q has no host", a.Gateway.URL)
+	} else if u.Scheme == "ws" && !a.Gateway.Insecure && !isLoopbackHost(u.Hostname()) {
+		p.add("gateway.url", "%q is plain ws:// to a host other than loopback, which would send the token in clear: use wss://, or set gateway.insecure: true to accept that", a.Gateway.URL)
 	}
 	if a.Gateway.Token == "" {
 		p.add("gateway.token", "is required (or set PORTWAY_GATEWAY_TOKEN)")
@@ -238,4 +245,15 @@ func (a *AgentFile) Validate() error {
 		}
 	}
 	return p.err()
+}
+
+// isLoopbackHost reports whether host (a URL's hostname) names this machine:
+// localhost, or an address in 127.0.0.0/8 or ::1. Plain ws:// stays allowed
+// there without opting in, since the traffic never leaves the host.
+func isLoopbackHost(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Unmap().IsLoopback()
 }

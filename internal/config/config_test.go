@@ -1,9 +1,14 @@
 package config
 
 import (
+	"bytes"
+	"encoding/json"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
+
+	"sigs.k8s.io/yaml"
 )
 
 func env(m map[string]string) func(string) string {
@@ -24,7 +29,6 @@ agents:
   - {name: dev, token_sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}
 admin: {listen: "127.0.0.1:9000", token: admin-secret}
 heartbeat_interval: 2s
-udp_queue_bytes_per_service: 1048576
 `), nil)
 	if err != nil {
 		t.Fatal(err)
@@ -37,9 +41,6 @@ udp_queue_bytes_per_service: 1048576
 	}
 	if g.StateFile != "" {
 		t.Errorf("state_file \"\" not kept: %q", g.StateFile)
-	}
-	if g.UDPQueueBytesPerService != 1<<20 || g.UDPQueueBytes != 64<<20 {
-		t.Errorf("udp queue budgets %d per service, %d in all", g.UDPQueueBytesPerService, g.UDPQueueBytes)
 	}
 }
 
@@ -88,10 +89,6 @@ heartbeat_interval: 5`: "heartbeat_interval: \"5\" is not a duration",
 heartbeat_interval: 1ms`: "heartbeat_interval: 1ms is below",
 		`insecure: true
 max_message_size: 10`: "max_message_size:",
-		`insecure: true
-udp_queue_bytes: 1000`: "udp_queue_bytes:",
-		`insecure: true
-udp_queue_bytes_per_service: 0`: "udp_queue_bytes_per_service:",
 		`insecure: true
 listne: ":1"`: `unknown key "listne"`,
 		`insecure: true
@@ -162,7 +159,7 @@ services:
 }
 
 func TestAgentErrorsNameTheKey(t *testing.T) {
-	base := "gateway: {url: \"ws://h:1/v1/tunnel\", token: t}\n"
+	base := "gateway: {url: \"ws://127.0.0.1:1/v1/tunnel\", token: t}\n"
 	cases := map[string]string{
 		`gateway: {token: t}`:                                                                           "gateway.url: is required",
 		`gateway: {url: "http://h/v1/tunnel", token: t}`:                                                "gateway.url:",
@@ -190,35 +187,137 @@ func TestAgentErrorsNameTheKey(t *testing.T) {
 	}
 }
 
-// FuzzParseAgent and FuzzParseGateway check that no input panics the
-// config parsers, and that accepted configs validate again.
+// Plain ws:// sends the token in clear: allowed to loopback, elsewhere only
+// with gateway.insecure: true, and the refusal names both keys.
+func TestAgentPlainWSNeedsInsecure(t *testing.T) {
+	allowed := []string{
+		`url: "ws://127.0.0.1:8443/v1/tunnel"`,
+		`url: "ws://127.9.8.7:8443/v1/tunnel"`,
+		`url: "ws://[::1]:8443/v1/tunnel"`,
+		`url: "ws://[::ffff:127.0.0.1]:8443/v1/tunnel"`,
+		`url: "ws://localhost:8443/v1/tunnel"`,
+		`url: "ws://LocalHost/v1/tunnel"`,
+		`url: "wss://gw.example.com:8443/v1/tunnel"`,
+		`url: "wss://10.0.0.1:8443/v1/tunnel"`,
+		`url: "ws://gw.example.com:8443/v1/tunnel", insecure: true`,
+		`url: "ws://10.0.0.1:8443/v1/tunnel", insecure: true`,
+	}
+	for _, gw := range allowed {
+		if _, err := ParseAgent([]byte("gateway: {token: t, "+gw+"}"), nil); err != nil {
+			t.Errorf("gateway: {%s}: %v", gw, err)
+		}
+	}
+	refused := []string{
+		`url: "ws://gw.example.com:8443/v1/tunnel"`,
+		`url: "ws://10.0.0.1:8443/v1/tunnel"`,
+		`url: "ws://128.0.0.1:8443/v1/tunnel"`,
+		`url: "ws://[::2]:8443/v1/tunnel"`,
+		`url: "ws://0.0.0.0:8443/v1/tunnel"`,
+		`url: "ws://localhost.example.com/v1/tunnel"`,
+		`url: "ws://gw.example.com:8443/v1/tunnel", insecure: false`,
+	}
+	for _, gw := range refused {
+		_, err := ParseAgent([]byte("gateway: {token: t, "+gw+"}"), nil)
+		if err == nil || !strings.Contains(err.Error(), "gateway.url:") || !strings.Contains(err.Error(), "gateway.insecure: true") {
+			t.Errorf("gateway: {%s}: err = %v, want one naming gateway.url and gateway.insecure", gw, err)
+		}
+	}
+	// The URL may come from the environment: the check applies to it too.
+	_, err := ParseAgent([]byte(`gateway: {token: t}`), env(map[string]string{"PORTWAY_GATEWAY_URL": "ws://gw.example.com/v1/tunnel"}))
+	if err == nil || !strings.Contains(err.Error(), "gateway.insecure") {
+		t.Errorf("ws:// from PORTWAY_GATEWAY_URL: err = %v", err)
+	}
+}
+
+// FuzzParseAgent and FuzzParseGateway check the config parsers: no input
+// panics them, an accepted config passes Validate again unchanged, and
+// written back as YAML it parses to the same value.
 func FuzzParseAgent(f *testing.F) {
 	f.Add([]byte("gateway: {url: \"ws://h:1/v1/tunnel\", token: t}\nservices: [{name: r, port: 1, backend: \"h:1\"}]"))
+	f.Add([]byte("gateway: {url: \"ws://127.0.0.1:1/v1/tunnel\", token: t}\nservices: [{name: r, port: 1, backend: \"h:1\"}]\ntunnels: {tcp: {idle_timeout: 90000ms}}"))
+	f.Add([]byte("gateway: {url: \"ws://h:1/v1/tunnel\", token: t, insecure: true, protocol: json}\nmetrics: {listen: \"\"}"))
 	f.Add([]byte("tunnels: {tcp: {idle_timeout: 5m}}"))
 	f.Add([]byte("- a\n- b"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		a, err := ParseAgent(b, nil)
-		if err == nil {
-			if err := a.Validate(); err != nil {
-				t.Fatalf("accepted config fails validation: %v", err)
-			}
+		if err != nil {
+			return
 		}
+		checkReparse(t, a, ParseAgent, (*AgentFile).Validate)
 	})
 }
 
 func FuzzParseGateway(f *testing.F) {
 	f.Add([]byte("insecure: true\nagents: [{name: a, token: 0123456789abcdef0}]"))
 	f.Add([]byte("port_range: \"1-2\"\ninsecure: true"))
+	f.Add([]byte("insecure: true\nheartbeat_interval: 1500ms\nprotocols: [json]\nagents: [{name: a, token_sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08, max_services: 3}]"))
 	f.Add([]byte("insecure: true\nmax_retained_ports: 3\nmax_services: 2\nagents: [{name: a, token: 0123456789abcdef0, max_services: 4, max_retained_ports: 4}]"))
 	f.Add([]byte("&a [*a]"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		g, err := ParseGateway(b, nil)
-		if err == nil {
-			if err := g.Validate(); err != nil {
-				t.Fatalf("accepted config fails validation: %v", err)
+		if err != nil {
+			return
+		}
+		checkReparse(t, g, ParseGateway, (*Gateway).Validate)
+	})
+}
+
+// checkReparse checks an accepted config: Validate passes again and
+// changes nothing, and the config marshalled to YAML parses back to the
+// same value (compared through its JSON form, which is every key).
+func checkReparse[T any](t *testing.T, v *T, parse func([]byte, func(string) string) (*T, error), validate func(*T) error) {
+	t.Helper()
+	before, err := json.Marshal(v)
+	if err != nil {
+		t.Fatalf("accepted config does not marshal: %v", err)
+	}
+	if err := validate(v); err != nil {
+		t.Fatalf("accepted config fails validation: %v", err)
+	}
+	after, err := json.Marshal(v)
+	if err != nil || !bytes.Equal(before, after) {
+		t.Fatalf("validating again changed the config: %s to %s (%v)", before, after, err)
+	}
+	y, err := yaml.Marshal(v)
+	if err != nil {
+		t.Fatalf("accepted config does not marshal to YAML: %v", err)
+	}
+	v2, err := parse(y, nil)
+	if err != nil {
+		t.Fatalf("accepted config, written back as\n%s\nis refused: %v", y, err)
+	}
+	// Compare values, not spellings: "90000ms" is written back as "1m30s".
+	clearSpelling(reflect.ValueOf(v))
+	clearSpelling(reflect.ValueOf(v2))
+	if !reflect.DeepEqual(v, v2) {
+		again, _ := json.Marshal(v2)
+		t.Fatalf("config %s, written back as\n%s\nparses to %s", before, y, again)
+	}
+}
+
+// clearSpelling forgets how every Duration in v was written, keeping its
+// value.
+func clearSpelling(v reflect.Value) {
+	switch v.Kind() {
+	case reflect.Pointer:
+		if !v.IsNil() {
+			clearSpelling(v.Elem())
+		}
+	case reflect.Slice:
+		for i := range v.Len() {
+			clearSpelling(v.Index(i))
+		}
+	case reflect.Struct:
+		if d, ok := v.Addr().Interface().(*Duration); ok {
+			d.raw = ""
+			return
+		}
+		for i := range v.NumField() {
+			if v.Type().Field(i).IsExported() {
+				clearSpelling(v.Field(i))
 			}
 		}
-	})
+	}
 }
 
 // max_retained_ports: twice max_services unless set, per agent or for all,

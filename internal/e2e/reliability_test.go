@@ -362,9 +362,11 @@ func (p *gateProxy) serve(c net.Conn) {
 	pump(c, up)
 }
 
-// A partition that drops everything without a FIN is detected by both sides
-// within three heartbeat intervals, and the tunnel recovers once the path
-// is back.
+// A partition that drops everything without a FIN is detected by both sides,
+// and the tunnel recovers once the path is back. The detection time is
+// logged; the bound itself (2.5-2.75 intervals) is asserted on a fake clock
+// by internal/tunnel's TestHeartbeatDetectionBounds, so the wall clock here
+// is only a hang guard.
 func TestPartitionWithoutFIN(t *testing.T) {
 	echo := echoBackend(t)
 	for _, mode := range modes {
@@ -394,9 +396,6 @@ func TestPartitionWithoutFIN(t *testing.T) {
 			})
 			t.Logf("%s: partition detected by the gateway after %v, by the agent after %v (heartbeat 1s)",
 				mode, gwSaw.Round(time.Millisecond), agentSaw.Round(time.Millisecond))
-			if gwSaw > 3500*time.Millisecond || agentSaw > 3500*time.Millisecond {
-				t.Errorf("detection took more than 3 heartbeat intervals (plus polling slack)")
-			}
 			if c, err := net.DialTimeout("tcp", ep, time.Second); err == nil {
 				c.Close()
 				t.Error("public port still open while the agent is unreachable")

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
 	"time"
 )
@@ -49,6 +50,10 @@ const (
 	MaxMessageSize      = 64 << 20
 	MinStreamWindow     = 16 << 10
 	MaxStreamWindow     = 64 << 20
+
+	// maxDurationMS is the most milliseconds a time.Duration holds: a
+	// larger count would wrap when converted.
+	maxDurationMS = math.MaxInt64 / int64(time.Millisecond)
 )
 
 // Message is any decoded control or JSON-mode stream message.
@@ -366,7 +371,9 @@ func (h *Hello) Validate() error {
 	if len(h.Protocols) == 0 || len(h.Protocols) > 16 {
 		return fmt.Errorf("%d protocols offered", len(h.Protocols))
 	}
-	if d := h.HeartbeatInterval(); d < MinHeartbeat || d > MaxHeartbeat {
+	// Compare the milliseconds themselves: their product with
+	// time.Millisecond can wrap back into the range.
+	if ms := h.HeartbeatIntervalMS; ms < MinHeartbeat.Milliseconds() || ms > MaxHeartbeat.Milliseconds() {
 		return fmt.Errorf("heartbeat_interval_ms %d outside [%d, %d]", h.HeartbeatIntervalMS, MinHeartbeat.Milliseconds(), MaxHeartbeat.Milliseconds())
 	}
 	if h.MaxMessageSize < MinMessageSize || h.MaxMessageSize > MaxMessageSize {
@@ -418,6 +425,9 @@ func (s *Service) Validate() error {
 	}
 	if s.IdleTimeoutMS < 0 {
 		return fmt.Errorf("service %q: negative idle_timeout_ms", s.ID)
+	}
+	if s.IdleTimeoutMS > maxDurationMS {
+		return fmt.Errorf("service %q: idle_timeout_ms %d exceeds %d", s.ID, s.IdleTimeoutMS, maxDurationMS)
 	}
 	if s.MaxDatagram < 0 || s.MaxDatagram > MaxDatagram {
 		return fmt.Errorf("service %q: max_datagram %d outside 0-%d", s.ID, s.MaxDatagram, MaxDatagram)

@@ -3,6 +3,7 @@ package protocol
 import (
 	"bytes"
 	"encoding/base64"
+	"errors"
 	"strconv"
 )
 
@@ -55,7 +56,8 @@ func grow(b []byte, n int) []byte {
 // ParseDataFast recognises a data message in the exact form AppendData
 // writes and returns its kind, stream id and base64 payload without decoding
 // it. ok is false for anything else (which may still be a valid message:
-// use Decode).
+// use Decode). When ok and the payload decodes with DecodePayload, the
+// message is valid JSON and means what encoding/json makes of it.
 func ParseDataFast(b []byte) (kind Kind, id uint32, payload []byte, ok bool) {
 	if !bytes.HasPrefix(b, dataPrefix) {
 		return 0, 0, nil, false
@@ -83,6 +85,7 @@ func ParseDataFast(b []byte) (kind Kind, id uint32, payload []byte, ok bool) {
 		return 0, 0, nil, false
 	}
 	payload = b[len(dataField) : len(b)-len(dataSuffix)]
+	// Whatever else is not base64 fails in DecodePayload.
 	if bytes.IndexByte(payload, '"') >= 0 || bytes.IndexByte(payload, '\\') >= 0 {
 		return 0, 0, nil, false
 	}
@@ -147,15 +150,39 @@ func decodeDataFast(b []byte) (*Data, bool) {
 		return nil, false
 	}
 	buf := make([]byte, base64.StdEncoding.DecodedLen(len(enc)))
-	n, err := base64.StdEncoding.Decode(buf, enc)
+	n, err := DecodePayload(buf, enc)
 	if err != nil {
 		return nil, false // let encoding/json report the error
 	}
 	return &Data{Kind: kind, ID: id, Data: buf[:n]}, true
 }
 
+// errRawNewline is DecodePayload's error for a payload holding \r or \n.
+var errRawNewline = errors.New("protocol: raw line break in base64 data")
+
 // DecodePayload decodes a base64 payload returned by ParseDataFast into dst,
 // which must hold at least base64.StdEncoding.DecodedLen(len(enc)) bytes.
+// Like encoding/json, it refuses a raw \r or \n in the payload, which the
+// base64 decoder would skip.
 func DecodePayload(dst, enc []byte) (int, error) {
-	return base64.StdEncoding.Decode(dst, enc)
+	n, err := base64.StdEncoding.Decode(dst, enc)
+	if err != nil {
+		return 0, err
+	}
+	// Line breaks are the only bytes the decoder skips, and every four of
+	// them it skipped would leave three bytes fewer than the payload's
+	// length promises: checking the count costs no second pass.
+	if len(enc)%4 != 0 || n != len(enc)/4*3-trailingPad(enc) {
+		return 0, errRawNewline
+	}
+	return n, nil
+}
+
+// trailingPad counts the '=' at the end of enc (at most 2).
+func trailingPad(enc []byte) int {
+	p := 0
+	for p < 2 && p < len(enc) && enc[len(enc)-1-p] == '=' {
+		p++
+	}
+	return p
 }

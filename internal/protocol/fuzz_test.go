@@ -2,13 +2,18 @@ package protocol
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"io"
+	"reflect"
 	"testing"
 )
 
-// FuzzDecode checks that no input makes the control decoder panic, and that
-// whatever it accepts survives an encode/decode round trip.
+// FuzzDecode checks the control decoder: no input makes it panic, errors
+// wrap ErrBadMessage, the hand-written fast paths for data and credit
+// messages accept only valid JSON and agree with encoding/json, and
+// whatever is accepted survives an encode/decode round trip unchanged.
 func FuzzDecode(f *testing.F) {
 	for _, m := range []Message{
 		validHello(),
@@ -29,6 +34,7 @@ func FuzzDecode(f *testing.F) {
 	}
 	f.Add([]byte(`{"type":"tcp_data","id":1,"data":"=="}`))
 	f.Add([]byte(`{"type":"tcp_data","id":01,"data":"AAAA"}`))
+	f.Add([]byte("{\"type\":\"tcp_data\",\"id\":1,\"data\":\"aGk\n=\"}"))
 	f.Add([]byte(`{"type":"credit","id":4294967295,"bytes":1}`))
 	f.Add([]byte(`{"type":"credit","id":1,"bytes":0}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
@@ -36,8 +42,29 @@ func FuzzDecode(f *testing.F) {
 		// whatever it accepts.
 		if id, n, ok := ParseCreditFast(b); ok {
 			var c Credit
+			if !json.Valid(b) {
+				t.Fatalf("ParseCreditFast accepted invalid JSON %q", b)
+			}
 			if err := json.Unmarshal(b, &c); err != nil || c.ID != id || c.Bytes != n {
 				t.Fatalf("ParseCreditFast(%q) = %d, %d; encoding/json: %+v, %v", b, id, n, c, err)
+			}
+		}
+		// So must the fast data decoder, on every message whose payload
+		// it decodes (the read loop refuses the others).
+		if kind, id, enc, ok := ParseDataFast(b); ok {
+			dst := make([]byte, len(enc))
+			if n, err := DecodePayload(dst, enc); err == nil {
+				if !json.Valid(b) {
+					t.Fatalf("ParseDataFast accepted invalid JSON %q", b)
+				}
+				var d struct {
+					Type string `json:"type"`
+					ID   uint32 `json:"id"`
+					Data []byte `json:"data"`
+				}
+				if err := json.Unmarshal(b, &d); err != nil || kindType(kind, TypeTCPData, TypeUDPData) != d.Type || id != d.ID || !bytes.Equal(dst[:n], d.Data) {
+					t.Fatalf("ParseDataFast(%q) = %v, %d, %q; encoding/json: %+v, %v", b, kind, id, dst[:n], d, err)
+				}
 			}
 		}
 		m, err := Decode(b)
@@ -51,10 +78,24 @@ func FuzzDecode(f *testing.F) {
 		if err != nil {
 			t.Fatalf("accepted %q but cannot encode it: %v", b, err)
 		}
-		if _, err := Decode(again); err != nil {
+		m2, err := Decode(again)
+		if err != nil {
 			t.Fatalf("re-encoding of %q does not decode: %v", b, err)
 		}
+		if !sameMessage(m, m2) {
+			t.Fatalf("%q decoded to %#v; its encoding %q decodes to %#v", b, m, again, m2)
+		}
 	})
+}
+
+// sameMessage compares two decoded messages. A data message's payload may
+// be nil or empty when there is none: both mean no bytes.
+func sameMessage(a, b Message) bool {
+	if da, ok := a.(*Data); ok {
+		db, ok := b.(*Data)
+		return ok && da.Kind == db.Kind && da.ID == db.ID && bytes.Equal(da.Data, db.Data)
+	}
+	return reflect.DeepEqual(a, b)
 }
 
 // FuzzReadHeader checks the stream header decoder: no panic, and every
@@ -85,30 +126,52 @@ func FuzzReadHeader(f *testing.F) {
 	})
 }
 
-// FuzzReadDatagram checks the datagram framing decoder on arbitrary streams:
-// no panic, lengths within the buffer, and it never reads past a frame.
+// FuzzReadDatagram checks the datagram framing decoder on arbitrary streams
+// against a model of the framing: each call consumes exactly one frame (the
+// 2-byte length and that many bytes) and returns its payload, or skips a
+// frame too large for the buffer with ErrDatagramTooLarge; io.EOF comes only
+// at a frame boundary, io.ErrUnexpectedEOF inside a frame.
 func FuzzReadDatagram(f *testing.F) {
 	f.Add([]byte{0, 0}, 16)
 	f.Add([]byte{0, 3, 'a', 'b', 'c', 0, 1, 'd'}, 2)
 	f.Add([]byte{0xff, 0xff, 1}, 65535)
+	f.Add([]byte{0, 2, 'a'}, 1)
+	f.Add([]byte{0, 1, 'a', 0}, 1)
+	f.Add([]byte{0, 1}, 4)
 	f.Fuzz(func(t *testing.T, in []byte, bufLen int) {
 		if bufLen < 0 || bufLen > MaxDatagram {
 			return
 		}
 		r := bytes.NewReader(in)
 		buf := make([]byte, bufLen)
-		for i := 0; i < 1000; i++ {
-			before := r.Len()
+		for off := 0; ; {
 			n, err := ReadDatagram(r, buf)
-			if err != nil && !errors.Is(err, ErrDatagramTooLarge) {
+			rest := in[off:]
+			consumed := len(rest) - r.Len()
+			switch {
+			case len(rest) == 0:
+				if err != io.EOF {
+					t.Fatalf("at the end of the stream: %d, %v; want io.EOF", n, err)
+				}
+				return
+			case len(rest) < DatagramHeaderLen || len(rest) < DatagramHeaderLen+int(binary.BigEndian.Uint16(rest)):
+				if !errors.Is(err, io.ErrUnexpectedEOF) {
+					t.Fatalf("stream ends inside a frame at %d: %d, %v; want io.ErrUnexpectedEOF", off, n, err)
+				}
 				return
 			}
-			if n < 0 || n > bufLen {
-				t.Fatalf("length %d outside buffer of %d", n, bufLen)
+			size := int(binary.BigEndian.Uint16(rest))
+			if consumed != DatagramHeaderLen+size {
+				t.Fatalf("frame of %d bytes at %d: consumed %d bytes", size, off, consumed)
 			}
-			if before-r.Len() < DatagramHeaderLen {
-				t.Fatalf("consumed %d bytes for a frame", before-r.Len())
+			if size > bufLen {
+				if !errors.Is(err, ErrDatagramTooLarge) || n != 0 {
+					t.Fatalf("frame of %d bytes into %d: %d, %v; want ErrDatagramTooLarge", size, bufLen, n, err)
+				}
+			} else if err != nil || n != size || !bytes.Equal(buf[:n], rest[DatagramHeaderLen:DatagramHeaderLen+size]) {
+				t.Fatalf("frame of %d bytes at %d: got %d bytes %q, %v", size, off, n, buf[:max(n, 0)], err)
 			}
+			off += consumed
 		}
 	})
 }

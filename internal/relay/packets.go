@@ -8,7 +8,6 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-	"unsafe"
 
 	"github.com/portway/portway/internal/pool"
 	"github.com/portway/portway/internal/protocol"
@@ -326,8 +325,7 @@ func (c ConnectedUDP) peek(wait bool) (ready bool, err error) {
 	var perr error
 	err = rc.Read(func(fd uintptr) bool {
 		var b [1]byte
-		_, _, e := syscall.Syscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1,
-			syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
+		e := peekByte(fd, &b[0])
 		switch e {
 		case 0:
 			ready = true

@@ -13,7 +13,6 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-	"unsafe"
 
 	"github.com/portway/portway/internal/pool"
 )
@@ -314,8 +313,7 @@ type peeker struct {
 }
 
 func (p *peeker) peek(fd uintptr) bool {
-	_, _, e := syscall.Syscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&p.b[0])), 1,
-		syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
+	e := peekByte(fd, &p.b[0])
 	switch e {
 	case 0:
 	case syscall.EAGAIN:

@@ -95,29 +95,47 @@ func TestPipeHalfClose(t *testing.T) {
 	}
 }
 
+// The idle timeout counts traffic in either direction: a phase of traffic
+// one way only, then one the other way only, each lasting well beyond the
+// timeout, keeps the connection; then silence closes it. The ratios are wide
+// (a byte every 1/20 of the timeout; each phase at least 2.5 timeouts long
+// on the wall clock), so a busy machine cannot make a correct build fail,
+// and a build that forgets either direction is cut during its phase.
 func TestPipeIdleTimeoutCountsBothDirections(t *testing.T) {
-	client, server, done := relayed(t, Options{IdleTimeout: 300 * time.Millisecond}, nil)
-	// Traffic in one direction only, for longer than the timeout, keeps
-	// the connection alive.
-	go io.Copy(io.Discard, server)
-	for i := 0; i < 8; i++ {
-		if _, err := client.Write([]byte("x")); err != nil {
-			t.Fatalf("write %d: %v", i, err)
+	const idle = time.Second
+	client, server, done := relayed(t, Options{IdleTimeout: idle}, nil)
+	phase := func(name string, from, to *net.TCPConn) {
+		t.Helper()
+		start := time.Now()
+		buf := make([]byte, 1)
+		for i := 0; time.Since(start) < idle*5/2; i++ {
+			if i > 1000 {
+				t.Fatalf("%s: phase did not end", name)
+			}
+			if _, err := from.Write([]byte("x")); err != nil {
+				t.Fatalf("%s: write %d: %v", name, i, err)
+			}
+			to.SetReadDeadline(time.Now().Add(10 * time.Second))
+			if _, err := io.ReadFull(to, buf); err != nil {
+				t.Fatalf("%s: byte %d not relayed after %v: %v", name, i, time.Since(start), err)
+			}
+			select {
+			case res := <-done:
+				t.Fatalf("%s: relay ended after %v of traffic in this direction only: %+v", name, time.Since(start), res)
+			default:
+			}
+			time.Sleep(idle / 20)
 		}
-		time.Sleep(100 * time.Millisecond)
 	}
-	select {
-	case res := <-done:
-		t.Fatalf("relay ended during traffic: %+v", res)
-	default:
-	}
+	phase("client to backend", client, server)
+	phase("backend to client", server, client)
 	// Then silence: the relay closes both sides.
 	select {
 	case res := <-done:
 		if !res.IdleTimeout || !errors.Is(res.Err, ErrIdle) {
 			t.Fatalf("result %+v, want idle timeout", res)
 		}
-	case <-time.After(10 * time.Second):
+	case <-time.After(20 * time.Second):
 		t.Fatal("idle connection not closed")
 	}
 	client.SetReadDeadline(time.Now().Add(5 * time.Second))

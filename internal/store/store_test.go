@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -48,23 +49,50 @@ func TestDecodeRejects(t *testing.T) {
 	}
 }
 
-// FuzzDecode checks the state file decoder never panics and accepts only
-// consistent states.
+// FuzzDecode checks the state file decoder: it never panics, accepts only
+// valid allocations with no (protocol, port) pair twice, and what it accepts
+// survives Save's encoding and a second Decode unchanged.
 func FuzzDecode(f *testing.F) {
 	f.Add([]byte(`{"version":1,"allocations":[{"agent":"a","service":"s","protocol":"tcp","port":5}]}`))
 	f.Add([]byte(`{"version":1}`))
+	f.Add([]byte(`{"version":1,"allocations":[{"agent":"a","service":"s","protocol":"tcp","port":55296},{"agent":"a","service":"t","protocol":"tcp","port":55297,"last_used":"2026-11-28T09:00:00.5+01:00"}]}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		allocs, err := Decode(b)
 		if err != nil {
 			return
 		}
-		ports := map[string]bool{}
+		type key struct {
+			proto string
+			port  int
+		}
+		seen := map[key]bool{}
 		for _, a := range allocs {
-			k := a.Protocol + string(rune(a.Port))
-			if ports[k] {
+			if a.Agent == "" || a.Service == "" || (a.Protocol != "tcp" && a.Protocol != "udp") || a.Port < 1 || a.Port > 65535 {
+				t.Fatalf("invalid allocation accepted: %+v", a)
+			}
+			k := key{a.Protocol, a.Port}
+			if seen[k] {
 				t.Fatalf("duplicate accepted: %+v", a)
 			}
-			ports[k] = true
+			seen[k] = true
+		}
+		// Save's encoding of what was read must read back the same.
+		out, err := json.MarshalIndent(fileFormat{Version: fileVersion, Allocations: allocs}, "", "  ")
+		if err != nil {
+			t.Fatalf("accepted %q but cannot encode it: %v", b, err)
+		}
+		again, err := Decode(out)
+		if err != nil {
+			t.Fatalf("accepted %q but not its encoding %q: %v", b, out, err)
+		}
+		if len(again) != len(allocs) {
+			t.Fatalf("%d allocations read back as %d", len(allocs), len(again))
+		}
+		for i, a := range allocs {
+			g := again[i]
+			if g.Agent != a.Agent || g.Service != a.Service || g.Protocol != a.Protocol || g.Port != a.Port || !g.LastUsed.Equal(a.LastUsed) {
+				t.Fatalf("allocation %d: %+v read back as %+v", i, a, g)
+			}
 		}
 	})
 }

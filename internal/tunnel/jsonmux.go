@@ -384,10 +384,12 @@ func (m *jsonMux) onCredit(id, bytes uint32) error {
 	if st.kind != protocol.KindTCP {
 		return fmt.Errorf("%w: credit for udp stream %d", ErrProtocol, id)
 	}
-	st.credit += int(bytes)
-	if st.credit > m.window {
+	// Add in 64 bits: where int has 32, a credit near 1<<32 would wrap
+	// negative, pass the window check and make the next Write panic.
+	if int64(st.credit)+int64(bytes) > int64(m.window) {
 		return fmt.Errorf("%w: credit for stream %d exceeds the window", ErrProtocol, id)
 	}
+	st.credit += int(bytes)
 	signal(st.writable)
 	return nil
 }

@@ -44,6 +44,9 @@ type Config struct {
 	HandshakeTimeout time.Duration
 	// Logger receives the session's rare log lines (yamux warnings).
 	Logger *slog.Logger
+
+	// clock drives the heartbeats; nil means the wall clock.
+	clock clock
 }
 
 func (c *Config) withDefaults() Config {
@@ -65,6 +68,9 @@ func (c *Config) withDefaults() Config {
 	}
 	if out.Logger == nil {
 		out.Logger = slog.New(slog.DiscardHandler)
+	}
+	if out.clock == nil {
+		out.clock = wallClock{}
 	}
 	return out
 }
@@ -112,7 +118,7 @@ func Server(ctx context.Context, ws *websocket.Conn, hello *protocol.Hello, cfg 
 		ws.Close()
 		return nil, fmt.Errorf("tunnel: invalid hello: %w", err)
 	}
-	c := newWSConn(ws, hello.MaxMessageSize, cfg.WriteTimeout)
+	c := newWSConn(ws, hello.MaxMessageSize, cfg.WriteTimeout, cfg.clock)
 	s := &Session{c: c, cfg: cfg, hello: *hello, gateway: true}
 	ack, err := s.handshakeServer(ctx)
 	if err != nil {
@@ -149,7 +155,7 @@ func Client(ctx context.Context, ws *websocket.Conn, cfg Config) (*Session, erro
 	cfg = cfg.withDefaults()
 	// Until the hello states the limit, accept messages of the largest
 	// size any valid hello may announce.
-	c := newWSConn(ws, protocol.MaxMessageSize, cfg.WriteTimeout)
+	c := newWSConn(ws, protocol.MaxMessageSize, cfg.WriteTimeout, cfg.clock)
 	s := &Session{c: c, cfg: cfg}
 	proto, err := s.handshakeClient(ctx)
 	if err != nil {
@@ -245,26 +251,28 @@ func (s *Session) start(proto string) {
 
 // keepalive sends a heartbeat every interval and closes the session when
 // nothing has arrived for 2.5 intervals. Checking four times per interval
-// bounds detection to 2.75 intervals after the last message.
+// bounds detection to 2.75 intervals after the last message. Time comes from
+// the session's clock only, so tests can check these bounds exactly.
 func (s *Session) keepalive() {
 	interval := s.hello.HeartbeatInterval()
 	timeout := interval * 5 / 2
-	check := time.NewTicker(interval / 4)
-	defer check.Stop()
-	next := time.Now()
+	ticks, stop := s.cfg.clock.tick(interval / 4)
+	defer stop()
+	var next time.Duration // when the next heartbeat is due, on s.c's clock
 	for {
 		select {
 		case <-s.c.done:
 			return
-		case now := <-check.C:
+		case <-ticks:
 			if s.c.sinceRecv() > timeout {
 				s.c.fail(ErrPeerTimeout)
 				return
 			}
-			if now.Before(next) {
+			now := time.Duration(s.c.now())
+			if now < next {
 				continue
 			}
-			next = now.Add(interval)
+			next = now + interval
 			hb := &protocol.Heartbeat{Seq: s.hbSeq.Add(1), TS: s.c.now()}
 			if err := s.sendControl(hb); err != nil {
 				return

@@ -369,6 +369,12 @@ func TestDatagramBoundaries(t *testing.T) {
 // tests can send what a well-behaved agent never would.
 func rawAgent(t *testing.T, proto string) (*websocket.Conn, chan *Session) {
 	t.Helper()
+	return rawAgentConfig(t, proto, Config{})
+}
+
+// rawAgentConfig is rawAgent with the gateway session's config.
+func rawAgentConfig(t *testing.T, proto string, cfg Config) (*websocket.Conn, chan *Session) {
+	t.Helper()
 	gwCh := make(chan *Session, 1)
 	up := NewUpgrader(5 * time.Second)
 	h := testHello("yamux", "json")
@@ -376,7 +382,7 @@ func rawAgent(t *testing.T, proto string) (*websocket.Conn, chan *Session) {
 	h.MaxMessageSize = protocol.MinMessageSize
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ws, _ := up.Upgrade(w, r, nil)
-		s, err := Server(r.Context(), ws, h, Config{})
+		s, err := Server(r.Context(), ws, h, cfg)
 		if err == nil {
 			gwCh <- s
 		}
@@ -399,7 +405,7 @@ func waitEnd(t *testing.T, s *Session) error {
 	select {
 	case <-s.Done():
 		return s.Err()
-	case <-time.After(5 * time.Second):
+	case <-time.After(20 * time.Second): // a hang guard only
 		t.Fatal("session did not end")
 		return nil
 	}
@@ -416,6 +422,7 @@ func TestSessionEndsOnBadInput(t *testing.T) {
 		{"garbage text json", "json", websocket.TextMessage, []byte("{not json"), "protocol violation"},
 		{"unknown type", "json", websocket.TextMessage, []byte(`{"type":"launch"}`), "unknown type"},
 		{"binary in json mode", "json", websocket.BinaryMessage, []byte{1, 2, 3}, "binary message in json mode"},
+		{"raw newline in data", "json", websocket.TextMessage, []byte("{\"type\":\"tcp_data\",\"id\":1,\"data\":\"aGk\n=\"}"), "raw line break"},
 		{"json data in yamux mode", "yamux", websocket.TextMessage, []byte(`{"type":"tcp_data","id":1,"data":""}`), "in yamux mode"},
 		{"second hello", "json", websocket.TextMessage, mustEncode(testHello("json")), "unexpected gateway_hello"},
 		{"register_ack to gateway", "json", websocket.TextMessage, []byte(`{"type":"register_ack","seq":1,"endpoints":[]}`), "register_ack sent to the gateway"},
@@ -457,19 +464,215 @@ func TestCreditViolationEndsSession(t *testing.T) {
 	}
 }
 
+// A peer that grants credit beyond the window loses its session, also
+// where int has 32 bits and 1<<31 bytes of credit would wrap negative: the
+// session ends with a protocol error and a Write fails instead of panicking.
+func TestCreditOverflowEndsSession(t *testing.T) {
+	for _, n := range []uint32{1 << 31, 1<<32 - 1, 1<<31 + 256<<10} {
+		t.Run(fmt.Sprint(n), func(t *testing.T) {
+			gw, ag := pair(t, testHello("json"), "json")
+			st, err := gw.Open(context.Background(), protocol.StreamHeader{Kind: protocol.KindTCP, Service: "x"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			in, err := ag.Accept(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := in.Accept(); err != nil {
+				t.Fatal(err)
+			}
+			// The credit, then data behind it on the same queue: once the
+			// gateway's stream could read the data, it had taken the credit.
+			ag.c.sendCopy(websocket.TextMessage, protocol.AppendCredit(nil, 1, n), true)
+			ag.c.sendCopy(websocket.TextMessage, protocol.AppendData(nil, protocol.KindTCP, 1, []byte("after")), true)
+			read := make(chan error, 1)
+			go func() {
+				_, err := st.Read(make([]byte, 16))
+				read <- err
+			}()
+			select {
+			case err := <-read:
+				if err == nil {
+					t.Fatalf("credit of %d bytes was accepted: data after it was delivered; a Write then: %v", n, tryWrite(st))
+				}
+			case <-time.After(20 * time.Second):
+				t.Fatal("stream read hung")
+			}
+			if err := waitEnd(t, gw); !errors.Is(err, ErrProtocol) || !strings.Contains(err.Error(), "exceeds the window") {
+				t.Fatalf("session ended with %v, want a credit violation", err)
+			}
+			if err := tryWrite(st); err == nil || strings.HasPrefix(err.Error(), "panic") {
+				t.Fatalf("Write on the ended session: %v", err)
+			}
+		})
+	}
+}
+
+// tryWrite writes to st and returns the error, or the panic as an error.
+func tryWrite(st Stream) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("panic: %v", p)
+		}
+	}()
+	_, err = st.Write(make([]byte, 64<<10))
+	return err
+}
+
 func TestSilentPeerTimesOut(t *testing.T) {
 	ws, gwCh := rawAgent(t, "json")
 	_ = ws // completes the handshake, then never speaks again
 	gw := <-gwCh
-	start := time.Now()
-	err := waitEnd(t, gw)
-	if !errors.Is(err, ErrPeerTimeout) {
+	// On the wall clock only a hang guard: TestHeartbeatDetectionBounds
+	// checks the bounds on a fake clock.
+	if err := waitEnd(t, gw); !errors.Is(err, ErrPeerTimeout) {
 		t.Fatalf("err = %v, want ErrPeerTimeout", err)
 	}
-	// Heartbeat 200 ms: detection in 2.5-2.75 intervals. Only a sanity
-	// bound here (machines are noisy): well under the 10 s write timeout.
-	if d := time.Since(start); d > 3*time.Second {
-		t.Fatalf("detected after %v", d)
+}
+
+// fakeClock is a clock the test moves by hand. Its tick channel is
+// unbuffered: a tick delivered has been taken by the session's loop.
+type fakeClock struct {
+	mu      sync.Mutex
+	t       time.Time
+	period  time.Duration
+	ticks   chan time.Time
+	started chan struct{} // closed once the session asked for its ticker
+}
+
+func newFakeClock() *fakeClock {
+	return &fakeClock{t: time.Unix(1e9, 0), ticks: make(chan time.Time), started: make(chan struct{})}
+}
+
+func (c *fakeClock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) tick(d time.Duration) (<-chan time.Time, func()) {
+	c.mu.Lock()
+	c.period = d
+	c.mu.Unlock()
+	close(c.started)
+	return c.ticks, func() {}
+}
+
+// heartbeatDriver moves a fake clock for one session, delivering the
+// ticks its ticker would deliver on the way.
+type heartbeatDriver struct {
+	t      *testing.T
+	c      *fakeClock
+	s      *Session
+	origin time.Time     // when the ticker started
+	fired  time.Duration // the last tick delivered, since origin
+}
+
+func newHeartbeatDriver(t *testing.T, c *fakeClock, s *Session) *heartbeatDriver {
+	select {
+	case <-c.started:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the session never started its heartbeat ticker")
+	}
+	return &heartbeatDriver{t: t, c: c, s: s, origin: c.now()}
+}
+
+// advance moves the clock to origin+at, delivering every tick due on the
+// way. It reports whether the session has ended by then. Each tick is
+// delivered twice at the same instant: the second is taken only once the
+// first was handled (and handling it again changes nothing), so when
+// advance returns the session has acted on every tick up to at.
+func (d *heartbeatDriver) advance(at time.Duration) (ended bool) {
+	d.t.Helper()
+	d.c.mu.Lock()
+	period := d.c.period
+	d.c.mu.Unlock()
+	for next := d.fired + period; next <= at; next += period {
+		d.c.mu.Lock()
+		d.c.t = d.origin.Add(next)
+		d.c.mu.Unlock()
+		d.fired = next
+		for range 2 {
+			select {
+			case d.c.ticks <- d.origin.Add(next):
+			case <-d.s.Done():
+				return true
+			case <-time.After(20 * time.Second):
+				d.t.Fatal("the session's heartbeat loop stopped taking ticks")
+			}
+		}
+	}
+	d.c.mu.Lock()
+	d.c.t = d.origin.Add(at)
+	d.c.mu.Unlock()
+	select {
+	case <-d.s.Done():
+		return true
+	default:
+		return false
+	}
+}
+
+// The heartbeat rule (docs/protocol.md): a side that received nothing for
+// 2.5 intervals closes the session, checking four times per interval, so a
+// silent peer is still alive after 2.4 intervals and gone by 2.75. Any
+// message received restarts the count.
+func TestHeartbeatDetectionBounds(t *testing.T) {
+	const interval = 200 * time.Millisecond // rawAgent's hello
+	at := func(intervals float64) time.Duration { return time.Duration(intervals * float64(interval)) }
+	for _, mode := range modes {
+		t.Run(mode+"/silent", func(t *testing.T) {
+			clk := newFakeClock()
+			_, gwCh := rawAgentConfig(t, mode, Config{clock: clk})
+			gw := <-gwCh
+			d := newHeartbeatDriver(t, clk, gw)
+			if d.advance(at(2.4)) {
+				t.Fatalf("session ended after 2.4 intervals of silence: %v", gw.Err())
+			}
+			if !d.advance(at(2.75)) {
+				t.Fatal("session still up after 2.75 intervals of silence")
+			}
+			if err := gw.Err(); !errors.Is(err, ErrPeerTimeout) {
+				t.Fatalf("session ended with %v, want ErrPeerTimeout", err)
+			}
+		})
+		t.Run(mode+"/sign of life", func(t *testing.T) {
+			clk := newFakeClock()
+			ws, gwCh := rawAgentConfig(t, mode, Config{clock: clk})
+			gw := <-gwCh
+			d := newHeartbeatDriver(t, clk, gw)
+			if d.advance(at(2.1)) {
+				t.Fatalf("session ended after 2.1 intervals of silence: %v", gw.Err())
+			}
+			// A heartbeat at 2.1 intervals, off the ticker's grid; its ack
+			// says the gateway has read it.
+			ws.WriteMessage(websocket.TextMessage, mustEncode(&protocol.Heartbeat{Seq: 77, TS: 1}))
+			ws.SetReadDeadline(time.Now().Add(20 * time.Second))
+			for i := 0; ; i++ {
+				typ, b, err := ws.ReadMessage()
+				if err != nil || i > 1000 {
+					t.Fatalf("waiting for the heartbeat_ack: %v (%d messages)", err, i)
+				}
+				if typ != websocket.TextMessage {
+					continue // yamux frames
+				}
+				if m, err := protocol.Decode(b); err == nil {
+					if ack, ok := m.(*protocol.HeartbeatAck); ok && ack.Seq == 77 {
+						break
+					}
+				}
+			}
+			if d.advance(at(2.1 + 2.4)) {
+				t.Fatalf("session ended 2.4 intervals after the last message: %v", gw.Err())
+			}
+			if !d.advance(at(2.1 + 2.75)) {
+				t.Fatal("session still up 2.75 intervals after the last message")
+			}
+			if err := gw.Err(); !errors.Is(err, ErrPeerTimeout) {
+				t.Fatalf("session ended with %v, want ErrPeerTimeout", err)
+			}
+		})
 	}
 }
 

@@ -39,7 +39,8 @@ type wsConn struct {
 	errMu     sync.Mutex
 	err       error
 
-	epoch    time.Time
+	clock    clock
+	epoch    time.Time    // clock.now() when the connection began
 	lastRecv atomic.Int64 // nanoseconds since epoch
 	rxBuf    []byte       // reusable buffer for whole text messages
 }
@@ -55,7 +56,7 @@ const (
 // errClosed is the error of a connection closed locally without a reason.
 var errClosed = errors.New("tunnel: closed")
 
-func newWSConn(ws *websocket.Conn, maxMessage int, writeTimeout time.Duration) *wsConn {
+func newWSConn(ws *websocket.Conn, maxMessage int, writeTimeout time.Duration, clk clock) *wsConn {
 	ws.SetReadLimit(int64(maxMessage))
 	c := &wsConn{
 		ws:           ws,
@@ -63,7 +64,8 @@ func newWSConn(ws *websocket.Conn, maxMessage int, writeTimeout time.Duration) *
 		ctrlQ:        make(chan outMsg, ctrlQueueLen),
 		dataQ:        make(chan outMsg, dataQueueLen),
 		done:         make(chan struct{}),
-		epoch:        time.Now(),
+		clock:        clk,
+		epoch:        clk.now(),
 		rxBuf:        make([]byte, 0, 4<<10),
 	}
 	c.touch()
@@ -72,7 +74,7 @@ func newWSConn(ws *websocket.Conn, maxMessage int, writeTimeout time.Duration) *
 }
 
 // now returns a monotonic timestamp in nanoseconds since the connection began.
-func (c *wsConn) now() int64 { return int64(time.Since(c.epoch)) }
+func (c *wsConn) now() int64 { return int64(c.clock.now().Sub(c.epoch)) }
 
 func (c *wsConn) touch() { c.lastRecv.Store(c.now()) }
 
