@@ -405,6 +405,9 @@ func startKubeAgent(t *testing.T, url, kubeconfig string) *kubeAgent {
 	cfg.Gateway = config.GatewayConn{URL: url, Token: agentTok, Protocol: "auto"}
 	cfg.Metrics.Listen = ""
 	cfg.Kubernetes = config.Kubernetes{Enabled: true, Kubeconfig: kubeconfig}
+	// The test keeps managed Gateways in three namespaces, as an operator
+	// with a Gateway per team would list them.
+	cfg.Tunnels.Discovery.GatewayNamespaces = []string{"pipeops-system", "team-a", "team-b"}
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
