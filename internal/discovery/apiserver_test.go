@@ -495,6 +495,10 @@ func testTenantCannotReachFurther(t *testing.T, kube kubernetes.Interface, gw gw
 		ObjectMeta: metav1.ObjectMeta{Namespace: "databases", Name: "ext"},
 		Spec:       corev1.ServiceSpec{Type: corev1.ServiceTypeExternalName, ExternalName: "169.254.169.254"},
 	})
+	createSvc(&corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "cache", Name: "memcached"},
+		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 6379}}, Selector: map[string]string{"app": "memcached"}},
+	})
 	ext := tcpRoute("databases", "ext", "open", "databases", "ext", 6379)
 	ext.Spec.ParentRefs[0].Namespace = ptrTo(gwv1.Namespace("apps"))
 	createRoute(ext)
@@ -507,20 +511,20 @@ func testTenantCannotReachFurther(t *testing.T, kube kubernetes.Interface, gw gw
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc.Spec.ExternalName = "redis.cache.svc.cluster.local"
+	svc.Spec.ExternalName = "memcached.cache.svc.cluster.local"
 	if _, err := kube.CoreV1().Services("databases").Update(ctx(t), svc, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, 10*time.Second, "the refusal to name the Service the ExternalName points at", func() bool {
-		return strings.Contains(logs.String(), "backend Service databases/ext is an ExternalName Service for Service cache/redis, and no ReferenceGrant in cache lets TCPRoutes of namespace databases use it")
+		return strings.Contains(logs.String(), "backend Service databases/ext is an ExternalName Service for Service cache/memcached, and no ReferenceGrant in cache lets TCPRoutes of namespace databases use it; not exposed")
 	})
 	rg := &gwv1.ReferenceGrant{ObjectMeta: metav1.ObjectMeta{Namespace: "cache", Name: "ext-from-databases"}}
 	rg.Spec.From = []gwv1.ReferenceGrantFrom{{Group: gwv1.GroupName, Kind: "TCPRoute", Namespace: "databases"}}
-	rg.Spec.To = []gwv1.ReferenceGrantTo{{Group: "", Kind: "Service", Name: ptrTo(gwv1.ObjectName("redis"))}}
+	rg.Spec.To = []gwv1.ReferenceGrantTo{{Group: "", Kind: "Service", Name: ptrTo(gwv1.ObjectName("memcached"))}}
 	if _, err := gw.GatewayV1().ReferenceGrants("cache").Create(ctx(t), rg, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	want := append(slices.Clone(before), "apps/open/redis=redis.cache.svc.cluster.local:6379")
+	want := append(slices.Clone(before), "apps/open/redis=memcached.cache.svc.cluster.local:6379")
 	slices.Sort(want)
 	eventually(t, 10*time.Second, "the ExternalName route to be published once a ReferenceGrant allows it", func() bool {
 		return slices.Equal(published(), want)

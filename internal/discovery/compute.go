@@ -474,12 +474,12 @@ func resolveBackend(w *world, r route, proto, gwNS string) (string, *problem) {
 		return fail(reasonBackendNotFound, "backend Service %s/%s not found; not exposed", ns, b.Name)
 	}
 	if !privileged {
-		why, err := w.reachNotPermitted(r, svc)
+		why, err := w.reachNotPermitted(r, svc, gwNS)
 		if err != nil {
 			return fail(reasonRefNotPermitted, "backend Service %s/%s: %v; not exposed", ns, b.Name, err)
 		}
 		if why != "" {
-			return fail(reasonRefNotPermitted, "backend Service %s/%s %s; only routes in the Gateway's namespace %s may use it; not exposed", ns, b.Name, why, gwNS)
+			return fail(reasonRefNotPermitted, "backend Service %s/%s %s; not exposed", ns, b.Name, why)
 		}
 	}
 	if svc.Spec.Type == corev1.ServiceTypeExternalName {
@@ -559,11 +559,18 @@ const maxExternalNameHops = 4
 //     (or mirrored from hand-written Endpoints) may name any address.
 //
 // err is set when ReferenceGrants cannot be read yet.
-func (w *world) reachNotPermitted(r route, svc *corev1.Service) (string, error) {
+func (w *world) reachNotPermitted(r route, svc *corev1.Service, gwNS string) (string, error) {
 	from := r.ref.namespace
+	onlyBeside := "; only routes in the Gateway's namespace " + gwNS + " may use it"
 	for hop := 0; ; hop++ {
 		if svc.Spec.Type != corev1.ServiceTypeExternalName {
-			return w.endpointsNotConfined(svc), nil
+			if why := w.endpointsNotConfined(svc); why != "" {
+				if hop > 0 {
+					why = fmt.Sprintf("leads to Service %s/%s, which %s", svc.Namespace, svc.Name, why)
+				}
+				return why + onlyBeside, nil
+			}
+			return "", nil
 		}
 		via := ""
 		if hop > 0 {
@@ -571,10 +578,10 @@ func (w *world) reachNotPermitted(r route, svc *corev1.Service) (string, error) 
 		}
 		name, ns, ok := clusterServiceName(svc.Spec.ExternalName)
 		if !ok {
-			return fmt.Sprintf("is an ExternalName Service%s for %q, which no namespace owns", via, svc.Spec.ExternalName), nil
+			return fmt.Sprintf("is an ExternalName Service%s for %q, which no namespace owns", via, svc.Spec.ExternalName) + onlyBeside, nil
 		}
 		if hop == maxExternalNameHops {
-			return fmt.Sprintf("leads through more than %d ExternalName Services", maxExternalNameHops), nil
+			return fmt.Sprintf("leads through more than %d ExternalName Services", maxExternalNameHops) + onlyBeside, nil
 		}
 		if ns != from {
 			ok, err := w.referenceAllowed(r.ref.kind, from, ns, name)
