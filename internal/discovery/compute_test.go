@@ -680,6 +680,8 @@ func TestBackendsLeavingTheirNamespace(t *testing.T) {
 			"is an ExternalName Service for Service db/pg, which does not exist"},
 		{"... which is an ExternalName leading out", []runtime.Object{external("apps", "pg", "pg.db.svc"), external("db", "pg", "10.0.0.1"), grant("db", "apps", "pg")},
 			`through the ExternalName Service db/pg for "10.0.0.1", which no namespace owns`},
+		{"... which has no selector", []runtime.Object{external("apps", "pg", "pg.db.svc"), &corev1.Service{ObjectMeta: pg.ObjectMeta, Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.10"}}, grant("db", "apps", "pg")},
+			"leads to Service db/pg, which has no selector"},
 		{"ExternalName loop", []runtime.Object{external("apps", "pg", "pg.apps.svc")},
 			"leads through more than 4 ExternalName Services"},
 		{"ExternalName for a Service of its own namespace", []runtime.Object{external("apps", "pg", "real.apps.svc"), clusterIPService("apps", "real", "10.96.0.30", port("pg", 5432, ""))},
