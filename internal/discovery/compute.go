@@ -92,18 +92,21 @@ func (p problem) key() string {
 
 // Problem reasons, also the Events' reasons.
 const (
-	reasonInvalidAnnotation   = "InvalidAnnotation"
-	reasonNoRoute             = "NoRoute"
-	reasonNoMatchingListener  = "NoMatchingListener"
-	reasonNotAllowed          = "RouteNotAllowed"
-	reasonRouteConflict       = "RouteConflict"
-	reasonNoBackend           = "NoBackend"
-	reasonUnsupportedBackend  = "UnsupportedBackend"
-	reasonBackendNotFound     = "BackendNotFound"
-	reasonRefNotPermitted     = "RefNotPermitted"
-	reasonBackendPort         = "BackendPortNotFound"
-	reasonNoReadyEndpoints    = "NoReadyEndpoints"
-	reasonNoPublicAddress     = "NoPublicAddress"
+	reasonInvalidAnnotation  = "InvalidAnnotation"
+	reasonNoRoute            = "NoRoute"
+	reasonNoMatchingListener = "NoMatchingListener"
+	reasonNotAllowed         = "RouteNotAllowed"
+	reasonRouteConflict      = "RouteConflict"
+	reasonNoBackend          = "NoBackend"
+	reasonUnsupportedBackend = "UnsupportedBackend"
+	reasonBackendNotFound    = "BackendNotFound"
+	reasonRefNotPermitted    = "RefNotPermitted"
+	reasonBackendPort        = "BackendPortNotFound"
+	reasonNoReadyEndpoints   = "NoReadyEndpoints"
+	reasonNoPublicAddress    = "NoPublicAddress"
+
+	// reasonGatewayNotPermitted: a labelled Gateway outside the permitted
+	// namespaces or classes.
 	reasonGatewayNotPermitted = "GatewayNotPermitted"
 )
 
