@@ -19,6 +19,16 @@ func runWithDiscovery(ctx context.Context, opts agent.Options, getenv func(strin
 	if err != nil {
 		return err
 	}
+	// Managed Gateways live, by default, in the agent's own namespace.
+	var namespace string
+	if len(cfg.Tunnels.Discovery.GatewayNamespaces) == 0 {
+		ns, nsSource, err := discovery.AgentNamespace(getenv)
+		if err != nil {
+			return err
+		}
+		log.Info("managed Gateways confined to the agent's namespace", "namespace", ns, "from", nsSource)
+		namespace = ns
+	}
 	// client-go logs through klog (informer retries, for one); send it to
 	// the agent's log so that it has one format.
 	klog.SetSlogLogger(log.With("component", "client-go"))
@@ -34,6 +44,7 @@ func runWithDiscovery(ctx context.Context, opts agent.Options, getenv func(strin
 	}
 	m := ag.Metrics()
 	d, err = discovery.New(discovery.Options{
+		Namespace:  namespace,
 		Config:     restCfg,
 		Tunnels:    cfg.Tunnels,
 		Logger:     log,

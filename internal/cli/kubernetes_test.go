@@ -11,6 +11,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -405,6 +407,9 @@ func startKubeAgent(t *testing.T, url, kubeconfig string) *kubeAgent {
 	cfg.Gateway = config.GatewayConn{URL: url, Token: agentTok, Protocol: "auto"}
 	cfg.Metrics.Listen = ""
 	cfg.Kubernetes = config.Kubernetes{Enabled: true, Kubeconfig: kubeconfig}
+	// The test keeps managed Gateways in three namespaces, as an operator
+	// with a Gateway per team would list them.
+	cfg.Tunnels.Discovery.GatewayNamespaces = []string{"pipeops-system", "team-a", "team-b"}
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
@@ -809,4 +814,30 @@ func backendRef(ns, name string, port int) gwv1.BackendRef {
 	n := gwv1.Namespace(ns)
 	p := gwv1.PortNumber(port)
 	return gwv1.BackendRef{BackendObjectReference: gwv1.BackendObjectReference{Name: gwv1.ObjectName(name), Namespace: &n, Port: &p}}
+}
+
+// TestDiscoveryNeedsTheAgentsNamespace: with tunnels.discovery.gateway_namespaces
+// empty, managed Gateways live in the agent's own namespace; an agent that
+// cannot tell it (no POD_NAMESPACE, no service account) refuses to start,
+// naming the key, before it contacts anything.
+func TestDiscoveryNeedsTheAgentsNamespace(t *testing.T) {
+	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
+	kc := "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: \"https://127.0.0.1:1\"}\n" +
+		"contexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\nusers:\n- name: u\n  user: {token: t}\n"
+	if err := os.WriteFile(kubeconfig, []byte(kc), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat("/var/run/secrets/kubernetes.io/serviceaccount/namespace"); err == nil {
+		t.Skip("running in a pod: the service account names the namespace")
+	}
+	cfg := config.DefaultAgent()
+	cfg.Gateway = config.GatewayConn{URL: "ws://127.0.0.1:1/v1/tunnel", Token: agentTok, Protocol: "auto"}
+	cfg.Metrics.Listen = ""
+	cfg.Kubernetes = config.Kubernetes{Enabled: true, Kubeconfig: kubeconfig}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err := runAgent(ctx, agent.Options{Config: cfg, Registry: prometheus.NewRegistry(), Version: "test"}, func(string) string { return "" })
+	if err == nil || !strings.Contains(err.Error(), "tunnels.discovery.gateway_namespaces") || !strings.Contains(err.Error(), "POD_NAMESPACE") {
+		t.Fatalf("runAgent without the agent's namespace: %v", err)
+	}
 }

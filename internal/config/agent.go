@@ -71,6 +71,14 @@ type Routing struct {
 type Discovery struct {
 	TCP DiscoverySource `json:"tcp"`
 	UDP DiscoverySource `json:"udp"`
+	// GatewayNamespaces are the namespaces where a labelled Gateway is
+	// managed. Routes beside such a Gateway may use Services of any
+	// namespace, so the list names only namespaces the operator controls.
+	// Empty means the agent's own namespace.
+	GatewayNamespaces []string `json:"gateway_namespaces,omitempty"`
+	// GatewayClasses, when not empty, also limits managed Gateways to
+	// these spec.gatewayClassName values.
+	GatewayClasses []string `json:"gateway_classes,omitempty"`
 }
 
 // DiscoverySource is one protocol's discovery switch and Gateway label.
@@ -210,6 +218,8 @@ func (a *AgentFile) Validate() error {
 			p.add(key+".gateway_label", "is required when discovery is enabled")
 		}
 	}
+	p.names("tunnels.discovery.gateway_namespaces", t.Discovery.GatewayNamespaces, 63, false, "a namespace name")
+	p.names("tunnels.discovery.gateway_classes", t.Discovery.GatewayClasses, 253, true, "a GatewayClass name")
 	p.intRange("tunnels.tcp.buffer_size", t.TCP.BufferSize, 512, 16<<20)
 	if t.TCP.Keepalive {
 		p.duration("tunnels.tcp.keepalive_period", t.TCP.KeepalivePeriod, time.Second, 0, false)
@@ -256,4 +266,42 @@ func isLoopbackHost(host string) bool {
 	}
 	ip, err := netip.ParseAddr(host)
 	return err == nil && ip.Unmap().IsLoopback()
+}
+
+// names checks a list of Kubernetes object names: DNS-1123 labels (at
+// most max characters), or subdomains (labels joined by dots) when dots is
+// set; each listed once.
+func (p *problems) names(key string, vs []string, max int, dots bool, what string) {
+	seen := map[string]bool{}
+	for i, v := range vs {
+		k := fmt.Sprintf("%s[%d]", key, i)
+		switch {
+		case !isDNSName(v, max, dots):
+			p.add(k, "%q is not %s (lower-case letters, digits and '-', at most %d characters)", v, what, max)
+		case seen[v]:
+			p.add(k, "%q is listed twice", v)
+		}
+		seen[v] = true
+	}
+}
+
+// isDNSName reports whether v is a DNS-1123 label of at most max
+// characters, or with dots a DNS-1123 subdomain, as Kubernetes names are.
+func isDNSName(v string, max int, dots bool) bool {
+	if v == "" || len(v) > max {
+		return false
+	}
+	for _, l := range strings.Split(v, ".") {
+		if l == "" || len(l) > 63 || (!dots && l != v) {
+			return false
+		}
+		for i := 0; i < len(l); i++ {
+			c := l[i]
+			alnum := c >= 'a' && c <= 'z' || c >= '0' && c <= '9'
+			if !alnum && (c != '-' || i == 0 || i == len(l)-1) {
+				return false
+			}
+		}
+	}
+	return true
 }

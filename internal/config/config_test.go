@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -229,6 +230,41 @@ func TestAgentPlainWSNeedsInsecure(t *testing.T) {
 	}
 }
 
+// The namespaces and classes that confine managed Gateways are Kubernetes
+// names, each listed once; a mistake names the key and the entry.
+func TestAgentGatewayScopeKeys(t *testing.T) {
+	base := "gateway: {url: \"wss://h:1/v1/tunnel\", token: t}\n"
+	a, err := ParseAgent([]byte(base+"tunnels: {discovery: {gateway_namespaces: [pipeops-system, edge-1], gateway_classes: [istio, gw.example.com]}}"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := a.Tunnels.Discovery
+	if !slices.Equal(d.GatewayNamespaces, []string{"pipeops-system", "edge-1"}) || !slices.Equal(d.GatewayClasses, []string{"istio", "gw.example.com"}) {
+		t.Errorf("parsed %+v", d)
+	}
+	if a, err := ParseAgent([]byte(base), nil); err != nil || a.Tunnels.Discovery.GatewayNamespaces != nil || a.Tunnels.Discovery.GatewayClasses != nil {
+		t.Errorf("defaults: %+v %v; want both lists empty (the agent's namespace, any class)", a, err)
+	}
+	cases := map[string]string{
+		"tunnels: {discovery: {gateway_namespaces: [\"\"]}}":                            `tunnels.discovery.gateway_namespaces[0]: "" is not a namespace name`,
+		"tunnels: {discovery: {gateway_namespaces: [ok, Pipeops]}}":                     `tunnels.discovery.gateway_namespaces[1]: "Pipeops" is not a namespace name`,
+		"tunnels: {discovery: {gateway_namespaces: [a.b]}}":                             `tunnels.discovery.gateway_namespaces[0]: "a.b" is not a namespace name`,
+		"tunnels: {discovery: {gateway_namespaces: [-a]}}":                              `tunnels.discovery.gateway_namespaces[0]: "-a" is not`,
+		"tunnels: {discovery: {gateway_namespaces: [a, b, a]}}":                         `tunnels.discovery.gateway_namespaces[2]: "a" is listed twice`,
+		"tunnels: {discovery: {gateway_namespaces: \"*\"}}":                             `gateway_namespaces`,
+		"tunnels: {discovery: {gateway_classes: [istio, \"x..y\"]}}":                    `tunnels.discovery.gateway_classes[1]: "x..y" is not a GatewayClass name`,
+		"tunnels: {discovery: {gateway_classes: [istio, istio]}}":                       `tunnels.discovery.gateway_classes[1]: "istio" is listed twice`,
+		"tunnels: {discovery: {gateway_namespace: [pipeops-system]}}":                   `unknown key "gateway_namespace"`,
+		"tunnels: {discovery: {gateway_namespaces: [" + strings.Repeat("a", 64) + "]}}": "at most 63 characters",
+	}
+	for in, want := range cases {
+		_, err := ParseAgent([]byte(base+in), nil)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("config %q: err = %v, want it to contain %q", in, err, want)
+		}
+	}
+}
+
 // FuzzParseAgent and FuzzParseGateway check the config parsers: no input
 // panics them, an accepted config passes Validate again unchanged, and
 // written back as YAML it parses to the same value.
@@ -237,6 +273,7 @@ func FuzzParseAgent(f *testing.F) {
 	f.Add([]byte("gateway: {url: \"ws://127.0.0.1:1/v1/tunnel\", token: t}\nservices: [{name: r, port: 1, backend: \"h:1\"}]\ntunnels: {tcp: {idle_timeout: 90000ms}}"))
 	f.Add([]byte("gateway: {url: \"ws://h:1/v1/tunnel\", token: t, insecure: true, protocol: json}\nmetrics: {listen: \"\"}"))
 	f.Add([]byte("tunnels: {tcp: {idle_timeout: 5m}}"))
+	f.Add([]byte("tunnels: {discovery: {gateway_namespaces: [pipeops-system], gateway_classes: [istio]}}"))
 	f.Add([]byte("- a\n- b"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		a, err := ParseAgent(b, nil)

@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	authv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
@@ -101,6 +102,25 @@ func TestWithAPIServer(t *testing.T) {
 		}
 	})
 
+	t.Run("the Deployment gives the agent its namespace", func(t *testing.T) {
+		for _, o := range manifests(t) {
+			if o.GetKind() != "Deployment" {
+				continue
+			}
+			containers, _, _ := unstructured.NestedSlice(o.Object, "spec", "template", "spec", "containers")
+			for _, c := range containers {
+				env, _, _ := unstructured.NestedSlice(c.(map[string]any), "env")
+				for _, e := range env {
+					path, _, _ := unstructured.NestedString(e.(map[string]any), "valueFrom", "fieldRef", "fieldPath")
+					if e.(map[string]any)["name"] == "POD_NAMESPACE" && path == "metadata.namespace" {
+						return
+					}
+				}
+			}
+		}
+		t.Error("no container of the Deployment sets POD_NAMESPACE from metadata.namespace")
+	})
+
 	t.Run("the ClusterRole grants what discovery needs and nothing more", func(t *testing.T) {
 		type attr struct{ verb, group, resource string }
 		allowed := []attr{}
@@ -170,7 +190,7 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 	}
 	if _, err := kube.CoreV1().Services("databases").Create(ctx(t), &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Namespace: "databases", Name: "redis"},
-		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 6379}}},
+		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 6379}}, Selector: map[string]string{"app": "redis"}},
 	}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -205,6 +225,8 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 		Discovered: discovered,
 		Syncs:      syncs,
 		Instance:   "test",
+		// As POD_NAMESPACE would give it: managed Gateways live in apps.
+		Namespace: "apps",
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -362,7 +384,7 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 	}
 	if _, err := kube.CoreV1().Services("cache").Create(ctx(t), &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Namespace: "cache", Name: "redis"},
-		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 6379}}},
+		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 6379}}, Selector: map[string]string{"app": "redis"}},
 	}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -403,10 +425,148 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 		return slices.Equal(published(), []string{"apps/shared/redis"})
 	})
 
+	testTenantCannotReachFurther(t, kube, gw, rec, logs)
+
 	for _, bad := range []string{"forbidden", "writing annotation failed", "recording Event failed", "cannot read Namespaces"} {
 		if strings.Contains(logs.String(), bad) {
 			t.Errorf("the log says %q", bad)
 		}
+	}
+}
+
+// testTenantCannotReachFurther continues testDiscoveryAsServiceAccount (apps
+// is the agent's namespace; databases a tenant's, whose routes the Gateways
+// in apps may admit): a tenant neither manages a Gateway of its own nor
+// reaches, through a Service of its namespace, beyond what it may use.
+func testTenantCannotReachFurther(t *testing.T, kube kubernetes.Interface, gw gwclient.Interface, rec *recorder, logs *testlog.Buffer) {
+	published := func() []string {
+		var ids []string
+		for _, s := range rec.last() {
+			ids = append(ids, s.ID+"="+s.Backend)
+		}
+		slices.Sort(ids)
+		return ids
+	}
+	before := published()
+	createSvc := func(s *corev1.Service) {
+		t.Helper()
+		if _, err := kube.CoreV1().Services(s.Namespace).Create(ctx(t), s, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	createRoute := func(r *gwv1.TCPRoute) {
+		t.Helper()
+		if _, err := gw.GatewayV1().TCPRoutes(r.Namespace).Create(ctx(t), r, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// A labelled Gateway in the tenant's namespace is not managed: its
+	// route to another namespace's Service is not published.
+	own := &gwv1.Gateway{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "databases", Name: "mine", Labels: map[string]string{"pipeops.io/managed": "true"}},
+		Spec:       gwv1.GatewaySpec{GatewayClassName: "istio", Listeners: []gwv1.Listener{{Name: "redis", Port: 7000, Protocol: gwv1.TCPProtocolType}}},
+	}
+	if _, err := gw.GatewayV1().Gateways("databases").Create(ctx(t), own, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	createRoute(tcpRoute("databases", "steal", "mine", "cache", "redis", 6379))
+	eventually(t, 10*time.Second, "a GatewayNotPermitted Event on the tenant's Gateway", func() bool {
+		return hasEventOn(t, kube, "Gateway", "databases", "mine", "GatewayNotPermitted")
+	})
+
+	// An ExternalName Service of the tenant's namespace, behind a listener
+	// of the agent's namespace that admits every namespace's routes.
+	all := gwv1.NamespacesFromAll
+	open := &gwv1.Gateway{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "apps", Name: "open", Labels: map[string]string{"pipeops.io/managed": "true"}},
+		Spec:       gwv1.GatewaySpec{GatewayClassName: "istio"},
+	}
+	for i, name := range []string{"redis", "hand"} {
+		open.Spec.Listeners = append(open.Spec.Listeners, gwv1.Listener{
+			Name: gwv1.SectionName(name), Port: gwv1.PortNumber(7100 + i), Protocol: gwv1.TCPProtocolType,
+			AllowedRoutes: &gwv1.AllowedRoutes{Namespaces: &gwv1.RouteNamespaces{From: &all}},
+		})
+	}
+	if _, err := gw.GatewayV1().Gateways("apps").Create(ctx(t), open, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	createSvc(&corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "databases", Name: "ext"},
+		Spec:       corev1.ServiceSpec{Type: corev1.ServiceTypeExternalName, ExternalName: "169.254.169.254"},
+	})
+	createSvc(&corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "cache", Name: "memcached"},
+		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 6379}}, Selector: map[string]string{"app": "memcached"}},
+	})
+	ext := tcpRoute("databases", "ext", "open", "databases", "ext", 6379)
+	ext.Spec.ParentRefs[0].Namespace = ptrTo(gwv1.Namespace("apps"))
+	createRoute(ext)
+	eventually(t, 10*time.Second, "a RefNotPermitted Event on the route to an ExternalName Service", func() bool {
+		return hasEvent(t, kube, "databases", "ext", "RefNotPermitted")
+	})
+	// Pointed at another namespace's Service, it needs a ReferenceGrant
+	// there, as a backendRef to that Service would.
+	svc, err := kube.CoreV1().Services("databases").Get(ctx(t), "ext", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc.Spec.ExternalName = "memcached.cache.svc.cluster.local"
+	if _, err := kube.CoreV1().Services("databases").Update(ctx(t), svc, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the refusal to name the Service the ExternalName points at", func() bool {
+		return strings.Contains(logs.String(), "backend Service databases/ext is an ExternalName Service for Service cache/memcached, and no ReferenceGrant in cache lets TCPRoutes of namespace databases use it; not exposed")
+	})
+	rg := &gwv1.ReferenceGrant{ObjectMeta: metav1.ObjectMeta{Namespace: "cache", Name: "ext-from-databases"}}
+	rg.Spec.From = []gwv1.ReferenceGrantFrom{{Group: gwv1.GroupName, Kind: "TCPRoute", Namespace: "databases"}}
+	rg.Spec.To = []gwv1.ReferenceGrantTo{{Group: "", Kind: "Service", Name: ptrTo(gwv1.ObjectName("memcached"))}}
+	if _, err := gw.GatewayV1().ReferenceGrants("cache").Create(ctx(t), rg, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	want := append(slices.Clone(before), "apps/open/redis=memcached.cache.svc.cluster.local:6379")
+	slices.Sort(want)
+	eventually(t, 10*time.Second, "the ExternalName route to be published once a ReferenceGrant allows it", func() bool {
+		return slices.Equal(published(), want)
+	})
+	if err := gw.GatewayV1().ReferenceGrants("cache").Delete(ctx(t), "ext-from-databases", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the ExternalName route to be withdrawn once the ReferenceGrant is gone", func() bool {
+		return slices.Equal(published(), before)
+	})
+
+	// A Service of the tenant's namespace with an EndpointSlice written by
+	// hand, whose address is another namespace's Pod.
+	createSvc(&corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "databases", Name: "hand"},
+		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 6379}}, Selector: map[string]string{"app": "hand"}},
+	})
+	hand := tcpRoute("databases", "hand", "open", "databases", "hand", 6379)
+	hand.Spec.ParentRefs[0].Namespace = ptrTo(gwv1.Namespace("apps"))
+	hand.Spec.ParentRefs[0].SectionName = ptrTo(gwv1.SectionName("hand"))
+	createRoute(hand)
+	eventually(t, 10*time.Second, "the route to a Service with no endpoints yet to be published", func() bool {
+		return slices.ContainsFunc(published(), func(s string) bool { return strings.HasPrefix(s, "apps/open/hand=") })
+	})
+	es := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: "databases", Name: "hand-1", Labels: map[string]string{discoveryv1.LabelServiceName: "hand"}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints: []discoveryv1.Endpoint{{Addresses: []string{"10.244.9.9"},
+			TargetRef: &corev1.ObjectReference{Kind: "Pod", Namespace: "cache", Name: "redis-0"}}},
+		Ports: []discoveryv1.EndpointPort{{Port: ptrTo(int32(6379))}},
+	}
+	if _, err := kube.DiscoveryV1().EndpointSlices("databases").Create(ctx(t), es, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the route to be withdrawn once its Service has a hand-written EndpointSlice", func() bool {
+		return slices.Equal(published(), before)
+	})
+	eventually(t, 10*time.Second, "a RefNotPermitted Event on that route", func() bool {
+		return hasEvent(t, kube, "databases", "hand", "RefNotPermitted")
+	})
+	if n := strings.Count(logs.String(), "managed Gateways may only live in namespaces apps"); n != 1 {
+		t.Errorf("the tenant's Gateway was reported %d times in the log, want once", n)
 	}
 }
 
@@ -416,12 +576,18 @@ func ptrTo[T any](v T) *T { return &v }
 // with reason about the TCPRoute ns/name.
 func hasEvent(t *testing.T, kube kubernetes.Interface, ns, name, reason string) bool {
 	t.Helper()
+	return hasEventOn(t, kube, "TCPRoute", ns, name, reason)
+}
+
+// hasEventOn is hasEvent for an object of any kind.
+func hasEventOn(t *testing.T, kube kubernetes.Interface, kind, ns, name, reason string) bool {
+	t.Helper()
 	evs, err := kube.EventsV1().Events(ns).List(ctx(t), metav1.ListOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, e := range evs.Items {
-		if e.Regarding.Name == name && e.Regarding.Kind == "TCPRoute" && e.Reason == reason && e.ReportingInstance == "test" {
+		if e.Regarding.Name == name && e.Regarding.Kind == kind && e.Reason == reason && e.ReportingInstance == "test" {
 			return true
 		}
 	}
@@ -613,5 +779,50 @@ func TestRESTConfigPrecedence(t *testing.T) {
 		if _, _, err := discovery.RESTConfig("", noEnv); err == nil || !strings.Contains(err.Error(), "set kubernetes.kubeconfig or KUBECONFIG") {
 			t.Errorf("outside a cluster, no kubeconfig: %v", err)
 		}
+	}
+}
+
+// TestAgentNamespace: POD_NAMESPACE, then the service account's namespace
+// file, else an error naming the key to set.
+func TestAgentNamespace(t *testing.T) {
+	dir := t.TempDir()
+	saFile := filepath.Join(dir, "namespace")
+	env := func(k string) string { return map[string]string{"POD_NAMESPACE": "from-env"}[k] }
+	noEnv := func(string) string { return "" }
+
+	if err := os.WriteFile(saFile, []byte("from-file\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if ns, src, err := discovery.AgentNamespaceFrom(env, saFile); ns != "from-env" || src != "POD_NAMESPACE" || err != nil {
+		t.Errorf("POD_NAMESPACE and the file: %q %q %v", ns, src, err)
+	}
+	if ns, src, err := discovery.AgentNamespaceFrom(noEnv, saFile); ns != "from-file" || src != saFile || err != nil {
+		t.Errorf("the file: %q %q %v", ns, src, err)
+	}
+	for _, f := range []string{filepath.Join(dir, "missing"), saFile} {
+		if f == saFile {
+			if err := os.WriteFile(saFile, []byte(" \n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, _, err := discovery.AgentNamespaceFrom(noEnv, f); err == nil || !strings.Contains(err.Error(), "tunnels.discovery.gateway_namespaces") ||
+			!strings.Contains(err.Error(), "set POD_NAMESPACE") {
+			t.Errorf("neither (%s): %v", f, err)
+		}
+	}
+	if err := os.Chmod(saFile, 0); err == nil && os.Geteuid() != 0 {
+		if _, _, err := discovery.AgentNamespaceFrom(noEnv, saFile); err == nil || !strings.Contains(err.Error(), "reading the agent's namespace") {
+			t.Errorf("an unreadable file: %v", err)
+		}
+	}
+
+	// New needs one or the other.
+	o := discovery.Options{Config: &rest.Config{Host: "https://127.0.0.1:1"}, Publish: func([]discovery.Service) {}, Tunnels: config.DefaultAgent().Tunnels}
+	if _, err := discovery.New(o); err == nil || !strings.Contains(err.Error(), "tunnels.discovery.gateway_namespaces is empty") {
+		t.Errorf("New with neither gateway_namespaces nor the agent's namespace: %v", err)
+	}
+	o.Namespace = "pipeops-system"
+	if _, err := discovery.New(o); err != nil {
+		t.Errorf("New with the agent's namespace: %v", err)
 	}
 }

@@ -104,6 +104,10 @@ const (
 	reasonBackendPort        = "BackendPortNotFound"
 	reasonNoReadyEndpoints   = "NoReadyEndpoints"
 	reasonNoPublicAddress    = "NoPublicAddress"
+
+	// reasonGatewayNotPermitted: a labelled Gateway outside the permitted
+	// namespaces or classes.
+	reasonGatewayNotPermitted = "GatewayNotPermitted"
 )
 
 // minIdleTimeout is the smallest pipeops.io/idle-timeout accepted, as for
@@ -135,9 +139,25 @@ func compute(w *world, t config.Tunnels) (result, error) {
 		}
 	}
 	enabled := map[string]config.DiscoverySource{"tcp": t.Discovery.TCP, "udp": t.Discovery.UDP}
-	managed := func(g *gwv1.Gateway, proto string) bool {
+	labelled := func(g *gwv1.Gateway, proto string) bool {
 		src := enabled[proto]
 		return src.Enabled && w.routes[proto] != nil && g.Labels[src.GatewayLabel] == "true"
+	}
+	// Gateways labelled outside the permitted namespaces or classes; they
+	// are reported and otherwise treated as unlabelled.
+	refused := map[objectKey]bool{}
+	for _, g := range gws {
+		if !labelled(g, "tcp") && !labelled(g, "udp") {
+			continue
+		}
+		if why := gatewayNotPermitted(g, t.Discovery); why != "" {
+			ref := refOf("Gateway", gwv1.GroupVersion.String(), g)
+			refused[ref.key()] = true
+			res.problems = append(res.problems, problem{obj: ref, reason: reasonGatewayNotPermitted, message: why})
+		}
+	}
+	managed := func(g *gwv1.Gateway, proto string) bool {
+		return labelled(g, proto) && !refused[objectKey{"Gateway", g.Namespace, g.Name}]
 	}
 	// matched[route][parentRef index] is set when the parentRef selected
 	// a listener of a managed Gateway.
@@ -325,6 +345,24 @@ func findGateway(gws []*gwv1.Gateway, p gwv1.ParentReference, routeNS string) *g
 	return nil
 }
 
+// gatewayNotPermitted returns why a labelled Gateway is not managed, or "":
+// managed Gateways may live only in tunnels.discovery.gateway_namespaces
+// (which New fills with the agent's own namespace when empty) and, when
+// tunnels.discovery.gateway_classes is set, have one of those classes. The
+// routes beside a managed Gateway may use Services of any namespace, so
+// that privilege stays with namespaces the operator chose.
+func gatewayNotPermitted(g *gwv1.Gateway, d config.Discovery) string {
+	if !slices.Contains(d.GatewayNamespaces, g.Namespace) {
+		return fmt.Sprintf("the Gateway is labelled for portway, but managed Gateways may only live in namespaces %s (tunnels.discovery.gateway_namespaces); ignored",
+			strings.Join(d.GatewayNamespaces, ", "))
+	}
+	if len(d.GatewayClasses) > 0 && !slices.Contains(d.GatewayClasses, string(g.Spec.GatewayClassName)) {
+		return fmt.Sprintf("the Gateway is labelled for portway, but its gatewayClassName %q is not one of %s (tunnels.discovery.gateway_classes); ignored",
+			g.Spec.GatewayClassName, strings.Join(d.GatewayClasses, ", "))
+	}
+	return ""
+}
+
 // notAllowed returns why listener l (of a Gateway in gwNS) does not accept
 // route r, or "". nsLabels returns the labels of a namespace, for
 // allowedRoutes.namespaces.from: Selector.
@@ -398,7 +436,8 @@ func (w *world) namespaceLabels(ns string) (labels.Set, error) {
 // third namespace only when a ReferenceGrant there allows it. Routes beside
 // the Gateway need none: whoever may write them is trusted as the Gateway's
 // owner, and the seed's examples (routes in pipeops-system, Services in
-// databases) rely on that.
+// databases) rely on that. Other routes may also not use a Service that
+// leads further than they may reach (see reachNotPermitted).
 func resolveBackend(w *world, r route, proto, gwNS string) (string, *problem) {
 	fail := func(reason, format string, args ...any) (string, *problem) {
 		return "", &problem{obj: r.ref, reason: reason, message: fmt.Sprintf(format, args...)}
@@ -420,7 +459,10 @@ func resolveBackend(w *world, r route, proto, gwNS string) (string, *problem) {
 	if b.Namespace != nil && *b.Namespace != "" {
 		ns = string(*b.Namespace)
 	}
-	if ns != r.ref.namespace && r.ref.namespace != gwNS {
+	// Routes beside a managed Gateway are trusted as its owner's; managed
+	// Gateways live only in the namespaces the operator listed.
+	privileged := r.ref.namespace == gwNS
+	if ns != r.ref.namespace && !privileged {
 		ok, err := w.referenceAllowed(r.ref.kind, r.ref.namespace, ns, string(b.Name))
 		if err != nil {
 			return fail(reasonRefNotPermitted, "backend Service %s/%s: %v; not exposed", ns, b.Name, err)
@@ -433,6 +475,15 @@ func resolveBackend(w *world, r route, proto, gwNS string) (string, *problem) {
 	svc, err := w.services.Services(ns).Get(string(b.Name))
 	if err != nil {
 		return fail(reasonBackendNotFound, "backend Service %s/%s not found; not exposed", ns, b.Name)
+	}
+	if !privileged {
+		why, err := w.reachNotPermitted(r, svc, gwNS)
+		if err != nil {
+			return fail(reasonRefNotPermitted, "backend Service %s/%s: %v; not exposed", ns, b.Name, err)
+		}
+		if why != "" {
+			return fail(reasonRefNotPermitted, "backend Service %s/%s %s; not exposed", ns, b.Name, why)
+		}
 	}
 	if svc.Spec.Type == corev1.ServiceTypeExternalName {
 		return net.JoinHostPort(svc.Spec.ExternalName, strconv.Itoa(int(port))), nil
@@ -483,6 +534,131 @@ func resolveBackend(w *world, r route, proto, gwNS string) (string, *problem) {
 	// recomputes and only changes when that endpoint goes.
 	slices.Sort(candidates)
 	return candidates[0], nil
+}
+
+// managedByController is the EndpointSlice controller's value of
+// discoveryv1.LabelManagedBy: it keeps such slices in line with the
+// Service's selector, and so with Pods of the Service's namespace.
+const managedByController = "endpointslice-controller.k8s.io"
+
+// maxExternalNameHops bounds the ExternalName Services followed from one
+// backend.
+const maxExternalNameHops = 4
+
+// reachNotPermitted returns why svc, the backend of a route that is not
+// beside its Gateway, may lead outside what that route may use, or "".
+// ReferenceGrants guard references by name; a Service can still lead
+// elsewhere by what it resolves to, so:
+//
+//   - An ExternalName Service for a cluster Service name
+//     (name.namespace.svc, or name.namespace.svc.cluster.local) counts as a
+//     reference to that Service: it needs a ReferenceGrant there, as a
+//     backendRef would, and that Service is checked in turn.
+//   - Any other ExternalName (an IP address, an outside host name, a
+//     custom cluster domain) leads where no namespace can vouch for.
+//   - Other Services must have a selector, and every EndpointSlice of
+//     theirs must be kept by the EndpointSlice controller with each
+//     endpoint a Pod of the Service's namespace. Slices written by hand
+//     (or mirrored from hand-written Endpoints) may name any address.
+//
+// err is set when ReferenceGrants cannot be read yet.
+func (w *world) reachNotPermitted(r route, svc *corev1.Service, gwNS string) (string, error) {
+	from := r.ref.namespace
+	onlyBeside := "; only routes in the Gateway's namespace " + gwNS + " may use it"
+	for hop := 0; ; hop++ {
+		if svc.Spec.Type != corev1.ServiceTypeExternalName {
+			if why := w.endpointsNotConfined(svc); why != "" {
+				if hop > 0 {
+					why = fmt.Sprintf("leads to Service %s/%s, which %s", svc.Namespace, svc.Name, why)
+				}
+				return why + onlyBeside, nil
+			}
+			return "", nil
+		}
+		via := ""
+		if hop > 0 {
+			via = fmt.Sprintf(" through the ExternalName Service %s/%s", svc.Namespace, svc.Name)
+		}
+		name, ns, ok := clusterServiceName(svc.Spec.ExternalName)
+		if !ok {
+			return fmt.Sprintf("is an ExternalName Service%s for %q, which no namespace owns", via, svc.Spec.ExternalName) + onlyBeside, nil
+		}
+		if hop == maxExternalNameHops {
+			return fmt.Sprintf("leads through more than %d ExternalName Services", maxExternalNameHops) + onlyBeside, nil
+		}
+		if ns != from {
+			ok, err := w.referenceAllowed(r.ref.kind, from, ns, name)
+			if err != nil {
+				return "", err
+			}
+			if !ok {
+				return fmt.Sprintf("is an ExternalName Service%s for Service %s/%s, and no ReferenceGrant in %s lets %ss of namespace %s use it", via, ns, name, ns, r.ref.kind, from), nil
+			}
+		}
+		next, err := w.services.Services(ns).Get(name)
+		if err != nil {
+			return fmt.Sprintf("is an ExternalName Service%s for Service %s/%s, which does not exist", via, ns, name), nil
+		}
+		svc = next
+	}
+}
+
+// endpointsNotConfined returns why the endpoints of svc (not ExternalName)
+// may lie outside its namespace's Pods, or "".
+func (w *world) endpointsNotConfined(svc *corev1.Service) string {
+	if len(svc.Spec.Selector) == 0 {
+		return "has no selector, so its endpoints are written by hand and may be any address"
+	}
+	sel := labels.SelectorFromSet(labels.Set{discoveryv1.LabelServiceName: svc.Name})
+	eps, err := w.slices.EndpointSlices(svc.Namespace).List(sel)
+	if err != nil {
+		return fmt.Sprintf("has EndpointSlices that cannot be listed (%v)", err)
+	}
+	slices.SortFunc(eps, func(a, b *discoveryv1.EndpointSlice) int { return cmp.Compare(a.Name, b.Name) })
+	for _, es := range eps {
+		if es.Labels[discoveryv1.LabelManagedBy] != managedByController {
+			return fmt.Sprintf("has the EndpointSlice %s, not kept by the EndpointSlice controller, so its addresses may be anywhere", es.Name)
+		}
+		for _, e := range es.Endpoints {
+			if tr := e.TargetRef; tr == nil || tr.Kind != "Pod" || tr.Namespace != svc.Namespace {
+				return fmt.Sprintf("has an endpoint %s in EndpointSlice %s that is not a Pod of namespace %s", strings.Join(e.Addresses, ","), es.Name, svc.Namespace)
+			}
+		}
+	}
+	return ""
+}
+
+// clusterServiceName parses name.namespace.svc or
+// name.namespace.svc.cluster.local (a trailing dot allowed). Other cluster
+// domains are not recognised: a name under any other suffix may be a
+// public DNS name that anyone can point anywhere.
+func clusterServiceName(host string) (name, namespace string, ok bool) {
+	host = strings.ToLower(strings.TrimSuffix(host, "."))
+	parts := strings.Split(host, ".")
+	switch {
+	case len(parts) == 3 && parts[2] == "svc":
+	case len(parts) == 5 && parts[2] == "svc" && parts[3] == "cluster" && parts[4] == "local":
+	default:
+		return "", "", false
+	}
+	if !isLabel(parts[0]) || !isLabel(parts[1]) {
+		return "", "", false
+	}
+	return parts[0], parts[1], true
+}
+
+// isLabel reports whether s is a DNS-1123 label, as Service and namespace
+// names are.
+func isLabel(s string) bool {
+	if s == "" || len(s) > 63 || s[0] == '-' || s[len(s)-1] == '-' {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+			return false
+		}
+	}
+	return true
 }
 
 func ptrOr[T any](p *T, def T) T {

@@ -82,7 +82,13 @@ func testWorld(t *testing.T, objs ...runtime.Object) *world {
 	}
 }
 
-func defaultTunnels() config.Tunnels { return config.DefaultAgent().Tunnels }
+// defaultTunnels are the defaults, with tunnels.discovery.gateway_namespaces
+// listing the namespaces where these tests keep managed Gateways.
+func defaultTunnels() config.Tunnels {
+	t := config.DefaultAgent().Tunnels
+	t.Discovery.GatewayNamespaces = []string{"pipeops-system", "ns", "edge", "a", "b", "c", "team-a", "team-b"}
+	return t
+}
 
 type listenerSpec struct {
 	name  string
@@ -145,9 +151,11 @@ func udpRoute(ns, name string, parents []gwv1.ParentReference, backends ...gwv1.
 	return r
 }
 
+// clusterIPService returns a Service selecting its namespace's Pods
+// labelled app=name.
 func clusterIPService(ns, name, ip string, ports ...corev1.ServicePort) *corev1.Service {
 	return &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
-		Spec: corev1.ServiceSpec{ClusterIP: ip, Ports: ports}}
+		Spec: corev1.ServiceSpec{ClusterIP: ip, Ports: ports, Selector: map[string]string{"app": name}}}
 }
 
 func port(name string, p int32, proto corev1.Protocol) corev1.ServicePort {
@@ -563,6 +571,194 @@ func TestDiscoverySwitchesAndLabels(t *testing.T) {
 	tun.Discovery.TCP.GatewayLabel = "tcp-only"
 	if got := ids(tun); !slices.Equal(got, []string{"udp:a/gw/u"}) {
 		t.Errorf("separate labels: %q", got)
+	}
+}
+
+// A labelled Gateway is managed only in tunnels.discovery.gateway_namespaces
+// and, when tunnels.discovery.gateway_classes is set, with one of those
+// classes; elsewhere it is reported once and otherwise left alone.
+func TestGatewayScope(t *testing.T) {
+	tenant := managedGateway("tenant", "gw", tcpL("pg", 5432))
+	other := managedGateway("pipeops-system", "other-class", tcpL("pg", 5433))
+	other.Spec.GatewayClassName = "cilium"
+	ours := managedGateway("pipeops-system", "gw", tcpL("pg", 5432))
+	ours.Spec.GatewayClassName = "istio"
+	objs := []runtime.Object{tenant, other, ours,
+		gateway("elsewhere", "plain", nil, nil, tcpL("pg", 5432)), // not labelled: not reported
+		clusterIPService("db", "pg", "10.96.0.10", port("pg", 5432, "")),
+		// The tenant's route beside its own Gateway, to another namespace's
+		// Service: what a managed Gateway there would have allowed.
+		tcpRoute("tenant", "steal", time.Unix(1, 0), []gwv1.ParentReference{parent("gw", "pg")}, backend("db", "pg", 5432)),
+		tcpRoute("pipeops-system", "pg", time.Unix(1, 0), []gwv1.ParentReference{parent("gw", "pg")}, backend("db", "pg", 5432)),
+		tcpRoute("pipeops-system", "pg2", time.Unix(1, 0), []gwv1.ParentReference{parent("other-class", "pg")}, backend("db", "pg", 5432)),
+	}
+	tun := config.DefaultAgent().Tunnels
+	tun.Discovery.GatewayNamespaces = []string{"pipeops-system"}
+	res := mustCompute(t, testWorld(t, objs...), tun)
+	equalMaps(t, "services", backends(res), map[string]string{
+		"pipeops-system/gw/pg":          "tcp 10.96.0.10:5432 tunnel",
+		"pipeops-system/other-class/pg": "tcp 10.96.0.10:5432 tunnel",
+	})
+	got := problems(res)
+	hasKeys(t, "problems", got, "GatewayNotPermitted Gateway tenant/gw")
+	if msg := got["GatewayNotPermitted Gateway tenant/gw"]; !strings.Contains(msg, "may only live in namespaces pipeops-system (tunnels.discovery.gateway_namespaces); ignored") {
+		t.Errorf("the refusal says %q", msg)
+	}
+
+	tun.Discovery.GatewayClasses = []string{"istio", "envoy"}
+	res = mustCompute(t, testWorld(t, objs...), tun)
+	equalMaps(t, "services with gateway_classes", backends(res), map[string]string{"pipeops-system/gw/pg": "tcp 10.96.0.10:5432 tunnel"})
+	got = problems(res)
+	hasKeys(t, "problems with gateway_classes", got, "GatewayNotPermitted Gateway tenant/gw", "GatewayNotPermitted Gateway pipeops-system/other-class")
+	if msg := got["GatewayNotPermitted Gateway pipeops-system/other-class"]; !strings.Contains(msg, `gatewayClassName "cilium" is not one of istio, envoy (tunnels.discovery.gateway_classes)`) {
+		t.Errorf("the class refusal says %q", msg)
+	}
+	for _, l := range res.listeners {
+		if l.gateway.namespace == "tenant" {
+			t.Errorf("listener %s of the refused Gateway tenant/gw is exposed", l.listener)
+		}
+	}
+
+	// No list at all manages nothing: New always fills it.
+	tun.Discovery.GatewayNamespaces, tun.Discovery.GatewayClasses = nil, nil
+	if res := mustCompute(t, testWorld(t, objs...), tun); len(res.services) != 0 {
+		t.Errorf("with no gateway_namespaces: %v", backends(res))
+	}
+}
+
+// A route that is not beside its Gateway may not reach, through a Service
+// of a namespace it may use, what lies outside: an ExternalName Service
+// counts as a reference to what it names, and other Services must resolve
+// to Pods of their own namespace.
+func TestBackendsLeavingTheirNamespace(t *testing.T) {
+	all := gwv1.NamespacesFromAll
+	gw := managedGateway("edge", "gw", tcpL("db", 5432))
+	gw.Spec.Listeners[0].AllowedRoutes = &gwv1.AllowedRoutes{Namespaces: &gwv1.RouteNamespaces{From: &all}}
+	toGW := []gwv1.ParentReference{parent("gw", "db")}
+	toGW[0].Namespace = ptr(gwv1.Namespace("edge"))
+	external := func(ns, name, target string) *corev1.Service {
+		return &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
+			Spec: corev1.ServiceSpec{Type: corev1.ServiceTypeExternalName, ExternalName: target}}
+	}
+	grant := func(ns, fromNS, to string) *gwv1.ReferenceGrant {
+		g := &gwv1.ReferenceGrant{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "g"}}
+		g.Spec.From = []gwv1.ReferenceGrantFrom{{Group: gwv1.GroupName, Kind: "TCPRoute", Namespace: gwv1.Namespace(fromNS)}}
+		g.Spec.To = []gwv1.ReferenceGrantTo{{Group: "", Kind: "Service", Name: ptr(gwv1.ObjectName(to))}}
+		return g
+	}
+	// podSlice is a slice as the EndpointSlice controller writes it, its
+	// endpoints Pods of podNS.
+	podSlice := func(ns, svc, podNS, addr string, managed bool) *discoveryv1.EndpointSlice {
+		e := endpoint(addr, nil)
+		e.TargetRef = &corev1.ObjectReference{Kind: "Pod", Namespace: podNS, Name: "p"}
+		s := slice(ns, svc, svc+"-x", "pg", 5432, corev1.ProtocolTCP, e)
+		if managed {
+			s.Labels[discoveryv1.LabelManagedBy] = managedByController
+		}
+		return s
+	}
+	pg := clusterIPService("db", "pg", "10.96.0.10", port("pg", 5432, ""))
+	own := clusterIPService("apps", "pg", "10.96.0.20", port("pg", 5432, ""))
+	noSelector := own.DeepCopy()
+	noSelector.Spec.Selector = nil
+	cases := []struct {
+		name string
+		objs []runtime.Object
+		want string // the backend, or what the RefNotPermitted problem says
+	}{
+		{"ExternalName for an IP address", []runtime.Object{external("apps", "pg", "169.254.169.254")},
+			`backend Service apps/pg is an ExternalName Service for "169.254.169.254", which no namespace owns; only routes in the Gateway's namespace edge may use it`},
+		{"ExternalName for an outside host", []runtime.Object{external("apps", "pg", "kubernetes.default.svc.attacker.example")},
+			`for "kubernetes.default.svc.attacker.example", which no namespace owns`},
+		{"ExternalName for another namespace's Service", []runtime.Object{external("apps", "pg", "pg.db.svc.cluster.local"), pg},
+			"is an ExternalName Service for Service db/pg, and no ReferenceGrant in db lets TCPRoutes of namespace apps use it"},
+		{"... with a ReferenceGrant there", []runtime.Object{external("apps", "pg", "pg.db.svc.cluster.local."), pg, grant("db", "apps", "pg")},
+			"pg.db.svc.cluster.local.:5432"},
+		{"... granted for another Service", []runtime.Object{external("apps", "pg", "pg.db.svc"), pg, grant("db", "apps", "other")},
+			"no ReferenceGrant in db lets TCPRoutes of namespace apps use it"},
+		{"... that does not exist", []runtime.Object{external("apps", "pg", "pg.db.svc"), grant("db", "apps", "pg")},
+			"is an ExternalName Service for Service db/pg, which does not exist"},
+		{"... which is an ExternalName leading out", []runtime.Object{external("apps", "pg", "pg.db.svc"), external("db", "pg", "10.0.0.1"), grant("db", "apps", "pg")},
+			`through the ExternalName Service db/pg for "10.0.0.1", which no namespace owns`},
+		{"... which has no selector", []runtime.Object{external("apps", "pg", "pg.db.svc"), &corev1.Service{ObjectMeta: pg.ObjectMeta, Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.10"}}, grant("db", "apps", "pg")},
+			"leads to Service db/pg, which has no selector"},
+		{"ExternalName loop", []runtime.Object{external("apps", "pg", "pg.apps.svc")},
+			"leads through more than 4 ExternalName Services"},
+		{"ExternalName for a Service of its own namespace", []runtime.Object{external("apps", "pg", "real.apps.svc"), clusterIPService("apps", "real", "10.96.0.30", port("pg", 5432, ""))},
+			"real.apps.svc:5432"},
+		{"no selector", []runtime.Object{noSelector, podSlice("apps", "pg", "apps", "10.244.0.1", true)},
+			"has no selector, so its endpoints are written by hand"},
+		{"an EndpointSlice written by hand", []runtime.Object{own, podSlice("apps", "pg", "apps", "10.244.0.1", false)},
+			"has the EndpointSlice pg-x, not kept by the EndpointSlice controller"},
+		{"an endpoint that is another namespace's Pod", []runtime.Object{own, podSlice("apps", "pg", "db", "10.244.0.1", true)},
+			"has an endpoint 10.244.0.1 in EndpointSlice pg-x that is not a Pod of namespace apps"},
+		{"Pods of its own namespace", []runtime.Object{own, podSlice("apps", "pg", "apps", "10.244.0.1", true)},
+			"10.96.0.20:5432"},
+		{"no endpoints yet", []runtime.Object{own}, "10.96.0.20:5432"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			objs := append([]runtime.Object{gw, tcpRoute("apps", "r", time.Unix(1, 0), toGW, backend("", "pg", 5432))}, c.objs...)
+			res := mustCompute(t, testWorld(t, objs...), defaultTunnels())
+			if strings.HasSuffix(c.want, ":5432") {
+				equalMaps(t, "services", backends(res), map[string]string{"edge/gw/db": "tcp " + c.want + " tunnel"})
+				hasKeys(t, "problems", problems(res))
+				return
+			}
+			equalMaps(t, "services", backends(res), map[string]string{})
+			got := problems(res)
+			hasKeys(t, "problems", got, "RefNotPermitted TCPRoute apps/r db")
+			if msg := got["RefNotPermitted TCPRoute apps/r db"]; !strings.Contains(msg, c.want) {
+				t.Errorf("the refusal says %q, want it to say %q", msg, c.want)
+			}
+		})
+	}
+
+	// A route beside the Gateway keeps today's rule: any Service.
+	res := mustCompute(t, testWorld(t, gw, external("edge", "pg", "169.254.169.254"),
+		tcpRoute("edge", "r", time.Unix(1, 0), []gwv1.ParentReference{parent("gw", "db")}, backend("", "pg", 5432))), defaultTunnels())
+	equalMaps(t, "services beside the Gateway", backends(res), map[string]string{"edge/gw/db": "tcp 169.254.169.254:5432 tunnel"})
+
+	// The same holds for a backend in a third namespace reached with a
+	// ReferenceGrant: the grant covers the Service, not where it leads.
+	res = mustCompute(t, testWorld(t, gw, external("db", "meta", "169.254.169.254"), grant("db", "apps", "meta"),
+		tcpRoute("apps", "r", time.Unix(1, 0), toGW, backend("db", "meta", 5432))), defaultTunnels())
+	if msg := problems(res)["RefNotPermitted TCPRoute apps/r db"]; !strings.Contains(msg, `backend Service db/meta is an ExternalName Service for "169.254.169.254"`) {
+		t.Errorf("a granted ExternalName in a third namespace: services %v, refusal %q", backends(res), msg)
+	}
+
+	// While ReferenceGrants cannot be read, an ExternalName for a cluster
+	// Service is refused and says why.
+	w := testWorld(t, gw, external("apps", "pg", "pg.db.svc"), pg, grant("db", "apps", "pg"),
+		tcpRoute("apps", "r", time.Unix(1, 0), toGW, backend("", "pg", 5432)))
+	w.grantsSynced = func() bool { return false }
+	res = mustCompute(t, w, defaultTunnels())
+	if msg := problems(res)["RefNotPermitted TCPRoute apps/r db"]; len(res.services) != 0 || !strings.Contains(msg, "get, list and watch on referencegrants") {
+		t.Errorf("without ReferenceGrants: services %v, refusal %q", backends(res), msg)
+	}
+}
+
+func TestClusterServiceName(t *testing.T) {
+	for in, want := range map[string]string{
+		"pg.db.svc":                    "db/pg",
+		"PG.DB.svc.cluster.local.":     "db/pg",
+		"pg.db.svc.cluster.local":      "db/pg",
+		"pg.db.svc.example.com":        "",
+		"pg.db":                        "",
+		"pg.db.svc.cluster.local.evil": "",
+		"169.254.169.254":              "",
+		"-pg.db.svc":                   "",
+		"pg.d_b.svc":                   "",
+		"":                             "",
+	} {
+		name, ns, ok := clusterServiceName(in)
+		got := ""
+		if ok {
+			got = ns + "/" + name
+		}
+		if got != want {
+			t.Errorf("clusterServiceName(%q) = %q, want %q", in, got, want)
+		}
 	}
 }
 

@@ -23,6 +23,8 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -122,6 +124,10 @@ type Options struct {
 	// Instance names this agent in Events (default: the host name, which is
 	// the pod name in a cluster).
 	Instance string
+	// Namespace is the agent's own namespace (see AgentNamespace): where
+	// managed Gateways may live when tunnels.discovery.gateway_namespaces
+	// is empty. New fails when both are empty.
+	Namespace string
 }
 
 // Timing of the loop. The throttle bounds how soon a change is published
@@ -181,6 +187,19 @@ func New(o Options) (*Discoverer, error) {
 	if o.Instance == "" {
 		o.Instance, _ = os.Hostname()
 	}
+	// A managed Gateway lends its routes the agent's reach into every
+	// namespace: without a list of namespaces to confine it to, there is
+	// no safe default.
+	disc := &o.Tunnels.Discovery
+	switch {
+	case len(disc.GatewayNamespaces) > 0:
+		disc.GatewayNamespaces = slices.Clone(disc.GatewayNamespaces)
+	case o.Namespace != "":
+		disc.GatewayNamespaces = []string{o.Namespace}
+	default:
+		return nil, errors.New("discovery: tunnels.discovery.gateway_namespaces is empty and the agent's namespace is unknown")
+	}
+	disc.GatewayClasses = slices.Clone(disc.GatewayClasses)
 	base := rest.CopyConfig(o.Config)
 	if base.QPS == 0 {
 		// client-go's default (5/s, burst 10) would make the first sync of
@@ -343,7 +362,9 @@ func (d *Discoverer) Run(ctx context.Context) error {
 	}
 	d.w = w
 	d.log.Info("Kubernetes discovery started", "tcproutes", apis.routes["tcp"], "udproutes", apis.routes["udp"], "referencegrants", cmp.Or(apis.grants, "(not served)"),
-		"tcp_label", labelOrOff(d.opts.Tunnels.Discovery.TCP), "udp_label", labelOrOff(d.opts.Tunnels.Discovery.UDP))
+		"tcp_label", labelOrOff(d.opts.Tunnels.Discovery.TCP), "udp_label", labelOrOff(d.opts.Tunnels.Discovery.UDP),
+		"gateway_namespaces", strings.Join(d.opts.Tunnels.Discovery.GatewayNamespaces, ","),
+		"gateway_classes", cmp.Or(strings.Join(d.opts.Tunnels.Discovery.GatewayClasses, ","), "(any)"))
 	return d.loop(ctx)
 }
 

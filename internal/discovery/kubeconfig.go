@@ -3,7 +3,10 @@ package discovery
 import (
 	"errors"
 	"fmt"
+	"io/fs"
+	"os"
 	"path/filepath"
+	"strings"
 
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -37,4 +40,31 @@ func RESTConfig(kubeconfig string, getenv func(string) string) (cfg *rest.Config
 		return nil, "", fmt.Errorf("in-cluster Kubernetes config: %w", err)
 	}
 	return cfg, "in-cluster service account", nil
+}
+
+// serviceAccountNamespace is where a pod's service account token mount
+// names the pod's namespace.
+const serviceAccountNamespace = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+// AgentNamespace returns the namespace the agent runs in: the POD_NAMESPACE
+// variable (set from the downward API by deploy/agent), else the service
+// account's namespace file. It is the default of
+// tunnels.discovery.gateway_namespaces; outside a cluster neither exists and
+// it returns an error saying what to set.
+func AgentNamespace(getenv func(string) string) (ns, source string, err error) {
+	return agentNamespace(getenv, serviceAccountNamespace)
+}
+
+func agentNamespace(getenv func(string) string, saFile string) (string, string, error) {
+	if v := strings.TrimSpace(getenv("POD_NAMESPACE")); v != "" {
+		return v, "POD_NAMESPACE", nil
+	}
+	b, err := os.ReadFile(saFile)
+	if err == nil && strings.TrimSpace(string(b)) != "" {
+		return strings.TrimSpace(string(b)), saFile, nil
+	}
+	if err == nil || errors.Is(err, fs.ErrNotExist) {
+		return "", "", errors.New("tunnels.discovery.gateway_namespaces: the agent's own namespace, its default, is unknown (no POD_NAMESPACE and no service account namespace file): set POD_NAMESPACE or list the namespaces")
+	}
+	return "", "", fmt.Errorf("tunnels.discovery.gateway_namespaces: reading the agent's namespace from %s: %w", saFile, err)
 }
