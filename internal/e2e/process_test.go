@@ -90,6 +90,7 @@ func startProc(t *testing.T, name string, env []string, args ...string) *proc {
 	}()
 	t.Cleanup(func() {
 		p.kill()
+		checkNoSecrets(t, name, p.logText())
 		if t.Failed() {
 			b, _ := os.ReadFile(logPath)
 			t.Logf("---- %s log ----\n%s", name, tail(string(b), 4000))
