@@ -137,6 +137,11 @@ func TestSlowlorisOnUpgrade(t *testing.T) {
 		t.Fatalf("%d of 50 slow connections were closed by the gateway", n)
 	}
 	t.Logf("50 slow header senders cut after at most %v (handshake_timeout 1s)", longest.Round(time.Millisecond))
+	// Well under the 10 s default, with room for a loaded machine: a build
+	// that ignored handshake_timeout would cut them at 10 s.
+	if longest >= 5*time.Second {
+		t.Errorf("a slow header sender was cut after %v; handshake_timeout is 1s", longest.Round(time.Millisecond))
+	}
 }
 
 // An agent registering thousands of services gets its quota and errors for
