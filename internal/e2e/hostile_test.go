@@ -32,6 +32,21 @@ func TestAuthAttemptsRateLimited(t *testing.T) {
 		if resp == nil {
 			t.Fatal(err)
 		}
+		// What each refusal must say (docs/protocol.md): 401 names the
+		// scheme, 429 when to come back, and neither keeps the connection.
+		switch resp.StatusCode {
+		case http.StatusUnauthorized:
+			if got := resp.Header.Get("WWW-Authenticate"); got != `Bearer realm="portway"` {
+				t.Errorf("401 with WWW-Authenticate %q", got)
+			}
+		case http.StatusTooManyRequests:
+			if got := resp.Header.Get("Retry-After"); got != "60" {
+				t.Errorf("429 with Retry-After %q, want 60", got)
+			}
+		}
+		if !resp.Close && resp.Header.Get("Connection") != "close" {
+			t.Errorf("HTTP %d without Connection: close", resp.StatusCode)
+		}
 		return resp.StatusCode
 	}
 	for i := 0; i < 3; i++ {
