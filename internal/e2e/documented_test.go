@@ -8,6 +8,7 @@ package e2e
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -21,6 +22,7 @@ import (
 	"github.com/portway/portway/internal/agent"
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/protocol"
+	"github.com/portway/portway/internal/testservers"
 )
 
 // rawDial upgrades with a valid token and reads the gateway_hello, without
@@ -457,5 +459,34 @@ func TestOversizedHeadersRefused(t *testing.T) {
 	// (and refused as a plain GET, not for its size).
 	if status := send(100); strings.Contains(status, " 431 ") || status == "" {
 		t.Errorf("small headers: %q", status)
+	}
+}
+
+// The agent reaches the gateway through a real HTTP CONNECT proxy
+// (tinyproxy) named by HTTP_PROXY. The agent runs as a process: Go reads
+// the proxy variables once per process, and never proxies a loopback IP
+// literal or "localhost", so the gateway is named "127.1", which only the
+// proxy's resolver (inet_aton) turns into 127.0.0.1 — the agent cannot
+// reach it any other way.
+func TestAgentThroughHTTPProxy(t *testing.T) {
+	proxy := testservers.StartHTTPProxy(t)
+	g := startGateway(t)
+	_, port := splitHostPort(t, g.TunnelAddr().String())
+	url := fmt.Sprintf("ws://127.1:%d/v1/tunnel", port)
+	cfg := writeConfig(t, "agent.yaml", fmt.Sprintf(`
+gateway: {url: %q, protocol: yamux}
+metrics: {listen: "127.0.0.1:0"}
+services:
+  - {name: echo, port: 7, backend: %q}
+`, url, echoBackend(t)))
+	startProc(t, "agent", []string{"PORTWAY_GATEWAY_TOKEN=" + tokenA,
+		"HTTP_PROXY=" + proxy.URL(), "http_proxy=" + proxy.URL(), "NO_PROXY=", "no_proxy="},
+		"agent", "--config", cfg, "--log-level", "debug")
+	ep := waitProcEndpoint(t, &procGateway{admin: g.AdminAddr().String()}, "echo")
+	if err := echoRoundTrip(ep, []byte("through the proxy")); err != nil {
+		t.Fatal(err)
+	}
+	if want := fmt.Sprintf("CONNECT 127.1:%d", port); !strings.Contains(proxy.Log(), want) {
+		t.Fatalf("the proxy did not log %q:\n%s", want, proxy.Log())
 	}
 }
