@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -300,13 +301,21 @@ func TestBackendDialTimeout(t *testing.T) {
 	}
 }
 
+// ownUDPPort limits the gateway's port range to one UDP port of the
+// kernel's choosing instead of 10000+port, where stray datagrams of other
+// tests on the machine could arrive and be counted.
+func ownUDPPort(t *testing.T) func(*config.Gateway) {
+	port := testservers.FreePort(t, "udp")
+	return func(c *config.Gateway) { c.PortRange = fmt.Sprintf("%d-%d", port, port) }
+}
+
 // A UDP client refused for udp.max_sessions is held for 2 s: its datagrams
 // in that time open no stream, and after it they try again.
 func TestUDPRefusedClientHeld(t *testing.T) {
 	echo := udpEcho(t)
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) {
-			g := startGateway(t)
+			g := startGateway(t, ownUDPPort(t))
 			a, ep := udpAgent(t, g, mode, echo, func(c *config.AgentFile) { c.Tunnels.UDP.MaxSessions = 1 })
 			refusals := func() float64 {
 				return sample(scrape(t, "http://"+a.MetricsAddr().String()+"/metrics"), "portway_agent_udp_tunnel_dropped_total",
@@ -488,5 +497,93 @@ services:
 	}
 	if want := fmt.Sprintf("CONNECT 127.1:%d", port); !strings.Contains(proxy.Log(), want) {
 		t.Fatalf("the proxy did not log %q:\n%s", want, proxy.Log())
+	}
+}
+
+// The gateway ends an idle UDP session by itself, after the idle_timeout_ms
+// the agent registered: a hand-driven JSON-mode agent answers the session's
+// first datagram and then stays silent, never closing anything, so only the
+// gateway's own timer can send the udp_close.
+func TestGatewayEndsIdleUDPSession(t *testing.T) {
+	g := startGateway(t, ownUDPPort(t))
+	ws := rawAgent(t, g, tokenA, "json")
+	type msg struct {
+		Type, Service, Client, Data string
+		ID, Seq, TS                 int64
+		Endpoints                   []struct{ Address, Error string }
+	}
+	msgs := make(chan msg, 64)
+	var wmu sync.Mutex
+	write := func(s string) {
+		wmu.Lock()
+		defer wmu.Unlock()
+		ws.WriteMessage(websocket.TextMessage, []byte(s))
+	}
+	go func() {
+		defer close(msgs)
+		for {
+			ws.SetReadDeadline(time.Now().Add(20 * time.Second))
+			_, b, err := ws.ReadMessage()
+			if err != nil {
+				return
+			}
+			var m msg
+			if json.Unmarshal(b, &m) != nil {
+				continue
+			}
+			if m.Type == "heartbeat" { // stay alive without other traffic
+				write(fmt.Sprintf(`{"type":"heartbeat_ack","seq":%d,"ts":%d}`, m.Seq, m.TS))
+				continue
+			}
+			msgs <- m
+		}
+	}()
+	next := func(typ string) msg {
+		t.Helper()
+		timeout := time.After(10 * time.Second)
+		for {
+			select {
+			case m, ok := <-msgs:
+				if !ok {
+					t.Fatalf("session closed while waiting for %s", typ)
+				}
+				if m.Type == typ {
+					return m
+				}
+				if m.Type != "heartbeat_ack" {
+					t.Fatalf("got %s while waiting for %s", m.Type, typ)
+				}
+			case <-timeout:
+				t.Fatalf("no %s within 10s", typ)
+			}
+		}
+	}
+	write(`{"type":"register","seq":1,"services":[{"id":"u","protocol":"udp","port":7,"public_port":0,"idle_timeout_ms":500,"max_datagram":0,"mode":"tunnel"}]}`)
+	ack := next("register_ack")
+	if len(ack.Endpoints) != 1 || ack.Endpoints[0].Error != "" {
+		t.Fatalf("register_ack %+v", ack)
+	}
+	c := udpClient(t, ack.Endpoints[0].Address)
+	c.Write([]byte("ping"))
+	open := next("udp_open")
+	write(fmt.Sprintf(`{"type":"udp_open_result","id":%d,"status":"ok"}`, open.ID))
+	if d := next("udp_data"); d.ID != open.ID || d.Data != "cGluZw==" {
+		t.Fatalf("udp_data %+v, want ping on stream %d", d, open.ID)
+	}
+	write(fmt.Sprintf(`{"type":"udp_data","id":%d,"data":"cG9uZw=="}`, open.ID))
+	buf := make([]byte, 16)
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := c.Read(buf); err != nil || string(buf[:n]) != "pong" {
+		t.Fatalf("client got %q, %v; want the agent's pong", buf[:n], err)
+	}
+	idleFrom := time.Now()
+	closed := next("udp_close")
+	el := time.Since(idleFrom)
+	t.Logf("the gateway closed the idle session after %v (idle_timeout_ms 500)", el.Round(time.Millisecond))
+	if closed.ID != open.ID {
+		t.Fatalf("udp_close for stream %d, want %d", closed.ID, open.ID)
+	}
+	if el < 400*time.Millisecond {
+		t.Fatalf("closed after %v of silence, before the 500ms timeout", el)
 	}
 }
