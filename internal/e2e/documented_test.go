@@ -406,15 +406,24 @@ func TestUDPSessionKeptAliveByBackendTraffic(t *testing.T) {
 }
 
 // Registering again with the same services (a discovered service added)
-// keeps the unchanged listeners, and a connection open through one of them
-// carries on.
+// keeps the unchanged listeners: a TCP connection and a UDP session open
+// through them carry on, and the UDP session is the same one.
 func TestOpenConnectionSurvivesReRegister(t *testing.T) {
+	uecho := udpEcho(t)
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) {
 			g := startGateway(t)
 			echo := echoBackend(t)
-			a := startAgent(t, g.url(), tokenA, mode, []config.StaticService{{Name: "echo", Protocol: "tcp", Port: 7, Backend: echo}})
-			ep := a.waitReady(t)["echo"]
+			a := startAgent(t, g.url(), tokenA, mode, []config.StaticService{
+				{Name: "echo", Protocol: "tcp", Port: 7, Backend: echo},
+				{Name: "uecho", Protocol: "udp", Port: 7, Backend: uecho},
+			})
+			eps := a.waitReady(t)
+			ep := eps["echo"]
+			u := udpClient(t, eps["udp/uecho"])
+			if _, err := exchange(u, []byte("before"), 5*time.Second); err != nil {
+				t.Fatal(err)
+			}
 			c, err := net.Dial("tcp", ep)
 			if err != nil {
 				t.Fatal(err)
@@ -440,6 +449,15 @@ func TestOpenConnectionSurvivesReRegister(t *testing.T) {
 				return false
 			})
 			roundTrip("after the re-register")
+			if got, err := exchange(u, []byte("after"), 5*time.Second); err != nil || string(got) != "after" {
+				t.Fatalf("UDP after the re-register: %q, %v", got, err)
+			}
+			// The session was never closed (a closed one would be
+			// replaced by a new one silently): neither side logged its end.
+			me := "client=" + u.LocalAddr().String()
+			if n := g.log.CountLines("udp session closed", me) + a.log.CountLines("udp session closed", me); n != 0 {
+				t.Errorf("the UDP session was closed by the re-register (%d log lines)", n)
+			}
 			if got := a.waitReady(t)["echo"]; got != ep {
 				t.Errorf("echo moved from %s to %s", ep, got)
 			}
