@@ -298,6 +298,10 @@ func TestBackendDialTimeout(t *testing.T) {
 			if v != 1 {
 				t.Errorf("timeouts counted %v, want 1", v)
 			}
+			// The status the gateway got is `timeout`.
+			eventually(t, 5*time.Second, "the gateway to count a timeout refusal", func() bool {
+				return sample(scrape(t, "http://"+g.AdminAddr().String()+"/metrics"), "portway_gateway_refusals_total", map[string]string{"reason": "timeout"}) == 1
+			})
 		})
 	}
 }
