@@ -17,6 +17,9 @@
 #   dnsmasq-base      /usr/sbin/dnsmasq only (the `dnsmasq` package would also
 #                     install and start a system DNS service; we do not want it)
 #   dnsutils          dig
+#   tinyproxy-bin     /usr/bin/tinyproxy only (an HTTP CONNECT proxy for the
+#                     proxy traversal test; the `tinyproxy` package would also
+#                     install a system service)
 #   iproute2          ip, ss
 #   util-linux        unshare
 #   procps            ps, pgrep
@@ -45,6 +48,7 @@ PACKAGES=(
 	openssh-client
 	dnsmasq-base
 	dnsutils
+	tinyproxy-bin
 	iproute2
 	util-linux
 	procps
@@ -65,6 +69,7 @@ BINARIES=(
 	ssh-keygen:openssh-client
 	dnsmasq:dnsmasq-base
 	dig:dnsutils
+	tinyproxy:tinyproxy-bin
 	ip:iproute2
 	unshare:util-linux
 	ps:procps

@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -304,8 +305,33 @@ func TestStalledStreamDoesNotBlockOthers(t *testing.T) {
 			}
 			defer stalled.Reset()
 			// Nobody reads the echo of this stream: the agent's writes
-			// fill the window, then its io.Copy blocks.
-			go stalled.Write(make([]byte, 4<<20))
+			// fill the window, then its io.Copy blocks, and so, once the
+			// agent's receive window is full, does this write.
+			var written atomic.Int64
+			stalledWrote := make(chan struct{})
+			go func() {
+				defer close(stalledWrote)
+				chunk := make([]byte, 64<<10)
+				for i := 0; i < 1024; i++ { // 64 MiB: more than every window
+					n, err := stalled.Write(chunk)
+					written.Add(int64(n))
+					if err != nil {
+						return
+					}
+				}
+			}()
+			// Wait for the stall (no progress for half a second, bounded)
+			// so that the second stream starts behind a full window.
+			last, still := int64(-1), 0
+			for i := 0; i < 200 && still < 10; i++ {
+				if n := written.Load(); n > 0 && n == last {
+					still++
+				} else {
+					last, still = n, 0
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			stalledAt := written.Load()
 
 			st, err := gw.Open(context.Background(), protocol.StreamHeader{Kind: protocol.KindTCP, Service: "echo"})
 			if err != nil {
@@ -331,6 +357,13 @@ func TestStalledStreamDoesNotBlockOthers(t *testing.T) {
 			case <-time.After(10 * time.Second):
 				t.Fatal("second stream stalled behind the first")
 			}
+			// The first stream really was stalled while the second flowed.
+			select {
+			case <-stalledWrote:
+				t.Fatal("the first stream's writes completed: it never stalled, so the test proved nothing")
+			default:
+			}
+			t.Logf("first stream stalled after %d KiB (%d KiB when the second stream was done)", stalledAt>>10, written.Load()>>10)
 		})
 	}
 }
