@@ -537,7 +537,7 @@ func (w *world) namespaceLabels(ns string) (labels.Set, error) {
 // A route outside the Gateway's namespace (gwNS) may use a Service of a
 // third namespace only when a ReferenceGrant there allows it. Routes beside
 // the Gateway need none: whoever may write them is trusted as the Gateway's
-// owner, and the seed's examples (routes in pipeops-system, Services in
+// owner, and the PipeOps examples (routes in pipeops-system, Services in
 // databases) rely on that. Other routes may also not use a Service that
 // leads further than they may reach (see reachNotPermitted).
 func resolveBackend(w *world, r route, proto, gwNS string) (string, *problem) {

@@ -41,7 +41,8 @@ import (
 )
 
 // Annotations and labels read or written by discovery. The pipeops.io keys
-// are the seed's public interface and are kept exactly.
+// are the PipeOps agent's public interface and are kept exactly
+// (docs/compatibility.md).
 const (
 	// AnnotationRoutingMode on a Gateway forces its routing mode:
 	// tunnel, direct or dual.
@@ -66,7 +67,7 @@ const (
 // Mode is a Gateway's routing mode.
 type Mode string
 
-// The routing modes of the seed.
+// The routing modes, named as the PipeOps agent names them.
 const (
 	// ModeTunnel exposes services only through the portway gateway.
 	ModeTunnel Mode = "tunnel"
@@ -116,7 +117,7 @@ type Options struct {
 	// and dual) whenever it changes. It is called from one goroutine and
 	// must not block.
 	Publish func([]Service)
-	// Discovered and Syncs, when set, are the seed's
+	// Discovered and Syncs, when set, are the PipeOps agent's
 	// pipeops_agent_gateway_watcher_discovered_services{protocol} and
 	// pipeops_agent_gateway_watcher_sync_total{result}.
 	Discovered *prometheus.GaugeVec
