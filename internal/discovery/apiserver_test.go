@@ -98,7 +98,7 @@ func TestWithAPIServer(t *testing.T) {
 		}
 		if !cfg.Kubernetes.Enabled || !cfg.Tunnels.Enabled || cfg.Metrics.Listen != ":9090" ||
 			cfg.Tunnels.Discovery.TCP.GatewayLabel != "pipeops.io/managed" || cfg.Tunnels.Discovery.UDP.GatewayLabel != "pipeops.io/managed" {
-			t.Errorf("agent.yaml does not turn discovery on as the seed does: %+v", cfg)
+			t.Errorf("agent.yaml does not turn discovery on as the PipeOps agent does: %+v", cfg)
 		}
 	})
 

@@ -115,7 +115,7 @@ func TestMetricsAreExact(t *testing.T) {
 					t.Errorf("%s: %s%v = %v, want %v", c.name, c.metric, c.labels, got, c.want)
 				}
 			}
-			// The seed's discovery metrics are exposed, at zero without Kubernetes.
+			// The PipeOps discovery metrics are exposed, at zero without Kubernetes.
 			for _, n := range []string{"pipeops_agent_gateway_watcher_discovered_services", "pipeops_agent_gateway_watcher_sync_total"} {
 				if _, ok := am[n]; !ok {
 					t.Errorf("%s is not exposed", n)
