@@ -54,19 +54,6 @@ const (
 	TransportDatagram Transport = 0x2
 )
 
-// String returns "UNSPEC", "STREAM", "DGRAM" or a numeric form.
-func (t Transport) String() string {
-	switch t {
-	case TransportUnspec:
-		return "UNSPEC"
-	case TransportStream:
-		return "STREAM"
-	case TransportDatagram:
-		return "DGRAM"
-	}
-	return "Transport(" + strconv.Itoa(int(t)) + ")"
-}
-
 // Header is one decoded PROXY protocol header.
 type Header struct {
 	// Version is 1 (text) or 2 (binary).
