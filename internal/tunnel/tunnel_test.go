@@ -457,7 +457,7 @@ func TestCreditViolationEndsSession(t *testing.T) {
 	in.Accept()
 	big := make([]byte, 48<<10)
 	for i := 0; i < 8; i++ { // 384 KiB > 256 KiB window, never credited
-		ag.c.sendCopy(websocket.TextMessage, protocol.AppendData(nil, protocol.KindTCP, 1, big), false)
+		ag.c.queueDataText(protocol.AppendData(nil, protocol.KindTCP, 1, big))
 	}
 	if err := waitEnd(t, gw); !errors.Is(err, ErrProtocol) || !strings.Contains(err.Error(), "beyond its credit") {
 		t.Fatalf("err = %v, want a credit violation", err)
@@ -484,8 +484,8 @@ func TestCreditOverflowEndsSession(t *testing.T) {
 			}
 			// The credit, then data behind it on the same queue: once the
 			// gateway's stream could read the data, it had taken the credit.
-			ag.c.sendCopy(websocket.TextMessage, protocol.AppendCredit(nil, 1, n), true)
-			ag.c.sendCopy(websocket.TextMessage, protocol.AppendData(nil, protocol.KindTCP, 1, []byte("after")), true)
+			ag.c.queueControlText(protocol.AppendCredit(nil, 1, n))
+			ag.c.queueControlText(protocol.AppendData(nil, protocol.KindTCP, 1, []byte("after")))
 			read := make(chan error, 1)
 			go func() {
 				_, err := st.Read(make([]byte, 16))
@@ -688,7 +688,7 @@ func mustEncode(m protocol.Message) []byte {
 // session, instead of parking data in the gateway's yamux backlog.
 func TestAgentOpenedStreamEndsSession(t *testing.T) {
 	gw, ag := pair(t, testHello("yamux"), "yamux")
-	st, err := ag.ym.OpenStream(context.Background())
+	st, err := ag.mux.(*yamuxMux).ym.OpenStream(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
