@@ -857,3 +857,32 @@ func TestChunkQueue(t *testing.T) {
 		t.Error("a small drained queue let its array go: the next burst would allocate again")
 	}
 }
+
+// A stream the gateway closes while the agent's answer is on its way is
+// forgotten, and the late answer ignored, also when the reader had looked
+// the stream up just before the close: that answer is not a second one,
+// which would end the session.
+func TestOpenResultAfterCloseIsIgnored(t *testing.T) {
+	for _, status := range []protocol.Status{protocol.StatusOK, protocol.StatusRefused} {
+		t.Run(status.String(), func(t *testing.T) {
+			gw, _ := pair(t, testHello("json"), "json")
+			m := gw.mux.(*jsonMux)
+			st, err := gw.Open(context.Background(), protocol.StreamHeader{Kind: protocol.KindTCP, Service: "x"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			js := st.(*jsonStream)
+			st.Close()
+			// Where the reader's lookup found it, just before the close.
+			m.mu.Lock()
+			m.streams[js.id] = js
+			m.mu.Unlock()
+			if err := m.onOpenResult(&protocol.OpenResult{Kind: protocol.KindTCP, ID: js.id, Status: status}); err != nil {
+				t.Fatalf("late open result: %v", err)
+			}
+			if _, err := st.Read(make([]byte, 1)); !errors.Is(err, errStreamClosed) {
+				t.Fatalf("Read after Close = %v, want errStreamClosed", err)
+			}
+		})
+	}
+}
