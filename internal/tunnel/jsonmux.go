@@ -39,7 +39,7 @@ var ErrStreamReset = errors.New("tunnel: stream reset by peer")
 // handles every message in order; it writes through the session's wsConn.
 type jsonMux struct {
 	c         *wsConn
-	gateway   bool
+	role      role
 	onControl controlHandler
 
 	window     int // a stream's credit window, and a UDP stream's queue bound
@@ -58,10 +58,10 @@ type jsonMux struct {
 
 // newJSONMux starts the JSON mode on c with the limits of hello: it starts
 // the reader, which passes control messages to onControl.
-func newJSONMux(c *wsConn, gateway bool, hello *protocol.Hello, maxStreams int, onControl controlHandler) *jsonMux {
+func newJSONMux(c *wsConn, r role, hello *protocol.Hello, maxStreams int, onControl controlHandler) *jsonMux {
 	m := &jsonMux{
 		c:          c,
-		gateway:    gateway,
+		role:       r,
 		onControl:  onControl,
 		window:     hello.StreamWindow,
 		maxStreams: maxStreams,
@@ -308,7 +308,7 @@ func (m *jsonMux) onData(kind protocol.Kind, id uint32, buf *[]byte) error {
 }
 
 func (m *jsonMux) onOpen(o *protocol.Open) error {
-	if m.gateway {
+	if m.role == gatewayRole {
 		return fmt.Errorf("%w: %s sent to the gateway", ErrProtocol, o.Type())
 	}
 	var client netip.AddrPort
@@ -379,7 +379,7 @@ func (m *jsonMux) answerOpen(st *jsonStream, status protocol.Status) error {
 }
 
 func (m *jsonMux) onOpenResult(r *protocol.OpenResult) error {
-	if !m.gateway {
+	if m.role != gatewayRole {
 		return fmt.Errorf("%w: %s sent to the agent", ErrProtocol, r.Type())
 	}
 	st := m.lookup(r.ID)

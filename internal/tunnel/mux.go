@@ -21,6 +21,15 @@ type muxer interface {
 	close(err error)
 }
 
+// role is the end of the tunnel a session serves: the gateway opens
+// streams, the agent accepts them.
+type role uint8
+
+const (
+	agentRole role = iota
+	gatewayRole
+)
+
 // controlHandler handles a session-level message met by a muxer's reader;
 // an error ends the session. It must not block for long: it runs on the
 // session's only reader.

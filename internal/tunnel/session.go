@@ -102,11 +102,11 @@ func (e *PeerError) Error() string {
 
 // Session is one tunnel after a successful handshake.
 type Session struct {
-	c       *wsConn
-	cfg     Config
-	hello   protocol.Hello
-	proto   string
-	gateway bool
+	c     *wsConn
+	cfg   Config
+	hello protocol.Hello
+	proto string
+	role  role
 
 	ctrl chan protocol.Message
 
@@ -126,7 +126,7 @@ func Server(ctx context.Context, ws *websocket.Conn, hello *protocol.Hello, cfg 
 		return nil, fmt.Errorf("tunnel: invalid hello: %w", err)
 	}
 	c := newWSConn(ws, hello.MaxMessageSize, cfg.WriteTimeout, cfg.clock)
-	s := &Session{c: c, cfg: cfg, hello: *hello, gateway: true}
+	s := &Session{c: c, cfg: cfg, hello: *hello, role: gatewayRole}
 	ack, err := s.handshakeServer(ctx)
 	if err != nil {
 		c.fail(err)
@@ -256,13 +256,13 @@ func (s *Session) start(proto string) error {
 	s.proto = proto
 	s.ctrl = make(chan protocol.Message, 16)
 	if proto == protocol.ProtocolYamux {
-		m, err := newYamuxMux(s.c, s.gateway, &s.cfg, s.handleControl)
+		m, err := newYamuxMux(s.c, s.role, &s.cfg, s.handleControl)
 		if err != nil {
 			return err
 		}
 		s.mux = m
 	} else {
-		s.mux = newJSONMux(s.c, s.gateway, &s.hello, s.cfg.MaxStreams, s.handleControl)
+		s.mux = newJSONMux(s.c, s.role, &s.hello, s.cfg.MaxStreams, s.handleControl)
 	}
 	go func() {
 		<-s.c.done
@@ -319,11 +319,11 @@ func (s *Session) handleControl(m protocol.Message) error {
 	case *protocol.Error:
 		return &PeerError{Code: m.Code, Message: m.Message}
 	case *protocol.Register:
-		if !s.gateway {
+		if s.role != gatewayRole {
 			return fmt.Errorf("%w: register sent to the agent", ErrProtocol)
 		}
 	case *protocol.RegisterAck:
-		if s.gateway {
+		if s.role == gatewayRole {
 			return fmt.Errorf("%w: register_ack sent to the gateway", ErrProtocol)
 		}
 	default:
@@ -394,7 +394,7 @@ func (s *Session) RTT() time.Duration { return time.Duration(s.rtt.Load()) }
 // with the header; the first Read returns the status as a
 // *protocol.OpenError when it is not ok. Use WaitOpen to wait for it.
 func (s *Session) Open(ctx context.Context, h protocol.StreamHeader) (Stream, error) {
-	if !s.gateway {
+	if s.role != gatewayRole {
 		return nil, ErrWrongSide
 	}
 	return s.mux.open(ctx, h)
@@ -402,7 +402,7 @@ func (s *Session) Open(ctx context.Context, h protocol.StreamHeader) (Stream, er
 
 // Accept returns the next stream the gateway opened (agent side only).
 func (s *Session) Accept(ctx context.Context) (*Incoming, error) {
-	if s.gateway {
+	if s.role == gatewayRole {
 		return nil, ErrWrongSide
 	}
 	return s.mux.accept(ctx)

@@ -31,7 +31,7 @@ type yamuxMux struct {
 // opens the streams (odd ids), as its server on the agent. yamux's receive
 // loop becomes the session's only reader; control messages met on the way
 // go to onControl.
-func newYamuxMux(c *wsConn, gateway bool, sc *Config, onControl controlHandler) (*yamuxMux, error) {
+func newYamuxMux(c *wsConn, r role, sc *Config, onControl controlHandler) (*yamuxMux, error) {
 	cfg := yamux.DefaultConfig()
 	cfg.EnableKeepAlive = false // the session's heartbeats detect dead peers
 	cfg.MeasureRTTInterval = 10 * time.Second
@@ -45,7 +45,7 @@ func newYamuxMux(c *wsConn, gateway bool, sc *Config, onControl controlHandler) 
 	conn := &yamuxConn{c: c, onControl: onControl}
 	m := &yamuxMux{c: c, headerTimeout: sc.HandshakeTimeout}
 	var err error
-	if gateway {
+	if r == gatewayRole {
 		m.ym, err = yamux.Client(conn, cfg, budget.span)
 	} else {
 		m.ym, err = yamux.Server(conn, cfg, budget.span)
@@ -58,7 +58,7 @@ func newYamuxMux(c *wsConn, gateway bool, sc *Config, onControl controlHandler) 
 		<-m.ym.CloseChan()
 		c.fail(errors.New("tunnel: yamux session closed"))
 	}()
-	if gateway {
+	if r == gatewayRole {
 		go m.refuseAgentStreams()
 	}
 	return m, nil
