@@ -490,7 +490,7 @@ func TestCreditViolationEndsSession(t *testing.T) {
 	in.Accept()
 	big := make([]byte, 48<<10)
 	for i := 0; i < 8; i++ { // 384 KiB > 256 KiB window, never credited
-		ag.c.sendCopy(websocket.TextMessage, protocol.AppendData(nil, protocol.KindTCP, 1, big), false)
+		ag.c.queueDataText(protocol.AppendData(nil, protocol.KindTCP, 1, big))
 	}
 	if err := waitEnd(t, gw); !errors.Is(err, ErrProtocol) || !strings.Contains(err.Error(), "beyond its credit") {
 		t.Fatalf("err = %v, want a credit violation", err)
@@ -517,8 +517,8 @@ func TestCreditOverflowEndsSession(t *testing.T) {
 			}
 			// The credit, then data behind it on the same queue: once the
 			// gateway's stream could read the data, it had taken the credit.
-			ag.c.sendCopy(websocket.TextMessage, protocol.AppendCredit(nil, 1, n), true)
-			ag.c.sendCopy(websocket.TextMessage, protocol.AppendData(nil, protocol.KindTCP, 1, []byte("after")), true)
+			ag.c.queueControlText(protocol.AppendCredit(nil, 1, n))
+			ag.c.queueControlText(protocol.AppendData(nil, protocol.KindTCP, 1, []byte("after")))
 			read := make(chan error, 1)
 			go func() {
 				_, err := st.Read(make([]byte, 16))
@@ -721,7 +721,7 @@ func mustEncode(m protocol.Message) []byte {
 // session, instead of parking data in the gateway's yamux backlog.
 func TestAgentOpenedStreamEndsSession(t *testing.T) {
 	gw, ag := pair(t, testHello("yamux"), "yamux")
-	st, err := ag.ym.OpenStream(context.Background())
+	st, err := ag.mux.(*yamuxMux).ym.OpenStream(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -888,5 +888,34 @@ func TestChunkQueue(t *testing.T) {
 	pop(5)
 	if cap(q.items) == 0 {
 		t.Error("a small drained queue let its array go: the next burst would allocate again")
+	}
+}
+
+// A stream the gateway closes while the agent's answer is on its way is
+// forgotten, and the late answer ignored, also when the reader had looked
+// the stream up just before the close: that answer is not a second one,
+// which would end the session.
+func TestOpenResultAfterCloseIsIgnored(t *testing.T) {
+	for _, status := range []protocol.Status{protocol.StatusOK, protocol.StatusRefused} {
+		t.Run(status.String(), func(t *testing.T) {
+			gw, _ := pair(t, testHello("json"), "json")
+			m := gw.mux.(*jsonMux)
+			st, err := gw.Open(context.Background(), protocol.StreamHeader{Kind: protocol.KindTCP, Service: "x"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			js := st.(*jsonStream)
+			st.Close()
+			// Where the reader's lookup found it, just before the close.
+			m.mu.Lock()
+			m.streams[js.id] = js
+			m.mu.Unlock()
+			if err := m.onOpenResult(&protocol.OpenResult{Kind: protocol.KindTCP, ID: js.id, Status: status}); err != nil {
+				t.Fatalf("late open result: %v", err)
+			}
+			if _, err := st.Read(make([]byte, 1)); !errors.Is(err, errStreamClosed) {
+				t.Fatalf("Read after Close = %v, want errStreamClosed", err)
+			}
+		})
 	}
 }
