@@ -14,6 +14,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
+	"log/slog"
 	"math/big"
 	"net"
 	"net/http"
@@ -411,4 +412,30 @@ func lastLine(s, substr string) string {
 		}
 	}
 	return ""
+}
+
+// TestApplyLogLevel: a config's log_level sets the level live, removing it
+// returns to --log-level's value, and an explicit --log-level wins.
+func TestApplyLogLevel(t *testing.T) {
+	a := &app{logLevel: "info", logFormat: "text", stderr: io.Discard}
+	log, err := a.logger()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if log.Enabled(ctx, slog.LevelDebug) {
+		t.Fatal("debug enabled at info")
+	}
+	a.applyLogLevel("debug", false)
+	if !log.Enabled(ctx, slog.LevelDebug) {
+		t.Fatal("log_level: debug did not enable debug on the running logger")
+	}
+	a.applyLogLevel("", false)
+	if log.Enabled(ctx, slog.LevelDebug) {
+		t.Fatal("removing log_level did not return to --log-level")
+	}
+	a.applyLogLevel("debug", true)
+	if log.Enabled(ctx, slog.LevelDebug) {
+		t.Fatal("log_level overrode an explicit --log-level")
+	}
 }
