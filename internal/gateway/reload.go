@@ -60,8 +60,13 @@ func newLive(cfg *config.Gateway) *live {
 }
 
 // conf returns the current configuration: the one of the last successful
-// reload, or the start one.
-func (g *Gateway) conf() *config.Gateway { return g.live.Load().cfg }
+// reload, or the start one (also for a Gateway not built by New).
+func (g *Gateway) conf() *config.Gateway {
+	if l := g.live.Load(); l != nil {
+		return l.cfg
+	}
+	return g.cfg
+}
 
 // maxServices returns the current service quota of the agent name.
 func (l *live) maxServices(name string) int {
