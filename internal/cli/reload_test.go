@@ -1,3 +1,5 @@
+//go:build unix
+
 package cli
 
 import (
@@ -437,5 +439,29 @@ func TestApplyLogLevel(t *testing.T) {
 	a.applyLogLevel("debug", true)
 	if log.Enabled(ctx, slog.LevelDebug) {
 		t.Fatal("log_level overrode an explicit --log-level")
+	}
+}
+
+// TestAgentStartFailureEndsReloadLoop: an agent that fails after its
+// reload loop started (here its metrics address is taken) still exits.
+func TestAgentStartFailureEndsReloadLoop(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	var out, errOut testlog.Buffer
+	done := make(chan int, 1)
+	go func() {
+		done <- Main(context.Background(), []string{"agent", "--gateway-url", "ws://127.0.0.1:1/v1/tunnel",
+			"--token", "agent-token-0123456789", "--metrics-listen", taken.Addr().String()}, "test", &out, &errOut)
+	}()
+	select {
+	case code := <-done:
+		if code == 0 {
+			t.Fatalf("agent with a taken metrics address exited 0:\n%s", errOut.String())
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("agent did not exit after failing to start:\n%s", errOut.String())
 	}
 }

@@ -172,10 +172,11 @@ func (a *app) agentCmd() *cobra.Command {
 			}
 			a.applyLogLevel(cfg.LogLevel, f.Changed("log-level"))
 			reg := registry()
-			ctx, cancel := context.WithCancel(cmd.Context())
-			defer cancel()
+			// The reload loop ends with the agent: cancel, then wait.
 			var wg sync.WaitGroup
 			defer wg.Wait()
+			ctx, cancel := context.WithCancel(cmd.Context())
+			defer cancel()
 			start := cfg
 			onAgent := func(ag *agent.Agent) {
 				files := func() []string {

@@ -20,12 +20,15 @@
 // package's locks: Gateway.mu (the agents map: callers copy what they need
 // and unlock before touching an agent), udpSessions.mu (one public UDP
 // port's clients) and authLimiter.mu. Nothing here calls out of the
-// package under a lock except into internal/metrics' vectors and the
-// listen call of a bind under ports.mu, neither of which calls back.
+// package under a lock except into internal/metrics' vectors, the
+// certificate expiry gauge and the listen call of a bind under ports.mu,
+// none of which calls back.
 //
-// Gateway.reloadMu serialises reloads and is taken by nothing else. The
-// reloadable configuration (tokens, limits) and the served certificate are
-// atomic pointers, swapped whole by a reload and read without a lock.
+// Gateway.reloadMu serialises reloads' changes and is taken by nothing
+// else; a reload reads its files before taking it and logs after
+// releasing it. The reloadable configuration (tokens, limits) and the
+// served certificate are atomic pointers, swapped whole by a reload and
+// read without a lock.
 //
 // What must not wait for a registration reads without a lock: an agent's
 // live session is an atomic pointer, a service's spec too. Closing
@@ -186,6 +189,7 @@ func (g *Gateway) Start(ctx context.Context) error {
 			return fmt.Errorf("gateway: %w", err)
 		}
 		g.setCertificate(cert, g.cfg.TLS.CertFile)
+		g.checkCertificate()
 		ln = tls.NewListener(ln, g.serverTLS())
 		g.wg.Add(1)
 		go g.watchCertificate()

@@ -112,8 +112,8 @@ func (g *Gateway) Reload(cfg *config.Gateway) (needRestart []string, err error) 
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("gateway: reload: %w", err)
 	}
-	g.reloadMu.Lock()
-	defer g.reloadMu.Unlock()
+	// File I/O before the lock: under it only this package's state and
+	// the certificate gauge are touched, and logging waits until after.
 	var cert *tls.Certificate
 	if cfg.TLS != nil && g.cfg.TLS != nil {
 		if cert, err = loadCertificate(cfg.TLS); err != nil {
@@ -121,10 +121,10 @@ func (g *Gateway) Reload(cfg *config.Gateway) (needRestart []string, err error) 
 		}
 	}
 	needRestart = restartKeys(g.cfg, cfg)
-
-	prev := g.live.Load()
 	next := newLive(cfg)
-	g.live.Store(next)
+
+	g.reloadMu.Lock()
+	prev := g.live.Swap(next)
 	if cert != nil {
 		g.setCertificate(cert, cfg.TLS.CertFile)
 	}
@@ -137,12 +137,16 @@ func (g *Gateway) Reload(cfg *config.Gateway) (needRestart []string, err error) 
 	close(g.reloaded)
 	g.reloaded = make(chan struct{})
 	g.mu.Unlock()
+	g.reloadMu.Unlock()
 
 	added, removed := agentDiff(prev.cfg.Agents, cfg.Agents)
 	g.log.Info("configuration reloaded", "agents", len(cfg.Agents), "agents_added", added,
 		"agents_removed", removed, "tokens", len(next.tokens))
 	if len(needRestart) > 0 {
 		g.log.Warn("configuration changes that need a restart were ignored", "keys", needRestart)
+	}
+	if cert != nil {
+		g.checkCertificate()
 	}
 	return needRestart, nil
 }
@@ -223,14 +227,13 @@ func loadCertificate(c *config.TLS) (*tls.Certificate, error) {
 	return &cert, nil
 }
 
-// setCertificate makes cert the one new handshakes present, publishes its
-// expiry and warns about it when close or past: an expired certificate is
-// still served (the alternative, refusing to start, would keep the
-// gateway down after the renewal lands; a reload picks the renewal up).
+// setCertificate makes cert the one new handshakes present and publishes
+// its expiry. The caller then checks it (checkCertificate, which logs): an
+// expired certificate is still served, since refusing to start would keep
+// the gateway down after the renewal lands, and a reload picks it up.
 func (g *Gateway) setCertificate(cert *tls.Certificate, file string) {
 	g.cert.Store(&servedCert{cert: cert, file: file})
 	g.certNotAfter.Set(float64(cert.Leaf.NotAfter.Unix()))
-	g.checkCertificate()
 }
 
 // servedCert is the certificate new handshakes get, and its file.
