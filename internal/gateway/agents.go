@@ -368,7 +368,7 @@ func (ps *publicService) serveConn(c *net.TCPConn) {
 	stats := new(relay.Stats)
 	flow := ps.g.metrics.Bytes.Track(func() (int64, int64) { return stats.AToB.Load(), stats.BToA.Load() }, ps.a.name, spec.ID)
 	relay.Start(c, st, relay.Options{
-		BufferSize:  ps.g.cfg.BufferSize,
+		BufferSize:  ps.g.conf().BufferSize,
 		IdleTimeout: time.Duration(spec.IdleTimeoutMS) * time.Millisecond,
 	}, stats, func(res relay.Result) {
 		flow.Done()

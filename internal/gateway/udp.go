@@ -179,7 +179,7 @@ func (ps *publicService) charge(b *[]byte) bool {
 	n := int64(cap(*b))
 	g := ps.g
 	svc, all := ps.queued.Add(n), g.udpQueued.Add(n)
-	if svc > int64(g.cfg.UDPQueueBytesPerService) || all > int64(g.cfg.UDPQueueBytes) {
+	if cfg := g.conf(); svc > int64(cfg.UDPQueueBytesPerService) || all > int64(cfg.UDPQueueBytes) {
 		ps.queued.Add(-n)
 		g.udpQueued.Add(-n)
 		return false
