@@ -5,7 +5,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -23,7 +22,6 @@ import (
 	"github.com/portway/portway/internal/quickstart"
 	"github.com/portway/portway/internal/testlog"
 	"github.com/portway/portway/internal/testservers"
-	"github.com/portway/portway/internal/testwait"
 )
 
 var modes = []string{"yamux", "json"}
@@ -163,12 +161,6 @@ func (a *ag) waitReady(t *testing.T) map[string]string {
 	return eps
 }
 
-// eventually waits for cond (see testwait.For).
-func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	testwait.For(t, timeout, what, cond)
-}
-
 // echoBackend starts a TCP echo server for the test.
 func echoBackend(t *testing.T) string {
 	ctx, cancel := context.WithCancel(context.Background())
@@ -189,36 +181,6 @@ func splitHostPort(t *testing.T, addr string) (string, int) {
 	var port int
 	fmt.Sscan(p, &port)
 	return h, port
-}
-
-// echoRoundTrip sends payload through addr, half-closes, and checks the
-// whole echo comes back.
-func echoRoundTrip(addr string, payload []byte) error {
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(60 * time.Second))
-	errc := make(chan error, 1)
-	go func() {
-		_, err := c.Write(payload)
-		if err == nil {
-			err = c.(*net.TCPConn).CloseWrite()
-		}
-		errc <- err
-	}()
-	got, err := io.ReadAll(c)
-	if werr := <-errc; werr != nil {
-		return fmt.Errorf("write: %w", werr)
-	}
-	if err != nil {
-		return fmt.Errorf("read after %d bytes: %w", len(got), err)
-	}
-	if !bytes.Equal(got, payload) {
-		return fmt.Errorf("echo mismatch: sent %d bytes, got %d", len(payload), len(got))
-	}
-	return nil
 }
 
 // httpGet fetches url with an optional bearer token.

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/portway/portway/internal/childproc"
+	"github.com/portway/portway/internal/testwait"
 )
 
 // The reliability tests run the gateway and the agent as real processes of
@@ -195,7 +196,7 @@ agents:
 admin: {listen: %q, token: %q}
 `, g.listen, g.state, g.heartbeat, tokenA, g.admin, adminToken))
 	p := startProc(t, "gateway", nil, "gateway", "--config", cfg, "--log-level", "debug")
-	eventually(t, 10*time.Second, "the gateway process to serve", func() bool {
+	testwait.For(t, 10*time.Second, "the gateway process to serve", func() bool {
 		code, _ := httpGetQuiet("http://" + g.admin + "/readyz")
 		return code == 200
 	})
