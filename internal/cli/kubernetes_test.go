@@ -35,6 +35,7 @@ import (
 	"github.com/portway/portway/internal/discovery"
 	"github.com/portway/portway/internal/gateway"
 	"github.com/portway/portway/internal/k8stest"
+	"github.com/portway/portway/internal/testgateway"
 	"github.com/portway/portway/internal/testlog"
 	"github.com/portway/portway/internal/testmetrics"
 	"github.com/portway/portway/internal/testservers"
@@ -363,27 +364,14 @@ type testGateway struct {
 
 func startTestGateway(t *testing.T) *testGateway {
 	t.Helper()
-	cfg := config.DefaultGateway()
-	cfg.Listen = "127.0.0.1:0"
-	cfg.PublicHost = "127.0.0.1"
-	cfg.BindAddress = "127.0.0.1"
-	cfg.StateFile = t.TempDir() + "/gateway.db"
-	cfg.Insecure = true
+	cfg := testgateway.Config(t, config.Agent{Name: "cluster", Token: agentTok})
 	cfg.HeartbeatInterval = config.D(time.Second)
-	cfg.Agents = []config.Agent{{Name: "cluster", Token: agentTok}}
 	cfg.Admin = config.Admin{Listen: "127.0.0.1:0", Token: "admin-token-0123456789"}
 	log, lb := testlog.New(t, "gateway")
 	_ = lb
 	reg := prometheus.NewRegistry()
-	g, err := gateway.New(gateway.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: "test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := g.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(g.Close)
-	return &testGateway{Gateway: g, url: "ws://" + g.TunnelAddr().String() + "/v1/tunnel"}
+	g := testgateway.Start(t, gateway.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: "test"})
+	return &testGateway{Gateway: g, url: testgateway.URL(g)}
 }
 
 func gatewayServiceMode(g *testGateway, id string) string {

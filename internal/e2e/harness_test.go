@@ -20,6 +20,7 @@ import (
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/gateway"
 	"github.com/portway/portway/internal/quickstart"
+	"github.com/portway/portway/internal/testgateway"
 	"github.com/portway/portway/internal/testlog"
 	"github.com/portway/portway/internal/testservers"
 )
@@ -43,14 +44,8 @@ type gw struct {
 // agent-b) allowed. opts may adjust the config before it starts.
 func startGateway(t *testing.T, opts ...func(*config.Gateway)) *gw {
 	t.Helper()
-	cfg := config.DefaultGateway()
-	cfg.Listen = "127.0.0.1:0"
-	cfg.PublicHost = "127.0.0.1"
-	cfg.BindAddress = "127.0.0.1"
-	cfg.StateFile = t.TempDir() + "/gateway.db"
-	cfg.Insecure = true
+	cfg := testgateway.Config(t, config.Agent{Name: "agent-a", Token: tokenA}, config.Agent{Name: "agent-b", Token: tokenB})
 	cfg.HeartbeatInterval = config.D(time.Second)
-	cfg.Agents = []config.Agent{{Name: "agent-a", Token: tokenA}, {Name: "agent-b", Token: tokenB}}
 	cfg.Admin = config.Admin{Listen: "127.0.0.1:0", Token: adminToken}
 	for _, o := range opts {
 		o(cfg)
@@ -63,14 +58,7 @@ func startGateway(t *testing.T, opts ...func(*config.Gateway)) *gw {
 	// Registered before Close, so it runs after: the whole log is in.
 	t.Cleanup(func() { checkNoSecrets(t, "gateway", lb.String(), secrets...) })
 	reg := prometheus.NewRegistry()
-	g, err := gateway.New(gateway.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: "test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := g.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(g.Close)
+	g := testgateway.Start(t, gateway.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: "test"})
 	return &gw{Gateway: g, cfg: cfg, reg: reg, log: lb}
 }
 
@@ -88,7 +76,7 @@ func checkNoSecrets(t *testing.T, name, log string, secrets ...string) {
 	}
 }
 
-func (g *gw) url() string { return "ws://" + g.TunnelAddr().String() + "/v1/tunnel" }
+func (g *gw) url() string { return testgateway.URL(g.Gateway) }
 
 type ag struct {
 	*agent.Agent
