@@ -290,7 +290,7 @@ func churnEndpoints(admin, agent string) (tcp, udp string) {
 
 // terminate sends SIGTERM and waits for the process to exit.
 func (p *proc) terminate(wait time.Duration) bool {
-	p.cmd.Process.Signal(syscall.SIGTERM)
+	p.Signal(syscall.SIGTERM)
 	select {
 	case <-p.done:
 		return true
