@@ -111,7 +111,7 @@ const DefaultLabel = "pipeops.io/managed"
 func DefaultAgent() *AgentFile {
 	return &AgentFile{
 		Gateway: GatewayConn{Protocol: "auto"},
-		Metrics: Metrics{Listen: ":9090"},
+		Metrics: Metrics{Listen: "127.0.0.1:9090"},
 		Tunnels: Tunnels{
 			Enabled: true,
 			Discovery: Discovery{
@@ -138,13 +138,20 @@ func DefaultAgent() *AgentFile {
 // ParseAgent parses agent.yaml over the defaults, applies environment
 // overrides and validates the result.
 func ParseAgent(data []byte, getenv func(string) string) (*AgentFile, error) {
+	return parseAgent("", data, getenv)
+}
+
+// parseAgent is ParseAgent for the file called name ("" for none), which
+// prefixes every problem with name:line.
+func parseAgent(name string, data []byte, getenv func(string) string) (*AgentFile, error) {
 	a := DefaultAgent()
-	if err := parseStrict(data, a); err != nil {
-		return nil, fmt.Errorf("config: %w", err)
+	lines, err := parseStrict(name, data, a)
+	if err != nil {
+		return nil, err
 	}
 	a.ApplyEnv(getenv)
 	if err := a.Validate(); err != nil {
-		return nil, err
+		return nil, withLines(name, lines, err)
 	}
 	return a, nil
 }
@@ -155,11 +162,7 @@ func LoadAgent(path string, getenv func(string) string) (*AgentFile, error) {
 	if err != nil {
 		return nil, err
 	}
-	a, err := ParseAgent(b, getenv)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return a, nil
+	return parseAgent(path, b, getenv)
 }
 
 // ApplyEnv applies PORTWAY_GATEWAY_TOKEN and PORTWAY_GATEWAY_URL.

@@ -107,13 +107,20 @@ func DefaultGateway() *Gateway {
 // ParseGateway parses gateway.yaml over the defaults, applies environment
 // overrides and validates the result.
 func ParseGateway(data []byte, getenv func(string) string) (*Gateway, error) {
+	return parseGateway("", data, getenv)
+}
+
+// parseGateway is ParseGateway for the file called name ("" for none),
+// which prefixes every problem with name:line.
+func parseGateway(name string, data []byte, getenv func(string) string) (*Gateway, error) {
 	g := DefaultGateway()
-	if err := parseStrict(data, g); err != nil {
-		return nil, fmt.Errorf("config: %w", err)
+	lines, err := parseStrict(name, data, g)
+	if err != nil {
+		return nil, err
 	}
 	g.applyEnv(getenv)
 	if err := g.Validate(); err != nil {
-		return nil, err
+		return nil, withLines(name, lines, err)
 	}
 	return g, nil
 }
@@ -124,11 +131,7 @@ func LoadGateway(path string, getenv func(string) string) (*Gateway, error) {
 	if err != nil {
 		return nil, err
 	}
-	g, err := ParseGateway(b, getenv)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return g, nil
+	return parseGateway(path, b, getenv)
 }
 
 // applyEnv lets secrets come from the environment: PORTWAY_ADMIN_TOKEN for
