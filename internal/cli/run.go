@@ -12,6 +12,7 @@ import (
 	"github.com/portway/portway/internal/agent"
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/gateway"
+	"github.com/portway/portway/internal/store"
 )
 
 func (a *app) gatewayCmd() *cobra.Command {
@@ -46,6 +47,13 @@ func (a *app) gatewayCmd() *cobra.Command {
 			if err := cfg.Validate(); err != nil {
 				return err
 			}
+			if cfg.StateFile != "" {
+				// A gateway that cannot persist its allocations would lose
+				// "same port after restart" silently: refuse to start.
+				if err := (&store.File{Path: cfg.StateFile}).CheckWritable(); err != nil {
+					return fmt.Errorf("state_file: %s: %w (make the directory writable by this user, e.g. StateDirectory= in a systemd unit, or set state_file)", cfg.StateFile, err)
+				}
+			}
 			if len(cfg.Agents) == 0 {
 				log.Warn("no agents configured: every tunnel connection will be refused")
 			}
@@ -78,6 +86,7 @@ func setString(changed bool, dst *string, v string) {
 func (a *app) agentCmd() *cobra.Command {
 	var path, gwURL, token, proto, metricsListen string
 	var expose []string
+	var exitOnAuth bool
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the agent: connect out to the gateway and expose services",
@@ -111,7 +120,7 @@ func (a *app) agentCmd() *cobra.Command {
 				return err
 			}
 			reg := registry()
-			return runAgent(cmd.Context(), agent.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: a.version}, a.getenv)
+			return runAgent(cmd.Context(), agent.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: a.version, ExitOnAuthFailure: exitOnAuth}, a.getenv)
 		},
 	}
 	f := cmd.Flags()
@@ -120,6 +129,7 @@ func (a *app) agentCmd() *cobra.Command {
 	f.StringVar(&token, "token", "", "agent token (gateway.token; prefer PORTWAY_GATEWAY_TOKEN)")
 	f.StringVar(&proto, "protocol", "", "auto, yamux or json (gateway.protocol)")
 	f.StringVar(&metricsListen, "metrics-listen", "", "metrics/health address (metrics.listen)")
+	f.BoolVar(&exitOnAuth, "exit-on-auth-failure", false, fmt.Sprintf("exit with status %d when the gateway rejects the token, instead of retrying", agent.AuthExitCode))
 	f.StringArrayVar(&expose, "expose", nil, "expose a service: NAME=tcp://HOST:PORT or NAME=udp://HOST:PORT (repeatable)")
 	return cmd
 }
