@@ -21,6 +21,11 @@
 #   util-linux        unshare
 #   procps            ps, pgrep
 #   ca-certificates, curl
+#   podman            builds and checks the container image (scripts/image.sh):
+#                     vfs storage, FROM scratch, nothing pulled, no daemon
+#   systemd           systemd-analyze verify and systemd-sysusers for the
+#                     units in deploy/systemd (scripts/units.sh); nothing of it
+#                     needs systemd running as PID 1
 #
 # Services: the postinst scripts of postgresql, redis-server and
 # openssh-server try to start system services through invoke-rc.d. Those would
@@ -50,6 +55,8 @@ PACKAGES=(
 	procps
 	ca-certificates
 	curl
+	podman
+	systemd
 )
 
 # Binaries that must be present afterwards (binary:package). A package can be
@@ -69,6 +76,9 @@ BINARIES=(
 	unshare:util-linux
 	ps:procps
 	curl:curl
+	podman:podman
+	systemd-analyze:systemd
+	systemd-sysusers:systemd
 )
 
 have_binary() {
