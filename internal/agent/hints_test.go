@@ -21,7 +21,7 @@ func TestTLSHint(t *testing.T) {
 		want string
 	}{
 		"unknown CA": {wrap(x509.UnknownAuthorityError{Cert: cert}), "set gateway.ca_file to the gateway's CA"},
-		"hostname":   {wrap(x509.HostnameError{Certificate: cert, Host: "gw.example.com"}), "gateway.server_name"},
+		"hostname":   {wrap(x509.HostnameError{Certificate: cert, Host: "gw.example.com"}), "does not name the host in gateway.url"},
 		"expired":    {wrap(x509.CertificateInvalidError{Cert: cert, Reason: x509.Expired}), "has expired"},
 		"other":      {wrap(x509.CertificateInvalidError{Cert: cert, Reason: x509.NotAuthorizedToSign}), "check gateway.ca_file and gateway.server_name"},
 	}
