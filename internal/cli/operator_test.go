@@ -278,3 +278,30 @@ func TestStatusColumns(t *testing.T) {
 		}
 	}
 }
+
+// TestFlagsSupplyWhatTheFileLacks checks that flags are applied before the
+// file is validated: --token for an agent.yaml without one, --port-range
+// for a gateway.yaml whose range is wrong.
+func TestFlagsSupplyWhatTheFileLacks(t *testing.T) {
+	dir := t.TempDir()
+	gw := filepath.Join(dir, "gateway.yaml")
+	os.WriteFile(gw, []byte("listen: \"127.0.0.1:0\"\nstate_file: \"\"\ninsecure: true\nport_range: \"20000-10000\"\n"), 0o600)
+	ag := filepath.Join(dir, "agent.yaml")
+	os.WriteFile(ag, []byte("gateway: {url: \"ws://127.0.0.1:1/v1/tunnel\"}\nmetrics: {listen: \"\"}\n"), 0o600)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // only the config is of interest: stop at once
+	for _, args := range [][]string{
+		{"gateway", "--config", gw, "--port-range", "31000-31010"},
+		{"agent", "--config", ag, "--token", "from-the-flag"},
+	} {
+		var out bytes.Buffer
+		if code := Main(ctx, args, "test", &out, &out); code != 0 {
+			t.Errorf("%v: exit %d: %s", args, code, out.String())
+		}
+	}
+	// Without the flag, the file's gap is reported with the file's name.
+	var out bytes.Buffer
+	if code := Main(ctx, []string{"agent", "--config", ag}, "test", &out, &out); code == 0 || !strings.Contains(out.String(), ag+":1: gateway.token: is required") {
+		t.Errorf("agent without a token: exit %d: %s", code, out.String())
+	}
+}

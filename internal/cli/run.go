@@ -28,21 +28,27 @@ func (a *app) gatewayCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			cfg := config.DefaultGateway()
-			if path != "" {
-				if cfg, err = config.LoadGateway(path, a.getenv); err != nil {
-					return err
+			// Flags override the file before it is validated, so that a
+			// flag can supply what the file lacks (--insecure for no tls:).
+			f := cmd.Flags()
+			flags := func(cfg *config.Gateway) {
+				setString(f.Changed("listen"), &cfg.Listen, listen)
+				setString(f.Changed("public-host"), &cfg.PublicHost, publicHost)
+				setString(f.Changed("port-range"), &cfg.PortRange, portRange)
+				setString(f.Changed("bind-address"), &cfg.BindAddress, bind)
+				setString(f.Changed("state-file"), &cfg.StateFile, stateFile)
+				setString(f.Changed("admin-listen"), &cfg.Admin.Listen, adminListen)
+				if f.Changed("insecure") {
+					cfg.Insecure = insecure
 				}
 			}
-			f := cmd.Flags()
-			setString(f.Changed("listen"), &cfg.Listen, listen)
-			setString(f.Changed("public-host"), &cfg.PublicHost, publicHost)
-			setString(f.Changed("port-range"), &cfg.PortRange, portRange)
-			setString(f.Changed("bind-address"), &cfg.BindAddress, bind)
-			setString(f.Changed("state-file"), &cfg.StateFile, stateFile)
-			setString(f.Changed("admin-listen"), &cfg.Admin.Listen, adminListen)
-			if f.Changed("insecure") {
-				cfg.Insecure = insecure
+			cfg := config.DefaultGateway()
+			if path != "" {
+				if cfg, err = config.LoadGatewayWith(path, a.getenv, flags); err != nil {
+					return err
+				}
+			} else {
+				flags(cfg)
 			}
 			if err := cfg.Validate(); err != nil {
 				return err
@@ -96,25 +102,32 @@ func (a *app) agentCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			cfg := config.DefaultAgent()
-			if path != "" {
-				if cfg, err = config.LoadAgent(path, a.getenv); err != nil {
-					return err
-				}
-			} else {
-				cfg.ApplyEnv(a.getenv)
-			}
-			f := cmd.Flags()
-			setString(f.Changed("gateway-url"), &cfg.Gateway.URL, gwURL)
-			setString(f.Changed("token"), &cfg.Gateway.Token, token)
-			setString(f.Changed("protocol"), &cfg.Gateway.Protocol, proto)
-			setString(f.Changed("metrics-listen"), &cfg.Metrics.Listen, metricsListen)
+			var exposed []config.StaticService
 			for _, e := range expose {
 				s, err := parseExpose(e)
 				if err != nil {
 					return err
 				}
-				cfg.Services = append(cfg.Services, s)
+				exposed = append(exposed, s)
+			}
+			// Flags override the file before it is validated, so that a
+			// flag can supply what the file lacks (--token).
+			f := cmd.Flags()
+			flags := func(cfg *config.AgentFile) {
+				setString(f.Changed("gateway-url"), &cfg.Gateway.URL, gwURL)
+				setString(f.Changed("token"), &cfg.Gateway.Token, token)
+				setString(f.Changed("protocol"), &cfg.Gateway.Protocol, proto)
+				setString(f.Changed("metrics-listen"), &cfg.Metrics.Listen, metricsListen)
+				cfg.Services = append(cfg.Services, exposed...)
+			}
+			cfg := config.DefaultAgent()
+			if path != "" {
+				if cfg, err = config.LoadAgentWith(path, a.getenv, flags); err != nil {
+					return err
+				}
+			} else {
+				cfg.ApplyEnv(a.getenv)
+				flags(cfg)
 			}
 			if err := cfg.Validate(); err != nil {
 				return err

@@ -317,9 +317,10 @@ func withLines(name string, lines map[string]int, err error) error {
 		key, _, _ := strings.Cut(e.Error(), ": ")
 		line, ok := lines[key]
 		if !ok {
-			// "services[0].port" may be absent while "services[0]" is not.
+			// "services[0].port" may be absent while "services[0]" is not
+			// (a list entry not in the file, from a flag, has no line).
 			for k := key; k != "" && !ok; {
-				i := strings.LastIndexAny(k, ".[")
+				i := strings.LastIndexByte(k, '.')
 				if i < 0 {
 					break
 				}
