@@ -49,7 +49,7 @@ func checkShape(name string, data []byte, v any) (map[string]int, error) {
 	return c.lines, errors.Join(c.problems...)
 }
 
-// at prefixes a message with the position of n.
+// at is the "name:line: " prefix of a problem at line (0: unknown).
 func (c *shapeChecker) at(line int) string {
 	switch {
 	case c.name != "" && line > 0:
