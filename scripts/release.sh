@@ -29,6 +29,7 @@ DIST="${DIST:-dist}"
 mkdir -p "$DIST"
 
 ldflags="-s -w -X main.version=${VERSION} -X main.commit=${COMMIT}"
+failed=()
 for target in "${targets[@]}"; do
 	IFS=/ read -r goos goarch goarm <<<"$target"
 	[[ -n "$goos" && -n "$goarch" ]] || { echo "release.sh: target $target: want GOOS/GOARCH[/GOARM]" >&2; exit 2; }
@@ -36,8 +37,12 @@ for target in "${targets[@]}"; do
 	name="portway_${VERSION}_${goos}_${goarch}${goarm:+v$goarm}"
 	[[ "$goos" == windows ]] && name+=.exe
 	echo "release.sh: $target${tags:+ (tags: $tags)} -> $DIST/$name" >&2
-	CGO_ENABLED=0 GOOS="$goos" GOARCH="$goarch" GOARM="${goarm}" \
-		go build -trimpath -tags "$tags" -ldflags "$ldflags" -o "$DIST/$name" ./cmd/portway
+	# Every target is tried, so one run reports every one that fails.
+	if ! CGO_ENABLED=0 GOOS="$goos" GOARCH="$goarch" GOARM="${goarm}" \
+		go build -trimpath -tags "$tags" -ldflags "$ldflags" -o "$DIST/$name" ./cmd/portway; then
+		failed+=("$target")
+		rm -f "$DIST/$name"
+	fi
 done
 
 # Sums of this version's binaries (every target built so far, this run's
@@ -45,3 +50,7 @@ done
 sums="portway_${VERSION}_SHA256SUMS"
 (cd "$DIST" && find . -maxdepth 1 -type f -name "portway_${VERSION}_*" ! -name "$sums" -printf '%f\n' | sort | xargs -r sha256sum >"$sums")
 echo "release.sh: $DIST/$sums" >&2
+if ((${#failed[@]})); then
+	echo "release.sh: FAILED: ${failed[*]}" >&2
+	exit 1
+fi
