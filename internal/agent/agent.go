@@ -78,6 +78,9 @@ type Options struct {
 	// (discovery writes the endpoints back to Kubernetes with it).
 	OnEndpoints func([]Endpoint)
 	Version     string
+	// ExitOnAuthFailure makes Run return ErrAuthRejected when the gateway
+	// refuses the token, instead of retrying it forever.
+	ExitOnAuthFailure bool
 }
 
 // Agent is a running agent.
@@ -90,6 +93,8 @@ type Agent struct {
 	netDial func(ctx context.Context, network, addr string) (net.Conn, error)
 	onEP    func([]Endpoint)
 	version string
+	// exitOnAuth is Options.ExitOnAuthFailure.
+	exitOnAuth bool
 
 	mu         sync.Mutex
 	static     []Service
@@ -128,7 +133,7 @@ func New(o Options) (*Agent, error) {
 	}
 	a := &Agent{
 		cfg: o.Config, log: log, metrics: metrics.NewAgent(reg), gath: gath,
-		tls: o.TLS, netDial: o.NetDial, onEP: o.OnEndpoints, version: o.Version,
+		tls: o.TLS, netDial: o.NetDial, onEP: o.OnEndpoints, version: o.Version, exitOnAuth: o.ExitOnAuthFailure,
 		changed: make(chan struct{}, 1),
 		active:  map[protocol.ServiceKey]*Service{},
 		limits:  map[protocol.ServiceKey]*limiter{},
@@ -228,6 +233,7 @@ func (a *Agent) StartMetrics() error {
 		return fmt.Errorf("agent: metrics.listen: %w", err)
 	}
 	a.metricsLn = ln
+	a.log.Info("metrics listening", "addr", ln.Addr().String(), "paths", "/metrics /healthz /readyz")
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(a.gath, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
@@ -263,6 +269,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		err := a.runOnce(ctx)
 		if ctx.Err() != nil {
 			break
+		}
+		if a.exitOnAuth && errors.Is(err, ErrAuthRejected) {
+			return err
 		}
 		if time.Since(start) >= time.Minute {
 			b.reset() // a healthy minute: the next failure starts over
@@ -309,9 +318,9 @@ func (a *Agent) connect(ctx context.Context) (*tunnel.Session, error) {
 	if err != nil {
 		var de *tunnel.DialError
 		if errors.As(err, &de) && de.StatusCode == http.StatusUnauthorized {
-			return nil, fmt.Errorf("gateway rejected the token (HTTP 401): check gateway.token or PORTWAY_GATEWAY_TOKEN")
+			return nil, ErrAuthRejected
 		}
-		return nil, err
+		return nil, tlsHint(err)
 	}
 	tun, err := tunnel.Client(ctx, ws, tunnel.Config{Protocol: a.cfg.Gateway.Protocol, Logger: a.log})
 	if err != nil {
