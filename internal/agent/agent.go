@@ -34,7 +34,7 @@ type Service struct {
 	// ID names the service: a static service's name, or
 	// namespace/gateway/listener when discovered.
 	ID       string
-	Protocol string // "tcp" or "udp"
+	Protocol protocol.Kind
 	// Port is the port the service is known by (the gateway prefers
 	// 10000+Port publicly).
 	Port int
@@ -45,15 +45,12 @@ type Service struct {
 	// IdleTimeout overrides tcp.idle_timeout (or udp.session_timeout) for
 	// this service; 0 keeps the configured value.
 	IdleTimeout time.Duration
-	// Mode is "tunnel" or "dual" (display only).
-	Mode string
+	// Mode is protocol.ModeTunnel or protocol.ModeDual (display only).
+	Mode protocol.Mode
 }
 
 // Key returns the service's key.
-func (s *Service) Key() protocol.ServiceKey {
-	k, _ := protocol.ParseKind(s.Protocol)
-	return protocol.ServiceKey{ID: s.ID, Kind: k}
-}
+func (s *Service) Key() protocol.ServiceKey { return protocol.ServiceKey{ID: s.ID, Kind: s.Protocol} }
 
 // Endpoint is the gateway's answer for one service.
 type Endpoint struct {
@@ -390,7 +387,7 @@ func (s *session) run(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
-			s.tun.CloseWithError("shutdown", "agent shutting down")
+			s.tun.CloseWithError(protocol.CodeShutdown, "agent shutting down")
 			return ctx.Err()
 		case <-s.tun.Done():
 			return s.tun.Err()
@@ -417,7 +414,7 @@ func (s *session) run(ctx context.Context) error {
 func (a *Agent) wireService(s *Service) protocol.Service {
 	w := protocol.Service{ID: s.ID, Protocol: s.Protocol, Port: s.Port, PublicPort: s.PublicPort, Mode: s.Mode}
 	idle := s.IdleTimeout
-	if s.Protocol == "udp" {
+	if s.Protocol == protocol.KindUDP {
 		if idle == 0 {
 			idle = a.cfg.Tunnels.UDP.SessionTimeout.Duration
 		}

@@ -182,11 +182,11 @@ func (g *Gateway) Services() []ServiceInfo {
 			spec := ps.spec.Load()
 			mode := spec.Mode
 			if mode == "" {
-				mode = "tunnel"
+				mode = protocol.ModeTunnel
 			}
 			si := ServiceInfo{
-				Agent: a.name, ID: spec.ID, Protocol: spec.Protocol, Port: spec.Port,
-				PublicPort: ps.port, Endpoint: ps.endpoint, Mode: mode,
+				Agent: a.name, ID: spec.ID, Protocol: spec.Protocol.String(), Port: spec.Port,
+				PublicPort: ps.port, Endpoint: ps.endpoint, Mode: string(mode),
 			}
 			si.Active = ps.activeN.Load()
 			if ps.key.Kind == protocol.KindUDP {

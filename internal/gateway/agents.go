@@ -14,6 +14,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/portway/portway/internal/metrics"
 	"github.com/portway/portway/internal/protocol"
 	"github.com/portway/portway/internal/relay"
 	"github.com/portway/portway/internal/tunnel"
@@ -73,7 +74,7 @@ func (a *agentState) shutdown(g *Gateway) {
 	withdrawn := a.withdrawAll(g)
 	a.mu.Unlock()
 	if s != nil {
-		s.CloseWithError("shutdown", "gateway shutting down")
+		s.CloseWithError(protocol.CodeShutdown, "gateway shutting down")
 	}
 	g.afterWithdraw(a.name, withdrawn)
 }
@@ -220,8 +221,8 @@ func (g *Gateway) countServices() {
 		}
 		a.mu.Unlock()
 	}
-	g.metrics.Services.WithLabelValues("tcp").Set(float64(tcp))
-	g.metrics.Services.WithLabelValues("udp").Set(float64(udp))
+	g.metrics.Services.WithLabelValues(protocol.KindTCP.String()).Set(float64(tcp))
+	g.metrics.Services.WithLabelValues(protocol.KindUDP.String()).Set(float64(udp))
 }
 
 func (g *Gateway) bind(kind protocol.Kind) bindFunc {
@@ -313,8 +314,8 @@ func (ps *publicService) leave() {
 	ps.activeN.Add(-1)
 }
 
-func (ps *publicService) refuse(reason string) {
-	ps.g.metrics.Refusals.WithLabelValues(ps.a.name, ps.key.ID, reason).Inc()
+func (ps *publicService) refuse(reason metrics.Reason) {
+	ps.g.metrics.Refusals.WithLabelValues(ps.a.name, ps.key.ID, reason.String()).Inc()
 }
 
 func (ps *publicService) serveTCP() {
@@ -350,7 +351,7 @@ func (ps *publicService) serveConn(c *net.TCPConn) {
 	ps.total.Inc()
 	sess := ps.a.session()
 	if sess == nil {
-		ps.refuse("agent_offline")
+		ps.refuse(metrics.ReasonAgentOffline)
 		relay.Abort(c)
 		return
 	}
@@ -360,13 +361,14 @@ func (ps *publicService) serveConn(c *net.TCPConn) {
 	st, err := sess.Open(ctx, protocol.StreamHeader{Kind: protocol.KindTCP, Service: spec.ID, Client: client})
 	cancel()
 	if err != nil {
-		ps.refuse("tunnel_error")
+		ps.refuse(metrics.ReasonTunnelError)
 		relay.Abort(c)
 		return
 	}
 	ps.enter()
 	stats := new(relay.Stats)
-	flow := ps.g.metrics.Bytes.Track(func() (int64, int64) { return stats.AToB.Load(), stats.BToA.Load() }, ps.a.name, spec.ID)
+	// In is what the client sends toward the backend, out the other way.
+	flow := ps.g.metrics.Bytes.Track(func() (int64, int64) { return stats.ToBackend.Load(), stats.FromBackend.Load() }, ps.a.name, spec.ID)
 	relay.Start(c, st, relay.Options{
 		BufferSize:  ps.g.conf().BufferSize,
 		IdleTimeout: time.Duration(spec.IdleTimeoutMS) * time.Millisecond,
@@ -375,9 +377,9 @@ func (ps *publicService) serveConn(c *net.TCPConn) {
 		ps.leave()
 		var oe *protocol.OpenError
 		if errors.As(res.Err, &oe) {
-			ps.refuse(oe.Status.String())
+			ps.refuse(metrics.StatusReason(oe.Status))
 		}
 		ps.g.log.Debug("connection closed", "agent", ps.a.name, "service", spec.ID, "client", client,
-			"in", stats.AToB.Load(), "out", stats.BToA.Load(), "err", res.Err)
+			"in", stats.ToBackend.Load(), "out", stats.FromBackend.Load(), "err", res.Err)
 	})
 }

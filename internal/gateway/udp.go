@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/portway/portway/internal/metrics"
 	"github.com/portway/portway/internal/protocol"
 	"github.com/portway/portway/internal/relay"
 	"github.com/portway/portway/internal/tunnel"
@@ -128,7 +129,7 @@ func (ps *publicService) serveUDP() {
 			max = protocol.MaxDatagram
 		}
 		if n > max {
-			ps.drop("too_large")
+			ps.drop(metrics.ReasonTooLarge)
 			continue
 		}
 		ps.handle(netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port()), buf[:n])
@@ -142,8 +143,8 @@ func (ps *publicService) handle(client netip.AddrPort, data []byte) {
 	s, why := ps.session(client)
 	if s == nil {
 		switch why {
-		case "":
-		case "agent_offline":
+		case metrics.ReasonNone:
+		case metrics.ReasonAgentOffline:
 			ps.refuse(why) // as a TCP connection while the agent is offline
 		default:
 			ps.drop(why)
@@ -153,7 +154,7 @@ func (ps *publicService) handle(client netip.AddrPort, data []byte) {
 	b := ps.g.dgrams.get(len(data))
 	if !ps.charge(b) {
 		ps.g.dgrams.put(b)
-		ps.drop("over_budget")
+		ps.drop(metrics.ReasonOverBudget)
 		return
 	}
 	copy(*b, data)
@@ -168,7 +169,7 @@ func (ps *publicService) handle(client netip.AddrPort, data []byte) {
 		}
 	default:
 		ps.release(b)
-		ps.drop("queue_full")
+		ps.drop(metrics.ReasonQueueFull)
 	}
 }
 
@@ -195,42 +196,43 @@ func (ps *publicService) release(b *[]byte) {
 	ps.g.dgrams.put(b)
 }
 
-func (ps *publicService) drop(reason string) {
-	ps.g.metrics.UDPDropped.WithLabelValues(ps.a.name, ps.key.ID, reason).Inc()
+func (ps *publicService) drop(reason metrics.Reason) {
+	ps.g.metrics.UDPDropped.WithLabelValues(ps.a.name, ps.key.ID, reason.String()).Inc()
 }
 
 // session returns the client's session, starting one if needed. It returns
 // nil when the datagram must be dropped, with the reason to count, which is
-// "agent_offline" for a refusal and "" when nothing is to be counted. It
+// ReasonAgentOffline for a refusal and ReasonNone when nothing is to be
+// counted. It
 // reads the agent's session without a lock and counts nothing itself: the
 // sessions lock is never held while waiting for anything else.
-func (ps *publicService) session(client netip.AddrPort) (*udpSession, string) {
+func (ps *publicService) session(client netip.AddrPort) (*udpSession, metrics.Reason) {
 	u := ps.sessions
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if s := u.m[client]; s != nil {
-		return s, ""
+		return s, metrics.ReasonNone
 	}
 	if u.closed {
-		return nil, ""
+		return nil, metrics.ReasonNone
 	}
 	if until, ok := u.refused[client]; ok {
 		if time.Now().Before(until) {
-			return nil, "refused"
+			return nil, metrics.ReasonRefused
 		}
 		delete(u.refused, client)
 	}
 	if len(u.m) >= maxUDPSessions {
-		return nil, "over_limit"
+		return nil, metrics.ReasonOverLimit
 	}
 	sess := ps.a.session()
 	if sess == nil {
-		return nil, "agent_offline"
+		return nil, metrics.ReasonAgentOffline
 	}
 	s := &udpSession{ps: ps, client: client, queue: make(chan *[]byte, udpQueueLen), done: make(chan struct{})}
 	u.m[client] = s
 	go s.run(sess)
-	return s, ""
+	return s, metrics.ReasonNone
 }
 
 func (s *udpSession) run(sess *tunnel.Session) {
@@ -250,10 +252,10 @@ func (s *udpSession) run(sess *tunnel.Session) {
 		}
 		var oe *protocol.OpenError
 		if errors.As(err, &oe) {
-			ps.refuse(oe.Status.String())
+			ps.refuse(metrics.StatusReason(oe.Status))
 			ps.sessions.hold(s.client, time.Now())
 		} else {
-			ps.refuse("tunnel_error")
+			ps.refuse(metrics.ReasonTunnelError)
 		}
 		return
 	}
@@ -262,8 +264,7 @@ func (s *udpSession) run(sess *tunnel.Session) {
 	defer ps.leave()
 	var stats relay.PacketStats
 	flow := ps.g.metrics.UDPPackets.Track(func() (int64, int64) { return stats.ToTunnel.Load(), stats.FromTunnel.Load() }, ps.a.name, spec.ID)
-	pc := tunnel.AsPackets(st)
-	res := relay.PipePackets(pc, s, relay.PacketOptions{
+	res := relay.PipePackets(tunnel.AsPackets(st), s, relay.PacketOptions{
 		MaxDatagram: max(spec.MaxDatagram, 0),
 		IdleTimeout: time.Duration(spec.IdleTimeoutMS) * time.Millisecond,
 	}, &stats)
@@ -274,11 +275,11 @@ func (s *udpSession) run(sess *tunnel.Session) {
 		s.held = nil
 	}
 	flow.Done()
-	if d := stats.Dropped.Load(); d > 0 {
-		ps.g.metrics.UDPDropped.WithLabelValues(ps.a.name, spec.ID, "too_large").Add(float64(d))
+	if res.TooLarge > 0 {
+		ps.g.metrics.UDPDropped.WithLabelValues(ps.a.name, spec.ID, metrics.ReasonTooLarge.String()).Add(float64(res.TooLarge))
 	}
-	if d := tunnel.PacketsDropped(pc); d > 0 {
-		ps.g.metrics.UDPDropped.WithLabelValues(ps.a.name, spec.ID, "queue_full").Add(float64(d))
+	if res.QueueFull > 0 {
+		ps.g.metrics.UDPDropped.WithLabelValues(ps.a.name, spec.ID, metrics.ReasonQueueFull.String()).Add(float64(res.QueueFull))
 	}
 	ps.g.log.Debug("udp session closed", "agent", ps.a.name, "service", spec.ID, "client", s.client,
 		"in", stats.ToTunnel.Load(), "out", stats.FromTunnel.Load(), "err", res.Err)

@@ -57,7 +57,7 @@ func benchUDPService() (*publicService, *udpSession) {
 	g := &Gateway{cfg: config.DefaultGateway(), metrics: metrics.NewGateway(prometheus.NewRegistry())}
 	ps := &publicService{g: g, a: newAgentState("agent-a", 1), key: protocol.ServiceKey{ID: "dns", Kind: protocol.KindUDP},
 		sessions: newUDPSessions(), done: make(chan struct{})}
-	ps.spec.Store(&protocol.Service{ID: "dns", Protocol: "udp", Port: 53})
+	ps.spec.Store(&protocol.Service{ID: "dns", Protocol: protocol.KindUDP, Port: 53})
 	client := netip.MustParseAddrPort("127.0.0.1:5353")
 	s := &udpSession{ps: ps, client: client, queue: make(chan *[]byte, udpQueueLen), done: make(chan struct{})}
 	ps.sessions.m[client] = s

@@ -2,6 +2,8 @@ package metrics
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/portway/portway/internal/protocol"
 )
 
 // Agent holds the agent's metrics. The pipeops_agent_* names are the PipeOps
@@ -102,8 +104,8 @@ func NewAgent(reg prometheus.Registerer) *Agent {
 		m.Connected, m.Reconnects, m.Protocol, m.HeartbeatRTT, m.Registered)
 	// Expose the discovery series from the start (at zero without
 	// Kubernetes), so dashboards and alerts see them.
-	for _, p := range []string{"tcp", "udp"} {
-		m.Discovered.WithLabelValues(p)
+	for _, k := range []protocol.Kind{protocol.KindTCP, protocol.KindUDP} {
+		m.Discovered.WithLabelValues(k.String())
 	}
 	for _, r := range []string{"success", "error"} {
 		m.Syncs.WithLabelValues(r)
@@ -201,8 +203,8 @@ func NewGateway(reg prometheus.Registerer) *Gateway {
 		m.ConnActive, m.ConnTotal, m.Bytes, m.Refusals, m.UDPActive, m.UDPSessions, m.UDPPackets,
 		m.UDPDropped, m.AuthFailures, m.SessionEnds)
 	// Both reasons from the start, so an alert on their rate sees zero.
-	for _, r := range []string{"agent_cap", "range_full"} {
-		m.PortEvictions.WithLabelValues(r)
+	for _, r := range []Reason{ReasonAgentCap, ReasonRangeFull} {
+		m.PortEvictions.WithLabelValues(r.String())
 	}
 	return m
 }
