@@ -23,9 +23,9 @@ import (
 
 	"github.com/portway/portway/internal/agent"
 	"github.com/portway/portway/internal/config"
+	"github.com/portway/portway/internal/protocol"
 	"github.com/portway/portway/internal/testnet"
 	"github.com/portway/portway/internal/testwait"
-	"github.com/portway/portway/internal/protocol"
 )
 
 // writeTestCert writes a self-signed ECDSA certificate for 127.0.0.1 and
