@@ -164,7 +164,7 @@ func New(o Options) (*Gateway, error) {
 	}
 	g.live.Store(newLive(cfg))
 	if cfg.TLS != nil {
-		g.certNotAfter = newCertNotAfter(reg)
+		g.certNotAfter = metrics.NewCertificateExpiry(reg)
 	}
 	g.upgrader = tunnel.NewUpgrader(cfg.HandshakeTimeout.Duration)
 	g.limitRetained()

@@ -209,6 +209,18 @@ func NewGateway(reg prometheus.Registerer) *Gateway {
 	return m
 }
 
+// NewCertificateExpiry creates and registers the gauge of the gateway's TLS
+// certificate expiry. Only a gateway serving TLS registers it: a zero
+// expiry would look like a long-expired certificate to an alert.
+func NewCertificateExpiry(reg prometheus.Registerer) prometheus.Gauge {
+	m := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "portway_gateway_tls_certificate_not_after_timestamp_seconds",
+		Help: "Expiry (Unix time) of the TLS certificate the agent endpoint presents to new handshakes.",
+	})
+	reg.MustRegister(m)
+	return m
+}
+
 // ForgetService removes a withdrawn service's label sets.
 func (m *Gateway) ForgetService(agent, service string) {
 	l := prometheus.Labels{"agent": agent, "service": service}
