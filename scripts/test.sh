@@ -32,7 +32,8 @@ k8s_env_pid=$!
 helm_log=$(mktemp)
 scripts/helm.sh version >"$helm_log" 2>&1 &
 helm_pid=$!
-trap 'kill "$k8s_env_pid" "$helm_pid" 2>/dev/null || true; rm -f "$k8s_env_out" "$k8s_env_log" "$helm_log"' EXIT
+rel_dir=$(mktemp -d)
+trap 'kill "$k8s_env_pid" "$helm_pid" 2>/dev/null || true; rm -rf "$k8s_env_out" "$k8s_env_log" "$helm_log" "$rel_dir"' EXIT
 
 step "installing test dependencies"
 scripts/install-test-deps.sh
@@ -52,12 +53,16 @@ go vet ./...
 go vet -tags nokubernetes ./cmd/... ./internal/cli/...
 go test -tags nokubernetes -count=1 -run TestNoKubernetesBuild ./internal/cli
 
-step "32-bit builds, and the protocol and tunnel tests on 386"
+step "other platforms: 32-bit builds, the protocol and tunnel tests on 386"
 # Agents run on armv7 and 386 boards, where int has 32 bits: wire values
 # must not wrap there. 386 binaries run on amd64 Linux (no race detector).
-GOARCH=386 go build ./...
-GOARCH=arm GOARM=7 go build ./...
-GOARCH=386 go test -count=1 ./internal/protocol ./internal/tunnel
+# The cross builds leave out the Kubernetes libraries (-tags nokubernetes):
+# compiling them again per platform would cost minutes, and all of
+# portway's own code but discovery is in that build.
+for target in linux/386 linux/arm linux/arm64 darwin/arm64 windows/amd64; do
+  GOOS=${target%/*} GOARCH=${target#*/} GOARM=7 go build -tags nokubernetes -o /dev/null ./cmd/portway
+done
+GOARCH=386 go test -count=1 ./internal/protocol ./internal/tunnel ./internal/relay
 
 step "staticcheck"
 go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
@@ -65,8 +70,6 @@ go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 step "release build, systemd units, container image"
 # One stamped release binary (the lean build for gateway hosts): its
 # version output names what was stamped and the build tags.
-rel_dir=$(mktemp -d)
-trap 'kill "$k8s_env_pid" 2>/dev/null || true; rm -rf "$k8s_env_out" "$k8s_env_log" "$rel_dir"' EXIT
 rel_commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 VERSION=v0.0.0-test COMMIT="$rel_commit" TAGS=nokubernetes DIST="$rel_dir" scripts/release.sh "$(go env GOOS)/$(go env GOARCH)"
 rel_bin="$rel_dir/portway_v0.0.0-test_$(go env GOOS)_$(go env GOARCH)"
@@ -76,7 +79,10 @@ for want in "portway v0.0.0-test" "commit: *$rel_commit" "go: *go[0-9]" "build t
   grep -q "^$want" <<<"$rel_out" || { echo "release binary --version lacks \"$want\":" >&2; echo "$rel_out" >&2; exit 1; }
 done
 scripts/units.sh "$rel_bin"
-scripts/image.sh
+# The image for this machine's platform (scripts/image.sh builds both
+# linux/amd64 and linux/arm64 for a release; a second platform here would
+# compile every package again, Kubernetes libraries included).
+PLATFORMS="${IMAGE_PLATFORMS:-linux/$(go env GOARCH)}" scripts/image.sh
 
 step "kube-apiserver and etcd for the Kubernetes tests (scripts/k8s-test-env.sh)"
 k8s_env_rc=0

@@ -324,6 +324,11 @@ func (c ConnectedUDP) Waiting() bool {
 // report from an earlier send) is returned as err. It allocates nothing,
 // as it runs once or twice per datagram.
 func (c ConnectedUDP) peek(wait bool) (ready bool, err error) {
+	if !canPeek {
+		// Nothing known to be waiting; a waiter goes on to the read,
+		// which waits itself.
+		return wait, nil
+	}
 	rc, err := c.UDPConn.SyscallConn()
 	if err != nil {
 		return false, err

@@ -1,4 +1,4 @@
-//go:build !386
+//go:build !windows && !(linux && 386)
 
 package relay
 
@@ -6,6 +6,9 @@ import (
 	"syscall"
 	"unsafe"
 )
+
+// canPeek: peekByte works here.
+const canPeek = true
 
 // peekByte copies the next byte waiting on socket fd into *b without
 // consuming it and without blocking: recvfrom(2) with MSG_PEEK and

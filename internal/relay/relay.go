@@ -304,6 +304,9 @@ func WaitReadable(r any) error {
 	case interface{ WaitReadable() error }:
 		return r.WaitReadable()
 	case syscall.Conn:
+		if !canPeek {
+			return nil // the read itself waits
+		}
 		rc, err := r.SyscallConn()
 		if err != nil {
 			return err

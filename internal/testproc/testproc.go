@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package testproc runs child processes for tests: the portway binary in
 // the end-to-end tests, third-party servers in testservers. A process is
 // started with its output in a log file, in its own process group, dying

@@ -6,6 +6,9 @@ import (
 	"unsafe"
 )
 
+// canPeek: peekByte works here.
+const canPeek = true
+
 // socketcallRecvfrom is SYS_RECVFROM of socketcall(2) (linux/net.h).
 const socketcallRecvfrom = 12
 
