@@ -6,8 +6,10 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/portway/portway/internal/adminapi"
 	"github.com/portway/portway/internal/protocol"
 	"github.com/portway/portway/internal/relay"
 	"github.com/portway/portway/internal/tunnel"
@@ -41,6 +43,44 @@ const (
 	// udpSocketBuffer is the socket buffer asked for on public UDP ports.
 	udpSocketBuffer = 4 << 20
 )
+
+// udpBudget is the gateway-wide side of the UDP queue budget: the buffers
+// of queued datagrams and the bytes they hold against udp_queue_bytes.
+type udpBudget struct {
+	pool dgramPool
+	// queued counts the bytes of every service's queued datagrams.
+	queued atomic.Int64
+	// total is udp_queue_bytes, perService udp_queue_bytes_per_service.
+	total, perService int64
+}
+
+// udpService is a public UDP port: one session per client address, each
+// carried by a stream of its own to the agent.
+type udpService struct {
+	*serviceBase
+	conn     *net.UDPConn
+	budget   *udpBudget
+	sessions *udpSessions
+	// queued counts the bytes of this service's queued datagrams against
+	// the budget's perService.
+	queued atomic.Int64
+}
+
+// close closes the public socket and ends every session of the port.
+func (us *udpService) close() {
+	us.stop(func() {
+		us.conn.Close()
+		us.sessions.closeAll()
+	})
+}
+
+func (us *udpService) traffic(si *adminapi.ServiceInfo) {
+	si.PacketsIn, si.PacketsOut = us.metrics.UDPPackets.Values(us.agent, si.ID)
+}
+
+func (us *udpService) drop(reason string) {
+	us.metrics.UDPDropped.WithLabelValues(us.agent, us.key.ID, reason).Inc()
+}
 
 type udpSessions struct {
 	mu        sync.Mutex
@@ -99,7 +139,7 @@ func (u *udpSessions) hold(client netip.AddrPort, now time.Time) {
 // (relay.Datagrams) of its relay: reads come from its queue, writes go to
 // the client through the shared socket.
 type udpSession struct {
-	ps     *publicService
+	us     *udpService
 	client netip.AddrPort
 	queue  chan *[]byte
 	held   *[]byte // taken from queue by WaitReadable; only the relay's reader touches it
@@ -107,13 +147,13 @@ type udpSession struct {
 	once   sync.Once
 }
 
-func (ps *publicService) serveUDP() {
+func (us *udpService) serve() {
 	buf := make([]byte, protocol.MaxDatagram+1)
 	for {
-		n, addr, err := ps.udp.ReadFromUDPAddrPort(buf)
+		n, addr, err := us.conn.ReadFromUDPAddrPort(buf)
 		if err != nil {
 			select {
-			case <-ps.done:
+			case <-us.done:
 				return
 			default:
 			}
@@ -122,38 +162,38 @@ func (ps *publicService) serveUDP() {
 			}
 			continue // per-datagram errors (ICMP reports) are not fatal
 		}
-		spec := ps.spec.Load()
+		spec := us.spec.Load()
 		max := spec.MaxDatagram
 		if max <= 0 {
 			max = protocol.MaxDatagram
 		}
 		if n > max {
-			ps.drop("too_large")
+			us.drop("too_large")
 			continue
 		}
-		ps.handle(netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port()), buf[:n])
+		us.handle(netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port()), buf[:n])
 	}
 }
 
 // handle queues one datagram from client for its session, or drops it
 // and counts why. It is the per-datagram path: it allocates nothing once
 // the client has a session and the buffer pool is warm.
-func (ps *publicService) handle(client netip.AddrPort, data []byte) {
-	s, why := ps.session(client)
+func (us *udpService) handle(client netip.AddrPort, data []byte) {
+	s, why := us.session(client)
 	if s == nil {
 		switch why {
 		case "":
 		case "agent_offline":
-			ps.refuse(why) // as a TCP connection while the agent is offline
+			us.refuse(why) // as a TCP connection while the agent is offline
 		default:
-			ps.drop(why)
+			us.drop(why)
 		}
 		return
 	}
-	b := ps.g.dgrams.get(len(data))
-	if !ps.charge(b) {
-		ps.g.dgrams.put(b)
-		ps.drop("over_budget")
+	b := us.budget.pool.get(len(data))
+	if !us.charge(b) {
+		us.budget.pool.put(b)
+		us.drop("over_budget")
 		return
 	}
 	copy(*b, data)
@@ -167,36 +207,31 @@ func (ps *publicService) handle(client netip.AddrPort, data []byte) {
 		default:
 		}
 	default:
-		ps.release(b)
-		ps.drop("queue_full")
+		us.release(b)
+		us.drop("queue_full")
 	}
 }
 
 // charge counts a queued datagram's buffer against the service's and the
 // gateway's budgets; it reports false, charging nothing, if either would
 // be exceeded.
-func (ps *publicService) charge(b *[]byte) bool {
+func (us *udpService) charge(b *[]byte) bool {
 	n := int64(cap(*b))
-	g := ps.g
-	svc, all := ps.queued.Add(n), g.udpQueued.Add(n)
-	if svc > int64(g.cfg.UDPQueueBytesPerService) || all > int64(g.cfg.UDPQueueBytes) {
-		ps.queued.Add(-n)
-		g.udpQueued.Add(-n)
+	svc, all := us.queued.Add(n), us.budget.queued.Add(n)
+	if svc > us.budget.perService || all > us.budget.total {
+		us.queued.Add(-n)
+		us.budget.queued.Add(-n)
 		return false
 	}
 	return true
 }
 
 // release uncharges a datagram's buffer and recycles it.
-func (ps *publicService) release(b *[]byte) {
+func (us *udpService) release(b *[]byte) {
 	n := int64(cap(*b))
-	ps.queued.Add(-n)
-	ps.g.udpQueued.Add(-n)
-	ps.g.dgrams.put(b)
-}
-
-func (ps *publicService) drop(reason string) {
-	ps.g.metrics.UDPDropped.WithLabelValues(ps.a.name, ps.key.ID, reason).Inc()
+	us.queued.Add(-n)
+	us.budget.queued.Add(-n)
+	us.budget.pool.put(b)
 }
 
 // session returns the client's session, starting one if needed. It returns
@@ -204,8 +239,8 @@ func (ps *publicService) drop(reason string) {
 // "agent_offline" for a refusal and "" when nothing is to be counted. It
 // reads the agent's session without a lock and counts nothing itself: the
 // sessions lock is never held while waiting for anything else.
-func (ps *publicService) session(client netip.AddrPort) (*udpSession, string) {
-	u := ps.sessions
+func (us *udpService) session(client netip.AddrPort) (*udpSession, string) {
+	u := us.sessions
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if s := u.m[client]; s != nil {
@@ -223,21 +258,21 @@ func (ps *publicService) session(client netip.AddrPort) (*udpSession, string) {
 	if len(u.m) >= maxUDPSessions {
 		return nil, "over_limit"
 	}
-	sess := ps.a.session()
+	sess := us.agentSession()
 	if sess == nil {
 		return nil, "agent_offline"
 	}
-	s := &udpSession{ps: ps, client: client, queue: make(chan *[]byte, udpQueueLen), done: make(chan struct{})}
+	s := &udpSession{us: us, client: client, queue: make(chan *[]byte, udpQueueLen), done: make(chan struct{})}
 	u.m[client] = s
 	go s.run(sess)
 	return s, ""
 }
 
 func (s *udpSession) run(sess *tunnel.Session) {
-	ps := s.ps
-	defer ps.sessions.remove(s)
+	us := s.us
+	defer us.sessions.remove(s)
 	defer s.Close()
-	spec := ps.spec.Load()
+	spec := us.spec.Load()
 	ctx, cancel := context.WithTimeout(context.Background(), openTimeout)
 	st, err := sess.Open(ctx, protocol.StreamHeader{Kind: protocol.KindUDP, Service: spec.ID, Client: s.client})
 	if err == nil {
@@ -250,18 +285,18 @@ func (s *udpSession) run(sess *tunnel.Session) {
 		}
 		var oe *protocol.OpenError
 		if errors.As(err, &oe) {
-			ps.refuse(oe.Status.String())
-			ps.sessions.hold(s.client, time.Now())
+			us.refuse(oe.Status.String())
+			us.sessions.hold(s.client, time.Now())
 		} else {
-			ps.refuse("tunnel_error")
+			us.refuse("tunnel_error")
 		}
 		return
 	}
-	ps.total.Inc()
-	ps.enter()
-	defer ps.leave()
+	us.total.Inc()
+	us.enter()
+	defer us.leave()
 	var stats relay.PacketStats
-	flow := ps.g.metrics.UDPPackets.Track(func() (int64, int64) { return stats.ToTunnel.Load(), stats.FromTunnel.Load() }, ps.a.name, spec.ID)
+	flow := us.metrics.UDPPackets.Track(func() (int64, int64) { return stats.ToTunnel.Load(), stats.FromTunnel.Load() }, us.agent, spec.ID)
 	pc := tunnel.AsPackets(st)
 	res := relay.PipePackets(pc, s, relay.PacketOptions{
 		MaxDatagram: max(spec.MaxDatagram, 0),
@@ -270,17 +305,17 @@ func (s *udpSession) run(sess *tunnel.Session) {
 	// The relay's reader is done: a datagram it took but did not read
 	// goes back to the budget.
 	if s.held != nil {
-		ps.release(s.held)
+		us.release(s.held)
 		s.held = nil
 	}
 	flow.Done()
 	if d := stats.Dropped.Load(); d > 0 {
-		ps.g.metrics.UDPDropped.WithLabelValues(ps.a.name, spec.ID, "too_large").Add(float64(d))
+		us.metrics.UDPDropped.WithLabelValues(us.agent, spec.ID, "too_large").Add(float64(d))
 	}
 	if d := tunnel.PacketsDropped(pc); d > 0 {
-		ps.g.metrics.UDPDropped.WithLabelValues(ps.a.name, spec.ID, "queue_full").Add(float64(d))
+		us.metrics.UDPDropped.WithLabelValues(us.agent, spec.ID, "queue_full").Add(float64(d))
 	}
-	ps.g.log.Debug("udp session closed", "agent", ps.a.name, "service", spec.ID, "client", s.client,
+	us.log.Debug("udp session closed", "agent", us.agent, "service", spec.ID, "client", s.client,
 		"in", stats.ToTunnel.Load(), "out", stats.FromTunnel.Load(), "err", res.Err)
 }
 
@@ -311,13 +346,13 @@ func (s *udpSession) ReadDatagram(buf []byte) (int, error) {
 	b := s.held
 	s.held = nil
 	n := copy(buf, *b)
-	s.ps.release(b)
+	s.us.release(b)
 	return n, nil
 }
 
 // WriteDatagram implements relay.Datagrams: a reply goes to this client only.
 func (s *udpSession) WriteDatagram(b []byte) error {
-	_, err := s.ps.udp.WriteToUDPAddrPort(b, s.client)
+	_, err := s.us.conn.WriteToUDPAddrPort(b, s.client)
 	return err
 }
 
@@ -335,7 +370,7 @@ func (s *udpSession) drain() {
 	for {
 		select {
 		case b := <-s.queue:
-			s.ps.release(b)
+			s.us.release(b)
 		default:
 			return
 		}
