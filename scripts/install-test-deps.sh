@@ -17,14 +17,20 @@
 #   dnsmasq-base      /usr/sbin/dnsmasq only (the `dnsmasq` package would also
 #                     install and start a system DNS service; we do not want it)
 #   dnsutils          dig
+#   tinyproxy-bin     /usr/bin/tinyproxy only (an HTTP CONNECT proxy for the
+#                     proxy traversal test; the `tinyproxy` package would also
+#                     install a system service)
+#   haproxy           haproxy (PROXY protocol v1/v2 peer; its service is not
+#                     started, see Services below)
 #   iproute2          ip, ss
 #   util-linux        unshare
 #   procps            ps, pgrep
 #   ca-certificates, curl
 #
-# Services: the postinst scripts of postgresql, redis-server and
-# openssh-server try to start system services through invoke-rc.d. Those would
-# hold ports (5432, 6379, 22) and keep running in CI. During the install a
+# Services: the postinst scripts of postgresql, redis-server, openssh-server
+# and haproxy try to start system services through invoke-rc.d. Those would
+# hold ports (5432, 6379, 22; haproxy's default config binds none but the
+# daemon would still run) and keep running in CI. During the install a
 # /usr/sbin/policy-rc.d that exits 101 ("action forbidden") is put in place, so
 # invoke-rc.d starts nothing; a pre-existing policy-rc.d is restored afterwards.
 # As a second line of defence the init scripts of the packages installed by this
@@ -45,6 +51,8 @@ PACKAGES=(
 	openssh-client
 	dnsmasq-base
 	dnsutils
+	tinyproxy-bin
+	haproxy
 	iproute2
 	util-linux
 	procps
@@ -65,6 +73,8 @@ BINARIES=(
 	ssh-keygen:openssh-client
 	dnsmasq:dnsmasq-base
 	dig:dnsutils
+	tinyproxy:tinyproxy-bin
+	haproxy:haproxy
 	ip:iproute2
 	unshare:util-linux
 	ps:procps
@@ -175,7 +185,7 @@ restore_policy
 # started anyway. Init scripts act on their own pid files only, so servers
 # started by tests (own configs, own pid files) are not touched.
 changed=" ${todo[*]} "
-for entry in postgresql:postgresql redis-server:redis-server ssh:openssh-server; do
+for entry in postgresql:postgresql redis-server:redis-server ssh:openssh-server haproxy:haproxy; do
 	svc="${entry%%:*}" pkg="${entry#*:}"
 	if [[ "$changed" == *" $pkg "* && -x "/etc/init.d/$svc" ]]; then
 		as_root "/etc/init.d/$svc" stop >/dev/null 2>&1 || true

@@ -93,7 +93,13 @@ if [ "$FUZZTIME" != "0" ]; then
     pkg="./$(dirname "$file")"
     for target in $(grep -o '^func Fuzz[A-Za-z0-9_]*' "$file" | cut -d' ' -f2); do
       echo "fuzz $pkg $target" >&2
-      go test -run '^$' -fuzz "^${target}\$" -fuzztime "$FUZZTIME" "$pkg" >/dev/null
+      # Quiet on success; on failure the output names the failing input
+      # (testdata/fuzz/...) and the panic or error.
+      if ! out=$(go test -run '^$' -fuzz "^${target}\$" -fuzztime "$FUZZTIME" "$pkg" 2>&1); then
+        echo "$out" >&2
+        echo "fuzz target $target in $pkg failed" >&2
+        exit 1
+      fi
     done
   done
 fi

@@ -281,61 +281,101 @@ func (a *Agent) Run(ctx context.Context) error {
 
 // runOnce connects, serves one session and returns why it ended.
 func (a *Agent) runOnce(ctx context.Context) error {
+	tun, err := a.connect(ctx)
+	if err != nil {
+		return err
+	}
+	defer tun.Close()
+	a.sessionUp(tun.Protocol())
+	defer a.sessionDown()
+	hello := tun.Hello()
+	a.log.Info("tunnel up", "gateway", a.cfg.Gateway.URL, "agent", hello.Agent, "protocol", tun.Protocol(),
+		"heartbeat", hello.HeartbeatInterval())
+
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go a.acceptLoop(sctx, tun)
+
+	s := &session{a: a, tun: tun}
+	if err := s.register(); err != nil {
+		return err
+	}
+	return s.run(ctx)
+}
+
+// connect dials the gateway and completes the tunnel handshake.
+func (a *Agent) connect(ctx context.Context) (*tunnel.Session, error) {
 	ws, err := tunnel.Dial(ctx, a.cfg.Gateway.URL, tunnel.DialOptions{
 		Token: a.cfg.Gateway.Token, TLS: a.tls, NetDial: a.netDial, UserAgent: "portway-agent/" + a.version,
 	})
 	if err != nil {
 		var de *tunnel.DialError
 		if errors.As(err, &de) && de.StatusCode == http.StatusUnauthorized {
-			return fmt.Errorf("gateway rejected the token (HTTP 401): check gateway.token or PORTWAY_GATEWAY_TOKEN")
+			return nil, fmt.Errorf("gateway rejected the token (HTTP 401): check gateway.token or PORTWAY_GATEWAY_TOKEN")
 		}
-		return err
+		return nil, err
 	}
-	sess, err := tunnel.Client(ctx, ws, tunnel.Config{Protocol: a.cfg.Gateway.Protocol, Logger: a.log})
+	tun, err := tunnel.Client(ctx, ws, tunnel.Config{Protocol: a.cfg.Gateway.Protocol, Logger: a.log})
 	if err != nil {
-		return fmt.Errorf("handshake: %w", err)
+		return nil, fmt.Errorf("handshake: %w", err)
 	}
-	defer sess.Close()
+	return tun, nil
+}
+
+// sessionUp records a new tunnel session speaking proto in readiness and
+// the metrics; every session after the first is a reconnect.
+func (a *Agent) sessionUp(proto string) {
 	if a.sessions.Add(1) > 1 {
 		a.metrics.Reconnects.Inc()
 	}
 	a.connected.Store(true)
 	a.metrics.Connected.Set(1)
 	a.metrics.Protocol.Reset()
-	a.metrics.Protocol.WithLabelValues(sess.Protocol()).Set(1)
-	defer func() {
-		a.connected.Store(false)
-		a.registered.Store(false)
-		a.metrics.Connected.Set(0)
-	}()
-	hello := sess.Hello()
-	a.log.Info("tunnel up", "gateway", a.cfg.Gateway.URL, "agent", hello.Agent, "protocol", sess.Protocol(),
-		"heartbeat", hello.HeartbeatInterval())
+	a.metrics.Protocol.WithLabelValues(proto).Set(1)
+}
 
-	sctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go a.acceptLoop(sctx, sess)
+// sessionDown records that the session ended: not ready until the next
+// one has registered.
+func (a *Agent) sessionDown() {
+	a.connected.Store(false)
+	a.registered.Store(false)
+	a.metrics.Connected.Set(0)
+}
 
-	var seq uint64
-	var sent []Service
-	register := func() error {
-		svcs := a.desired()
-		if len(svcs) > hello.MaxServices {
-			a.log.Warn("more services than the gateway allows; the rest are refused", "services", len(svcs), "max_services", hello.MaxServices)
-		}
-		seq++
-		msg := &protocol.Register{Seq: seq, Services: make([]protocol.Service, len(svcs))}
-		for i := range svcs {
-			msg.Services[i] = a.wireService(&svcs[i])
-		}
-		a.setActive(svcs)
-		sent = svcs
-		return sess.Send(msg)
+// session is the agent's side of one tunnel session: it registers the
+// desired services and applies the gateway's answers. Every register
+// carries the next sequence number, and only the register_ack of the last
+// one sent is applied, against the services that register listed.
+type session struct {
+	a   *Agent
+	tun *tunnel.Session
+	// seq numbers the last register sent; sent are its services in order
+	// (the register_ack answers them by index).
+	seq  uint64
+	sent []Service
+}
+
+// register sends the desired services and makes them the set streams may
+// be opened for.
+func (s *session) register() error {
+	svcs := s.a.desired()
+	if limit := s.tun.Hello().MaxServices; len(svcs) > limit {
+		s.a.log.Warn("more services than the gateway allows; the rest are refused", "services", len(svcs), "max_services", limit)
 	}
-	if err := register(); err != nil {
-		return err
+	s.seq++
+	msg := &protocol.Register{Seq: s.seq, Services: make([]protocol.Service, len(svcs))}
+	for i := range svcs {
+		msg.Services[i] = s.a.wireService(&svcs[i])
 	}
-	rtt := time.NewTicker(hello.HeartbeatInterval())
+	s.a.setActive(svcs)
+	s.sent = svcs
+	return s.tun.Send(msg)
+}
+
+// run re-registers when the desired set changes and applies register
+// acks, until the session or ctx ends.
+func (s *session) run(ctx context.Context) error {
+	rtt := time.NewTicker(s.tun.Hello().HeartbeatInterval())
 	defer rtt.Stop()
 	// Changes are debounced so a burst of discovery updates costs one
 	// register message.
@@ -343,22 +383,24 @@ func (a *Agent) runOnce(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
-			sess.CloseWithError("shutdown", "agent shutting down")
+			s.tun.CloseWithError("shutdown", "agent shutting down")
 			return ctx.Err()
-		case <-sess.Done():
-			return sess.Err()
-		case <-a.changed:
+		case <-s.tun.Done():
+			return s.tun.Err()
+		case <-s.a.changed:
 			debounce = time.After(100 * time.Millisecond)
 		case <-debounce:
 			debounce = nil
-			if err := register(); err != nil {
+			if err := s.register(); err != nil {
 				return err
 			}
 		case <-rtt.C:
-			a.metrics.HeartbeatRTT.Set(sess.RTT().Seconds())
-		case m := <-sess.Control():
-			if ack, ok := m.(*protocol.RegisterAck); ok && ack.Seq == seq {
-				a.handleAck(ack, sent)
+			s.a.metrics.HeartbeatRTT.Set(s.tun.RTT().Seconds())
+		case m := <-s.tun.Control():
+			// An ack of an earlier register answers a set that is no
+			// longer the one sent.
+			if ack, ok := m.(*protocol.RegisterAck); ok && ack.Seq == s.seq {
+				s.a.handleAck(ack, s.sent)
 			}
 		}
 	}

@@ -5,23 +5,34 @@ import (
 	"time"
 )
 
+// The documented schedule: 500 ms doubling to 30 s, each delay between half
+// its step and the step ("equal jitter"), back to 500 ms after a reset.
 func TestBackoff(t *testing.T) {
-	b := backoff{initial: 500 * time.Millisecond, max: 30 * time.Second}
-	prevCap := time.Duration(0)
-	for i := 0; i < 12; i++ {
-		d := b.next()
-		cap := min(500*time.Millisecond<<i, 30*time.Second)
-		if d < cap/2 || d > cap {
-			t.Fatalf("attempt %d: delay %v outside [%v, %v]", i, d, cap/2, cap)
+	ms := time.Millisecond
+	steps := []time.Duration{500 * ms, 1000 * ms, 2000 * ms, 4000 * ms, 8000 * ms, 16000 * ms,
+		30000 * ms, 30000 * ms, 30000 * ms, 30000 * ms, 30000 * ms, 30000 * ms}
+	b := backoff{initial: 500 * ms, max: 30 * time.Second}
+	// Jitter is random: several rounds, and the delays of one attempt must
+	// differ between rounds (agents must not reconnect in lockstep).
+	seen := map[time.Duration]bool{}
+	for round := 0; round < 50; round++ {
+		b.reset()
+		for i, step := range steps {
+			d := b.next()
+			if d < step/2 || d > step {
+				t.Fatalf("attempt %d: delay %v outside [%v, %v]", i+1, d, step/2, step)
+			}
+			if i == 4 {
+				seen[d] = true
+			}
 		}
-		prevCap = cap
 	}
-	if prevCap != 30*time.Second {
-		t.Fatalf("backoff did not reach its cap: %v", prevCap)
+	if len(seen) < 2 {
+		t.Fatalf("the fifth delay was the same in 50 rounds: no jitter")
 	}
 	b.reset()
-	if d := b.next(); d > 500*time.Millisecond {
-		t.Fatalf("after reset: %v", d)
+	if d := b.next(); d < 250*ms || d > 500*ms {
+		t.Fatalf("after reset: %v, want 250ms-500ms", d)
 	}
 }
 

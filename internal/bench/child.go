@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/portway/portway/internal/childproc"
 )
 
 // Exec says how to run the portway binary for the gateway and agent child
@@ -49,7 +51,7 @@ func startChild(ex Exec, dir, name string, args []string, onExit func(*child)) (
 	cmd := exec.Command(ex.Path, args...)
 	cmd.Stdout, cmd.Stderr = lf, lf
 	cmd.Env = childEnv(os.Environ(), ex.Env)
-	cmd.SysProcAttr = sysProcAttr()
+	cmd.SysProcAttr = childproc.SysProcAttr()
 	err = cmd.Start()
 	lf.Close() // the child holds its own descriptor
 	if err != nil {

@@ -59,7 +59,7 @@ const (
 // (runAgent, with kubernetes.kubeconfig) against a real kube-apiserver and
 // etcd, a real in-process gateway, real Redis and dnsmasq servers and their
 // real clients, all inside a network namespace of its own, and walks through
-// the seed's quick start and every change discovery must follow.
+// the PipeOps quick start and every change discovery must follow.
 func TestKubernetesEndToEnd(t *testing.T) {
 	if !k8stest.Isolate(t) {
 		return
@@ -109,8 +109,8 @@ func TestKubernetesEndToEnd(t *testing.T) {
 			{Name: "dns", Port: int32(dns.Port), Protocol: corev1.ProtocolUDP},
 		}},
 	})
-	// The seed's quick start: a labelled Gateway, a TCPRoute and a UDPRoute
-	// (at v1alpha2, as the seed writes them).
+	// The PipeOps quick start: a labelled Gateway, a TCPRoute and a UDPRoute
+	// (at v1alpha2, as the PipeOps examples write them).
 	k.create(t, &gwv1.Gateway{
 		ObjectMeta: metav1.ObjectMeta{Namespace: "pipeops-system", Name: "tcp-gateway", Labels: map[string]string{managed: "true"}},
 		Spec: gwv1.GatewaySpec{GatewayClassName: "istio", Listeners: []gwv1.Listener{

@@ -17,6 +17,7 @@ import (
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/gateway"
 	"github.com/portway/portway/internal/quickstart"
+	"github.com/portway/portway/internal/tunnel"
 )
 
 func (a *app) upCmd() *cobra.Command {
@@ -92,7 +93,7 @@ func (a *app) runUp(ctx context.Context, log *slog.Logger, services []config.Sta
 	defer gw.Close()
 
 	acfg := config.DefaultAgent()
-	acfg.Gateway = config.GatewayConn{URL: "ws://" + gw.TunnelAddr().String() + "/v1/tunnel", Token: token, Protocol: proto}
+	acfg.Gateway = config.GatewayConn{URL: "ws://" + gw.TunnelAddr().String() + tunnel.Path, Token: token, Protocol: proto}
 	acfg.Metrics.Listen = ""
 	acfg.Services = services
 	ready := make(chan []agent.Endpoint, 1)

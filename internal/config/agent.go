@@ -15,7 +15,7 @@ type AgentFile struct {
 	Gateway    GatewayConn `json:"gateway"`
 	Metrics    Metrics     `json:"metrics"`
 	Kubernetes Kubernetes  `json:"kubernetes"`
-	// Tunnels is exactly the seed's tunnels: block.
+	// Tunnels is exactly the PipeOps agent's tunnels: block.
 	Tunnels Tunnels `json:"tunnels"`
 	// Services are static services, for use outside Kubernetes.
 	Services []StaticService `json:"services"`
@@ -51,7 +51,7 @@ type Kubernetes struct {
 	Kubeconfig string `json:"kubeconfig"`
 }
 
-// Tunnels is the seed's tunnels: block.
+// Tunnels is the PipeOps agent's tunnels: block (docs/compatibility.md).
 type Tunnels struct {
 	// Enabled turns Kubernetes discovery of tunnel services on or off.
 	Enabled   bool      `json:"enabled"`
@@ -117,10 +117,10 @@ type StaticService struct {
 	PublicPort int `json:"public_port,omitempty"`
 }
 
-// DefaultLabel is the seed's Gateway label for discovery.
+// DefaultLabel is the PipeOps agent's Gateway label for discovery.
 const DefaultLabel = "pipeops.io/managed"
 
-// DefaultAgent returns the agent defaults: the seed's documented values.
+// DefaultAgent returns the agent defaults: the PipeOps agent's documented values.
 func DefaultAgent() *AgentFile {
 	return &AgentFile{
 		Gateway: GatewayConn{Protocol: "auto"},

@@ -104,7 +104,7 @@ port_range: [1, 2]`: "port_range",
 	}
 }
 
-func TestAgentDefaultsAreTheSeeds(t *testing.T) {
+func TestAgentDefaultsArePipeOps(t *testing.T) {
 	a, err := ParseAgent([]byte(`gateway: {url: "wss://gw.example.com:8443/v1/tunnel", token: t}`), nil)
 	if err != nil {
 		t.Fatal(err)
@@ -115,12 +115,12 @@ func TestAgentDefaultsAreTheSeeds(t *testing.T) {
 		tt.TCP.ConnectionTimeout.Duration != 30*time.Second || tt.TCP.IdleTimeout.Duration != 5*time.Minute ||
 		tt.TCP.MaxConnections != 1000 || tt.UDP.BufferSize != 65535 || tt.UDP.SessionTimeout.Duration != 5*time.Minute ||
 		tt.UDP.MaxSessions != 10000 || a.Gateway.Protocol != "auto" || a.Metrics.Listen != ":9090" {
-		t.Fatalf("defaults differ from the seed: %+v", tt)
+		t.Fatalf("defaults differ from the PipeOps agent's: %+v", tt)
 	}
 }
 
-func TestAgentSeedBlockParses(t *testing.T) {
-	// The seed's full configuration reference, verbatim.
+func TestAgentPipeOpsBlockParses(t *testing.T) {
+	// The PipeOps agent's full configuration reference, verbatim.
 	a, err := ParseAgent([]byte(`
 gateway: {url: "ws://127.0.0.1:8443/v1/tunnel", protocol: json}
 tunnels:

@@ -31,7 +31,7 @@ type apis struct {
 
 // routeVersions are the versions tried for TCPRoute and UDPRoute, newest
 // first: Gateway API v1.6 serves v1 and deprecates v1alpha2, older releases
-// serve only v1alpha2 (the version the seed documents).
+// serve only v1alpha2 (the version the PipeOps examples use).
 var routeVersions = []string{"v1", "v1alpha2"}
 
 // waitForAPI returns once the Gateway API resources discovery needs are

@@ -118,149 +118,251 @@ const minIdleTimeout = 100 * time.Millisecond
 // docs/kubernetes.md. It reads only w and t, so that it can be tested on
 // listers filled by hand.
 func compute(w *world, t config.Tunnels) (result, error) {
-	var res result
+	c, err := newComputation(w, t)
+	if err != nil {
+		return result{}, err
+	}
+	c.refuseUnpermittedGateways()
+	for _, g := range c.gateways {
+		c.exposeGateway(g)
+	}
+	c.reportUnmatchedParentRefs()
+	slices.SortFunc(c.res.services, func(a, b Service) int {
+		return cmp.Or(cmp.Compare(a.ID, b.ID), cmp.Compare(a.Protocol, b.Protocol))
+	})
+	return c.res, nil
+}
+
+// computation is one recompute in progress: the cached objects it reads,
+// what it has decided about them so far, and the result it builds.
+type computation struct {
+	w *world
+	t config.Tunnels
+	// gateways are all cached Gateways, sorted by namespace and name.
+	gateways []*gwv1.Gateway
+	// routes maps "tcp"/"udp" to that protocol's cached routes, oldest
+	// first (the order Gateway API conflict resolution prefers).
+	routes map[string][]route
+	// refused holds the Gateways labelled outside the permitted
+	// namespaces or classes; they are reported and otherwise treated as
+	// unlabelled.
+	refused map[objectKey]bool
+	// matched[route][parentRef index] is set when the parentRef selected
+	// a listener of a managed Gateway.
+	matched map[objectKey]map[int]bool
+	res     result
+}
+
+// newComputation lists the Gateways and routes from the caches, sorted so
+// that the outcome does not depend on cache order.
+func newComputation(w *world, t config.Tunnels) (*computation, error) {
 	gws, err := w.gateways.List(labels.Everything())
 	if err != nil {
-		return res, fmt.Errorf("listing Gateways: %w", err)
+		return nil, fmt.Errorf("listing Gateways: %w", err)
 	}
 	slices.SortFunc(gws, func(a, b *gwv1.Gateway) int {
 		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
 	})
-	routes := map[string][]route{}
+	c := &computation{
+		w: w, t: t, gateways: gws,
+		routes:  map[string][]route{},
+		refused: map[objectKey]bool{},
+		matched: map[objectKey]map[int]bool{},
+	}
 	for proto, src := range w.routes {
 		rs, err := src.list()
 		if err != nil {
-			return res, err
+			return nil, err
 		}
 		slices.SortFunc(rs, olderFirst)
-		routes[proto] = rs
+		c.routes[proto] = rs
 		for _, r := range rs {
-			res.routes = append(res.routes, cachedObject{ref: r.ref, annotation: r.annotation, source: src})
+			c.res.routes = append(c.res.routes, cachedObject{ref: r.ref, annotation: r.annotation, source: src})
 		}
 	}
-	enabled := map[string]config.DiscoverySource{"tcp": t.Discovery.TCP, "udp": t.Discovery.UDP}
-	labelled := func(g *gwv1.Gateway, proto string) bool {
-		src := enabled[proto]
-		return src.Enabled && w.routes[proto] != nil && g.Labels[src.GatewayLabel] == "true"
+	return c, nil
+}
+
+// labelled reports whether g carries the discovery label of proto, and
+// discovery of that protocol is enabled and served.
+func (c *computation) labelled(g *gwv1.Gateway, proto string) bool {
+	var src config.DiscoverySource
+	switch proto {
+	case "tcp":
+		src = c.t.Discovery.TCP
+	case "udp":
+		src = c.t.Discovery.UDP
 	}
-	// Gateways labelled outside the permitted namespaces or classes; they
-	// are reported and otherwise treated as unlabelled.
-	refused := map[objectKey]bool{}
-	for _, g := range gws {
-		if !labelled(g, "tcp") && !labelled(g, "udp") {
+	return src.Enabled && c.w.routes[proto] != nil && g.Labels[src.GatewayLabel] == "true"
+}
+
+// managed reports whether portway exposes g's listeners of proto: g is
+// labelled for proto and not refused.
+func (c *computation) managed(g *gwv1.Gateway, proto string) bool {
+	return c.labelled(g, proto) && !c.refused[objectKey{"Gateway", g.Namespace, g.Name}]
+}
+
+// report records p in the result.
+func (c *computation) report(p problem) {
+	c.res.problems = append(c.res.problems, p)
+}
+
+// refuseUnpermittedGateways marks and reports the labelled Gateways outside
+// the permitted namespaces or classes. It runs before any Gateway is
+// exposed, since managed depends on it.
+func (c *computation) refuseUnpermittedGateways() {
+	for _, g := range c.gateways {
+		if !c.labelled(g, "tcp") && !c.labelled(g, "udp") {
 			continue
 		}
-		if why := gatewayNotPermitted(g, t.Discovery); why != "" {
+		if why := gatewayNotPermitted(g, c.t.Discovery); why != "" {
 			ref := refOf("Gateway", gwv1.GroupVersion.String(), g)
-			refused[ref.key()] = true
-			res.problems = append(res.problems, problem{obj: ref, reason: reasonGatewayNotPermitted, message: why})
+			c.refused[ref.key()] = true
+			c.report(problem{obj: ref, reason: reasonGatewayNotPermitted, message: why})
 		}
 	}
-	managed := func(g *gwv1.Gateway, proto string) bool {
-		return labelled(g, proto) && !refused[objectKey{"Gateway", g.Namespace, g.Name}]
-	}
-	// matched[route][parentRef index] is set when the parentRef selected
-	// a listener of a managed Gateway.
-	matched := map[objectKey]map[int]bool{}
+}
 
-	for _, g := range gws {
-		gref := refOf("Gateway", gwv1.GroupVersion.String(), g)
-		res.gateways = append(res.gateways, cachedObject{ref: gref, annotation: g.Annotations[AnnotationEndpoints]})
-		if !managed(g, "tcp") && !managed(g, "udp") {
+// gatewaySettings are what a managed Gateway's annotations and addresses
+// decide for all of its listeners.
+type gatewaySettings struct {
+	ref    objectRef
+	mode   Mode
+	public string // the public address for direct endpoints, "" when none
+	idle   time.Duration
+}
+
+// exposeGateway records g for the write-back and, when it is managed,
+// exposes each of its listeners of a managed protocol.
+func (c *computation) exposeGateway(g *gwv1.Gateway) {
+	gref := refOf("Gateway", gwv1.GroupVersion.String(), g)
+	c.res.gateways = append(c.res.gateways, cachedObject{ref: gref, annotation: g.Annotations[AnnotationEndpoints]})
+	if !c.managed(g, "tcp") && !c.managed(g, "udp") {
+		return
+	}
+	mode, public, probs := routingMode(g, gref, c.w.services, c.t.Routing)
+	c.res.problems = append(c.res.problems, probs...)
+	idle, prob := idleTimeout(g, gref)
+	if prob != nil {
+		c.report(*prob)
+	}
+	gs := gatewaySettings{ref: gref, mode: mode, public: public, idle: idle}
+	for _, l := range g.Spec.Listeners {
+		proto := listenerProtocol(l.Protocol)
+		if proto == "" || !c.managed(g, proto) {
 			continue
 		}
-		mode, public, probs := routingMode(g, gref, w.services, t.Routing)
-		res.problems = append(res.problems, probs...)
-		idle, prob := idleTimeout(g, gref)
-		if prob != nil {
-			res.problems = append(res.problems, *prob)
-		}
-		for _, l := range g.Spec.Listeners {
-			proto := listenerProtocol(l.Protocol)
-			if proto == "" || !managed(g, proto) {
-				continue
-			}
-			var candidates []route
-			for _, r := range routes[proto] {
-				sel := false
-				for i, p := range r.parentRefs {
-					if selects(p, r.ref.namespace, g, l) {
-						sel = true
-						if matched[r.ref.key()] == nil {
-							matched[r.ref.key()] = map[int]bool{}
-						}
-						matched[r.ref.key()][i] = true
-					}
-				}
-				if !sel {
-					continue
-				}
-				if why := notAllowed(l, g.Namespace, r, w.namespaceLabels); why != "" {
-					res.problems = append(res.problems, problem{obj: r.ref, reason: reasonNotAllowed, subject: string(l.Name),
-						message: fmt.Sprintf("listener %q of Gateway %s/%s does not accept this route: %s", l.Name, g.Namespace, g.Name, why)})
-					continue
-				}
-				candidates = append(candidates, r)
-			}
-			if len(candidates) == 0 {
-				res.problems = append(res.problems, problem{obj: gref, reason: reasonNoRoute, subject: string(l.Name),
-					message: fmt.Sprintf("%s listener %q has no %s attached; not exposed", strings.ToUpper(proto), l.Name, w.routes[proto].kind)})
-				continue
-			}
-			// Gateway API conflict resolution: the oldest route wins.
-			r := candidates[0]
-			for _, loser := range candidates[1:] {
-				res.problems = append(res.problems, problem{obj: loser.ref, reason: reasonRouteConflict, subject: string(l.Name),
-					message: fmt.Sprintf("listener %q of Gateway %s/%s is already taken by the older %s; this route is ignored there", l.Name, g.Namespace, g.Name, r.ref)})
-			}
-			backend, prob := resolveBackend(w, r, proto, g.Namespace)
-			if prob != nil {
-				prob.subject = string(l.Name)
-				res.problems = append(res.problems, *prob)
-				continue
-			}
-			svc := Service{
-				ID:          g.Namespace + "/" + g.Name + "/" + string(l.Name),
-				Protocol:    proto,
-				Port:        int(l.Port),
-				Backend:     backend,
-				IdleTimeout: idle,
-				Mode:        mode,
-			}
-			lr := listenerResult{gateway: gref, listener: string(l.Name), service: svc, route: r.ref}
-			if mode != ModeTunnel {
-				if public == "" {
-					lr.directErr = "no public address in the Gateway's status.addresses or its LoadBalancer Service"
-				} else {
-					lr.direct = net.JoinHostPort(public, strconv.Itoa(int(l.Port)))
-				}
-			}
-			res.services = append(res.services, svc)
-			res.listeners = append(res.listeners, lr)
+		c.exposeListener(g, gs, l, proto)
+	}
+}
+
+// exposeListener makes listener l of g a service when a route is attached
+// to it and its backend resolves; otherwise it records why not.
+func (c *computation) exposeListener(g *gwv1.Gateway, gs gatewaySettings, l gwv1.Listener, proto string) {
+	r, ok := c.attachedRoute(g, gs.ref, l, proto)
+	if !ok {
+		return
+	}
+	backend, prob := resolveBackend(c.w, r, proto, g.Namespace)
+	if prob != nil {
+		prob.subject = string(l.Name)
+		c.report(*prob)
+		return
+	}
+	svc := Service{
+		ID:          g.Namespace + "/" + g.Name + "/" + string(l.Name),
+		Protocol:    proto,
+		Port:        int(l.Port),
+		Backend:     backend,
+		IdleTimeout: gs.idle,
+		Mode:        gs.mode,
+	}
+	lr := listenerResult{gateway: gs.ref, listener: string(l.Name), service: svc, route: r.ref}
+	if gs.mode != ModeTunnel {
+		if gs.public == "" {
+			lr.directErr = "no public address in the Gateway's status.addresses or its LoadBalancer Service"
+		} else {
+			lr.direct = net.JoinHostPort(gs.public, strconv.Itoa(int(l.Port)))
 		}
 	}
+	c.res.services = append(c.res.services, svc)
+	c.res.listeners = append(c.res.listeners, lr)
+}
 
-	// A parentRef naming a managed Gateway that selects none of its
-	// listeners is almost always a typo in sectionName or port.
-	for proto, rs := range routes {
+// attachedRoute returns the route that listener l of g serves: of the
+// routes of proto that select l and that l accepts, the oldest (Gateway API
+// conflict resolution). The other candidates, the routes l does not accept
+// and a listener without a route are reported.
+func (c *computation) attachedRoute(g *gwv1.Gateway, gref objectRef, l gwv1.Listener, proto string) (route, bool) {
+	candidates := c.candidateRoutes(g, l, proto)
+	if len(candidates) == 0 {
+		c.report(problem{obj: gref, reason: reasonNoRoute, subject: string(l.Name),
+			message: fmt.Sprintf("%s listener %q has no %s attached; not exposed", strings.ToUpper(proto), l.Name, c.w.routes[proto].kind)})
+		return route{}, false
+	}
+	r := candidates[0]
+	for _, loser := range candidates[1:] {
+		c.report(problem{obj: loser.ref, reason: reasonRouteConflict, subject: string(l.Name),
+			message: fmt.Sprintf("listener %q of Gateway %s/%s is already taken by the older %s; this route is ignored there", l.Name, g.Namespace, g.Name, r.ref)})
+	}
+	return r, true
+}
+
+// candidateRoutes returns the routes of proto, oldest first, with a
+// parentRef selecting listener l of g that l accepts. It marks those
+// parentRefs matched and reports the routes l does not accept.
+func (c *computation) candidateRoutes(g *gwv1.Gateway, l gwv1.Listener, proto string) []route {
+	var candidates []route
+	for _, r := range c.routes[proto] {
+		if !c.markSelecting(r, g, l) {
+			continue
+		}
+		if why := notAllowed(l, g.Namespace, r, c.w.namespaceLabels); why != "" {
+			c.report(problem{obj: r.ref, reason: reasonNotAllowed, subject: string(l.Name),
+				message: fmt.Sprintf("listener %q of Gateway %s/%s does not accept this route: %s", l.Name, g.Namespace, g.Name, why)})
+			continue
+		}
+		candidates = append(candidates, r)
+	}
+	return candidates
+}
+
+// markSelecting marks every parentRef of r that selects listener l of g as
+// matched, and reports whether there was one.
+func (c *computation) markSelecting(r route, g *gwv1.Gateway, l gwv1.Listener) bool {
+	sel := false
+	for i, p := range r.parentRefs {
+		if !selects(p, r.ref.namespace, g, l) {
+			continue
+		}
+		sel = true
+		if c.matched[r.ref.key()] == nil {
+			c.matched[r.ref.key()] = map[int]bool{}
+		}
+		c.matched[r.ref.key()][i] = true
+	}
+	return sel
+}
+
+// reportUnmatchedParentRefs reports each parentRef that names a managed
+// Gateway but selects none of its listeners: almost always a typo in
+// sectionName or port.
+func (c *computation) reportUnmatchedParentRefs() {
+	for proto, rs := range c.routes {
 		for _, r := range rs {
 			for i, p := range r.parentRefs {
-				if matched[r.ref.key()][i] {
+				if c.matched[r.ref.key()][i] {
 					continue
 				}
-				g := findGateway(gws, p, r.ref.namespace)
-				if g == nil || !managed(g, proto) {
+				g := findGateway(c.gateways, p, r.ref.namespace)
+				if g == nil || !c.managed(g, proto) {
 					continue
 				}
-				res.problems = append(res.problems, problem{obj: r.ref, reason: reasonNoMatchingListener, subject: strconv.Itoa(i),
+				c.report(problem{obj: r.ref, reason: reasonNoMatchingListener, subject: strconv.Itoa(i),
 					message: fmt.Sprintf("parentRefs[%d] selects no %s listener of Gateway %s/%s%s", i, strings.ToUpper(proto), g.Namespace, g.Name, describeSection(p))})
 			}
 		}
 	}
-	slices.SortFunc(res.services, func(a, b Service) int {
-		return cmp.Or(cmp.Compare(a.ID, b.ID), cmp.Compare(a.Protocol, b.Protocol))
-	})
-	return res, nil
 }
 
 func olderFirst(a, b route) int {
@@ -435,56 +537,87 @@ func (w *world) namespaceLabels(ns string) (labels.Set, error) {
 // A route outside the Gateway's namespace (gwNS) may use a Service of a
 // third namespace only when a ReferenceGrant there allows it. Routes beside
 // the Gateway need none: whoever may write them is trusted as the Gateway's
-// owner, and the seed's examples (routes in pipeops-system, Services in
+// owner, and the PipeOps examples (routes in pipeops-system, Services in
 // databases) rely on that. Other routes may also not use a Service that
 // leads further than they may reach (see reachNotPermitted).
 func resolveBackend(w *world, r route, proto, gwNS string) (string, *problem) {
-	fail := func(reason, format string, args ...any) (string, *problem) {
-		return "", &problem{obj: r.ref, reason: reason, message: fmt.Sprintf(format, args...)}
+	ref, prob := firstBackend(r)
+	if prob != nil {
+		return "", prob
 	}
+	svc, prob := w.backendService(r, ref, gwNS)
+	if prob != nil {
+		return "", prob
+	}
+	return w.serviceAddress(r.ref, svc, ref.port, proto)
+}
+
+// backendRef is the Service a route's backendRef names.
+type backendRef struct {
+	namespace, name string
+	port            int32
+}
+
+// firstBackend checks the route's first backendRef: a core Service with a
+// port, in the route's namespace unless it names another.
+func firstBackend(r route) (backendRef, *problem) {
 	if len(r.backends) == 0 {
-		return fail(reasonNoBackend, "the route's first rule has no backendRefs; not exposed")
+		return backendRef{}, newProblem(r.ref, reasonNoBackend, "the route's first rule has no backendRefs; not exposed")
 	}
 	// Further backendRefs (weighted splits) are not used: portway dials one
 	// backend per service, as documented.
 	b := r.backends[0].BackendObjectReference
 	if (b.Group != nil && *b.Group != "") || (b.Kind != nil && *b.Kind != "Service") {
-		return fail(reasonUnsupportedBackend, "backendRef %s is not a core Service; only Services are supported", b.Name)
+		return backendRef{}, newProblem(r.ref, reasonUnsupportedBackend, "backendRef %s is not a core Service; only Services are supported", b.Name)
 	}
 	if b.Port == nil {
-		return fail(reasonBackendPort, "backendRef %s has no port", b.Name)
+		return backendRef{}, newProblem(r.ref, reasonBackendPort, "backendRef %s has no port", b.Name)
 	}
-	port := int32(*b.Port)
-	ns := r.ref.namespace
+	ref := backendRef{namespace: r.ref.namespace, name: string(b.Name), port: int32(*b.Port)}
 	if b.Namespace != nil && *b.Namespace != "" {
-		ns = string(*b.Namespace)
+		ref.namespace = string(*b.Namespace)
 	}
-	// Routes beside a managed Gateway are trusted as its owner's; managed
-	// Gateways live only in the namespaces the operator listed.
+	return ref, nil
+}
+
+// backendService returns the Service ref names, once the route may use it:
+// routes beside a managed Gateway (in gwNS) are trusted as its owner's,
+// since managed Gateways live only in the namespaces the operator listed;
+// other routes need a ReferenceGrant to reach into another namespace, and
+// a Service that leads no further than they may reach.
+func (w *world) backendService(r route, ref backendRef, gwNS string) (*corev1.Service, *problem) {
+	ns, name := ref.namespace, ref.name
 	privileged := r.ref.namespace == gwNS
 	if ns != r.ref.namespace && !privileged {
-		ok, err := w.referenceAllowed(r.ref.kind, r.ref.namespace, ns, string(b.Name))
+		ok, err := w.referenceAllowed(r.ref.kind, r.ref.namespace, ns, name)
 		if err != nil {
-			return fail(reasonRefNotPermitted, "backend Service %s/%s: %v; not exposed", ns, b.Name, err)
+			return nil, newProblem(r.ref, reasonRefNotPermitted, "backend Service %s/%s: %v; not exposed", ns, name, err)
 		}
 		if !ok {
-			return fail(reasonRefNotPermitted, "backend Service %s/%s is in another namespace, and no ReferenceGrant in %s lets %ss of namespace %s use it; not exposed",
-				ns, b.Name, ns, r.ref.kind, r.ref.namespace)
+			return nil, newProblem(r.ref, reasonRefNotPermitted, "backend Service %s/%s is in another namespace, and no ReferenceGrant in %s lets %ss of namespace %s use it; not exposed",
+				ns, name, ns, r.ref.kind, r.ref.namespace)
 		}
 	}
-	svc, err := w.services.Services(ns).Get(string(b.Name))
+	svc, err := w.services.Services(ns).Get(name)
 	if err != nil {
-		return fail(reasonBackendNotFound, "backend Service %s/%s not found; not exposed", ns, b.Name)
+		return nil, newProblem(r.ref, reasonBackendNotFound, "backend Service %s/%s not found; not exposed", ns, name)
 	}
 	if !privileged {
 		why, err := w.reachNotPermitted(r, svc, gwNS)
 		if err != nil {
-			return fail(reasonRefNotPermitted, "backend Service %s/%s: %v; not exposed", ns, b.Name, err)
+			return nil, newProblem(r.ref, reasonRefNotPermitted, "backend Service %s/%s: %v; not exposed", ns, name, err)
 		}
 		if why != "" {
-			return fail(reasonRefNotPermitted, "backend Service %s/%s %s; not exposed", ns, b.Name, why)
+			return nil, newProblem(r.ref, reasonRefNotPermitted, "backend Service %s/%s %s; not exposed", ns, name, why)
 		}
 	}
+	return svc, nil
+}
+
+// serviceAddress returns host:port to dial for port of svc: its
+// ExternalName, its ClusterIP, or for a headless Service a ready endpoint.
+// Problems are reported on obj, the route.
+func (w *world) serviceAddress(obj objectRef, svc *corev1.Service, port int32, proto string) (string, *problem) {
 	if svc.Spec.Type == corev1.ServiceTypeExternalName {
 		return net.JoinHostPort(svc.Spec.ExternalName, strconv.Itoa(int(port))), nil
 	}
@@ -496,27 +629,25 @@ func resolveBackend(w *world, r route, proto, gwNS string) (string, *problem) {
 		return sp.Port == port && cmp.Or(sp.Protocol, corev1.ProtocolTCP) == want
 	})
 	if i < 0 {
-		return fail(reasonBackendPort, "backend Service %s/%s has no %s port %d", ns, svc.Name, want, port)
+		return "", newProblem(obj, reasonBackendPort, "backend Service %s/%s has no %s port %d", svc.Namespace, svc.Name, want, port)
 	}
 	if ip := svc.Spec.ClusterIP; ip != "" && ip != corev1.ClusterIPNone {
 		return net.JoinHostPort(ip, strconv.Itoa(int(port))), nil
 	}
-	// Headless: the Service port maps to the endpoints' port by name.
-	spName := svc.Spec.Ports[i].Name
+	return w.headlessEndpoint(obj, svc, svc.Spec.Ports[i], want)
+}
+
+// headlessEndpoint returns a ready endpoint of headless svc for its port sp
+// (of protocol want), which maps to the endpoints' port by name.
+func (w *world) headlessEndpoint(obj objectRef, svc *corev1.Service, sp corev1.ServicePort, want corev1.Protocol) (string, *problem) {
 	sel := labels.SelectorFromSet(labels.Set{discoveryv1.LabelServiceName: svc.Name})
-	eps, err := w.slices.EndpointSlices(ns).List(sel)
+	eps, err := w.slices.EndpointSlices(svc.Namespace).List(sel)
 	if err != nil {
-		return fail(reasonNoReadyEndpoints, "listing EndpointSlices of %s/%s: %v", ns, svc.Name, err)
+		return "", newProblem(obj, reasonNoReadyEndpoints, "listing EndpointSlices of %s/%s: %v", svc.Namespace, svc.Name, err)
 	}
 	var candidates []string
 	for _, es := range eps {
-		var epPort int32
-		for _, p := range es.Ports {
-			if p.Port != nil && ptrOr(p.Name, "") == spName && ptrOr(p.Protocol, corev1.ProtocolTCP) == want {
-				epPort = *p.Port
-				break
-			}
-		}
+		epPort := slicePort(es, sp.Name, want)
 		if epPort == 0 {
 			continue
 		}
@@ -528,12 +659,28 @@ func resolveBackend(w *world, r route, proto, gwNS string) (string, *problem) {
 		}
 	}
 	if len(candidates) == 0 {
-		return fail(reasonNoReadyEndpoints, "headless Service %s/%s has no ready endpoint for %s port %d; not exposed", ns, svc.Name, want, port)
+		return "", newProblem(obj, reasonNoReadyEndpoints, "headless Service %s/%s has no ready endpoint for %s port %d; not exposed", svc.Namespace, svc.Name, want, sp.Port)
 	}
 	// The smallest address, so that the choice is stable across
 	// recomputes and only changes when that endpoint goes.
 	slices.Sort(candidates)
 	return candidates[0], nil
+}
+
+// slicePort returns the port of es named name with protocol want, 0 when
+// es has none.
+func slicePort(es *discoveryv1.EndpointSlice, name string, want corev1.Protocol) int32 {
+	for _, p := range es.Ports {
+		if p.Port != nil && ptrOr(p.Name, "") == name && ptrOr(p.Protocol, corev1.ProtocolTCP) == want {
+			return *p.Port
+		}
+	}
+	return 0
+}
+
+// newProblem is a problem with obj, formatting its message.
+func newProblem(obj objectRef, reason, format string, args ...any) *problem {
+	return &problem{obj: obj, reason: reason, message: fmt.Sprintf(format, args...)}
 }
 
 // managedByController is the EndpointSlice controller's value of

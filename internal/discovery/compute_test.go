@@ -235,8 +235,8 @@ func hasKeys(t *testing.T, what string, got map[string]string, want ...string) {
 	}
 }
 
-func TestSeedQuickStart(t *testing.T) {
-	// The seed's quick start: a labelled Gateway with three TCP listeners,
+func TestPipeOpsQuickStart(t *testing.T) {
+	// The PipeOps quick start: a labelled Gateway with three TCP listeners,
 	// routes in its namespace with sectionName to Services in another.
 	w := testWorld(t,
 		managedGateway("pipeops-system", "tcp-gateway", tcpL("postgres", 5432), tcpL("redis", 6379), tcpL("ssh", 2222)),
@@ -429,7 +429,7 @@ func TestAllowedRoutesSelector(t *testing.T) {
 
 // A route outside the Gateway's namespace may use a Service of a third
 // namespace only with a ReferenceGrant there; a route beside the Gateway
-// needs none (the seed's examples rely on that).
+// needs none (the PipeOps examples rely on that).
 func TestReferenceGrants(t *testing.T) {
 	all := gwv1.NamespacesFromAll
 	gw := managedGateway("edge", "gw", tcpL("a", 1), tcpL("b", 2), tcpL("c", 3), tcpL("d", 4))

@@ -41,7 +41,8 @@ import (
 )
 
 // Annotations and labels read or written by discovery. The pipeops.io keys
-// are the seed's public interface and are kept exactly.
+// are the PipeOps agent's public interface and are kept exactly
+// (docs/compatibility.md).
 const (
 	// AnnotationRoutingMode on a Gateway forces its routing mode:
 	// tunnel, direct or dual.
@@ -66,7 +67,7 @@ const (
 // Mode is a Gateway's routing mode.
 type Mode string
 
-// The routing modes of the seed.
+// The routing modes, named as the PipeOps agent names them.
 const (
 	// ModeTunnel exposes services only through the portway gateway.
 	ModeTunnel Mode = "tunnel"
@@ -116,7 +117,7 @@ type Options struct {
 	// and dual) whenever it changes. It is called from one goroutine and
 	// must not block.
 	Publish func([]Service)
-	// Discovered and Syncs, when set, are the seed's
+	// Discovered and Syncs, when set, are the PipeOps agent's
 	// pipeops_agent_gateway_watcher_discovered_services{protocol} and
 	// pipeops_agent_gateway_watcher_sync_total{result}.
 	Discovered *prometheus.GaugeVec
@@ -269,103 +270,161 @@ func (d *Discoverer) Run(ctx context.Context) error {
 		}
 		return err
 	}
+	ws := d.newWatches(apis)
+	if err := ws.notify(d.poke); err != nil {
+		return err
+	}
+	ws.start(ctx)
+	defer ws.shutdown()
+	stopEvents := d.startEvents(ctx)
+	defer stopEvents()
+
+	if !ws.waitForSync(ctx) {
+		return nil
+	}
+	d.warnUnreadable(ws.world)
+	d.w = ws.world
+	d.log.Info("Kubernetes discovery started", "tcproutes", apis.routes["tcp"], "udproutes", apis.routes["udp"], "referencegrants", cmp.Or(apis.grants, "(not served)"),
+		"tcp_label", labelOrOff(d.opts.Tunnels.Discovery.TCP), "udp_label", labelOrOff(d.opts.Tunnels.Discovery.UDP),
+		"gateway_namespaces", strings.Join(d.opts.Tunnels.Discovery.GatewayNamespaces, ","),
+		"gateway_classes", cmp.Or(strings.Join(d.opts.Tunnels.Discovery.GatewayClasses, ","), "(any)"))
+	return d.loop(ctx)
+}
+
+// watches are the shared informers a running Discoverer reads, and the
+// world built on their caches.
+type watches struct {
+	kube  informers.SharedInformerFactory
+	gw    gwinformers.SharedInformerFactory
+	world *world
+	// required are waited for before the first publish: publishing
+	// before every cache is filled would withdraw services that exist,
+	// for a moment, at every start.
+	required []cache.SharedIndexInformer
+	// optional (Namespaces, ReferenceGrants) are read under permissions
+	// that an agent deployed with older RBAC lacks: they are not waited
+	// for at start beyond optionalSyncWait, and until they sync nothing
+	// they would allow is allowed.
+	optional []cache.SharedIndexInformer
+}
+
+// newWatches builds the informers for the kinds discovery reads, at the
+// versions the cluster serves. They run once started.
+func (d *Discoverer) newWatches(served apis) *watches {
 	// Managed fields are never read here and are a large part of each
 	// cached object.
 	kf := informers.NewSharedInformerFactoryWithOptions(d.kube, 0, informers.WithTransform(stripManagedFields))
 	gf := gwinformers.NewSharedInformerFactoryWithOptions(d.gw, 0, gwinformers.WithTransform(stripManagedFields))
 	gateways := gf.Gateway().V1().Gateways()
 	services := kf.Core().V1().Services()
-	slices := kf.Discovery().V1().EndpointSlices()
+	endpointSlices := kf.Discovery().V1().EndpointSlices()
 	namespaces := kf.Core().V1().Namespaces()
-	w := &world{
-		gateways:         gateways.Lister(),
-		services:         services.Lister(),
-		slices:           slices.Lister(),
-		namespaces:       namespaces.Lister(),
-		namespacesSynced: namespaces.Informer().HasSynced,
-		routes:           map[string]*routeSource{},
+	ws := &watches{
+		kube: kf, gw: gf,
+		world: &world{
+			gateways:         gateways.Lister(),
+			services:         services.Lister(),
+			slices:           endpointSlices.Lister(),
+			namespaces:       namespaces.Lister(),
+			namespacesSynced: namespaces.Informer().HasSynced,
+			routes:           map[string]*routeSource{},
+		},
+		required: []cache.SharedIndexInformer{gateways.Informer(), services.Informer(), endpointSlices.Informer()},
+		optional: []cache.SharedIndexInformer{namespaces.Informer()},
 	}
-	infs := []cache.SharedIndexInformer{gateways.Informer(), services.Informer(), slices.Informer()}
-	for proto, version := range apis.routes {
+	for proto, version := range served.routes {
 		src := newRouteSource(proto, version, gf, d.gw)
-		w.routes[proto] = src
-		infs = append(infs, src.informer)
+		ws.world.routes[proto] = src
+		ws.required = append(ws.required, src.informer)
 	}
-	// Namespaces and ReferenceGrants are read under permissions that an
-	// agent deployed with older RBAC lacks: they are not waited for at
-	// start beyond optionalSyncWait, and until they sync nothing they
-	// would allow is allowed.
-	optional := []cache.SharedIndexInformer{namespaces.Informer()}
-	if apis.grants != "" {
-		w.grants = newGrantSource(apis.grants, gf)
-		w.grantsSynced = w.grants.informer.HasSynced
-		optional = append(optional, w.grants.informer)
+	if served.grants != "" {
+		ws.world.grants = newGrantSource(served.grants, gf)
+		ws.world.grantsSynced = ws.world.grants.informer.HasSynced
+		ws.optional = append(ws.optional, ws.world.grants.informer)
 	}
+	return ws
+}
+
+// notify calls poke on every change of a watched object, except the
+// updates that only carry discovery's own annotations.
+func (ws *watches) notify(poke func()) error {
 	handler := cache.ResourceEventHandlerFuncs{
-		AddFunc: func(any) { d.poke() },
+		AddFunc: func(any) { poke() },
 		UpdateFunc: func(oldObj, newObj any) {
 			// Our own annotation patches come back as updates; they
 			// change nothing we compute from, so they must not start a
 			// recompute (nor, through it, another patch).
 			if !onlyOwnAnnotationsChanged(oldObj, newObj) {
-				d.poke()
+				poke()
 			}
 		},
-		DeleteFunc: func(any) { d.poke() },
+		DeleteFunc: func(any) { poke() },
 	}
 	// Namespaces and ReferenceGrants change rarely: any change of theirs is
 	// a recompute too.
-	for _, inf := range append(infs, optional...) {
+	for _, inf := range append(slices.Clip(ws.required), ws.optional...) {
 		if _, err := inf.AddEventHandler(handler); err != nil {
 			return fmt.Errorf("discovery: adding event handler: %w", err)
 		}
 	}
-	kf.Start(ctx.Done())
-	gf.Start(ctx.Done())
-	// Shutdown waits for the informer goroutines; they stop with ctx.
-	defer gf.Shutdown()
-	defer kf.Shutdown()
+	return nil
+}
 
-	evctx, stopEvents := context.WithCancel(ctx)
-	evDone := make(chan struct{})
-	go func() {
-		defer close(evDone)
-		d.events.run(evctx)
-	}()
-	defer func() {
-		stopEvents()
-		<-evDone
-	}()
+// start runs the informers until ctx ends.
+func (ws *watches) start(ctx context.Context) {
+	ws.kube.Start(ctx.Done())
+	ws.gw.Start(ctx.Done())
+}
 
-	synced := make([]cache.InformerSynced, len(infs))
-	for i, inf := range infs {
+// shutdown waits for the informer goroutines, which stop when the context
+// given to start ends.
+func (ws *watches) shutdown() {
+	ws.kube.Shutdown()
+	ws.gw.Shutdown()
+}
+
+// waitForSync waits until the required caches are filled, and the optional
+// ones for at most optionalSyncWait. It returns false when ctx ended first.
+func (ws *watches) waitForSync(ctx context.Context) bool {
+	synced := make([]cache.InformerSynced, len(ws.required))
+	for i, inf := range ws.required {
 		synced[i] = inf.HasSynced
 	}
-	// Publishing before every cache is filled would withdraw services
-	// that exist, for a moment, at every start.
 	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
-		return nil
+		return false
 	}
 	optctx, cancel := context.WithTimeout(ctx, optionalSyncWait)
-	for _, inf := range optional {
+	defer cancel()
+	for _, inf := range ws.optional {
 		cache.WaitForCacheSync(optctx.Done(), inf.HasSynced)
 	}
-	cancel()
-	if ctx.Err() != nil {
-		return nil
-	}
-	if !namespaces.Informer().HasSynced() {
+	return ctx.Err() == nil
+}
+
+// warnUnreadable says which optional caches did not sync, and what is
+// refused until they do.
+func (d *Discoverer) warnUnreadable(w *world) {
+	if !w.namespacesSynced() {
 		d.log.Warn("cannot read Namespaces yet; listeners with allowedRoutes.namespaces.from: Selector accept no routes until the agent can (it needs get, list and watch on namespaces)")
 	}
 	if w.grants != nil && !w.grantsSynced() {
 		d.log.Warn("cannot read ReferenceGrants yet; routes outside a Gateway's namespace cannot use Services of other namespaces until the agent can (it needs get, list and watch on referencegrants)")
 	}
-	d.w = w
-	d.log.Info("Kubernetes discovery started", "tcproutes", apis.routes["tcp"], "udproutes", apis.routes["udp"], "referencegrants", cmp.Or(apis.grants, "(not served)"),
-		"tcp_label", labelOrOff(d.opts.Tunnels.Discovery.TCP), "udp_label", labelOrOff(d.opts.Tunnels.Discovery.UDP),
-		"gateway_namespaces", strings.Join(d.opts.Tunnels.Discovery.GatewayNamespaces, ","),
-		"gateway_classes", cmp.Or(strings.Join(d.opts.Tunnels.Discovery.GatewayClasses, ","), "(any)"))
-	return d.loop(ctx)
+}
+
+// startEvents runs the Event writer until ctx ends or the returned stop is
+// called; stop waits for it.
+func (d *Discoverer) startEvents(ctx context.Context) (stop func()) {
+	evctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		d.events.run(evctx)
+	}()
+	return func() {
+		cancel()
+		<-done
+	}
 }
 
 func labelOrOff(s config.DiscoverySource) string {

@@ -176,28 +176,39 @@ func TestBadMessagesCloseOnlyThatSession(t *testing.T) {
 }
 
 // An agent may not take ports outside the range or held by another agent,
-// and a port held by another process is skipped.
+// and a port held by another process is skipped. The ports are picked at
+// run time: the squatter holds a port the kernel chose, and the range is
+// laid around it.
 func TestPortAllocationRules(t *testing.T) {
-	g := startGateway(t, func(c *config.Gateway) { c.PortRange = "10000-10100"; c.MaxServices = 3 })
-	echo := echoBackend(t)
-	// Something else on the host holds 10080, the preferred port for 80.
-	squat, err := net.Listen("tcp", "127.0.0.1:10080")
+	// Something else on the host holds the port the web service prefers
+	// (10000 + its port).
+	squat, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		t.Skipf("cannot hold port 10080 for the test: %v", err)
+		t.Fatal(err)
 	}
 	defer squat.Close()
+	_, held := splitHostPort(t, squat.Addr().String())
+	if held <= 10000+1 {
+		t.Fatalf("the kernel's ephemeral port %d is too low for this test's layout", held)
+	}
+	fixed := freePort(t)
+	low, high := min(held, fixed)-20, max(held, fixed)+20
+	g := startGateway(t, func(c *config.Gateway) { c.PortRange = fmt.Sprintf("%d-%d", low, high); c.MaxServices = 3 })
+	echo := echoBackend(t)
 	a := startAgent(t, g.url(), tokenA, "yamux", []config.StaticService{
-		{Name: "web", Protocol: "tcp", Port: 80, Backend: echo},
-		{Name: "fixed", Protocol: "tcp", Port: 5000, Backend: echo, PublicPort: 10050},
-		{Name: "outside", Protocol: "tcp", Port: 5001, Backend: echo, PublicPort: 20000},
+		{Name: "web", Protocol: "tcp", Port: held - 10000, Backend: echo},
+		{Name: "fixed", Protocol: "tcp", Port: 5000, Backend: echo, PublicPort: fixed},
+		{Name: "outside", Protocol: "tcp", Port: 5001, Backend: echo, PublicPort: low - 1},
 		{Name: "zz-over-quota", Protocol: "tcp", Port: 5002, Backend: echo},
 	})
 	eps := a.waitReady(t)
-	if eps["web"] != "127.0.0.1:10081" {
-		t.Errorf("web got %s, want 127.0.0.1:10081 (10080 is held by another process)", eps["web"])
+	// The allocator walks up from the preferred port; held+1 may be taken
+	// by another process too, so any later port in the range will do.
+	if _, port := splitHostPort(t, eps["web"]); port <= held || port > high || port == fixed {
+		t.Errorf("web got %s, want a port in (%d, %d] other than %d (%d is held by another process)", eps["web"], held, high, fixed, held)
 	}
-	if eps["fixed"] != "127.0.0.1:10050" {
-		t.Errorf("fixed got %s, want the requested 10050", eps["fixed"])
+	if want := fmt.Sprintf("127.0.0.1:%d", fixed); eps["fixed"] != want {
+		t.Errorf("fixed got %s, want the requested %s", eps["fixed"], want)
 	}
 	if !strings.Contains(eps["outside"], "outside the gateway's port_range") {
 		t.Errorf("outside got %q, want a port_range error", eps["outside"])
@@ -207,7 +218,7 @@ func TestPortAllocationRules(t *testing.T) {
 	}
 	// Another agent asks for agent-a's port: refused, and agent-a's
 	// listener is undisturbed.
-	b := startAgent(t, g.url(), tokenB, "json", []config.StaticService{{Name: "thief", Protocol: "tcp", Port: 1, Backend: echo, PublicPort: 10050}})
+	b := startAgent(t, g.url(), tokenB, "json", []config.StaticService{{Name: "thief", Protocol: "tcp", Port: 1, Backend: echo, PublicPort: fixed}})
 	if ep := b.waitReady(t)["thief"]; !strings.Contains(ep, "allocated to another agent") {
 		t.Errorf("thief got %q, want a refusal", ep)
 	}

@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -57,6 +58,12 @@ func startGateway(t *testing.T, opts ...func(*config.Gateway)) *gw {
 		o(cfg)
 	}
 	log, lb := testlog.New(t, "gateway")
+	secrets := []string{cfg.Admin.Token}
+	for _, a := range cfg.Agents {
+		secrets = append(secrets, a.Token)
+	}
+	// Registered before Close, so it runs after: the whole log is in.
+	t.Cleanup(func() { checkNoSecrets(t, "gateway", lb.String(), secrets...) })
 	reg := prometheus.NewRegistry()
 	g, err := gateway.New(gateway.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: "test"})
 	if err != nil {
@@ -67,6 +74,20 @@ func startGateway(t *testing.T, opts ...func(*config.Gateway)) *gw {
 	}
 	t.Cleanup(g.Close)
 	return &gw{Gateway: g, cfg: cfg, reg: reg, log: lb}
+}
+
+// checkNoSecrets fails the test if log contains any of the secrets (empty
+// ones ignored) or the harness's own tokens: no token is ever logged, at
+// any level, valid or not. Every e2e component logs at debug level.
+func checkNoSecrets(t *testing.T, name, log string, secrets ...string) {
+	t.Helper()
+	seen := map[string]bool{"": true}
+	for _, s := range append(secrets, tokenA, tokenB, adminToken) {
+		if !seen[s] && strings.Contains(log, s) {
+			seen[s] = true
+			t.Errorf("the %s log contains a token (%s...)", name, s[:min(4, len(s))])
+		}
+	}
 }
 
 func (g *gw) url() string { return "ws://" + g.TunnelAddr().String() + "/v1/tunnel" }
@@ -92,6 +113,7 @@ func startAgent(t *testing.T, url, token, mode string, services []config.StaticS
 		o(cfg)
 	}
 	log, lb := testlog.New(t, "agent")
+	t.Cleanup(func() { checkNoSecrets(t, "agent", lb.String(), cfg.Gateway.Token) })
 	reg := prometheus.NewRegistry()
 	a, err := agent.New(agent.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: "test"})
 	if err != nil {

@@ -32,6 +32,21 @@ func TestAuthAttemptsRateLimited(t *testing.T) {
 		if resp == nil {
 			t.Fatal(err)
 		}
+		// What each refusal must say (docs/protocol.md): 401 names the
+		// scheme, 429 when to come back, and neither keeps the connection.
+		switch resp.StatusCode {
+		case http.StatusUnauthorized:
+			if got := resp.Header.Get("WWW-Authenticate"); got != `Bearer realm="portway"` {
+				t.Errorf("401 with WWW-Authenticate %q", got)
+			}
+		case http.StatusTooManyRequests:
+			if got := resp.Header.Get("Retry-After"); got != "60" {
+				t.Errorf("429 with Retry-After %q, want 60", got)
+			}
+		}
+		if !resp.Close && resp.Header.Get("Connection") != "close" {
+			t.Errorf("HTTP %d without Connection: close", resp.StatusCode)
+		}
 		return resp.StatusCode
 	}
 	for i := 0; i < 3; i++ {
@@ -137,6 +152,11 @@ func TestSlowlorisOnUpgrade(t *testing.T) {
 		t.Fatalf("%d of 50 slow connections were closed by the gateway", n)
 	}
 	t.Logf("50 slow header senders cut after at most %v (handshake_timeout 1s)", longest.Round(time.Millisecond))
+	// Well under the 10 s default, with room for a loaded machine: a build
+	// that ignored handshake_timeout would cut them at 10 s.
+	if longest >= 5*time.Second {
+		t.Errorf("a slow header sender was cut after %v; handshake_timeout is 1s", longest.Round(time.Millisecond))
+	}
 }
 
 // An agent registering thousands of services gets its quota and errors for

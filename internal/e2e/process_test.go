@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/portway/portway/internal/childproc"
 )
 
 // The reliability tests run the gateway and the agent as real processes of
@@ -47,6 +49,7 @@ func portwayBinary(t *testing.T) string {
 		buildPath = filepath.Join(buildDir, "portway")
 		cmd := exec.Command("go", "build", "-o", buildPath, "./cmd/portway")
 		cmd.Dir = root
+		cmd.SysProcAttr = childproc.SysProcAttr()
 		if out, err := cmd.CombinedOutput(); err != nil {
 			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
 		}
@@ -79,6 +82,9 @@ func startProc(t *testing.T, name string, env []string, args ...string) *proc {
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = lf, lf
 	cmd.Env = append(os.Environ(), env...)
+	// Killed with the test binary even when it dies without cleaning up
+	// (a -timeout panic), and out of the terminal's process group.
+	cmd.SysProcAttr = childproc.SysProcAttr()
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -90,6 +96,7 @@ func startProc(t *testing.T, name string, env []string, args ...string) *proc {
 	}()
 	t.Cleanup(func() {
 		p.kill()
+		checkNoSecrets(t, name, p.logText())
 		if t.Failed() {
 			b, _ := os.ReadFile(logPath)
 			t.Logf("---- %s log ----\n%s", name, tail(string(b), 4000))

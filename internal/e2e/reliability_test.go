@@ -77,6 +77,19 @@ func fillPattern(b []byte, off int64) {
 // download asks the source for n bytes through addr and verifies them,
 // reading at most bytesPerSec (0: as fast as possible).
 func download(addr string, n int64, bytesPerSec int64, deadline time.Duration) error {
+	return downloadHeld(addr, n, bytesPerSec, deadline, nil)
+}
+
+// hold pauses a download: once it has read at bytes, it closes reached and
+// reads nothing more until release is closed, then reads the rest as fast
+// as it can.
+type hold struct {
+	at               int64
+	reached, release chan struct{}
+}
+
+// downloadHeld is download with an optional hold.
+func downloadHeld(addr string, n int64, bytesPerSec int64, deadline time.Duration, h *hold) error {
 	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
 	if err != nil {
 		return err
@@ -93,6 +106,14 @@ func download(addr string, n int64, bytesPerSec int64, deadline time.Duration) e
 	start := time.Now()
 	var off int64
 	for off < n {
+		if h != nil && off >= h.at {
+			close(h.reached)
+			<-h.release
+			h = nil
+			// The hold is what the test needed of the slow reader: the
+			// rest is read at full speed.
+			bytesPerSec = 0
+		}
 		chunk := buf
 		if bytesPerSec > 0 {
 			chunk = buf[:16<<10]
@@ -100,6 +121,9 @@ func download(addr string, n int64, bytesPerSec int64, deadline time.Duration) e
 			if ahead := time.Duration(float64(off)/float64(bytesPerSec)*float64(time.Second)) - time.Since(start); ahead > 0 {
 				time.Sleep(ahead)
 			}
+		}
+		if h != nil {
+			chunk = chunk[:min(int64(len(chunk)), max(h.at-off, 1))]
 		}
 		k, err := c.Read(chunk)
 		fillPattern(want[:k], off)
@@ -118,7 +142,9 @@ func download(addr string, n int64, bytesPerSec int64, deadline time.Duration) e
 }
 
 // A client reading at ~1 MB/s does not stall a full-speed client on the same
-// tunnel, and neither process buffers the slow one's backlog.
+// tunnel, and neither process buffers the slow one's backlog. The overlap
+// is certain by design, not by speed: the slow client stops reading after
+// its first MiB and stays stopped until the fast download is done.
 func TestSlowReaderDoesNotStallOthers(t *testing.T) {
 	src := patternSource(t)
 	slowBytes := pick[int64](6<<20, 1<<30)
@@ -131,8 +157,21 @@ func TestSlowReaderDoesNotStallOthers(t *testing.T) {
 			ep := waitProcEndpoint(t, pg, "src")
 
 			slowDone := make(chan error, 1)
-			go func() { slowDone <- download(ep, slowBytes, 1<<20, 2*time.Hour) }()
-			time.Sleep(time.Second) // let the slow stream's windows fill
+			h := &hold{at: 1 << 20, reached: make(chan struct{}), release: make(chan struct{})}
+			go func() { slowDone <- downloadHeld(ep, slowBytes, 1<<20, 2*time.Hour, h) }()
+			released := false
+			defer func() {
+				if !released {
+					close(h.release)
+				}
+			}()
+			select {
+			case <-h.reached:
+			case err := <-slowDone:
+				t.Fatalf("slow client ended before its first MiB: %v", err)
+			case <-time.After(2 * time.Minute):
+				t.Fatal("slow client did not read its first MiB within 2 minutes")
+			}
 			start := time.Now()
 			if err := download(ep, fastBytes, 0, 10*time.Minute); err != nil {
 				t.Fatalf("fast client: %v", err)
@@ -140,9 +179,11 @@ func TestSlowReaderDoesNotStallOthers(t *testing.T) {
 			el := time.Since(start)
 			select {
 			case err := <-slowDone:
-				t.Fatalf("slow client finished before the fast one (%v): the test did not overlap them", err)
+				t.Fatalf("slow client ended while held (%v)", err)
 			default:
 			}
+			close(h.release)
+			released = true
 			t.Logf("%s: fast client moved %d MiB in %v (%.2f Gbit/s) beside a 1 MB/s reader",
 				mode, fastBytes>>20, el.Round(time.Millisecond), float64(fastBytes)*8/el.Seconds()/1e9)
 			if err := <-slowDone; err != nil {

@@ -1,9 +1,12 @@
 package e2e
 
 import (
+	"context"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
@@ -22,14 +25,21 @@ import (
 	"github.com/portway/portway/internal/config"
 )
 
-// writeTestCert writes a self-signed certificate for 127.0.0.1 and its key,
-// and returns their paths.
+// writeTestCert writes a self-signed ECDSA certificate for 127.0.0.1 and
+// its key, and returns their paths.
 func writeTestCert(t *testing.T) (certFile, keyFile string) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return writeCertWithKey(t, key)
+}
+
+// writeCertWithKey writes a self-signed certificate for 127.0.0.1 signed by
+// key, and the key, and returns their paths.
+func writeCertWithKey(t *testing.T, key crypto.Signer) (certFile, keyFile string) {
+	t.Helper()
 	tmpl := &x509.Certificate{
 		SerialNumber:          big.NewInt(1),
 		Subject:               pkix.Name{CommonName: "portway test gateway"},
@@ -41,18 +51,18 @@ func writeTestCert(t *testing.T) (certFile, keyFile string) {
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	kb, err := x509.MarshalECPrivateKey(key)
+	kb, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
 	certFile, keyFile = filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
 	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
-	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kb}), 0o600)
 	return certFile, keyFile
 }
 
@@ -80,13 +90,6 @@ func TestTLSAndHashedToken(t *testing.T) {
 		})
 	}
 
-	// The TLS settings: 1.2 is the floor.
-	conn, err := tls.Dial("tcp", g.TunnelAddr().String(), &tls.Config{InsecureSkipVerify: true, MaxVersion: tls.VersionTLS11})
-	if err == nil {
-		conn.Close()
-		t.Error("the gateway accepted TLS 1.1")
-	}
-
 	untrusting := startAgent(t, url, token, "auto", nil)
 	eventually(t, 10*time.Second, "the untrusting agent to report the certificate", func() bool {
 		return strings.Contains(untrusting.log.String(), "certificate")
@@ -99,6 +102,66 @@ func TestTLSAndHashedToken(t *testing.T) {
 	time.Sleep(time.Second)
 	if plain.Ready() {
 		t.Fatal("plain ws:// connected to a TLS endpoint")
+	}
+}
+
+// The gateway's TLS floor is 1.2 with forward-secret AEAD suites. Each probe
+// is a real ClientHello offering only what must be refused, and each must
+// be refused by the gateway's alert, not by the client's own policy: a Go
+// client accepts TLS 1.0/1.1 and any suite when told so explicitly. The
+// certificate is RSA so that RSA key exchange would be possible if the
+// gateway allowed it.
+func TestTLSRefusesOldVersionsAndWeakSuites(t *testing.T) {
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile, keyFile := writeCertWithKey(t, key)
+	g := startGateway(t, func(c *config.Gateway) {
+		c.Insecure = false
+		c.TLS = &config.TLS{CertFile: certFile, KeyFile: keyFile}
+	})
+	probe := func(cfg *tls.Config) error {
+		cfg.InsecureSkipVerify = true
+		d := tls.Dialer{Config: cfg, NetDialer: &net.Dialer{Timeout: 5 * time.Second}}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		c, err := d.DialContext(ctx, "tcp", g.TunnelAddr().String())
+		if err == nil {
+			c.Close()
+		}
+		return err
+	}
+	// The control: this client setup reaches the gateway when it offers
+	// what the gateway allows.
+	if err := probe(&tls.Config{MinVersion: tls.VersionTLS12, MaxVersion: tls.VersionTLS12,
+		CipherSuites: []uint16{tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256}}); err != nil {
+		t.Fatalf("TLS 1.2 with an ECDHE AEAD suite: %v", err)
+	}
+	cases := []struct {
+		name  string
+		cfg   *tls.Config
+		alert string // the gateway's alert, as the client reports it: "remote error"
+	}{
+		{"TLS 1.0", &tls.Config{MinVersion: tls.VersionTLS10, MaxVersion: tls.VersionTLS10}, "protocol version not supported"},
+		{"TLS 1.1", &tls.Config{MinVersion: tls.VersionTLS11, MaxVersion: tls.VersionTLS11}, "protocol version not supported"},
+		{"TLS 1.2 CBC only", &tls.Config{MinVersion: tls.VersionTLS12, MaxVersion: tls.VersionTLS12, CipherSuites: []uint16{
+			tls.TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA, tls.TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA, tls.TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256,
+		}}, "handshake failure"},
+		{"TLS 1.2 without ECDHE", &tls.Config{MinVersion: tls.VersionTLS12, MaxVersion: tls.VersionTLS12, CipherSuites: []uint16{
+			tls.TLS_RSA_WITH_AES_128_GCM_SHA256, tls.TLS_RSA_WITH_AES_256_GCM_SHA384, tls.TLS_RSA_WITH_AES_128_CBC_SHA,
+		}}, "handshake failure"},
+	}
+	for _, c := range cases {
+		err := probe(c.cfg)
+		switch {
+		case err == nil:
+			t.Errorf("%s: the gateway completed the handshake", c.name)
+		case !strings.Contains(err.Error(), "remote error: tls: "+c.alert):
+			t.Errorf("%s: %v; want the gateway's %q alert", c.name, err, c.alert)
+		default:
+			t.Logf("%s: %v", c.name, err)
+		}
 	}
 }
 

@@ -6,6 +6,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net"
+	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -95,6 +97,39 @@ func TestDNSThroughTunnel(t *testing.T) {
 			}
 		})
 	}
+}
+
+// udpRcvbufErrors reads the kernel's count of UDP datagrams dropped for a
+// full receive buffer (RcvbufErrors in /proc/net/snmp, this network
+// namespace).
+func udpRcvbufErrors(t *testing.T) int64 {
+	t.Helper()
+	b, err := os.ReadFile("/proc/net/snmp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, line := range strings.Split(string(b), "\n") {
+		fields := strings.Fields(line)
+		if len(fields) == 0 || fields[0] != "Udp:" {
+			continue
+		}
+		if names == nil {
+			names = fields
+			continue
+		}
+		for i, name := range names {
+			if name == "RcvbufErrors" && i < len(fields) {
+				n, err := strconv.ParseInt(fields[i], 10, 64)
+				if err != nil {
+					t.Fatalf("/proc/net/snmp: RcvbufErrors %q: %v", fields[i], err)
+				}
+				return n
+			}
+		}
+	}
+	t.Fatal("/proc/net/snmp has no Udp RcvbufErrors")
+	return 0
 }
 
 // dnsQuery builds a minimal DNS query for an A record.
@@ -281,14 +316,18 @@ func TestUDPBurst(t *testing.T) {
 			received.Add(1)
 		}
 	}()
-	burst := func(addr string) (int64, time.Duration) {
+	// burst returns the datagrams delivered so far, the ones the client
+	// got into its socket, and how long sending took.
+	burst := func(addr string) (got, sent int64, el time.Duration) {
 		received.Store(0)
 		c := udpClient(t, addr)
 		p := make([]byte, 64)
 		start := time.Now()
 		for i := 0; i < total; i++ {
 			binary.BigEndian.PutUint32(p, uint32(i))
-			c.Write(p)
+			if _, err := c.Write(p); err == nil {
+				sent++
+			}
 		}
 		elapsed := time.Since(start)
 		// Let the tail drain: stop once the count holds still.
@@ -297,9 +336,9 @@ func TestUDPBurst(t *testing.T) {
 			last = received.Load()
 			time.Sleep(50 * time.Millisecond)
 		}
-		return received.Load(), elapsed
+		return received.Load(), sent, elapsed
 	}
-	got, el := burst(sink.LocalAddr().String())
+	got, _, el := burst(sink.LocalAddr().String())
 	t.Logf("direct: %d/%d delivered (%.1f%% lost), sent at %.0f pps", got, total, 100*float64(total-got)/total, total/el.Seconds())
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) {
@@ -307,7 +346,8 @@ func TestUDPBurst(t *testing.T) {
 			a, ep := udpAgent(t, g, mode, sink.LocalAddr().String(), func(c *config.AgentFile) {
 				c.Tunnels.UDP.SessionTimeout = config.D(time.Second)
 			})
-			got, el := burst(ep)
+			kernel0 := udpRcvbufErrors(t)
+			got, sent, el := burst(ep)
 			t.Logf("%s: %d/%d delivered (%.1f%% lost), sent at %.0f pps", mode, got, total, 100*float64(total-got)/total, total/el.Seconds())
 			if got == 0 {
 				t.Fatal("nothing delivered")
@@ -328,6 +368,20 @@ func TestUDPBurst(t *testing.T) {
 			}
 			if float64(got) > agentIn {
 				t.Errorf("backend got %d datagrams, more than the agent relayed (%v)", got, agentIn)
+			}
+			// End to end: every datagram the client sent and the sink did
+			// not get is counted somewhere, by the gateway, the agent, or
+			// the kernel (a full receive buffer at the gateway's public
+			// socket or the sink). Other processes' kernel drops only
+			// loosen the bound.
+			delivered := received.Load() // the tail that arrived since
+			gwDropped := sample(gm, "portway_gateway_udp_dropped_total", nil)
+			kernel := udpRcvbufErrors(t) - kernel0
+			t.Logf("%s: sent %d, delivered %d; dropped by the gateway %v, the agent %v, the kernel %d",
+				mode, sent, delivered, gwDropped, agentDropped, kernel)
+			if lost := float64(sent - delivered); lost > gwDropped+agentDropped+float64(kernel) {
+				t.Errorf("%v datagrams lost, only %v counted (gateway %v, agent %v, kernel receive buffers %d)",
+					lost, gwDropped+agentDropped+float64(kernel), gwDropped, agentDropped, kernel)
 			}
 		})
 	}

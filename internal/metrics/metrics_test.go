@@ -35,8 +35,8 @@ func registeredNames(t *testing.T) map[string]bool {
 	return names
 }
 
-// The seed's documented agent metric names must exist exactly.
-func TestSeedMetricNames(t *testing.T) {
+// The PipeOps agent's documented metric names must exist exactly.
+func TestPipeOpsMetricNames(t *testing.T) {
 	names := registeredNames(t)
 	for _, n := range []string{
 		"pipeops_agent_tcp_tunnel_active_connections", "pipeops_agent_tcp_tunnel_connections_total",
@@ -46,7 +46,7 @@ func TestSeedMetricNames(t *testing.T) {
 		"pipeops_agent_gateway_watcher_sync_total",
 	} {
 		if !names[n] {
-			t.Errorf("seed metric %s is not registered", n)
+			t.Errorf("PipeOps metric %s is not registered", n)
 		}
 	}
 }

@@ -4,8 +4,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// Agent holds the agent's metrics. The pipeops_agent_* names are the seed's
-// documented names, kept exactly; portway_agent_* add the tunnel's health.
+// Agent holds the agent's metrics. The pipeops_agent_* names are the PipeOps
+// agent's documented names, kept exactly; portway_agent_* add the tunnel's
+// health.
 // docs/metrics.md describes every metric and label.
 type Agent struct {
 	TCPActive   *prometheus.GaugeVec     // service

@@ -1,5 +1,5 @@
 // Package testservers starts real third-party servers (PostgreSQL, Redis,
-// OpenSSH sshd, dnsmasq) as child processes for end-to-end tests, and runs
+// OpenSSH sshd, dnsmasq, HAProxy) as child processes for end-to-end tests, and runs
 // their real clients (psql, redis-cli, ssh/scp, dig) against any host and port,
 // typically a portway tunnel endpoint.
 //

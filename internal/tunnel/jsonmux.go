@@ -33,10 +33,18 @@ const udpQueueLen = 1024
 // ErrStreamReset is returned by reads and writes on a stream the peer aborted.
 var ErrStreamReset = errors.New("tunnel: stream reset by peer")
 
+// jsonMux is the JSON mode. It owns its side of the stream protocol: the
+// role (the gateway opens streams, the agent accepts them), the limits from
+// the hello and the session's config, and the socket's reader, which
+// handles every message in order; it writes through the session's wsConn.
 type jsonMux struct {
-	s       *Session
-	window  int
-	maxData int // payload per tcp_data message
+	c         *wsConn
+	role      role
+	onControl controlHandler
+
+	window     int // a stream's credit window, and a UDP stream's queue bound
+	maxStreams int
+	maxData    int // payload per tcp_data message
 	// maxPacket is the largest datagram a udp_data message can carry.
 	maxPacket int
 
@@ -48,15 +56,22 @@ type jsonMux struct {
 	acceptQ chan *Incoming
 }
 
-func newJSONMux(s *Session) *jsonMux {
-	return &jsonMux{
-		s:         s,
-		window:    s.hello.StreamWindow,
-		maxData:   min(protocol.MaxDataPayload(s.hello.MaxMessageSize), 32<<10),
-		maxPacket: min(protocol.MaxDataPayload(s.hello.MaxMessageSize), protocol.MaxDatagram),
-		streams:   make(map[uint32]*jsonStream),
-		acceptQ:   make(chan *Incoming, 1024),
+// newJSONMux starts the JSON mode on c with the limits of hello: it starts
+// the reader, which passes control messages to onControl.
+func newJSONMux(c *wsConn, r role, hello *protocol.Hello, maxStreams int, onControl controlHandler) *jsonMux {
+	m := &jsonMux{
+		c:          c,
+		role:       r,
+		onControl:  onControl,
+		window:     hello.StreamWindow,
+		maxStreams: maxStreams,
+		maxData:    min(protocol.MaxDataPayload(hello.MaxMessageSize), 32<<10),
+		maxPacket:  min(protocol.MaxDataPayload(hello.MaxMessageSize), protocol.MaxDatagram),
+		streams:    make(map[uint32]*jsonStream),
+		acceptQ:    make(chan *Incoming, 1024),
 	}
+	go m.run()
+	return m
 }
 
 type chunk struct {
@@ -103,6 +118,40 @@ func (q *chunkQueue) pop() chunk {
 	return c
 }
 
+// streamState is where a JSON-mode stream is in its life. Each direction
+// ends on its own (half-close); an error or a local Close ends both at once.
+//
+//	stateOpen ──CloseWrite──▶ stateWriteClosed ──peer's half close──▶ stateClosed
+//	    └──peer's half close─▶ stateReadClosed ──CloseWrite─────────┘
+//	any of these ──peer's reset, session end, local Close──▶ stateReset
+//	an unanswered gateway stream ──refusal, or any error──▶ stateRefused
+//
+// A UDP stream has no half-close: the peer's udp_close ends its reading
+// like a half close, and it leaves the mux at once.
+type streamState uint8
+
+const (
+	// stateOpen: both directions carry data. A gateway stream is in it
+	// from the start, before the agent's answer, so that the client's
+	// first bytes travel right behind the open.
+	stateOpen streamState = iota
+	// stateWriteClosed: this side has sent its half close; reading goes on.
+	stateWriteClosed
+	// stateReadClosed: the peer has finished sending; reads drain the
+	// queue, then return io.EOF. Writing goes on.
+	stateReadClosed
+	// stateClosed: both directions ended cleanly; reads drain the queue,
+	// then return io.EOF.
+	stateClosed
+	// stateReset: the stream was aborted (by the peer, the session's end
+	// or a local Close); reads drain what was queued, then return err.
+	stateReset
+	// stateRefused: the open failed (the agent's status was not ok, or the
+	// stream ended before the answer); reads and writes return err.
+	stateRefused
+)
+
+// jsonStream is one stream in JSON mode.
 type jsonStream struct {
 	m    *jsonMux
 	id   uint32
@@ -113,17 +162,13 @@ type jsonStream struct {
 	openDone chan struct{} // closed once the open result is known
 
 	mu       sync.Mutex
+	state    streamState
+	err      error // why the stream ended, in stateReset and stateRefused
 	chunks   chunkQueue
 	buffered int // bytes queued in chunks
 	unacked  int // bytes received and not yet credited back
 	consumed int // bytes read since the last credit message
-	eof      bool
-	rerr     error
 	credit   int
-	wclosed  bool
-	werr     error
-	openErr  error
-	closed   bool
 	dropped  uint64 // UDP datagrams dropped on arrival
 }
 
@@ -143,17 +188,15 @@ func signal(c chan struct{}) {
 	}
 }
 
-// jsonReadLoop is the session's only reader in JSON mode.
-func (s *Session) jsonReadLoop() {
-	err := s.jsonReadLoopErr()
-	s.c.fail(err)
-	s.jm.closeAll(s.c.Err())
+// run is the session's only reader in JSON mode; the session ends when it
+// returns.
+func (m *jsonMux) run() {
+	m.c.fail(m.readLoop())
 }
 
-func (s *Session) jsonReadLoopErr() error {
-	m := s.jm
+func (m *jsonMux) readLoop() error {
 	for {
-		typ, b, err := s.c.readMessage()
+		typ, b, err := m.c.readMessage()
 		if err != nil {
 			return fmt.Errorf("tunnel: read: %w", err)
 		}
@@ -197,7 +240,7 @@ func (s *Session) jsonReadLoopErr() error {
 		case *protocol.Credit:
 			err = m.onCredit(msg.ID, msg.Bytes)
 		default:
-			err = s.handleControl(msg)
+			err = m.onControl(msg)
 		}
 		if err != nil {
 			return err
@@ -237,20 +280,21 @@ func (m *jsonMux) onData(kind protocol.Kind, id uint32, buf *[]byte) error {
 	}
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	switch {
-	case st.closed || st.rerr != nil:
-		pool.Put(buf)
+	switch st.state {
+	case stateReset, stateRefused:
+		pool.Put(buf) // sent before the peer learned of the end
 		return nil
-	case st.eof:
+	case stateReadClosed, stateClosed:
 		pool.Put(buf)
 		return fmt.Errorf("%w: data after close on stream %d", ErrProtocol, id)
-	case kind == protocol.KindUDP:
+	}
+	if kind == protocol.KindUDP {
 		if st.buffered+n > m.window || st.chunks.len() >= udpQueueLen {
 			st.dropped++
 			pool.Put(buf)
 			return nil
 		}
-	default:
+	} else {
 		if st.unacked+n > m.window {
 			pool.Put(buf)
 			return fmt.Errorf("%w: stream %d sent %d bytes beyond its credit", ErrProtocol, id, st.unacked+n-m.window)
@@ -264,7 +308,7 @@ func (m *jsonMux) onData(kind protocol.Kind, id uint32, buf *[]byte) error {
 }
 
 func (m *jsonMux) onOpen(o *protocol.Open) error {
-	if m.s.gateway {
+	if m.role == gatewayRole {
 		return fmt.Errorf("%w: %s sent to the gateway", ErrProtocol, o.Type())
 	}
 	var client netip.AddrPort
@@ -278,12 +322,13 @@ func (m *jsonMux) onOpen(o *protocol.Open) error {
 		return fmt.Errorf("%w: %s reuses open stream id %d", ErrProtocol, o.Type(), o.ID)
 	}
 	if m.err != nil {
+		err := m.err
 		m.mu.Unlock()
-		return m.err
+		return err
 	}
-	if len(m.streams) >= m.s.cfg.MaxStreams {
+	if len(m.streams) >= m.maxStreams {
 		m.mu.Unlock()
-		return m.sendResult(o.Kind, o.ID, protocol.StatusOverLimit, true)
+		return m.refuseOpen(o.Kind, o.ID, protocol.StatusOverLimit)
 	}
 	st := m.newStream(o.ID, o.Kind)
 	close(st.openDone)
@@ -293,7 +338,7 @@ func (m *jsonMux) onOpen(o *protocol.Open) error {
 	in := &Incoming{
 		readHeader: func() (protocol.StreamHeader, error) { return h, nil },
 		reply: func(status protocol.Status) (Stream, error) {
-			if err := m.sendResult(st.kind, st.id, status, false); err != nil {
+			if err := m.answerOpen(st, status); err != nil {
 				st.Reset()
 				return nil, err
 			}
@@ -309,22 +354,32 @@ func (m *jsonMux) onOpen(o *protocol.Open) error {
 		return nil
 	default:
 		st.discard()
-		return m.sendResult(o.Kind, o.ID, protocol.StatusOverLimit, true)
+		return m.refuseOpen(o.Kind, o.ID, protocol.StatusOverLimit)
 	}
 }
 
-// sendResult sends an open result. Results sent from the read loop go on the
-// control queue: the read loop must never wait behind data.
-func (m *jsonMux) sendResult(kind protocol.Kind, id uint32, status protocol.Status, control bool) error {
+// refuseOpen answers an open from the read loop itself, ahead of data: the
+// read loop must never wait behind data.
+func (m *jsonMux) refuseOpen(kind protocol.Kind, id uint32, status protocol.Status) error {
 	b, err := protocol.Encode(&protocol.OpenResult{Kind: kind, ID: id, Status: status})
 	if err != nil {
 		return err
 	}
-	return m.s.c.sendCopy(websocket.TextMessage, b, control)
+	return m.c.queueControlText(b)
+}
+
+// answerOpen sends the application's answer to an open on the data queue,
+// so that the data the application writes next follows it.
+func (m *jsonMux) answerOpen(st *jsonStream, status protocol.Status) error {
+	b, err := protocol.Encode(&protocol.OpenResult{Kind: st.kind, ID: st.id, Status: status})
+	if err != nil {
+		return err
+	}
+	return m.c.queueDataText(b)
 }
 
 func (m *jsonMux) onOpenResult(r *protocol.OpenResult) error {
-	if !m.s.gateway {
+	if m.role != gatewayRole {
 		return fmt.Errorf("%w: %s sent to the agent", ErrProtocol, r.Type())
 	}
 	st := m.lookup(r.ID)
@@ -333,14 +388,19 @@ func (m *jsonMux) onOpenResult(r *protocol.OpenResult) error {
 	}
 	st.mu.Lock()
 	defer st.mu.Unlock()
+	switch st.state {
+	case stateReset, stateRefused:
+		// Ended here meanwhile (also between the lookup and the lock):
+		// the answer comes too late to matter.
+		return nil
+	}
 	select {
 	case <-st.openDone:
 		return fmt.Errorf("%w: second %s for stream %d", ErrProtocol, r.Type(), r.ID)
 	default:
 	}
 	if r.Status != protocol.StatusOK {
-		st.openErr = &protocol.OpenError{Status: r.Status}
-		st.rerr, st.werr = st.openErr, st.openErr
+		st.state, st.err = stateRefused, &protocol.OpenError{Status: r.Status}
 		m.remove(st)
 		signal(st.writable)
 	}
@@ -356,18 +416,21 @@ func (m *jsonMux) onClose(c *protocol.Close) error {
 	}
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	switch {
-	case c.Half && st.kind == protocol.KindTCP:
-		st.eof = true
-		if st.wclosed {
-			m.remove(st)
-		}
-	case st.kind == protocol.KindUDP:
-		// The normal end of a UDP session: reads drain the queue, then EOF.
-		st.eof = true
+	if st.kind == protocol.KindTCP && !c.Half {
+		st.abort(ErrStreamReset)
 		m.remove(st)
-	default:
-		st.fail(ErrStreamReset)
+		return nil
+	}
+	// A TCP half close, or the normal end of a UDP session, which then
+	// leaves the mux at once: reads drain the queue, then return io.EOF.
+	switch st.state {
+	case stateOpen:
+		st.state = stateReadClosed
+	case stateWriteClosed:
+		st.state = stateClosed
+		m.remove(st)
+	}
+	if st.kind == protocol.KindUDP {
 		m.remove(st)
 	}
 	signal(st.readable)
@@ -394,8 +457,8 @@ func (m *jsonMux) onCredit(id, bytes uint32) error {
 	return nil
 }
 
-// closeAll fails every stream once the session has ended.
-func (m *jsonMux) closeAll(err error) {
+// close fails every stream once the session has ended.
+func (m *jsonMux) close(err error) {
 	m.mu.Lock()
 	m.err = err
 	streams := m.streams
@@ -403,7 +466,7 @@ func (m *jsonMux) closeAll(err error) {
 	m.mu.Unlock()
 	for _, st := range streams {
 		st.mu.Lock()
-		st.fail(err)
+		st.abort(err)
 		st.mu.Unlock()
 	}
 }
@@ -414,10 +477,11 @@ func (m *jsonMux) open(ctx context.Context, h protocol.StreamHeader) (Stream, er
 	}
 	m.mu.Lock()
 	if m.err != nil {
+		err := m.err
 		m.mu.Unlock()
-		return nil, m.err
+		return nil, err
 	}
-	if len(m.streams) >= m.s.cfg.MaxStreams {
+	if len(m.streams) >= m.maxStreams {
 		m.mu.Unlock()
 		return nil, errors.New("tunnel: too many open streams")
 	}
@@ -440,7 +504,7 @@ func (m *jsonMux) open(ctx context.Context, h protocol.StreamHeader) (Stream, er
 	}
 	b, err := protocol.Encode(o)
 	if err == nil {
-		err = m.s.c.sendCopy(websocket.TextMessage, b, false)
+		err = m.c.queueDataText(b)
 	}
 	if err != nil {
 		m.remove(st)
@@ -453,29 +517,29 @@ func (m *jsonMux) accept(ctx context.Context) (*Incoming, error) {
 	select {
 	case in := <-m.acceptQ:
 		return in, nil
-	case <-m.s.c.done:
-		return nil, m.s.c.Err()
+	case <-m.c.done:
+		return nil, m.c.Err()
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
 }
 
-// fail ends both directions with err. Caller holds st.mu.
-func (st *jsonStream) fail(err error) {
-	if st.rerr == nil {
-		st.rerr = err
-	}
-	if st.werr == nil {
-		st.werr = err
+// abort ends both directions with err, unless the stream has already
+// ended with an error: the first reason stays. A stream still waiting for
+// its open result is refused. Caller holds st.mu.
+func (st *jsonStream) abort(err error) {
+	switch st.state {
+	case stateReset, stateRefused:
+		return
 	}
 	select {
 	case <-st.openDone:
+		st.state = stateReset
 	default:
-		if st.openErr == nil {
-			st.openErr = err
-		}
+		st.state = stateRefused
 		close(st.openDone)
 	}
+	st.err = err
 	signal(st.readable)
 	signal(st.writable)
 }
@@ -488,42 +552,38 @@ func (st *jsonStream) waitOpen(ctx context.Context) error {
 	}
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	return st.openErr
+	if st.state == stateRefused {
+		return st.err
+	}
+	return nil
 }
 
-func (st *jsonStream) Read(p []byte) (int, error) {
+// lockQueued waits until data is queued and returns nil with st.mu held,
+// or returns why no more data will come (io.EOF at the peer's clean end)
+// with st.mu released.
+func (st *jsonStream) lockQueued() error {
 	for {
 		st.mu.Lock()
-		if st.openErr != nil {
-			err := st.openErr
+		queued := st.chunks.len() > 0
+		switch st.state {
+		case stateRefused:
+			err := st.err
 			st.mu.Unlock()
-			return 0, err
-		}
-		if st.chunks.len() > 0 {
-			if len(p) == 0 {
+			return err
+		case stateReset:
+			if !queued {
+				err := st.err
 				st.mu.Unlock()
-				return 0, nil
+				return err
 			}
-			n := st.take(p)
-			credit := 0
-			if st.consumed >= st.m.window/4 || (st.buffered == 0 && st.consumed >= st.m.window/16) {
-				credit, st.consumed = st.consumed, 0
-				st.unacked -= credit
+		case stateReadClosed, stateClosed:
+			if !queued {
+				st.mu.Unlock()
+				return io.EOF
 			}
-			st.mu.Unlock()
-			if credit > 0 {
-				st.sendCredit(credit)
-			}
-			return n, nil
 		}
-		if st.rerr != nil {
-			err := st.rerr
-			st.mu.Unlock()
-			return 0, err
-		}
-		if st.eof {
-			st.mu.Unlock()
-			return 0, io.EOF
+		if queued {
+			return nil
 		}
 		st.mu.Unlock()
 		st.waitReadable()
@@ -534,13 +594,38 @@ func (st *jsonStream) Read(p []byte) (int, error) {
 func (st *jsonStream) waitReadable() {
 	select {
 	case <-st.readable:
-	case <-st.m.s.c.done:
-		// The read loop fails every stream as it exits; don't spin
-		// waiting for it.
+	case <-st.m.c.done:
+		// The mux fails every stream once the session has ended; don't
+		// spin waiting for it.
+		err := st.m.c.Err()
 		st.mu.Lock()
-		st.fail(st.m.s.c.Err())
+		st.abort(err)
 		st.mu.Unlock()
 	}
+}
+
+func (st *jsonStream) Read(p []byte) (int, error) {
+	if err := st.lockQueued(); err != nil {
+		return 0, err
+	}
+	if len(p) == 0 {
+		st.mu.Unlock()
+		return 0, nil
+	}
+	n := st.take(p)
+	credit := 0
+	// Credit back after a quarter of the window, or once the queue is
+	// drained and at least 1/16 of the window has been read: small reads
+	// of a trickle need not cost a credit message each.
+	if st.consumed >= st.m.window/4 || (st.buffered == 0 && st.consumed >= st.m.window/16) {
+		credit, st.consumed = st.consumed, 0
+		st.unacked -= credit
+	}
+	st.mu.Unlock()
+	if credit > 0 {
+		st.sendCredit(credit)
+	}
+	return n, nil
 }
 
 // take copies queued data into p. Caller holds st.mu.
@@ -563,8 +648,11 @@ func (st *jsonStream) take(p []byte) int {
 func (st *jsonStream) sendCredit(n int) {
 	buf := pool.Get(protocol.CreditLen)
 	*buf = protocol.AppendCredit((*buf)[:0], st.id, uint32(n))
-	_ = st.m.s.c.send(outMsg{typ: websocket.TextMessage, buf: buf}, true)
+	_ = st.m.c.queueControl(outMsg{typ: websocket.TextMessage, buf: buf})
 }
+
+// errWriteClosed is returned by Write after CloseWrite.
+var errWriteClosed = errors.New("tunnel: write after CloseWrite")
 
 func (st *jsonStream) Write(p []byte) (int, error) {
 	if st.kind != protocol.KindTCP {
@@ -572,28 +660,10 @@ func (st *jsonStream) Write(p []byte) (int, error) {
 	}
 	total := 0
 	for total < len(p) {
-		st.mu.Lock()
-		for st.credit == 0 && st.werr == nil && !st.wclosed {
-			st.mu.Unlock()
-			select {
-			case <-st.writable:
-			case <-st.m.s.c.done:
-				return total, st.m.s.c.Err()
-			}
-			st.mu.Lock()
-		}
-		if st.werr != nil {
-			err := st.werr
-			st.mu.Unlock()
+		n, err := st.takeCredit(len(p) - total)
+		if err != nil {
 			return total, err
 		}
-		if st.wclosed {
-			st.mu.Unlock()
-			return total, errors.New("tunnel: write after CloseWrite")
-		}
-		n := min(st.credit, st.m.maxData, len(p)-total)
-		st.credit -= n
-		st.mu.Unlock()
 		if err := st.sendData(p[total : total+n]); err != nil {
 			return total, err
 		}
@@ -602,10 +672,41 @@ func (st *jsonStream) Write(p []byte) (int, error) {
 	return total, nil
 }
 
+// takeCredit waits for credit and takes up to want bytes of it, at most
+// one message's worth.
+func (st *jsonStream) takeCredit(want int) (int, error) {
+	for {
+		st.mu.Lock()
+		switch st.state {
+		case stateWriteClosed, stateClosed:
+			st.mu.Unlock()
+			return 0, errWriteClosed
+		case stateReset, stateRefused:
+			err := st.err
+			st.mu.Unlock()
+			return 0, err
+		}
+		if st.credit > 0 {
+			n := min(st.credit, st.m.maxData, want)
+			st.credit -= n
+			st.mu.Unlock()
+			return n, nil
+		}
+		st.mu.Unlock()
+		select {
+		case <-st.writable:
+		case <-st.m.c.done:
+			return 0, st.m.c.Err()
+		}
+	}
+}
+
+// sendData sends p as one tcp_data or udp_data message, behind the
+// stream's earlier messages.
 func (st *jsonStream) sendData(p []byte) error {
 	buf := pool.Get(protocol.DataOverhead + (len(p)+2)/3*4)
 	*buf = protocol.AppendData((*buf)[:0], st.kind, st.id, p)
-	return st.m.s.c.send(outMsg{typ: websocket.TextMessage, buf: buf}, false)
+	return st.m.c.queueData(outMsg{typ: websocket.TextMessage, buf: buf})
 }
 
 // WaitReadable blocks until data, the end of the stream or an error.
@@ -621,7 +722,11 @@ func (st *jsonStream) WritePacket(frame []byte) error {
 		return fmt.Errorf("%w: %d bytes exceed the tunnel's max_message_size", protocol.ErrDatagramTooLarge, len(p))
 	}
 	st.mu.Lock()
-	err := st.werr
+	var err error
+	switch st.state {
+	case stateReset, stateRefused:
+		err = st.err
+	}
 	st.mu.Unlock()
 	if err != nil {
 		return err
@@ -631,36 +736,18 @@ func (st *jsonStream) WritePacket(frame []byte) error {
 
 // ReadPacket returns the next queued datagram.
 func (st *jsonStream) ReadPacket(buf []byte) (int, error) {
-	for {
-		st.mu.Lock()
-		if st.openErr != nil {
-			err := st.openErr
-			st.mu.Unlock()
-			return 0, err
-		}
-		if st.chunks.len() > 0 {
-			c := st.chunks.pop()
-			n := len(*c.buf)
-			st.buffered -= n
-			st.mu.Unlock()
-			defer pool.Put(c.buf)
-			if n > len(buf) {
-				return 0, fmt.Errorf("%w: %d > %d bytes", protocol.ErrDatagramTooLarge, n, len(buf))
-			}
-			return copy(buf, *c.buf), nil
-		}
-		if st.rerr != nil {
-			err := st.rerr
-			st.mu.Unlock()
-			return 0, err
-		}
-		if st.eof {
-			st.mu.Unlock()
-			return 0, io.EOF
-		}
-		st.mu.Unlock()
-		st.waitReadable()
+	if err := st.lockQueued(); err != nil {
+		return 0, err
 	}
+	c := st.chunks.pop()
+	n := len(*c.buf)
+	st.buffered -= n
+	st.mu.Unlock()
+	defer pool.Put(c.buf)
+	if n > len(buf) {
+		return 0, fmt.Errorf("%w: %d > %d bytes", protocol.ErrDatagramTooLarge, n, len(buf))
+	}
+	return copy(buf, *c.buf), nil
 }
 
 // Dropped returns how many datagrams arrived while the queue was full.
@@ -672,31 +759,44 @@ func (st *jsonStream) Dropped() uint64 {
 
 func (st *jsonStream) CloseWrite() error {
 	st.mu.Lock()
-	if st.wclosed || st.werr != nil {
+	switch st.state {
+	case stateOpen:
+		st.state = stateWriteClosed
+	case stateReadClosed:
+		st.state = stateClosed
+		st.m.remove(st)
+	default:
 		st.mu.Unlock()
 		return nil
 	}
-	st.wclosed = true
-	if st.eof {
-		st.m.remove(st)
-	}
 	st.mu.Unlock()
-	return st.sendClose(true)
+	return st.sendCloseWrite()
 }
 
-func (st *jsonStream) sendClose(half bool) error {
-	b, err := protocol.Encode(&protocol.Close{Kind: st.kind, ID: st.id, Half: half})
+// sendCloseWrite tells the peer that this side has finished sending.
+func (st *jsonStream) sendCloseWrite() error {
+	return st.sendClose(&protocol.Close{Kind: st.kind, ID: st.id, Half: true})
+}
+
+// sendReset tells the peer that the stream is aborted.
+func (st *jsonStream) sendReset() error {
+	return st.sendClose(&protocol.Close{Kind: st.kind, ID: st.id})
+}
+
+// sendClose sends c behind the stream's data, which it must not overtake.
+func (st *jsonStream) sendClose(c *protocol.Close) error {
+	b, err := protocol.Encode(c)
 	if err != nil {
 		return err
 	}
-	return st.m.s.c.sendCopy(websocket.TextMessage, b, false)
+	return st.m.c.queueDataText(b)
 }
 
 // Close releases the stream: cleanly if both directions have ended,
 // otherwise by aborting it.
 func (st *jsonStream) Close() error {
 	st.mu.Lock()
-	clean := st.wclosed && st.eof
+	clean := st.state == stateClosed
 	st.mu.Unlock()
 	if clean {
 		st.discard()
@@ -705,33 +805,32 @@ func (st *jsonStream) Close() error {
 	return st.Reset()
 }
 
-// Reset aborts the stream and tells the peer.
+// Reset aborts the stream and tells the peer, unless the stream had
+// already ended with an error.
 func (st *jsonStream) Reset() error {
-	st.mu.Lock()
-	notify := !st.closed && st.rerr == nil
-	st.mu.Unlock()
-	st.discard()
-	if notify {
-		return st.sendClose(false)
+	if st.discard() {
+		return st.sendReset()
 	}
 	return nil
 }
 
-// discard forgets the stream locally and frees its queue.
-func (st *jsonStream) discard() {
+// discard forgets the stream locally and frees its queue. It reports
+// whether this ended the stream (rather than an earlier error).
+func (st *jsonStream) discard() bool {
 	st.m.remove(st)
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	if st.closed {
-		return
-	}
-	st.closed = true
 	for st.chunks.len() > 0 {
 		pool.Put(st.chunks.pop().buf)
 	}
 	st.chunks = chunkQueue{}
 	st.buffered = 0
-	st.fail(errStreamClosed)
+	switch st.state {
+	case stateReset, stateRefused:
+		return false
+	}
+	st.abort(errStreamClosed)
+	return true
 }
 
 // errStreamClosed is returned by a stream's methods after Close.

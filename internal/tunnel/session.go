@@ -7,6 +7,15 @@
 // The gateway opens streams (Session.Open); the agent accepts them
 // (Session.Accept). Both get a Stream: a byte stream with half-close, which
 // AsPackets turns into a datagram conn for UDP.
+//
+// A Session holds one muxer, chosen by the handshake: yamuxMux or jsonMux.
+// The muxer reads the socket and passes session-level messages back to the
+// Session; everything written goes through the wsConn's single writer.
+//
+// Lock order: jsonStream.mu, then jsonMux.mu. wsConn.errMu and
+// logWriter.mu are leaves, taken with no other lock held. No lock is held
+// while queueing a message for the writer, which may block, nor while
+// calling out of the package (pool.Put aside, which never blocks).
 package tunnel
 
 import (
@@ -18,7 +27,6 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
-	yamux "github.com/libp2p/go-yamux/v5"
 
 	"github.com/portway/portway/internal/protocol"
 )
@@ -94,16 +102,15 @@ func (e *PeerError) Error() string {
 
 // Session is one tunnel after a successful handshake.
 type Session struct {
-	c       *wsConn
-	cfg     Config
-	hello   protocol.Hello
-	proto   string
-	gateway bool
+	c     *wsConn
+	cfg   Config
+	hello protocol.Hello
+	proto string
+	role  role
 
 	ctrl chan protocol.Message
 
-	ym *yamux.Session
-	jm *jsonMux
+	mux muxer
 
 	hbSeq atomic.Uint64
 	rtt   atomic.Int64
@@ -119,13 +126,16 @@ func Server(ctx context.Context, ws *websocket.Conn, hello *protocol.Hello, cfg 
 		return nil, fmt.Errorf("tunnel: invalid hello: %w", err)
 	}
 	c := newWSConn(ws, hello.MaxMessageSize, cfg.WriteTimeout, cfg.clock)
-	s := &Session{c: c, cfg: cfg, hello: *hello, gateway: true}
+	s := &Session{c: c, cfg: cfg, hello: *hello, role: gatewayRole}
 	ack, err := s.handshakeServer(ctx)
 	if err != nil {
 		c.fail(err)
 		return nil, err
 	}
-	s.start(ack.Protocol)
+	if err := s.start(ack.Protocol); err != nil {
+		c.fail(err)
+		return nil, err
+	}
 	return s, nil
 }
 
@@ -163,7 +173,10 @@ func Client(ctx context.Context, ws *websocket.Conn, cfg Config) (*Session, erro
 		return nil, err
 	}
 	ws.SetReadLimit(int64(s.hello.MaxMessageSize))
-	s.start(proto)
+	if err := s.start(proto); err != nil {
+		c.fail(err)
+		return nil, err
+	}
 	return s, nil
 }
 
@@ -237,16 +250,26 @@ func (s *Session) readHandshake(ctx context.Context) (protocol.Message, error) {
 	return m, nil
 }
 
-func (s *Session) start(proto string) {
+// start runs the chosen mode: its muxer, which from now on reads the
+// socket, and the heartbeats.
+func (s *Session) start(proto string) error {
 	s.proto = proto
 	s.ctrl = make(chan protocol.Message, 16)
 	if proto == protocol.ProtocolYamux {
-		s.startYamux()
+		m, err := newYamuxMux(s.c, s.role, &s.cfg, s.handleControl)
+		if err != nil {
+			return err
+		}
+		s.mux = m
 	} else {
-		s.jm = newJSONMux(s)
-		go s.jsonReadLoop()
+		s.mux = newJSONMux(s.c, s.role, &s.hello, s.cfg.MaxStreams, s.handleControl)
 	}
+	go func() {
+		<-s.c.done
+		s.mux.close(s.c.Err())
+	}()
 	go s.keepalive()
+	return nil
 }
 
 // keepalive sends a heartbeat every interval and closes the session when
@@ -281,9 +304,9 @@ func (s *Session) keepalive() {
 	}
 }
 
-// handleControl handles one decoded control message from the read loop.
-// It must not block for long: in yamux mode it runs inside yamux's
-// receive loop.
+// handleControl is the session's controlHandler: it handles one decoded
+// control message from the muxer's reader. It must not block for long: in
+// yamux mode it runs inside yamux's receive loop.
 func (s *Session) handleControl(m protocol.Message) error {
 	switch m := m.(type) {
 	case *protocol.Heartbeat:
@@ -296,11 +319,11 @@ func (s *Session) handleControl(m protocol.Message) error {
 	case *protocol.Error:
 		return &PeerError{Code: m.Code, Message: m.Message}
 	case *protocol.Register:
-		if !s.gateway {
+		if s.role != gatewayRole {
 			return fmt.Errorf("%w: register sent to the agent", ErrProtocol)
 		}
 	case *protocol.RegisterAck:
-		if s.gateway {
+		if s.role == gatewayRole {
 			return fmt.Errorf("%w: register_ack sent to the gateway", ErrProtocol)
 		}
 	default:
@@ -320,14 +343,14 @@ func (s *Session) sendControl(m protocol.Message) error {
 	if err != nil {
 		return err
 	}
-	return s.c.sendCopy(websocket.TextMessage, b, true)
+	return s.c.queueControlText(b)
 }
 
 // closeWithError sends an error message, then closes once it is written
 // (or after a second, if the socket is stuck).
 func (s *Session) closeWithError(code, msg string) {
 	b, err := protocol.Encode(&protocol.Error{Code: code, Message: msg})
-	if err == nil && s.c.send(outMsg{typ: websocket.TextMessage, buf: getCopy(b), closeAfter: true}, true) == nil {
+	if err == nil && s.c.queueControl(outMsg{typ: websocket.TextMessage, buf: getCopy(b), closeAfter: true}) == nil {
 		select {
 		case <-s.c.done:
 			return
@@ -371,22 +394,16 @@ func (s *Session) RTT() time.Duration { return time.Duration(s.rtt.Load()) }
 // with the header; the first Read returns the status as a
 // *protocol.OpenError when it is not ok. Use WaitOpen to wait for it.
 func (s *Session) Open(ctx context.Context, h protocol.StreamHeader) (Stream, error) {
-	if !s.gateway {
+	if s.role != gatewayRole {
 		return nil, ErrWrongSide
 	}
-	if s.ym != nil {
-		return s.openYamux(ctx, h)
-	}
-	return s.jm.open(ctx, h)
+	return s.mux.open(ctx, h)
 }
 
 // Accept returns the next stream the gateway opened (agent side only).
 func (s *Session) Accept(ctx context.Context) (*Incoming, error) {
-	if s.gateway {
+	if s.role == gatewayRole {
 		return nil, ErrWrongSide
 	}
-	if s.ym != nil {
-		return s.acceptYamux(ctx)
-	}
-	return s.jm.accept(ctx)
+	return s.mux.accept(ctx)
 }

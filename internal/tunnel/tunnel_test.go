@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -304,8 +305,33 @@ func TestStalledStreamDoesNotBlockOthers(t *testing.T) {
 			}
 			defer stalled.Reset()
 			// Nobody reads the echo of this stream: the agent's writes
-			// fill the window, then its io.Copy blocks.
-			go stalled.Write(make([]byte, 4<<20))
+			// fill the window, then its io.Copy blocks, and so, once the
+			// agent's receive window is full, does this write.
+			var written atomic.Int64
+			stalledWrote := make(chan struct{})
+			go func() {
+				defer close(stalledWrote)
+				chunk := make([]byte, 64<<10)
+				for i := 0; i < 1024; i++ { // 64 MiB: more than every window
+					n, err := stalled.Write(chunk)
+					written.Add(int64(n))
+					if err != nil {
+						return
+					}
+				}
+			}()
+			// Wait for the stall (no progress for half a second, bounded)
+			// so that the second stream starts behind a full window.
+			last, still := int64(-1), 0
+			for i := 0; i < 200 && still < 10; i++ {
+				if n := written.Load(); n > 0 && n == last {
+					still++
+				} else {
+					last, still = n, 0
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			stalledAt := written.Load()
 
 			st, err := gw.Open(context.Background(), protocol.StreamHeader{Kind: protocol.KindTCP, Service: "echo"})
 			if err != nil {
@@ -331,6 +357,13 @@ func TestStalledStreamDoesNotBlockOthers(t *testing.T) {
 			case <-time.After(10 * time.Second):
 				t.Fatal("second stream stalled behind the first")
 			}
+			// The first stream really was stalled while the second flowed.
+			select {
+			case <-stalledWrote:
+				t.Fatal("the first stream's writes completed: it never stalled, so the test proved nothing")
+			default:
+			}
+			t.Logf("first stream stalled after %d KiB (%d KiB when the second stream was done)", stalledAt>>10, written.Load()>>10)
 		})
 	}
 }
@@ -457,7 +490,7 @@ func TestCreditViolationEndsSession(t *testing.T) {
 	in.Accept()
 	big := make([]byte, 48<<10)
 	for i := 0; i < 8; i++ { // 384 KiB > 256 KiB window, never credited
-		ag.c.sendCopy(websocket.TextMessage, protocol.AppendData(nil, protocol.KindTCP, 1, big), false)
+		ag.c.queueDataText(protocol.AppendData(nil, protocol.KindTCP, 1, big))
 	}
 	if err := waitEnd(t, gw); !errors.Is(err, ErrProtocol) || !strings.Contains(err.Error(), "beyond its credit") {
 		t.Fatalf("err = %v, want a credit violation", err)
@@ -484,8 +517,8 @@ func TestCreditOverflowEndsSession(t *testing.T) {
 			}
 			// The credit, then data behind it on the same queue: once the
 			// gateway's stream could read the data, it had taken the credit.
-			ag.c.sendCopy(websocket.TextMessage, protocol.AppendCredit(nil, 1, n), true)
-			ag.c.sendCopy(websocket.TextMessage, protocol.AppendData(nil, protocol.KindTCP, 1, []byte("after")), true)
+			ag.c.queueControlText(protocol.AppendCredit(nil, 1, n))
+			ag.c.queueControlText(protocol.AppendData(nil, protocol.KindTCP, 1, []byte("after")))
 			read := make(chan error, 1)
 			go func() {
 				_, err := st.Read(make([]byte, 16))
@@ -688,7 +721,7 @@ func mustEncode(m protocol.Message) []byte {
 // session, instead of parking data in the gateway's yamux backlog.
 func TestAgentOpenedStreamEndsSession(t *testing.T) {
 	gw, ag := pair(t, testHello("yamux"), "yamux")
-	st, err := ag.ym.OpenStream(context.Background())
+	st, err := ag.mux.(*yamuxMux).ym.OpenStream(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -855,5 +888,34 @@ func TestChunkQueue(t *testing.T) {
 	pop(5)
 	if cap(q.items) == 0 {
 		t.Error("a small drained queue let its array go: the next burst would allocate again")
+	}
+}
+
+// A stream the gateway closes while the agent's answer is on its way is
+// forgotten, and the late answer ignored, also when the reader had looked
+// the stream up just before the close: that answer is not a second one,
+// which would end the session.
+func TestOpenResultAfterCloseIsIgnored(t *testing.T) {
+	for _, status := range []protocol.Status{protocol.StatusOK, protocol.StatusRefused} {
+		t.Run(status.String(), func(t *testing.T) {
+			gw, _ := pair(t, testHello("json"), "json")
+			m := gw.mux.(*jsonMux)
+			st, err := gw.Open(context.Background(), protocol.StreamHeader{Kind: protocol.KindTCP, Service: "x"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			js := st.(*jsonStream)
+			st.Close()
+			// Where the reader's lookup found it, just before the close.
+			m.mu.Lock()
+			m.streams[js.id] = js
+			m.mu.Unlock()
+			if err := m.onOpenResult(&protocol.OpenResult{Kind: protocol.KindTCP, ID: js.id, Status: status}); err != nil {
+				t.Fatalf("late open result: %v", err)
+			}
+			if _, err := st.Read(make([]byte, 1)); !errors.Is(err, errStreamClosed) {
+				t.Fatalf("Read after Close = %v, want errStreamClosed", err)
+			}
+		})
 	}
 }

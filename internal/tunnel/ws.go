@@ -83,13 +83,18 @@ func (c *wsConn) sinceRecv() time.Duration {
 	return time.Duration(c.now() - c.lastRecv.Load())
 }
 
-// send queues a message, taking ownership of buf. It blocks while the queue
-// is full, and fails once the connection is closed.
-func (c *wsConn) send(m outMsg, control bool) error {
-	q := c.dataQ
-	if control {
-		q = c.ctrlQ
-	}
+// queueControl queues a message ahead of data, taking ownership of m.buf:
+// heartbeats, credits, errors and whatever the read loop itself must send,
+// since the read loop must never wait behind data. It blocks while the
+// queue is full, and fails once the connection is closed.
+func (c *wsConn) queueControl(m outMsg) error { return c.queue(c.ctrlQ, m) }
+
+// queueData queues a message behind the data sent before it, taking
+// ownership of m.buf. It blocks while the queue is full, which is the
+// backpressure the muxers rely on, and fails once the connection is closed.
+func (c *wsConn) queueData(m outMsg) error { return c.queue(c.dataQ, m) }
+
+func (c *wsConn) queue(q chan<- outMsg, m outMsg) error {
 	select {
 	case q <- m:
 		return nil
@@ -99,11 +104,14 @@ func (c *wsConn) send(m outMsg, control bool) error {
 	}
 }
 
-// sendCopy queues a copy of b.
-func (c *wsConn) sendCopy(typ int, b []byte, control bool) error {
-	buf := pool.Get(len(b))
-	copy(*buf, b)
-	return c.send(outMsg{typ: typ, buf: buf}, control)
+// queueControlText queues a copy of b as a text message ahead of data.
+func (c *wsConn) queueControlText(b []byte) error {
+	return c.queueControl(outMsg{typ: websocket.TextMessage, buf: getCopy(b)})
+}
+
+// queueDataText queues a copy of b as a text message behind data.
+func (c *wsConn) queueDataText(b []byte) error {
+	return c.queueData(outMsg{typ: websocket.TextMessage, buf: getCopy(b)})
 }
 
 func (c *wsConn) writeLoop() {

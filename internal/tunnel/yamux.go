@@ -18,14 +18,64 @@ import (
 	"github.com/portway/portway/internal/protocol"
 )
 
+// yamuxMux is the yamux mode: each stream is a yamux stream, and yamux's
+// frames travel as binary messages.
+type yamuxMux struct {
+	c  *wsConn
+	ym *yamux.Session
+	// headerTimeout bounds the agent's read of a stream header.
+	headerTimeout time.Duration
+}
+
+// newYamuxMux starts yamux on c: as yamux's client on the gateway, which
+// opens the streams (odd ids), as its server on the agent. yamux's receive
+// loop becomes the session's only reader; control messages met on the way
+// go to onControl.
+func newYamuxMux(c *wsConn, r role, sc *Config, onControl controlHandler) (*yamuxMux, error) {
+	cfg := yamux.DefaultConfig()
+	cfg.EnableKeepAlive = false // the session's heartbeats detect dead peers
+	cfg.MeasureRTTInterval = 10 * time.Second
+	cfg.AcceptBacklog = 1024
+	cfg.MaxIncomingStreams = uint32(sc.MaxStreams)
+	cfg.MaxStreamWindowSize = uint32(sc.MaxStreamWindow)
+	cfg.ReadBufSize = 16 << 10
+	cfg.ConnectionWriteTimeout = sc.WriteTimeout
+	cfg.LogOutput = newLogWriter(sc.Logger, c.done)
+	budget := &windowBudget{limit: int64(sc.SessionWindowMemory)}
+	conn := &yamuxConn{c: c, onControl: onControl}
+	m := &yamuxMux{c: c, headerTimeout: sc.HandshakeTimeout}
+	var err error
+	if r == gatewayRole {
+		m.ym, err = yamux.Client(conn, cfg, budget.span)
+	} else {
+		m.ym, err = yamux.Server(conn, cfg, budget.span)
+	}
+	if err != nil {
+		// Only an invalid config gets here.
+		return nil, fmt.Errorf("tunnel: start yamux: %w", err)
+	}
+	go func() {
+		<-m.ym.CloseChan()
+		c.fail(errors.New("tunnel: yamux session closed"))
+	}()
+	if r == gatewayRole {
+		go m.refuseAgentStreams()
+	}
+	return m, nil
+}
+
+// close ends yamux and with it every stream.
+func (m *yamuxMux) close(error) { m.ym.Close() }
+
 // yamuxConn is the net.Conn yamux runs on. Reads come from binary messages;
 // text messages met on the way are control messages, handled in place, so
 // yamux's receive loop is the session's only reader. Each Write from yamux's
 // send loop is one whole frame (go-yamux builds header and body in one
 // buffer) and becomes one binary message.
 type yamuxConn struct {
-	s *Session
-	r io.Reader // the current binary message
+	c         *wsConn
+	onControl controlHandler
+	r         io.Reader // the current binary message
 }
 
 func (a *yamuxConn) Read(p []byte) (int, error) {
@@ -37,7 +87,7 @@ func (a *yamuxConn) Read(p []byte) (int, error) {
 				err = nil
 			}
 			if err != nil {
-				a.s.c.fail(fmt.Errorf("tunnel: read: %w", err))
+				a.c.fail(fmt.Errorf("tunnel: read: %w", err))
 				return n, err
 			}
 			if n > 0 || len(p) == 0 {
@@ -45,25 +95,25 @@ func (a *yamuxConn) Read(p []byte) (int, error) {
 			}
 			continue
 		}
-		typ, r, err := a.s.c.ws.NextReader()
+		typ, r, err := a.c.ws.NextReader()
 		if err != nil {
-			a.s.c.fail(fmt.Errorf("tunnel: read: %w", err))
+			a.c.fail(fmt.Errorf("tunnel: read: %w", err))
 			return 0, err
 		}
-		a.s.c.touch()
+		a.c.touch()
 		if typ == websocket.BinaryMessage {
 			a.r = r
 			continue
 		}
-		if err := a.s.readText(r); err != nil {
-			a.s.c.fail(err)
+		if err := a.readText(r); err != nil {
+			a.c.fail(err)
 			return 0, err
 		}
 	}
 }
 
 // readText reads and handles one text message in yamux mode.
-func (s *Session) readText(r io.Reader) error {
+func (a *yamuxConn) readText(r io.Reader) error {
 	buf := pool.Get(64 << 10)
 	defer pool.Put(buf)
 	b := (*buf)[:0]
@@ -88,82 +138,45 @@ func (s *Session) readText(r io.Reader) error {
 	case *protocol.Open, *protocol.OpenResult, *protocol.Data, *protocol.Close, *protocol.Credit:
 		return fmt.Errorf("%w: JSON-mode message %s in yamux mode", ErrProtocol, m.Type())
 	}
-	return s.handleControl(m)
+	return a.onControl(m)
 }
 
 func (a *yamuxConn) Write(p []byte) (int, error) {
 	buf := pool.Get(len(p))
 	copy(*buf, p)
-	if err := a.s.c.send(outMsg{typ: websocket.BinaryMessage, buf: buf}, false); err != nil {
+	if err := a.c.queueData(outMsg{typ: websocket.BinaryMessage, buf: buf}); err != nil {
 		return 0, err
 	}
 	return len(p), nil
 }
 
 func (a *yamuxConn) Close() error {
-	a.s.c.fail(errors.New("tunnel: yamux session closed"))
+	a.c.fail(errors.New("tunnel: yamux session closed"))
 	return nil
 }
 
-func (a *yamuxConn) LocalAddr() net.Addr  { return a.s.c.ws.LocalAddr() }
-func (a *yamuxConn) RemoteAddr() net.Addr { return a.s.c.ws.RemoteAddr() }
+func (a *yamuxConn) LocalAddr() net.Addr  { return a.c.ws.LocalAddr() }
+func (a *yamuxConn) RemoteAddr() net.Addr { return a.c.ws.RemoteAddr() }
 
 // Deadlines belong to the WebSocket writer and the heartbeat, not to yamux.
 func (a *yamuxConn) SetDeadline(time.Time) error      { return nil }
 func (a *yamuxConn) SetReadDeadline(time.Time) error  { return nil }
 func (a *yamuxConn) SetWriteDeadline(time.Time) error { return nil }
 
-func (s *Session) startYamux() {
-	cfg := yamux.DefaultConfig()
-	cfg.EnableKeepAlive = false // the session's heartbeats detect dead peers
-	cfg.MeasureRTTInterval = 10 * time.Second
-	cfg.AcceptBacklog = 1024
-	cfg.MaxIncomingStreams = uint32(s.cfg.MaxStreams)
-	cfg.MaxStreamWindowSize = uint32(s.cfg.MaxStreamWindow)
-	cfg.ReadBufSize = 16 << 10
-	cfg.ConnectionWriteTimeout = s.cfg.WriteTimeout
-	cfg.LogOutput = newLogWriter(s.cfg.Logger, s.c.done)
-	budget := &windowBudget{limit: int64(s.cfg.SessionWindowMemory)}
-	conn := &yamuxConn{s: s}
-	var err error
-	if s.gateway {
-		// The gateway opens streams: it is yamux's client (odd ids).
-		s.ym, err = yamux.Client(conn, cfg, budget.span)
-	} else {
-		s.ym, err = yamux.Server(conn, cfg, budget.span)
-	}
-	if err != nil {
-		// Only an invalid config gets here; fail loudly in tests.
-		s.c.fail(fmt.Errorf("tunnel: start yamux: %w", err))
-		return
-	}
-	go func() {
-		select {
-		case <-s.c.done:
-			s.ym.Close()
-		case <-s.ym.CloseChan():
-			s.c.fail(errors.New("tunnel: yamux session closed"))
-		}
-	}()
-	if s.gateway {
-		go s.refuseAgentStreams()
-	}
-}
-
 // refuseAgentStreams ends the session if the agent opens a stream: streams
 // are opened by the gateway only, and an unaccepted stream would otherwise
 // sit in yamux's backlog holding its window of data.
-func (s *Session) refuseAgentStreams() {
-	st, err := s.ym.AcceptStream()
+func (m *yamuxMux) refuseAgentStreams() {
+	st, err := m.ym.AcceptStream()
 	if err != nil {
 		return // the session ended
 	}
 	st.Reset()
-	s.c.fail(fmt.Errorf("%w: the agent opened a stream", ErrProtocol))
+	m.c.fail(fmt.Errorf("%w: the agent opened a stream", ErrProtocol))
 }
 
-func (s *Session) openYamux(ctx context.Context, h protocol.StreamHeader) (Stream, error) {
-	st, err := s.ym.OpenStream(ctx)
+func (m *yamuxMux) open(ctx context.Context, h protocol.StreamHeader) (Stream, error) {
+	st, err := m.ym.OpenStream(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("tunnel: open stream: %w", err)
 	}
@@ -236,18 +249,18 @@ func (o *openedStream) Read(p []byte) (int, error) {
 	return o.Stream.Read(p)
 }
 
-func (s *Session) acceptYamux(ctx context.Context) (*Incoming, error) {
+func (m *yamuxMux) accept(ctx context.Context) (*Incoming, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	st, err := s.ym.AcceptStream()
+	st, err := m.ym.AcceptStream()
 	if err != nil {
-		if e := s.c.Err(); e != nil {
+		if e := m.c.Err(); e != nil {
 			return nil, e
 		}
 		return nil, fmt.Errorf("tunnel: accept: %w", err)
 	}
-	timeout := s.cfg.HandshakeTimeout
+	timeout := m.headerTimeout
 	return &Incoming{
 		readHeader: func() (protocol.StreamHeader, error) {
 			st.SetReadDeadline(time.Now().Add(timeout))
