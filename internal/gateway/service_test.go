@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"io"
 	"net"
 	"net/netip"
 	"testing"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/portway/portway/internal/protocol"
 	"github.com/portway/portway/internal/testwait"
+	"github.com/portway/portway/internal/tunnel"
 )
 
 // A registration withdraws exactly the services it no longer lists: their
@@ -22,7 +24,14 @@ func TestWithdrawClosesOnlyWhatIsGone(t *testing.T) {
 	defer cancel()
 	web := protocol.Service{ID: "web", Protocol: "tcp", Port: 80}
 	dns := udpSpec("dns")
-	fa, err := connectFakeAgent(ctx, g, "json", []protocol.Service{web, dns}, nil)
+	// The agent takes every stream and holds it until the client goes,
+	// so that a dial to a kept port sees a connection, not a refusal.
+	fa, err := connectFakeAgent(ctx, g, "json", []protocol.Service{web, dns}, func(in *tunnel.Incoming) {
+		if st, err := in.Accept(); err == nil {
+			io.Copy(io.Discard, st)
+			st.Close()
+		}
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
