@@ -152,9 +152,7 @@ func New(o Options) (*Agent, error) {
 		a.tls = a.tls.Clone()
 		a.tls.ServerName = sn
 	}
-	for _, s := range o.Config.Services {
-		a.static = append(a.static, Service{ID: s.Name, Protocol: s.Protocol, Port: s.Port, Backend: s.Backend, PublicPort: s.PublicPort, Mode: "tunnel"})
-	}
+	a.static = staticServices(o.Config.Services)
 	return a, nil
 }
 

@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"bytes"
 	"context"
 	"io"
 	"net"
@@ -9,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/portway/portway/internal/testnet"
 )
 
 func TestParseStatCPU(t *testing.T) {
@@ -109,36 +110,6 @@ func pathStrings(ps []Path) []string {
 	return out
 }
 
-// roundTripThrough sends payload through addr to an echo server, half-
-// closes, and checks the whole echo and the EOF come back.
-func roundTripThrough(t *testing.T, addr string, payload []byte) {
-	t.Helper()
-	c, err := net.DialTimeout("tcp", addr, dialTimeout)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(30 * time.Second))
-	errc := make(chan error, 1)
-	go func() {
-		_, err := c.Write(payload)
-		if err == nil {
-			err = c.(*net.TCPConn).CloseWrite()
-		}
-		errc <- err
-	}()
-	got, err := io.ReadAll(c)
-	if werr := <-errc; werr != nil {
-		t.Fatalf("write: %v", werr)
-	}
-	if err != nil {
-		t.Fatalf("read after %d bytes: %v", len(got), err)
-	}
-	if !bytes.Equal(got, payload) {
-		t.Fatalf("echo differs: sent %d bytes, got %d", len(payload), len(got))
-	}
-}
-
 func pattern(n int) []byte {
 	b := make([]byte, n)
 	for i := range b {
@@ -158,7 +129,9 @@ func TestRelayCarriesDataAndHalfClose(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer relay.Close()
-	roundTripThrough(t, relay.Addr(), pattern(3<<20+17))
+	if err := testnet.EchoRoundTrip(relay.Addr(), pattern(3<<20+17)); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func TestDelayStageKeepsOrderAndHalfClose(t *testing.T) {
@@ -174,7 +147,9 @@ func TestDelayStageKeepsOrderAndHalfClose(t *testing.T) {
 	defer delay.Close()
 	// Larger than all the stage's buffers together would be with short
 	// reads, so buffers must circulate.
-	roundTripThrough(t, delay.Addr(), pattern(8<<20+3))
+	if err := testnet.EchoRoundTrip(delay.Addr(), pattern(8<<20+3)); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // TestDelayStageDelays checks the stage holds data for its delay in each

@@ -12,7 +12,7 @@ import (
 	"github.com/portway/portway/internal/agent"
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/gateway"
-	"github.com/portway/portway/internal/tunnel"
+	"github.com/portway/portway/internal/testgateway"
 )
 
 // The Go benchmarks run a real gateway and agent in this process, so that
@@ -32,24 +32,12 @@ func inProcessTunnel(b *testing.B, mode, sinkAddr, echoAddr string) (sinkEP, ech
 func inProcessTunnelWith(b *testing.B, mode, sinkAddr, echoAddr string, gwReg, agReg *prometheus.Registry) (sinkEP, echoEP string) {
 	b.Helper()
 	const token = "bench-agent-token-0123456789"
-	gcfg := config.DefaultGateway()
-	gcfg.Listen = "127.0.0.1:0"
-	gcfg.PublicHost = "127.0.0.1"
-	gcfg.BindAddress = "127.0.0.1"
+	gcfg := testgateway.Config(b, config.Agent{Name: agentName, Token: token})
 	gcfg.StateFile = ""
-	gcfg.Insecure = true
-	gcfg.Agents = []config.Agent{{Name: agentName, Token: token}}
-	g, err := gateway.New(gateway.Options{Config: gcfg, Registry: gwReg, Gatherer: gwReg})
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := g.Start(context.Background()); err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(g.Close)
+	g := testgateway.Start(b, gateway.Options{Config: gcfg, Registry: gwReg, Gatherer: gwReg})
 
 	acfg := config.DefaultAgent()
-	acfg.Gateway = config.GatewayConn{URL: "ws://" + g.TunnelAddr().String() + tunnel.Path, Token: token, Protocol: mode}
+	acfg.Gateway = config.GatewayConn{URL: testgateway.URL(g), Token: token, Protocol: mode}
 	acfg.Metrics.Listen = ""
 	acfg.Services = []config.StaticService{staticService(sinkService, sinkAddr), staticService(echoService, echoAddr)}
 	a, err := agent.New(agent.Options{Config: acfg, Registry: agReg, Gatherer: agReg})

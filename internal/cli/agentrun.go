@@ -12,6 +12,12 @@ import (
 // Kubernetes discovery feeding it when kubernetes.enabled and
 // tunnels.enabled are both set. getenv reads KUBECONFIG.
 func runAgent(ctx context.Context, opts agent.Options, getenv func(string) string) error {
+	return runAgentWith(ctx, opts, getenv, nil)
+}
+
+// runAgentWith is runAgent that passes the agent, once built, to onAgent
+// (when not nil), which may then reload its static services.
+func runAgentWith(ctx context.Context, opts agent.Options, getenv func(string) string, onAgent func(*agent.Agent)) error {
 	cfg := opts.Config
 	log := opts.Logger
 	if log == nil {
@@ -23,9 +29,12 @@ func runAgent(ctx context.Context, opts agent.Options, getenv func(string) strin
 		if err != nil {
 			return err
 		}
+		if onAgent != nil {
+			onAgent(ag)
+		}
 		return ag.Run(ctx)
 	}
-	return runWithDiscovery(ctx, opts, getenv)
+	return runWithDiscovery(ctx, opts, getenv, onAgent)
 }
 
 // discoveryWanted reports whether to run Kubernetes discovery, logging why

@@ -25,6 +25,9 @@ type app struct {
 	getenv    func(string) string
 	logLevel  string
 	logFormat string
+	// level is the loggers' level: --log-level, or a config file's
+	// log_level, which a reload may change.
+	level slog.LevelVar
 }
 
 // Main runs the portway command line until ctx ends and returns the process
@@ -56,7 +59,8 @@ func (a *app) logger() (*slog.Logger, error) {
 	if err := level.UnmarshalText([]byte(a.logLevel)); err != nil {
 		return nil, fmt.Errorf("--log-level: %q is not debug, info, warn or error", a.logLevel)
 	}
-	opts := &slog.HandlerOptions{Level: level}
+	a.level.Set(level)
+	opts := &slog.HandlerOptions{Level: &a.level}
 	switch strings.ToLower(a.logFormat) {
 	case "text":
 		return slog.New(slog.NewTextHandler(a.stderr, opts)), nil

@@ -14,16 +14,13 @@ import (
 	"time"
 
 	"github.com/portway/portway/internal/testlog"
+	"github.com/portway/portway/internal/testwait"
 )
 
 func waitFor(t *testing.T, b *testlog.Buffer, substr string) {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !strings.Contains(b.String(), substr) {
-		if time.Now().After(deadline) {
-			t.Fatalf("output never contained %q:\n%s", substr, b.String())
-		}
-		time.Sleep(10 * time.Millisecond)
+	if !testwait.Until(15*time.Second, func() bool { return strings.Contains(b.String(), substr) }) {
+		t.Fatalf("output never contained %q:\n%s", substr, b.String())
 	}
 }
 

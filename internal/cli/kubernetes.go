@@ -13,7 +13,7 @@ import (
 )
 
 // runWithDiscovery runs the agent with Kubernetes discovery feeding it.
-func runWithDiscovery(ctx context.Context, opts agent.Options, getenv func(string) string) error {
+func runWithDiscovery(ctx context.Context, opts agent.Options, getenv func(string) string, onAgent func(*agent.Agent)) error {
 	cfg, log := opts.Config, opts.Logger
 	restCfg, source, err := discovery.RESTConfig(cfg.Kubernetes.Kubeconfig, getenv)
 	if err != nil {
@@ -41,6 +41,9 @@ func runWithDiscovery(ctx context.Context, opts agent.Options, getenv func(strin
 	ag, err := agent.New(opts)
 	if err != nil {
 		return err
+	}
+	if onAgent != nil {
+		onAgent(ag)
 	}
 	m := ag.Metrics()
 	d, err = discovery.New(discovery.Options{

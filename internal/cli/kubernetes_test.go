@@ -35,7 +35,9 @@ import (
 	"github.com/portway/portway/internal/discovery"
 	"github.com/portway/portway/internal/gateway"
 	"github.com/portway/portway/internal/k8stest"
+	"github.com/portway/portway/internal/testgateway"
 	"github.com/portway/portway/internal/testlog"
+	"github.com/portway/portway/internal/testmetrics"
 	"github.com/portway/portway/internal/testservers"
 	"github.com/portway/portway/internal/testwait"
 )
@@ -84,11 +86,11 @@ func TestKubernetesEndToEnd(t *testing.T) {
 
 	t.Run("waits for the Gateway API CRDs and recovers", func(t *testing.T) {
 		const line = "Gateway API CRDs not installed yet (gateways.gateway.networking.k8s.io, tcproutes.gateway.networking.k8s.io, udproutes.gateway.networking.k8s.io); waiting"
-		eventually(t, 30*time.Second, "the agent to say it waits for the CRDs", func() bool { return ag.log.Count(line) > 0 })
+		testwait.For(t, 30*time.Second, "the agent to say it waits for the CRDs", func() bool { return ag.log.Count(line) > 0 })
 		// Let it retry a few times: the line must not repeat.
 		time.Sleep(2 * time.Second)
 		env.InstallGatewayAPI(t)
-		eventually(t, 60*time.Second, "discovery to start", func() bool { return ag.log.Count("Kubernetes discovery started") == 1 })
+		testwait.For(t, 60*time.Second, "discovery to start", func() bool { return ag.log.Count("Kubernetes discovery started") == 1 })
 		if n := ag.log.Count(line); n != 1 {
 			t.Errorf("the waiting line was logged %d times, want once", n)
 		}
@@ -141,13 +143,13 @@ func TestKubernetesEndToEnd(t *testing.T) {
 		if err != nil || len(ans) != 1 || ans[0] != "10.1.2.3" {
 			t.Errorf("dig through %s: %q, %v; want 10.1.2.3", dnsEP, ans, err)
 		}
-		if n := gaugeValue(t, ag.reg, "pipeops_agent_gateway_watcher_discovered_services", "protocol", "tcp"); n != 1 {
+		if n := testmetrics.Value(t, ag.reg, "pipeops_agent_gateway_watcher_discovered_services", map[string]string{"protocol": "tcp"}); n != 1 {
 			t.Errorf("discovered tcp services = %v, want 1", n)
 		}
-		if n := gaugeValue(t, ag.reg, "pipeops_agent_gateway_watcher_discovered_services", "protocol", "udp"); n != 1 {
+		if n := testmetrics.Value(t, ag.reg, "pipeops_agent_gateway_watcher_discovered_services", map[string]string{"protocol": "udp"}); n != 1 {
 			t.Errorf("discovered udp services = %v, want 1", n)
 		}
-		if n := gaugeValue(t, ag.reg, "pipeops_agent_gateway_watcher_sync_total", "result", "error"); n < 1 {
+		if n := testmetrics.Value(t, ag.reg, "pipeops_agent_gateway_watcher_sync_total", map[string]string{"result": "error"}); n < 1 {
 			t.Errorf("sync_total{result=error} = %v; the postgres listener without a route should count", n)
 		}
 		if ag.log.Count(`msg=endpoint gateway=pipeops-system/tcp-gateway listener=redis protocol=tcp mode=tunnel endpoint=`+redisEP) != 1 {
@@ -188,7 +190,7 @@ func TestKubernetesEndToEnd(t *testing.T) {
 		start := time.Now()
 		k.patch(t, "TCPRoute", "pipeops-system", "redis-route",
 			`{"spec":{"rules":[{"backendRefs":[{"name":"redis-b","namespace":"databases","port":6379}]}]}}`)
-		eventually(t, 10*time.Second, "redis traffic to reach redis-b", func() bool { return redisWho(t, redisB, redisEP) == podB })
+		testwait.For(t, 10*time.Second, "redis traffic to reach redis-b", func() bool { return redisWho(t, redisB, redisEP) == podB })
 		t.Logf("traffic followed the route edit in %v", time.Since(start).Round(time.Millisecond))
 		k.waitRouteEndpoint(t, "TCPRoute", "pipeops-system", "redis-route", redisEP)
 	})
@@ -201,7 +203,7 @@ func TestKubernetesEndToEnd(t *testing.T) {
 		})
 		k.create(t, udpRoute("pipeops-system", "dns-route", "tcp-gateway", "dns", "databases", "dns", dns.Port))
 		k.waitRouteEndpoint(t, "UDPRoute", "pipeops-system", "dns-route", dnsEP)
-		eventually(t, 10*time.Second, "dig to work again", func() bool {
+		testwait.For(t, 10*time.Second, "dig to work again", func() bool {
 			ans, err := dns.Dig(t, "127.0.0.1", 10053, "db.portway.test", "A")
 			return err == nil && len(ans) == 1 && ans[0] == "10.1.2.3"
 		})
@@ -286,7 +288,7 @@ func TestKubernetesEndToEnd(t *testing.T) {
 			"redis": {{Mode: "tunnel", Protocol: "tcp", Endpoint: redisEP}},
 			"dns":   {{Mode: "tunnel", Protocol: "udp", Endpoint: dnsEP}},
 		})
-		eventually(t, 10*time.Second, "redis through the tunnel again", func() bool { return redisWho(t, redisB, redisEP) == podB })
+		testwait.For(t, 10*time.Second, "redis through the tunnel again", func() bool { return redisWho(t, redisB, redisEP) == podB })
 	})
 
 	t.Run("the idle-timeout annotation applies; an invalid one is reported and ignored", func(t *testing.T) {
@@ -297,7 +299,7 @@ func TestKubernetesEndToEnd(t *testing.T) {
 			t.Errorf("with an invalid idle-timeout: %v", err)
 		}
 		k.patch(t, "Gateway", "pipeops-system", "tcp-gateway", `{"metadata":{"annotations":{"pipeops.io/idle-timeout":"1s"}}}`)
-		eventually(t, 10*time.Second, "the agent to log the new idle timeout", func() bool {
+		testwait.For(t, 10*time.Second, "the agent to log the new idle timeout", func() bool {
 			return ag.log.CountLines(`msg="service changed" service=pipeops-system/tcp-gateway/redis `, " idle_timeout=1s") > 0
 		})
 		time.Sleep(500 * time.Millisecond) // the register after the agent's debounce
@@ -334,8 +336,8 @@ func TestKubernetesEndToEnd(t *testing.T) {
 		if len(ga["redis"]) != 1 || ga["redis"][0].Endpoint != epA || len(gb["redis"]) != 1 || gb["redis"][0].Endpoint != epB {
 			t.Errorf("Gateway annotations: team-a %v, team-b %v", ga, gb)
 		}
-		eventually(t, 5*time.Second, "three tcp services discovered", func() bool {
-			return gaugeValue(t, ag.reg, "pipeops_agent_gateway_watcher_discovered_services", "protocol", "tcp") == 3
+		testwait.For(t, 5*time.Second, "three tcp services discovered", func() bool {
+			return testmetrics.Value(t, ag.reg, "pipeops_agent_gateway_watcher_discovered_services", map[string]string{"protocol": "tcp"}) == 3
 		})
 	})
 
@@ -362,27 +364,14 @@ type testGateway struct {
 
 func startTestGateway(t *testing.T) *testGateway {
 	t.Helper()
-	cfg := config.DefaultGateway()
-	cfg.Listen = "127.0.0.1:0"
-	cfg.PublicHost = "127.0.0.1"
-	cfg.BindAddress = "127.0.0.1"
-	cfg.StateFile = t.TempDir() + "/gateway.db"
-	cfg.Insecure = true
+	cfg := testgateway.Config(t, config.Agent{Name: "cluster", Token: agentTok})
 	cfg.HeartbeatInterval = config.D(time.Second)
-	cfg.Agents = []config.Agent{{Name: "cluster", Token: agentTok}}
 	cfg.Admin = config.Admin{Listen: "127.0.0.1:0", Token: "admin-token-0123456789"}
 	log, lb := testlog.New(t, "gateway")
 	_ = lb
 	reg := prometheus.NewRegistry()
-	g, err := gateway.New(gateway.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: "test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := g.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(g.Close)
-	return &testGateway{Gateway: g, url: "ws://" + g.TunnelAddr().String() + "/v1/tunnel"}
+	g := testgateway.Start(t, gateway.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: "test"})
+	return &testGateway{Gateway: g, url: testgateway.URL(g)}
 }
 
 func gatewayServiceMode(g *testGateway, id string) string {
@@ -435,28 +424,6 @@ func startKubeAgent(t *testing.T, url, kubeconfig string) *kubeAgent {
 	return &kubeAgent{log: lb, reg: reg}
 }
 
-func gaugeValue(t *testing.T, reg *prometheus.Registry, name, label, value string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sum float64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, lp := range m.GetLabel() {
-				if lp.GetName() == label && lp.GetValue() == value {
-					sum += m.GetGauge().GetValue() + m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return sum
-}
-
 // ---- clients and probes ----
 
 // redisWho asks, with the real redis-cli, the Redis server behind addr which
@@ -496,12 +463,12 @@ func refused(network, addr string) bool {
 
 func waitRefused(t *testing.T, network, addr string) {
 	t.Helper()
-	eventually(t, 10*time.Second, network+" "+addr+" to refuse connections", func() bool { return refused(network, addr) })
+	testwait.For(t, 10*time.Second, network+" "+addr+" to refuse connections", func() bool { return refused(network, addr) })
 }
 
 func waitOpen(t *testing.T, addr string) {
 	t.Helper()
-	eventually(t, 10*time.Second, addr+" to accept connections", func() bool {
+	testwait.For(t, 10*time.Second, addr+" to accept connections", func() bool {
 		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err == nil {
 			c.Close()
@@ -541,12 +508,6 @@ func idleSurvives(addr string, d time.Duration) error {
 		return fmt.Errorf("PING after %v idle: %w", d, err)
 	}
 	return nil
-}
-
-// eventually waits for cond (see testwait.For).
-func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	testwait.For(t, timeout, what, cond)
 }
 
 // ---- Kubernetes objects ----
@@ -755,7 +716,7 @@ func (k *kube) waitRouteEndpoint(t *testing.T, kind, ns, name, want string) {
 func (k *kube) waitAnyRouteEndpoint(t *testing.T, kind, ns, name string) string {
 	t.Helper()
 	var got string
-	eventually(t, 10*time.Second, kind+" "+ns+"/"+name+" to get an endpoint", func() bool {
+	testwait.For(t, 10*time.Second, kind+" "+ns+"/"+name+" to get an endpoint", func() bool {
 		got = k.routeEndpoint(t, kind, ns, name)
 		return got != ""
 	})
@@ -766,7 +727,7 @@ func (k *kube) waitAnyRouteEndpoint(t *testing.T, kind, ns, name string) string 
 // and a note containing note.
 func (k *kube) waitEvent(t *testing.T, ns, kind, name, reason, note string) {
 	t.Helper()
-	eventually(t, 10*time.Second, fmt.Sprintf("a %s Event on %s %s/%s", reason, kind, ns, name), func() bool {
+	testwait.For(t, 10*time.Second, fmt.Sprintf("a %s Event on %s %s/%s", reason, kind, ns, name), func() bool {
 		evs, err := k.core.EventsV1().Events(ns).List(ctxT(t), metav1.ListOptions{})
 		if err != nil {
 			t.Fatalf("listing Events in %s: %v", ns, err)

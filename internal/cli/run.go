@@ -1,11 +1,15 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"net/url"
+	"reflect"
 	"strconv"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -18,6 +22,7 @@ func (a *app) gatewayCmd() *cobra.Command {
 	var path string
 	var listen, publicHost, portRange, bind, stateFile, adminListen string
 	var insecure bool
+	var watch time.Duration
 	cmd := &cobra.Command{
 		Use:   "gateway",
 		Short: "Run the gateway: accept agents and serve their services on public ports",
@@ -27,25 +32,36 @@ func (a *app) gatewayCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			cfg := config.DefaultGateway()
-			if path != "" {
-				if cfg, err = config.LoadGateway(path, a.getenv); err != nil {
-					return err
-				}
-			}
 			f := cmd.Flags()
-			setString(f.Changed("listen"), &cfg.Listen, listen)
-			setString(f.Changed("public-host"), &cfg.PublicHost, publicHost)
-			setString(f.Changed("port-range"), &cfg.PortRange, portRange)
-			setString(f.Changed("bind-address"), &cfg.BindAddress, bind)
-			setString(f.Changed("state-file"), &cfg.StateFile, stateFile)
-			setString(f.Changed("admin-listen"), &cfg.Admin.Listen, adminListen)
-			if f.Changed("insecure") {
-				cfg.Insecure = insecure
+			// load reads the file and applies the flags: at start and
+			// again on every reload, so flags keep winning.
+			load := func() (*config.Gateway, error) {
+				cfg := config.DefaultGateway()
+				if path != "" {
+					var err error
+					if cfg, err = config.LoadGateway(path, a.getenv); err != nil {
+						return nil, err
+					}
+				}
+				setString(f.Changed("listen"), &cfg.Listen, listen)
+				setString(f.Changed("public-host"), &cfg.PublicHost, publicHost)
+				setString(f.Changed("port-range"), &cfg.PortRange, portRange)
+				setString(f.Changed("bind-address"), &cfg.BindAddress, bind)
+				setString(f.Changed("state-file"), &cfg.StateFile, stateFile)
+				setString(f.Changed("admin-listen"), &cfg.Admin.Listen, adminListen)
+				if f.Changed("insecure") {
+					cfg.Insecure = insecure
+				}
+				if err := cfg.Validate(); err != nil {
+					return nil, err
+				}
+				return cfg, nil
 			}
-			if err := cfg.Validate(); err != nil {
+			cfg, err := load()
+			if err != nil {
 				return err
 			}
+			a.applyLogLevel(cfg.LogLevel, f.Changed("log-level"))
 			if len(cfg.Agents) == 0 {
 				log.Warn("no agents configured: every tunnel connection will be refused")
 			}
@@ -54,7 +70,35 @@ func (a *app) gatewayCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return gw.Run(cmd.Context())
+			if err := gw.Start(cmd.Context()); err != nil {
+				return err
+			}
+			defer gw.Close()
+			cur := cfg
+			files := func() []string {
+				var out []string
+				if path != "" {
+					out = append(out, path)
+				}
+				if cur.TLS != nil {
+					out = append(out, cur.TLS.CertFile, cur.TLS.KeyFile)
+				}
+				return out
+			}
+			reloadLoop(cmd.Context(), log, watch, files, func(reason string) {
+				next, err := load()
+				if err == nil {
+					_, err = gw.Reload(next)
+				}
+				if err != nil {
+					log.Error("reload failed; configuration unchanged", "trigger", reason, "err", oneLine(err))
+					return
+				}
+				cur = next
+				a.applyLogLevel(next.LogLevel, f.Changed("log-level"))
+				log.Info("reload done", "trigger", reason)
+			})
+			return nil
 		},
 	}
 	f := cmd.Flags()
@@ -66,6 +110,7 @@ func (a *app) gatewayCmd() *cobra.Command {
 	f.StringVar(&stateFile, "state-file", "", "persisted port allocations (state_file)")
 	f.StringVar(&adminListen, "admin-listen", "", "admin API address (admin.listen)")
 	f.BoolVar(&insecure, "insecure", false, "allow plain ws:// without TLS (insecure)")
+	f.DurationVar(&watch, "watch-interval", defaultWatchInterval, "how often to check the config and TLS files for a change to reload (0: only on SIGHUP)")
 	return cmd
 }
 
@@ -79,6 +124,7 @@ func (a *app) agentCmd() *cobra.Command {
 	var path, gwURL, token, proto, metricsListen string
 	var expose []string
 	var insecure bool
+	var watch time.Duration
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the agent: connect out to the gateway and expose services",
@@ -88,34 +134,76 @@ func (a *app) agentCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			cfg := config.DefaultAgent()
-			if path != "" {
-				if cfg, err = config.LoadAgent(path, a.getenv); err != nil {
-					return err
-				}
-			} else {
-				cfg.ApplyEnv(a.getenv)
-			}
 			f := cmd.Flags()
-			setString(f.Changed("gateway-url"), &cfg.Gateway.URL, gwURL)
-			setString(f.Changed("token"), &cfg.Gateway.Token, token)
-			setString(f.Changed("protocol"), &cfg.Gateway.Protocol, proto)
-			setString(f.Changed("metrics-listen"), &cfg.Metrics.Listen, metricsListen)
-			if f.Changed("insecure") {
-				cfg.Gateway.Insecure = insecure
-			}
-			for _, e := range expose {
-				s, err := parseExpose(e)
-				if err != nil {
-					return err
+			// load reads the file and applies the flags: at start and
+			// again on every reload.
+			load := func() (*config.AgentFile, error) {
+				cfg := config.DefaultAgent()
+				if path != "" {
+					var err error
+					if cfg, err = config.LoadAgent(path, a.getenv); err != nil {
+						return nil, err
+					}
+				} else {
+					cfg.ApplyEnv(a.getenv)
 				}
-				cfg.Services = append(cfg.Services, s)
+				setString(f.Changed("gateway-url"), &cfg.Gateway.URL, gwURL)
+				setString(f.Changed("token"), &cfg.Gateway.Token, token)
+				setString(f.Changed("protocol"), &cfg.Gateway.Protocol, proto)
+				setString(f.Changed("metrics-listen"), &cfg.Metrics.Listen, metricsListen)
+				if f.Changed("insecure") {
+					cfg.Gateway.Insecure = insecure
+				}
+				for _, e := range expose {
+					s, err := parseExpose(e)
+					if err != nil {
+						return nil, err
+					}
+					cfg.Services = append(cfg.Services, s)
+				}
+				if err := cfg.Validate(); err != nil {
+					return nil, err
+				}
+				return cfg, nil
 			}
-			if err := cfg.Validate(); err != nil {
+			cfg, err := load()
+			if err != nil {
 				return err
 			}
+			a.applyLogLevel(cfg.LogLevel, f.Changed("log-level"))
 			reg := registry()
-			return runAgent(cmd.Context(), agent.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: a.version}, a.getenv)
+			// The reload loop ends with the agent: cancel, then wait.
+			var wg sync.WaitGroup
+			defer wg.Wait()
+			ctx, cancel := context.WithCancel(cmd.Context())
+			defer cancel()
+			start := cfg
+			onAgent := func(ag *agent.Agent) {
+				files := func() []string {
+					if path == "" {
+						return nil
+					}
+					return []string{path}
+				}
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					reloadLoop(ctx, log, watch, files, func(reason string) {
+						next, err := load()
+						if err != nil {
+							log.Error("reload failed; configuration unchanged", "trigger", reason, "err", oneLine(err))
+							return
+						}
+						if keys := agentRestartKeys(start, next); len(keys) > 0 {
+							log.Warn("configuration changes that need a restart were ignored", "keys", keys)
+						}
+						ag.SetStatic(next.Services)
+						a.applyLogLevel(next.LogLevel, f.Changed("log-level"))
+						log.Info("reload done", "trigger", reason, "services", len(next.Services))
+					})
+				}()
+			}
+			return runAgentWith(ctx, agent.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: a.version}, a.getenv, onAgent)
 		},
 	}
 	f := cmd.Flags()
@@ -126,6 +214,7 @@ func (a *app) agentCmd() *cobra.Command {
 	f.StringVar(&metricsListen, "metrics-listen", "", "metrics/health address (metrics.listen)")
 	f.BoolVar(&insecure, "insecure", false, "allow plain ws:// to a gateway other than loopback, token in clear (gateway.insecure)")
 	f.StringArrayVar(&expose, "expose", nil, "expose a service: NAME=tcp://HOST:PORT or NAME=udp://HOST:PORT (repeatable)")
+	f.DurationVar(&watch, "watch-interval", defaultWatchInterval, "how often to check the config file for a change to reload (0: only on SIGHUP)")
 	return cmd
 }
 
@@ -146,4 +235,25 @@ func parseExpose(s string) (config.StaticService, error) {
 		return config.StaticService{}, fmt.Errorf("--expose %q: %q is not HOST:PORT", s, u.Host)
 	}
 	return config.StaticService{Name: name, Protocol: u.Scheme, Port: port, Backend: u.Host}, nil
+}
+
+// agentRestartKeys lists the agent's config sections that changed but
+// apply only at start: the connection to the gateway, the metrics server,
+// Kubernetes discovery and the tunnels: limits.
+func agentRestartKeys(old, cur *config.AgentFile) []string {
+	var keys []string
+	for _, c := range []struct {
+		key      string
+		old, cur any
+	}{
+		{"gateway", old.Gateway, cur.Gateway},
+		{"metrics", old.Metrics, cur.Metrics},
+		{"kubernetes", old.Kubernetes, cur.Kubernetes},
+		{"tunnels", old.Tunnels, cur.Tunnels},
+	} {
+		if !reflect.DeepEqual(c.old, c.cur) {
+			keys = append(keys, c.key)
+		}
+	}
+	return keys
 }

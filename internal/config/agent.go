@@ -19,6 +19,9 @@ type AgentFile struct {
 	Tunnels Tunnels `json:"tunnels"`
 	// Services are static services, for use outside Kubernetes.
 	Services []StaticService `json:"services"`
+	// LogLevel is debug, info, warn or error; empty keeps --log-level.
+	// Unlike the flag it is reloaded live.
+	LogLevel string `json:"log_level,omitempty"`
 }
 
 // GatewayConn says where and how the agent connects.
@@ -254,6 +257,7 @@ func (a *AgentFile) Validate() error {
 			p.intRange(key+".public_port", s.PublicPort, 1, 65535)
 		}
 	}
+	p.logLevel("log_level", a.LogLevel)
 	return p.err()
 }
 

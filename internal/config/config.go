@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"strconv"
@@ -67,6 +68,17 @@ func (p *problems) duration(key string, d Duration, min, max time.Duration, zero
 		p.add(key, "%v is below the minimum of %v", d.Duration, min)
 	case max > 0 && d.Duration > max:
 		p.add(key, "%v is above the maximum of %v", d.Duration, max)
+	}
+}
+
+// logLevel checks a log level key; empty means the --log-level flag.
+func (p *problems) logLevel(key, v string) {
+	if v == "" {
+		return
+	}
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(v)); err != nil {
+		p.add(key, "%q is not debug, info, warn or error", v)
 	}
 }
 

@@ -63,6 +63,9 @@ type Gateway struct {
 	UDPQueueBytes int `json:"udp_queue_bytes"`
 	// UDPQueueBytesPerService bounds them for each UDP service.
 	UDPQueueBytesPerService int `json:"udp_queue_bytes_per_service"`
+	// LogLevel is debug, info, warn or error; empty keeps --log-level.
+	// Unlike the flag it is reloaded live.
+	LogLevel string `json:"log_level,omitempty"`
 
 	// portLow and portHigh are PortRange, parsed by Validate.
 	portLow, portHigh int
@@ -81,6 +84,10 @@ type Agent struct {
 	// gateway's config need not hold the secret itself.
 	Token       string `json:"token,omitempty"`
 	TokenSHA256 string `json:"token_sha256,omitempty"`
+	// TokenSHA256Next is a second accepted token's hex SHA-256, for a
+	// rotation: the agent may switch to the new token while the old one
+	// still works, and the old one is removed afterwards.
+	TokenSHA256Next string `json:"token_sha256_next,omitempty"`
 	// MaxServices overrides the gateway's max_services for this agent.
 	MaxServices int `json:"max_services,omitempty"`
 	// MaxRetainedPorts overrides the gateway's max_retained_ports for this
@@ -234,6 +241,7 @@ func (g *Gateway) Validate() error {
 	// At least one largest datagram must fit.
 	p.intRange("udp_queue_bytes", g.UDPQueueBytes, 64<<10, 1<<30)
 	p.intRange("udp_queue_bytes_per_service", g.UDPQueueBytesPerService, 64<<10, 1<<30)
+	p.logLevel("log_level", g.LogLevel)
 	return p.err()
 }
 
@@ -264,6 +272,13 @@ func (g *Gateway) validateAgents(p *problems) {
 			}
 		default:
 			p.add(key, "token or token_sha256 is required (or set PORTWAY_AGENT_TOKEN_%s)", envName(a.Name))
+		}
+		if a.TokenSHA256Next != "" {
+			if b, err := hex.DecodeString(a.TokenSHA256Next); err != nil || len(b) != 32 {
+				p.add(key+".token_sha256_next", "must be 64 hex digits")
+			} else if strings.EqualFold(a.TokenSHA256Next, a.TokenSHA256) {
+				p.add(key+".token_sha256_next", "is the same as token_sha256")
+			}
 		}
 		if a.MaxServices < 0 || a.MaxServices > protocol.MaxRegisterServices {
 			p.add(key+".max_services", "%d is outside 0-%d", a.MaxServices, protocol.MaxRegisterServices)

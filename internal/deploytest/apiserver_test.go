@@ -1,22 +1,13 @@
 package deploytest
 
 import (
-	"context"
 	"encoding/base64"
-	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/client-go/discovery/cached/memory"
-	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
-	"k8s.io/client-go/restmapper"
 
 	"github.com/portway/portway/internal/k8stest"
 )
@@ -57,7 +48,7 @@ func TestChartsDryRun(t *testing.T) {
 		return
 	}
 	env := k8stest.Start(t)
-	ap := newApplier(t, env.Config)
+	ap := k8stest.NewApplier(t, env.Config)
 	skipped := 0
 	for _, s := range scenarios() {
 		b, err := os.ReadFile(filepath.Join(dir, s.name+".yaml"))
@@ -67,9 +58,9 @@ func TestChartsDryRun(t *testing.T) {
 		// The namespace must exist for a namespaced dry run: that one is
 		// created for real.
 		ns := &unstructured.Unstructured{Object: obj{"apiVersion": "v1", "kind": "Namespace", "metadata": obj{"name": s.namespace}}}
-		ap.apply(t, ns, false)
+		ap.Apply(t, ns, false)
 		n := 0
-		for _, o := range decode(t, s.name, string(b)) {
+		for _, o := range k8stest.Decode(t, s.name, string(b)) {
 			if o.GetKind() == "ServiceMonitor" {
 				skipped++
 				continue
@@ -77,7 +68,7 @@ func TestChartsDryRun(t *testing.T) {
 			if o.GetNamespace() == "" && o.GetKind() != "ClusterRole" && o.GetKind() != "ClusterRoleBinding" {
 				t.Errorf("%s: %s %s has no namespace: kubectl apply of helm template's output would put it in the current one", s.name, o.GetKind(), o.GetName())
 			}
-			ap.apply(t, o, true)
+			ap.Apply(t, o, true)
 			n++
 		}
 		t.Logf("%s: %d objects pass the dry run", s.name, n)
@@ -101,7 +92,7 @@ func TestChartsDryRun(t *testing.T) {
 			},
 			"data": obj{"token": base64.StdEncoding.EncodeToString([]byte(kept))},
 		}}
-		ap.apply(t, secret, false)
+		ap.Apply(t, secret, false)
 		out, err := helm(t, os.Getenv(helmEnv), "install", "portway-gateway", filepath.Join(chartsDir, gwChart),
 			"--namespace", "portway", "--dry-run=server", "--kubeconfig", env.Kubeconfig(t))
 		if err != nil {
@@ -112,7 +103,7 @@ func TestChartsDryRun(t *testing.T) {
 		if !ok || manifest == "" {
 			t.Fatalf("helm install printed no manifest and notes:\n%s", out)
 		}
-		objs := decode(t, "helm install", manifest)
+		objs := k8stest.Decode(t, "helm install", manifest)
 		if got := dataOf(t, objs, "Secret", "portway-gateway-admin")["token"]; got != kept {
 			t.Errorf("the admin token was replaced on upgrade: %q", got)
 		}
@@ -128,49 +119,4 @@ func TestChartsDryRun(t *testing.T) {
 			}
 		}
 	})
-}
-
-// applier sends objects with server-side apply, as `kubectl apply
-// --server-side` would.
-type applier struct {
-	mapper *restmapper.DeferredDiscoveryRESTMapper
-	dyn    *dynamic.DynamicClient
-}
-
-func newApplier(t *testing.T, cfg *rest.Config) *applier {
-	t.Helper()
-	kc, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dyn, err := dynamic.NewForConfig(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &applier{mapper: restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(kc.Discovery())), dyn: dyn}
-}
-
-// apply applies obj, only validating it when dryRun is set.
-func (a *applier) apply(t *testing.T, o *unstructured.Unstructured, dryRun bool) {
-	t.Helper()
-	gvk := o.GroupVersionKind()
-	m, err := a.mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
-	if err != nil {
-		t.Errorf("%s %s: %v", gvk, o.GetName(), err)
-		return
-	}
-	var ri dynamic.ResourceInterface = a.dyn.Resource(m.Resource)
-	if o.GetNamespace() != "" {
-		ri = a.dyn.Resource(m.Resource).Namespace(o.GetNamespace())
-	}
-	opts := metav1.ApplyOptions{FieldManager: "portway-deploytest", Force: true}
-	if dryRun {
-		opts.DryRun = []string{metav1.DryRunAll}
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if _, err := ri.Apply(ctx, o.GetName(), o, opts); err != nil {
-		js, _ := json.MarshalIndent(o.Object, "", "  ")
-		t.Errorf("applying %s %s/%s (dry run %v): %v\n%s", gvk.Kind, o.GetNamespace(), o.GetName(), dryRun, err, js)
-	}
 }

@@ -5,9 +5,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,10 +16,10 @@ import (
 	"time"
 
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
 
 	"github.com/portway/portway/internal/config"
+	"github.com/portway/portway/internal/k8stest"
 )
 
 const (
@@ -172,33 +170,7 @@ func render(t *testing.T, bin string, s scenario) []*unstructured.Unstructured {
 	if err != nil {
 		t.Fatalf("%s: %v", s.name, err)
 	}
-	return decode(t, s.name, out)
-}
-
-// decode splits a multi-document YAML stream into objects.
-func decode(t *testing.T, what, stream string) []*unstructured.Unstructured {
-	t.Helper()
-	dec := utilyaml.NewYAMLOrJSONDecoder(strings.NewReader(stream), 4096)
-	var objs []*unstructured.Unstructured
-	for {
-		var m map[string]any
-		err := dec.Decode(&m)
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			t.Fatalf("%s: decoding the rendered manifests: %v", what, err)
-		}
-		if len(m) > 0 {
-			// Numbers decode as float64: make them int64, as the
-			// unstructured helpers expect.
-			objs = append(objs, &unstructured.Unstructured{Object: normalize(m).(map[string]any)})
-		}
-	}
-	if len(objs) == 0 {
-		t.Fatalf("%s: nothing rendered", what)
-	}
-	return objs
+	return k8stest.Decode(t, s.name, out)
 }
 
 // find returns the objects of a kind, and fails when their number is not
@@ -612,7 +584,7 @@ func TestAgentChartMatchesKustomize(t *testing.T) {
 		}
 	}
 	chart := render(t, helmBinary(t), s)
-	kust := kustomizeAgent(t)
+	kust := k8stest.Kustomization(t, "../../deploy/agent")
 	for _, kind := range []string{"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment"} {
 		c, k := find(t, chart, kind, 1)[0], find(t, kust, kind, 1)[0]
 		if c.GetName() != k.GetName() || c.GetNamespace() != k.GetNamespace() {
@@ -623,7 +595,7 @@ func TestAgentChartMatchesKustomize(t *testing.T) {
 		t.Helper()
 		c, _, _ := unstructured.NestedFieldNoCopy(find(t, chart, kind, 1)[0].Object, path...)
 		k, _, _ := unstructured.NestedFieldNoCopy(find(t, kust, kind, 1)[0].Object, path...)
-		if c == nil || !reflect.DeepEqual(normalize(c), normalize(k)) {
+		if c == nil || !reflect.DeepEqual(k8stest.Normalize(c), k8stest.Normalize(k)) {
 			t.Errorf("%s %s differs:\nchart:     %v\nkustomize: %v", kind, strings.Join(path, "."), c, k)
 		}
 	}
@@ -637,7 +609,7 @@ func TestAgentChartMatchesKustomize(t *testing.T) {
 	for _, field := range []string{"securityContext", "livenessProbe", "readinessProbe", "resources", "ports"} {
 		_, cc := podOf(t, find(t, chart, "Deployment", 1)[0], "agent")
 		_, kc := podOf(t, find(t, kust, "Deployment", 1)[0], "agent")
-		if !reflect.DeepEqual(normalize(cc[field]), normalize(kc[field])) {
+		if !reflect.DeepEqual(k8stest.Normalize(cc[field]), k8stest.Normalize(kc[field])) {
 			t.Errorf("container %s differs:\nchart:     %v\nkustomize: %v", field, cc[field], kc[field])
 		}
 	}
@@ -661,56 +633,6 @@ func TestAgentChartMatchesKustomize(t *testing.T) {
 	if c, k := parse(chart), parse(kust); !reflect.DeepEqual(c, k) {
 		t.Errorf("agent.yaml differs (gateway.url aside):\nchart:     %+v\nkustomize: %+v", c, k)
 	}
-}
-
-// kustomizeAgent reads deploy/agent's objects, in kustomization order.
-func kustomizeAgent(t *testing.T) []*unstructured.Unstructured {
-	t.Helper()
-	dir := "../../deploy/agent"
-	b, err := os.ReadFile(filepath.Join(dir, "kustomization.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var k struct {
-		Resources []string `json:"resources"`
-	}
-	if err := yaml.Unmarshal(b, &k); err != nil {
-		t.Fatalf("kustomization.yaml: %v", err)
-	}
-	var all strings.Builder
-	for _, r := range k.Resources {
-		b, err := os.ReadFile(filepath.Join(dir, r))
-		if err != nil {
-			t.Fatal(err)
-		}
-		all.WriteString("\n---\n")
-		all.Write(b)
-	}
-	return decode(t, dir, all.String())
-}
-
-// normalize makes decoded YAML comparable: every number an int64, as the
-// two decoders may differ there.
-func normalize(v any) any {
-	switch v := v.(type) {
-	case map[string]any:
-		out := map[string]any{}
-		for k, e := range v {
-			out[k] = normalize(e)
-		}
-		return out
-	case []any:
-		out := make([]any, len(v))
-		for i, e := range v {
-			out[i] = normalize(e)
-		}
-		return out
-	case float64:
-		return int64(v)
-	case int:
-		return int64(v)
-	}
-	return v
 }
 
 // podOf returns a Deployment's pod spec and its container called name.

@@ -2,8 +2,6 @@ package discovery_test
 
 import (
 	"context"
-	"errors"
-	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -19,20 +17,16 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
-	"k8s.io/client-go/discovery/cached/memory"
-	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
-	"k8s.io/client-go/restmapper"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gwclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
-	"sigs.k8s.io/yaml"
 
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/discovery"
 	"github.com/portway/portway/internal/k8stest"
 	"github.com/portway/portway/internal/testlog"
+	"github.com/portway/portway/internal/testmetrics"
 	"github.com/portway/portway/internal/testwait"
 )
 
@@ -61,7 +55,7 @@ func TestWithAPIServer(t *testing.T) {
 	}
 
 	t.Run("deploy manifests pass a server-side dry run", func(t *testing.T) {
-		objs := manifests(t)
+		objs := k8stest.Kustomization(t, deployDir)
 		kinds := map[string]int{}
 		for _, o := range objs {
 			kinds[o.GetKind()]++
@@ -75,13 +69,13 @@ func TestWithAPIServer(t *testing.T) {
 		// RBAC for the subtests below: those are applied for real.
 		for _, o := range objs {
 			real := slices.Contains([]string{"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}, o.GetKind())
-			apply(t, env.Config, o, !real)
+			k8stest.NewApplier(t, env.Config).Apply(t, o, !real)
 		}
 	})
 
 	t.Run("the ConfigMap's agent.yaml is a valid config with discovery on", func(t *testing.T) {
 		var cm *unstructured.Unstructured
-		for _, o := range manifests(t) {
+		for _, o := range k8stest.Kustomization(t, deployDir) {
 			if o.GetKind() == "ConfigMap" {
 				cm = o
 			}
@@ -103,7 +97,7 @@ func TestWithAPIServer(t *testing.T) {
 	})
 
 	t.Run("the Deployment gives the agent its namespace", func(t *testing.T) {
-		for _, o := range manifests(t) {
+		for _, o := range k8stest.Kustomization(t, deployDir) {
 			if o.GetKind() != "Deployment" {
 				continue
 			}
@@ -246,8 +240,8 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 		}
 	})
 
-	eventually(t, 30*time.Second, "the first (empty) publish", func() bool { return rec.calls() > 0 })
-	eventually(t, 10*time.Second, "the stale annotation to be removed", func() bool {
+	testwait.For(t, 30*time.Second, "the first (empty) publish", func() bool { return rec.calls() > 0 })
+	testwait.For(t, 10*time.Second, "the stale annotation to be removed", func() bool {
 		o, err := gw.GatewayV1().Gateways("apps").Get(ctx(t), "retired", metav1.GetOptions{})
 		return err == nil && o.Annotations[discovery.AnnotationEndpoints] == ""
 	})
@@ -261,7 +255,7 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 		t.Fatal(err)
 	}
 	stored := time.Now()
-	eventually(t, 10*time.Second, "the route's service to be published", func() bool { return len(rec.last()) == 1 })
+	testwait.For(t, 10*time.Second, "the route's service to be published", func() bool { return len(rec.last()) == 1 })
 	latency := time.Since(stored)
 	t.Logf("route stored → service published in %v", latency.Round(time.Millisecond))
 	svc := rec.last()[0]
@@ -269,14 +263,14 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 		!strings.HasSuffix(svc.Backend, ":6379") || strings.HasPrefix(svc.Backend, ":") {
 		t.Errorf("published %+v", svc)
 	}
-	if v := metric(t, reg, "discovered", "tcp"); v != 1 {
+	if v := testmetrics.Value(t, reg, "discovered", map[string]string{"protocol": "tcp"}); v != 1 {
 		t.Errorf("discovered{tcp} = %v, want 1", v)
 	}
 
 	// The gateway's answer is written back, as the ServiceAccount.
 	d.SetEndpoints([]discovery.Endpoint{{ID: "apps/edge/redis", Protocol: "tcp", Address: "gw.example.com:16379"}})
 	var gwRV, routeRV string
-	eventually(t, 10*time.Second, "the annotations", func() bool {
+	testwait.For(t, 10*time.Second, "the annotations", func() bool {
 		g, err1 := gw.GatewayV1().Gateways("apps").Get(ctx(t), "edge", metav1.GetOptions{})
 		r, err2 := gw.GatewayV1().TCPRoutes("apps").Get(ctx(t), "redis", metav1.GetOptions{})
 		if err1 != nil || err2 != nil {
@@ -291,9 +285,9 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 	// patch, and neither does the agent acknowledging the same endpoints
 	// again (it does on every register).
 	time.Sleep(500 * time.Millisecond)
-	before := metric(t, reg, "syncs", "")
+	before := testmetrics.Value(t, reg, "syncs", nil)
 	time.Sleep(time.Second)
-	after := metric(t, reg, "syncs", "")
+	after := testmetrics.Value(t, reg, "syncs", nil)
 	if after != before {
 		t.Errorf("%v recomputes while nothing changed", after-before)
 	}
@@ -314,7 +308,7 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 	if _, err := gw.GatewayV1().TCPRoutes("apps").Create(ctx(t), broken, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "a RouteConflict Event on the newer route", func() bool {
+	testwait.For(t, 10*time.Second, "a RouteConflict Event on the newer route", func() bool {
 		return hasEvent(t, kube, "apps", "broken", "RouteConflict")
 	})
 
@@ -322,8 +316,8 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 	if err := gw.GatewayV1().TCPRoutes("apps").Delete(ctx(t), "redis", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "the service to be withdrawn", func() bool { return rec.calls() == 3 && len(rec.last()) == 0 })
-	eventually(t, 10*time.Second, "the Gateway annotation to go", func() bool {
+	testwait.For(t, 10*time.Second, "the service to be withdrawn", func() bool { return rec.calls() == 3 && len(rec.last()) == 0 })
+	testwait.For(t, 10*time.Second, "the Gateway annotation to go", func() bool {
 		g, err := gw.GatewayV1().Gateways("apps").Get(ctx(t), "edge", metav1.GetOptions{})
 		_, has := g.Annotations[discovery.AnnotationEndpoints]
 		return err == nil && !has
@@ -351,7 +345,7 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 	if _, err := gw.GatewayV1().TCPRoutes("databases").Create(ctx(t), cross, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "a RouteNotAllowed Event on the route from an unlabelled namespace", func() bool {
+	testwait.For(t, 10*time.Second, "a RouteNotAllowed Event on the route from an unlabelled namespace", func() bool {
 		return hasEvent(t, kube, "databases", "redis", "RouteNotAllowed")
 	})
 	if n := len(rec.last()); n != 0 {
@@ -369,12 +363,12 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 		}
 	}
 	setAccess(map[string]string{"portway-test/access": "true"})
-	eventually(t, 10*time.Second, "the route to attach once its namespace has the label", func() bool {
+	testwait.For(t, 10*time.Second, "the route to attach once its namespace has the label", func() bool {
 		l := rec.last()
 		return len(l) == 1 && l[0].ID == "apps/shared/redis"
 	})
 	setAccess(nil)
-	eventually(t, 10*time.Second, "the service to be withdrawn once the label is gone", func() bool { return len(rec.last()) == 0 })
+	testwait.For(t, 10*time.Second, "the service to be withdrawn once the label is gone", func() bool { return len(rec.last()) == 0 })
 
 	// A route from outside the Gateway's namespace may use a Service of a
 	// third namespace only while a ReferenceGrant there allows it.
@@ -394,7 +388,7 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 	if _, err := gw.GatewayV1().TCPRoutes("databases").Create(ctx(t), third, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "a RefNotPermitted Event on the route to another namespace's Service", func() bool {
+	testwait.For(t, 10*time.Second, "a RefNotPermitted Event on the route to another namespace's Service", func() bool {
 		return hasEvent(t, kube, "databases", "cache", "RefNotPermitted")
 	})
 	published := func() []string {
@@ -405,7 +399,7 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 		slices.Sort(ids)
 		return ids
 	}
-	eventually(t, 10*time.Second, "only the route to its own namespace's Service to be published", func() bool {
+	testwait.For(t, 10*time.Second, "only the route to its own namespace's Service to be published", func() bool {
 		return slices.Equal(published(), []string{"apps/shared/redis"})
 	})
 	rg := &gwv1.ReferenceGrant{ObjectMeta: metav1.ObjectMeta{Namespace: "cache", Name: "from-databases"}}
@@ -414,13 +408,13 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 	if _, err := gw.GatewayV1().ReferenceGrants("cache").Create(ctx(t), rg, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "the route to be published once a ReferenceGrant allows it", func() bool {
+	testwait.For(t, 10*time.Second, "the route to be published once a ReferenceGrant allows it", func() bool {
 		return slices.Equal(published(), []string{"apps/shared/cache", "apps/shared/redis"})
 	})
 	if err := gw.GatewayV1().ReferenceGrants("cache").Delete(ctx(t), "from-databases", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "the route to be withdrawn once the ReferenceGrant is gone", func() bool {
+	testwait.For(t, 10*time.Second, "the route to be withdrawn once the ReferenceGrant is gone", func() bool {
 		return slices.Equal(published(), []string{"apps/shared/redis"})
 	})
 
@@ -470,7 +464,7 @@ func testTenantCannotReachFurther(t *testing.T, kube kubernetes.Interface, gw gw
 		t.Fatal(err)
 	}
 	createRoute(tcpRoute("databases", "steal", "mine", "cache", "redis", 6379))
-	eventually(t, 10*time.Second, "a GatewayNotPermitted Event on the tenant's Gateway", func() bool {
+	testwait.For(t, 10*time.Second, "a GatewayNotPermitted Event on the tenant's Gateway", func() bool {
 		return hasEventOn(t, kube, "Gateway", "databases", "mine", "GatewayNotPermitted")
 	})
 
@@ -501,7 +495,7 @@ func testTenantCannotReachFurther(t *testing.T, kube kubernetes.Interface, gw gw
 	ext := tcpRoute("databases", "ext", "open", "databases", "ext", 6379)
 	ext.Spec.ParentRefs[0].Namespace = ptrTo(gwv1.Namespace("apps"))
 	createRoute(ext)
-	eventually(t, 10*time.Second, "a RefNotPermitted Event on the route to an ExternalName Service", func() bool {
+	testwait.For(t, 10*time.Second, "a RefNotPermitted Event on the route to an ExternalName Service", func() bool {
 		return hasEvent(t, kube, "databases", "ext", "RefNotPermitted")
 	})
 	// Pointed at another namespace's Service, it needs a ReferenceGrant
@@ -514,7 +508,7 @@ func testTenantCannotReachFurther(t *testing.T, kube kubernetes.Interface, gw gw
 	if _, err := kube.CoreV1().Services("databases").Update(ctx(t), svc, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "the refusal to name the Service the ExternalName points at", func() bool {
+	testwait.For(t, 10*time.Second, "the refusal to name the Service the ExternalName points at", func() bool {
 		return strings.Contains(logs.String(), "backend Service databases/ext is an ExternalName Service for Service cache/memcached, and no ReferenceGrant in cache lets TCPRoutes of namespace databases use it; not exposed")
 	})
 	rg := &gwv1.ReferenceGrant{ObjectMeta: metav1.ObjectMeta{Namespace: "cache", Name: "ext-from-databases"}}
@@ -525,13 +519,13 @@ func testTenantCannotReachFurther(t *testing.T, kube kubernetes.Interface, gw gw
 	}
 	want := append(slices.Clone(before), "apps/open/redis=memcached.cache.svc.cluster.local:6379")
 	slices.Sort(want)
-	eventually(t, 10*time.Second, "the ExternalName route to be published once a ReferenceGrant allows it", func() bool {
+	testwait.For(t, 10*time.Second, "the ExternalName route to be published once a ReferenceGrant allows it", func() bool {
 		return slices.Equal(published(), want)
 	})
 	if err := gw.GatewayV1().ReferenceGrants("cache").Delete(ctx(t), "ext-from-databases", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "the ExternalName route to be withdrawn once the ReferenceGrant is gone", func() bool {
+	testwait.For(t, 10*time.Second, "the ExternalName route to be withdrawn once the ReferenceGrant is gone", func() bool {
 		return slices.Equal(published(), before)
 	})
 
@@ -545,7 +539,7 @@ func testTenantCannotReachFurther(t *testing.T, kube kubernetes.Interface, gw gw
 	hand.Spec.ParentRefs[0].Namespace = ptrTo(gwv1.Namespace("apps"))
 	hand.Spec.ParentRefs[0].SectionName = ptrTo(gwv1.SectionName("hand"))
 	createRoute(hand)
-	eventually(t, 10*time.Second, "the route to a Service with no endpoints yet to be published", func() bool {
+	testwait.For(t, 10*time.Second, "the route to a Service with no endpoints yet to be published", func() bool {
 		return slices.ContainsFunc(published(), func(s string) bool { return strings.HasPrefix(s, "apps/open/hand=") })
 	})
 	es := &discoveryv1.EndpointSlice{
@@ -558,10 +552,10 @@ func testTenantCannotReachFurther(t *testing.T, kube kubernetes.Interface, gw gw
 	if _, err := kube.DiscoveryV1().EndpointSlices("databases").Create(ctx(t), es, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "the route to be withdrawn once its Service has a hand-written EndpointSlice", func() bool {
+	testwait.For(t, 10*time.Second, "the route to be withdrawn once its Service has a hand-written EndpointSlice", func() bool {
 		return slices.Equal(published(), before)
 	})
-	eventually(t, 10*time.Second, "a RefNotPermitted Event on that route", func() bool {
+	testwait.For(t, 10*time.Second, "a RefNotPermitted Event on that route", func() bool {
 		return hasEvent(t, kube, "databases", "hand", "RefNotPermitted")
 	})
 	if n := strings.Count(logs.String(), "managed Gateways may only live in namespaces apps"); n != 1 {
@@ -591,28 +585,6 @@ func hasEventOn(t *testing.T, kube kubernetes.Interface, kind, ns, name, reason 
 		}
 	}
 	return false
-}
-
-// metric sums the samples of a gauge or counter whose label value is value
-// (any, when value is "").
-func metric(t *testing.T, reg *prometheus.Registry, name, value string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sum float64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			if value == "" || m.GetLabel()[0].GetValue() == value {
-				sum += m.GetGauge().GetValue() + m.GetCounter().GetValue()
-			}
-		}
-	}
-	return sum
 }
 
 // recorder keeps what Publish was given.
@@ -654,95 +626,10 @@ func tcpRoute(ns, name, gateway, backendNS, backend string, port int) *gwv1.TCPR
 	return r
 }
 
-// manifests reads the objects of deploy/agent, in kustomization order.
-func manifests(t *testing.T) []*unstructured.Unstructured {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join(deployDir, "kustomization.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var k struct {
-		Resources []string `json:"resources"`
-	}
-	if err := yaml.Unmarshal(b, &k); err != nil {
-		t.Fatalf("kustomization.yaml: %v", err)
-	}
-	if len(k.Resources) == 0 {
-		t.Fatal("kustomization.yaml lists no resources")
-	}
-	files, _ := filepath.Glob(filepath.Join(deployDir, "*.yaml"))
-	for _, f := range files {
-		if base := filepath.Base(f); base != "kustomization.yaml" && !slices.Contains(k.Resources, base) {
-			t.Errorf("%s is not listed in kustomization.yaml", f)
-		}
-	}
-	var objs []*unstructured.Unstructured
-	for _, r := range k.Resources {
-		f, err := os.Open(filepath.Join(deployDir, r))
-		if err != nil {
-			t.Fatal(err)
-		}
-		dec := utilyaml.NewYAMLOrJSONDecoder(f, 4096)
-		for {
-			var m map[string]any
-			err := dec.Decode(&m)
-			if errors.Is(err, io.EOF) {
-				break
-			}
-			if err != nil {
-				f.Close()
-				t.Fatalf("%s: %v", r, err)
-			}
-			if len(m) > 0 {
-				objs = append(objs, &unstructured.Unstructured{Object: m})
-			}
-		}
-		f.Close()
-	}
-	return objs
-}
-
-// apply sends obj with server-side apply, as `kubectl apply --server-side`
-// would, only validating it when dryRun is set.
-func apply(t *testing.T, cfg *rest.Config, obj *unstructured.Unstructured, dryRun bool) {
-	t.Helper()
-	dc, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(dc.Discovery()))
-	gvk := obj.GroupVersionKind()
-	m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
-	if err != nil {
-		t.Fatalf("%s %s: %v", gvk, obj.GetName(), err)
-	}
-	dyn, err := dynamic.NewForConfig(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var ri dynamic.ResourceInterface = dyn.Resource(m.Resource)
-	if obj.GetNamespace() != "" {
-		ri = dyn.Resource(m.Resource).Namespace(obj.GetNamespace())
-	}
-	opts := metav1.ApplyOptions{FieldManager: "portway-deploy-test", Force: true}
-	if dryRun {
-		opts.DryRun = []string{metav1.DryRunAll}
-	}
-	if _, err := ri.Apply(ctx(t), obj.GetName(), obj, opts); err != nil {
-		t.Errorf("applying %s %s/%s (dry run %v): %v", gvk.Kind, obj.GetNamespace(), obj.GetName(), dryRun, err)
-	}
-}
-
 func ctx(t *testing.T) context.Context {
 	c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	t.Cleanup(cancel)
 	return c
-}
-
-// eventually waits for cond (see testwait.For).
-func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	testwait.For(t, timeout, what, cond)
 }
 
 // TestRESTConfigPrecedence: kubernetes.kubeconfig, then KUBECONFIG, then

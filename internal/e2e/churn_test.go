@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/portway/portway/internal/gateway"
+	"github.com/portway/portway/internal/testnet"
+	"github.com/portway/portway/internal/testwait"
 )
 
 // Agents in both modes come and go (SIGKILL and clean stops, each start a
@@ -45,7 +47,7 @@ agents:
 admin: {listen: %q, token: %q}
 `, listen, filepath.Join(t.TempDir(), "gateway.db"), tokenA, tokenB, admin, adminToken))
 	gwp := startProc(t, "gateway", nil, "gateway", "--config", cfg)
-	eventually(t, 15*time.Second, "the gateway process to serve", func() bool {
+	testwait.For(t, 15*time.Second, "the gateway process to serve", func() bool {
 		code, _ := httpGetQuiet("http://" + admin + "/readyz")
 		return code == 200
 	})
@@ -102,7 +104,7 @@ admin: {listen: %q, token: %q}
 	}
 	for _, a := range agents {
 		var tcp, udp string
-		eventually(t, 20*time.Second, a.name+" to register", func() bool {
+		testwait.For(t, 20*time.Second, a.name+" to register", func() bool {
 			tcp, udp = churnEndpoints(admin, a.name)
 			return tcp != "" && udp != ""
 		})
@@ -199,13 +201,13 @@ admin: {listen: %q, token: %q}
 					fail("agent did not stop on SIGTERM")
 					return
 				}
-				if !waitFor(registerWithin, func() bool { tcp, _ := churnEndpoints(admin, a.name); return tcp == "" }) {
+				if !testwait.Until(registerWithin, func() bool { tcp, _ := churnEndpoints(admin, a.name); return tcp == "" }) {
 					fail("gateway still lists the services %v after the agent ended", registerWithin)
 					return
 				}
 				began := time.Now()
 				p = startChurnAgent(t, url, a.token, a.mode, services)
-				if !waitFor(registerWithin, func() bool {
+				if !testwait.Until(registerWithin, func() bool {
 					tcp, udp := churnEndpoints(admin, a.name)
 					return tcp != "" && udp != ""
 				}) {
@@ -227,7 +229,7 @@ admin: {listen: %q, token: %q}
 	// Traffic flows once the churn stops.
 	for _, a := range agents {
 		ep := endpoints[a.name]
-		if err := echoRoundTrip(ep[0], []byte("after the churn")); err != nil {
+		if err := testnet.EchoRoundTrip(ep[0], []byte("after the churn")); err != nil {
 			t.Errorf("%s: tcp after the churn: %v", a.name, err)
 		}
 		c := udpClient(t, ep[1])
@@ -288,27 +290,11 @@ func churnEndpoints(admin, agent string) (tcp, udp string) {
 
 // terminate sends SIGTERM and waits for the process to exit.
 func (p *proc) terminate(wait time.Duration) bool {
-	p.cmd.Process.Signal(syscall.SIGTERM)
+	p.Signal(syscall.SIGTERM)
 	select {
 	case <-p.done:
 		return true
 	case <-time.After(wait):
 		return false
 	}
-}
-
-// waitFor polls cond every 20 ms until it holds or timeout has passed
-// (cond itself may take a while against a wedged gateway).
-func waitFor(timeout time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(timeout)
-	for i := 0; i < int(timeout/(20*time.Millisecond))+1; i++ {
-		if cond() {
-			return true
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return false
 }

@@ -23,7 +23,10 @@ import (
 	"github.com/portway/portway/internal/agent"
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/protocol"
+	"github.com/portway/portway/internal/testmetrics"
+	"github.com/portway/portway/internal/testnet"
 	"github.com/portway/portway/internal/testservers"
+	"github.com/portway/portway/internal/testwait"
 )
 
 // rawDial upgrades with a valid token and reads the gateway_hello, without
@@ -109,20 +112,20 @@ func TestHandshakeAndMessageLimits(t *testing.T) {
 func TestSessionReplacedAndShutdown(t *testing.T) {
 	g := startGateway(t)
 	ws := rawAgent(t, g, tokenA, "json")
-	eventually(t, 5*time.Second, "the raw session to start", func() bool { return g.log.Count("agent connected") == 1 })
+	testwait.For(t, 5*time.Second, "the raw session to start", func() bool { return g.log.Count("agent connected") == 1 })
 	a := startAgent(t, g.url(), tokenA, "yamux", []config.StaticService{{Name: "echo", Protocol: "tcp", Port: 7, Backend: echoBackend(t)}})
 	ep := a.waitReady(t)["echo"]
 	if code := readError(t, ws); code != "replaced" {
 		t.Fatalf("the older session got error code %q, want replaced", code)
 	}
-	if err := echoRoundTrip(ep, []byte("the newer session serves")); err != nil {
+	if err := testnet.EchoRoundTrip(ep, []byte("the newer session serves")); err != nil {
 		t.Fatal(err)
 	}
 	if g.log.Count("agent session replaced") != 1 {
 		t.Error("the gateway did not log the replacement")
 	}
 	g.Close()
-	eventually(t, 10*time.Second, "the agent to report the gateway's shutdown", func() bool {
+	testwait.For(t, 10*time.Second, "the agent to report the gateway's shutdown", func() bool {
 		return a.log.Count("peer closed: shutdown") > 0
 	})
 }
@@ -130,57 +133,29 @@ func TestSessionReplacedAndShutdown(t *testing.T) {
 // rstBackend accepts connections, reads one byte, and aborts with a TCP RST.
 func rstBackend(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				c.SetDeadline(time.Now().Add(10 * time.Second))
-				c.Read(make([]byte, 1))
-				c.(*net.TCPConn).SetLinger(0)
-				c.Close()
-			}()
-		}
-	}()
-	return ln.Addr().String()
+	return testnet.ServeTCP(t, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		c.Read(make([]byte, 1))
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+	})
 }
 
 // halfCloseBackend greets, closes its sending side first, then reads what
 // the client sends until the client's FIN and hands it to got.
 func halfCloseBackend(t *testing.T, got chan<- string) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(10 * time.Second))
-				c.Write([]byte("hello, then FIN"))
-				c.(*net.TCPConn).CloseWrite()
-				b, err := io.ReadAll(c)
-				if err != nil {
-					b = append(b, " (error: "+err.Error()+")"...)
-				}
-				got <- string(b)
-			}()
+	return testnet.ServeTCP(t, func(c net.Conn) {
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		c.Write([]byte("hello, then FIN"))
+		c.(*net.TCPConn).CloseWrite()
+		b, err := io.ReadAll(c)
+		if err != nil {
+			b = append(b, " (error: "+err.Error()+")"...)
 		}
-	}()
-	return ln.Addr().String()
+		got <- string(b)
+	})
 }
 
 // A backend's RST reaches the client as a reset, and a backend's FIN sent
@@ -291,16 +266,16 @@ func TestBackendDialTimeout(t *testing.T) {
 				t.Fatalf("client read %d bytes, %v; want its connection closed", n, err)
 			}
 			var v float64
-			eventually(t, 5*time.Second, "the timeout to be counted", func() bool {
-				v = sample(scrape(t, "http://"+a.MetricsAddr().String()+"/metrics"), "pipeops_agent_tcp_tunnel_errors_total", map[string]string{"reason": "timeout"})
+			testwait.For(t, 5*time.Second, "the timeout to be counted", func() bool {
+				v = testmetrics.Sum(testmetrics.Scrape(t, "http://"+a.MetricsAddr().String()+"/metrics"), "pipeops_agent_tcp_tunnel_errors_total", map[string]string{"reason": "timeout"})
 				return v > 0
 			})
 			if v != 1 {
 				t.Errorf("timeouts counted %v, want 1", v)
 			}
 			// The status the gateway got is `timeout`.
-			eventually(t, 5*time.Second, "the gateway to count a timeout refusal", func() bool {
-				return sample(scrape(t, "http://"+g.AdminAddr().String()+"/metrics"), "portway_gateway_refusals_total", map[string]string{"reason": "timeout"}) == 1
+			testwait.For(t, 5*time.Second, "the gateway to count a timeout refusal", func() bool {
+				return testmetrics.Sum(testmetrics.Scrape(t, "http://"+g.AdminAddr().String()+"/metrics"), "portway_gateway_refusals_total", map[string]string{"reason": "timeout"}) == 1
 			})
 		})
 	}
@@ -323,7 +298,7 @@ func TestUDPRefusedClientHeld(t *testing.T) {
 			g := startGateway(t, ownUDPPort(t))
 			a, ep := udpAgent(t, g, mode, echo, func(c *config.AgentFile) { c.Tunnels.UDP.MaxSessions = 1 })
 			refusals := func() float64 {
-				return sample(scrape(t, "http://"+a.MetricsAddr().String()+"/metrics"), "portway_agent_udp_tunnel_dropped_total",
+				return testmetrics.Sum(testmetrics.Scrape(t, "http://"+a.MetricsAddr().String()+"/metrics"), "portway_agent_udp_tunnel_dropped_total",
 					map[string]string{"reason": "session_over_limit"})
 			}
 			c1, c2 := udpClient(t, ep), udpClient(t, ep)
@@ -331,7 +306,7 @@ func TestUDPRefusedClientHeld(t *testing.T) {
 				t.Fatal(err)
 			}
 			c2.Write([]byte("refused"))
-			eventually(t, 5*time.Second, "the refusal", func() bool { return refusals() == 1 })
+			testwait.For(t, 5*time.Second, "the refusal", func() bool { return refusals() == 1 })
 			refusedAt := time.Now()
 			for i := 0; i < 5; i++ {
 				c2.Write([]byte("held"))
@@ -351,7 +326,7 @@ func TestUDPRefusedClientHeld(t *testing.T) {
 			}
 			time.Sleep(time.Until(refusedAt.Add(2100 * time.Millisecond)))
 			c2.Write([]byte("again"))
-			eventually(t, 5*time.Second, "a new attempt after the hold", func() bool { return refusals() == 2 })
+			testwait.For(t, 5*time.Second, "a new attempt after the hold", func() bool { return refusals() == 2 })
 		})
 	}
 }
@@ -444,7 +419,7 @@ func TestOpenConnectionSurvivesReRegister(t *testing.T) {
 			}
 			roundTrip("before")
 			a.SetDiscovered([]agent.Service{{ID: "extra", Protocol: "tcp", Port: 4242, Backend: echo, Mode: "tunnel"}})
-			eventually(t, 5*time.Second, "the new service", func() bool {
+			testwait.For(t, 5*time.Second, "the new service", func() bool {
 				for _, e := range a.Endpoints() {
 					if e.Service.ID == "extra" && e.Address != "" {
 						return true
@@ -501,14 +476,15 @@ func TestOversizedHeadersRefused(t *testing.T) {
 // the proxy variables once per process, and never proxies a loopback IP
 // literal or "localhost", so the gateway is named "127.1", which only the
 // proxy's resolver (inet_aton) turns into 127.0.0.1 — the agent cannot
-// reach it any other way.
+// reach it any other way. "127.1" is no loopback literal to the agent
+// either, so it takes gateway.insecure for plain ws://.
 func TestAgentThroughHTTPProxy(t *testing.T) {
 	proxy := testservers.StartHTTPProxy(t)
 	g := startGateway(t)
 	_, port := splitHostPort(t, g.TunnelAddr().String())
 	url := fmt.Sprintf("ws://127.1:%d/v1/tunnel", port)
 	cfg := writeConfig(t, "agent.yaml", fmt.Sprintf(`
-gateway: {url: %q, protocol: yamux}
+gateway: {url: %q, protocol: yamux, insecure: true}
 metrics: {listen: "127.0.0.1:0"}
 services:
   - {name: echo, port: 7, backend: %q}
@@ -517,7 +493,7 @@ services:
 		"HTTP_PROXY=" + proxy.URL(), "http_proxy=" + proxy.URL(), "NO_PROXY=", "no_proxy="},
 		"agent", "--config", cfg, "--log-level", "debug")
 	ep := waitProcEndpoint(t, &procGateway{admin: g.AdminAddr().String()}, "echo")
-	if err := echoRoundTrip(ep, []byte("through the proxy")); err != nil {
+	if err := testnet.EchoRoundTrip(ep, []byte("through the proxy")); err != nil {
 		t.Fatal(err)
 	}
 	if want := fmt.Sprintf("CONNECT 127.1:%d", port); !strings.Contains(proxy.Log(), want) {
@@ -697,8 +673,8 @@ func TestCongestedUDPSessionDoesNotStallOthers(t *testing.T) {
 			stopped = true
 			last, still := -1.0, 0
 			for i := 0; i < 100 && still < 3; i++ {
-				m := scrape(t, "http://"+g.AdminAddr().String()+"/metrics")
-				n := sample(m, "portway_gateway_udp_packets_total", nil) + sample(m, "portway_gateway_udp_dropped_total", nil)
+				m := testmetrics.Scrape(t, "http://"+g.AdminAddr().String()+"/metrics")
+				n := testmetrics.Sum(m, "portway_gateway_udp_packets_total", nil) + testmetrics.Sum(m, "portway_gateway_udp_dropped_total", nil)
 				if n == last {
 					still++
 				} else {
@@ -708,7 +684,7 @@ func TestCongestedUDPSessionDoesNotStallOthers(t *testing.T) {
 			}
 			// Where the excess went depends on the machine (the gateway's
 			// queue or, on a slow one, the kernel's socket buffer): logged.
-			dropped := sample(scrape(t, "http://"+g.AdminAddr().String()+"/metrics"), "portway_gateway_udp_dropped_total", nil)
+			dropped := testmetrics.Sum(testmetrics.Scrape(t, "http://"+g.AdminAddr().String()+"/metrics"), "portway_gateway_udp_dropped_total", nil)
 			t.Logf("%s: 20 UDP and 20 TCP round trips beside a flood; the gateway dropped %v of its datagrams so far", mode, dropped)
 		})
 	}

@@ -17,7 +17,10 @@ import (
 
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/protocol"
+	"github.com/portway/portway/internal/testmetrics"
+	"github.com/portway/portway/internal/testnet"
 	"github.com/portway/portway/internal/testservers"
+	"github.com/portway/portway/internal/testwait"
 	"github.com/portway/portway/internal/tunnel"
 )
 
@@ -52,7 +55,7 @@ func TestGatewayRestartKeepsPorts(t *testing.T) {
 			if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, errTimeout(err)) {
 				t.Fatalf("connection through the stopped gateway: read err = %v, want a close", err)
 			}
-			eventually(t, 5*time.Second, "agent to notice the gateway is gone", func() bool { return !a.Ready() })
+			testwait.For(t, 5*time.Second, "agent to notice the gateway is gone", func() bool { return !a.Ready() })
 
 			start := time.Now()
 			startGateway(t, same)
@@ -63,7 +66,7 @@ func TestGatewayRestartKeepsPorts(t *testing.T) {
 					t.Errorf("service %s moved from %s to %s", id, ep, after[id])
 				}
 			}
-			if err := echoRoundTrip(after["echo"], []byte("after restart")); err != nil {
+			if err := testnet.EchoRoundTrip(after["echo"], []byte("after restart")); err != nil {
 				t.Fatal(err)
 			}
 		})
@@ -83,7 +86,7 @@ func TestWrongTokenIsRefusedAndRetried(t *testing.T) {
 	const bad = "not-the-right-token-42"
 	a := startAgent(t, g.url(), bad, "auto", []config.StaticService{{Name: "echo", Protocol: "tcp", Port: 7, Backend: echoBackend(t)}})
 	// The agent says why, and keeps retrying with backoff.
-	eventually(t, 10*time.Second, "two refused attempts", func() bool { return a.log.Count("HTTP 401") >= 2 })
+	testwait.For(t, 10*time.Second, "two refused attempts", func() bool { return a.log.Count("HTTP 401") >= 2 })
 	if a.Ready() {
 		t.Fatal("agent with a wrong token is ready")
 	}
@@ -96,7 +99,7 @@ func TestWrongTokenIsRefusedAndRetried(t *testing.T) {
 	if strings.Contains(g.log.String()+a.log.String(), bad) {
 		t.Error("a token appears in the logs")
 	}
-	if v := sample(scrape(t, "http://"+g.AdminAddr().String()+"/metrics"), "portway_gateway_auth_failures_total", map[string]string{"reason": "bad_token"}); v < 2 {
+	if v := testmetrics.Sum(testmetrics.Scrape(t, "http://"+g.AdminAddr().String()+"/metrics"), "portway_gateway_auth_failures_total", map[string]string{"reason": "bad_token"}); v < 2 {
 		t.Errorf("auth failures counted: %v", v)
 	}
 	// Plain HTTP without a token gets 401 before any upgrade.
@@ -162,13 +165,13 @@ func TestBadMessagesCloseOnlyThatSession(t *testing.T) {
 			ws := rawAgent(t, g, tokenB, c.proto)
 			ws.WriteMessage(c.typ, c.msg)
 			waitClosed(t, ws)
-			eventually(t, 5*time.Second, "the gateway to log the disconnect", func() bool {
+			testwait.For(t, 5*time.Second, "the gateway to log the disconnect", func() bool {
 				return g.log.Count(`msg="agent disconnected" agent=agent-b`) > before
 			})
 			if tail := g.log.Since(before, `msg="agent disconnected" agent=agent-b`); !strings.Contains(tail, c.wantLog) {
 				t.Errorf("gateway log for this session does not mention %q:\n%s", c.wantLog, tail)
 			}
-			if err := echoRoundTrip(ep, []byte("still fine after "+c.name)); err != nil {
+			if err := testnet.EchoRoundTrip(ep, []byte("still fine after "+c.name)); err != nil {
 				t.Fatalf("the other agent broke: %v", err)
 			}
 		})
@@ -222,7 +225,7 @@ func TestPortAllocationRules(t *testing.T) {
 	if ep := b.waitReady(t)["thief"]; !strings.Contains(ep, "allocated to another agent") {
 		t.Errorf("thief got %q, want a refusal", ep)
 	}
-	if err := echoRoundTrip(eps["fixed"], []byte("mine")); err != nil {
+	if err := testnet.EchoRoundTrip(eps["fixed"], []byte("mine")); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -5,7 +5,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -21,9 +20,9 @@ import (
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/gateway"
 	"github.com/portway/portway/internal/quickstart"
+	"github.com/portway/portway/internal/testgateway"
 	"github.com/portway/portway/internal/testlog"
 	"github.com/portway/portway/internal/testservers"
-	"github.com/portway/portway/internal/testwait"
 )
 
 var modes = []string{"yamux", "json"}
@@ -45,14 +44,8 @@ type gw struct {
 // agent-b) allowed. opts may adjust the config before it starts.
 func startGateway(t *testing.T, opts ...func(*config.Gateway)) *gw {
 	t.Helper()
-	cfg := config.DefaultGateway()
-	cfg.Listen = "127.0.0.1:0"
-	cfg.PublicHost = "127.0.0.1"
-	cfg.BindAddress = "127.0.0.1"
-	cfg.StateFile = t.TempDir() + "/gateway.db"
-	cfg.Insecure = true
+	cfg := testgateway.Config(t, config.Agent{Name: "agent-a", Token: tokenA}, config.Agent{Name: "agent-b", Token: tokenB})
 	cfg.HeartbeatInterval = config.D(time.Second)
-	cfg.Agents = []config.Agent{{Name: "agent-a", Token: tokenA}, {Name: "agent-b", Token: tokenB}}
 	cfg.Admin = config.Admin{Listen: "127.0.0.1:0", Token: adminToken}
 	for _, o := range opts {
 		o(cfg)
@@ -65,14 +58,7 @@ func startGateway(t *testing.T, opts ...func(*config.Gateway)) *gw {
 	// Registered before Close, so it runs after: the whole log is in.
 	t.Cleanup(func() { checkNoSecrets(t, "gateway", lb.String(), secrets...) })
 	reg := prometheus.NewRegistry()
-	g, err := gateway.New(gateway.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: "test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := g.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(g.Close)
+	g := testgateway.Start(t, gateway.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: "test"})
 	return &gw{Gateway: g, cfg: cfg, reg: reg, log: lb}
 }
 
@@ -90,7 +76,7 @@ func checkNoSecrets(t *testing.T, name, log string, secrets ...string) {
 	}
 }
 
-func (g *gw) url() string { return "ws://" + g.TunnelAddr().String() + "/v1/tunnel" }
+func (g *gw) url() string { return testgateway.URL(g.Gateway) }
 
 type ag struct {
 	*agent.Agent
@@ -163,12 +149,6 @@ func (a *ag) waitReady(t *testing.T) map[string]string {
 	return eps
 }
 
-// eventually waits for cond (see testwait.For).
-func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	testwait.For(t, timeout, what, cond)
-}
-
 // echoBackend starts a TCP echo server for the test.
 func echoBackend(t *testing.T) string {
 	ctx, cancel := context.WithCancel(context.Background())
@@ -189,36 +169,6 @@ func splitHostPort(t *testing.T, addr string) (string, int) {
 	var port int
 	fmt.Sscan(p, &port)
 	return h, port
-}
-
-// echoRoundTrip sends payload through addr, half-closes, and checks the
-// whole echo comes back.
-func echoRoundTrip(addr string, payload []byte) error {
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(60 * time.Second))
-	errc := make(chan error, 1)
-	go func() {
-		_, err := c.Write(payload)
-		if err == nil {
-			err = c.(*net.TCPConn).CloseWrite()
-		}
-		errc <- err
-	}()
-	got, err := io.ReadAll(c)
-	if werr := <-errc; werr != nil {
-		return fmt.Errorf("write: %w", werr)
-	}
-	if err != nil {
-		return fmt.Errorf("read after %d bytes: %w", len(got), err)
-	}
-	if !bytes.Equal(got, payload) {
-		return fmt.Errorf("echo mismatch: sent %d bytes, got %d", len(payload), len(got))
-	}
-	return nil
 }
 
 // httpGet fetches url with an optional bearer token.

@@ -16,6 +16,8 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/portway/portway/internal/config"
+	"github.com/portway/portway/internal/testmetrics"
+	"github.com/portway/portway/internal/testnet"
 )
 
 // Failed token attempts are limited per source address: past the limit the
@@ -66,8 +68,8 @@ func TestAuthAttemptsRateLimited(t *testing.T) {
 	if n := g.log.Count("throttling tunnel authentication attempts"); n != 1 {
 		t.Errorf("throttling logged %d times, want once", n)
 	}
-	m := scrape(t, "http://"+g.AdminAddr().String()+"/metrics")
-	if v := sample(m, "portway_gateway_auth_failures_total", map[string]string{"reason": "rate_limited"}); v != 6 {
+	m := testmetrics.Scrape(t, "http://"+g.AdminAddr().String()+"/metrics")
+	if v := testmetrics.Sum(m, "portway_gateway_auth_failures_total", map[string]string{"reason": "rate_limited"}); v != 6 {
 		t.Errorf("rate_limited counted %v, want 6", v)
 	}
 }
@@ -137,7 +139,7 @@ func TestSlowlorisOnUpgrade(t *testing.T) {
 		}()
 	}
 	a := startAgent(t, g.url(), tokenA, "yamux", []config.StaticService{{Name: "echo", Protocol: "tcp", Port: 7, Backend: echoBackend(t)}})
-	if err := echoRoundTrip(a.waitReady(t)["echo"], []byte("unaffected")); err != nil {
+	if err := testnet.EchoRoundTrip(a.waitReady(t)["echo"], []byte("unaffected")); err != nil {
 		t.Fatal(err)
 	}
 	wg.Wait()
@@ -182,7 +184,7 @@ func TestServiceQuota(t *testing.T) {
 	if ok != 50 || refused != 2950 {
 		t.Fatalf("%d exposed and %d refused, want 50 and 2950", ok, refused)
 	}
-	if err := echoRoundTrip(eps["svc-0000"], []byte("within quota")); err != nil {
+	if err := testnet.EchoRoundTrip(eps["svc-0000"], []byte("within quota")); err != nil {
 		t.Fatal(err)
 	}
 	if !a.Ready() {
@@ -280,8 +282,8 @@ func TestMaxConnectionsPerService(t *testing.T) {
 			// A refusal whose reset beat Dial may still be being counted.
 			var v float64
 			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-				m := scrape(t, "http://"+a.MetricsAddr().String()+"/metrics")
-				v = sample(m, "pipeops_agent_tcp_tunnel_errors_total", map[string]string{"reason": "over_limit"})
+				m := testmetrics.Scrape(t, "http://"+a.MetricsAddr().String()+"/metrics")
+				v = testmetrics.Sum(m, "pipeops_agent_tcp_tunnel_errors_total", map[string]string{"reason": "over_limit"})
 				if v >= 20 || time.Now().After(deadline) {
 					break
 				}

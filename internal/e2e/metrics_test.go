@@ -13,7 +13,10 @@ import (
 
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/gateway"
+	"github.com/portway/portway/internal/testmetrics"
+	"github.com/portway/portway/internal/testnet"
 	"github.com/portway/portway/internal/testservers"
+	"github.com/portway/portway/internal/testwait"
 )
 
 // After real traffic, the agent's and the gateway's /metrics, parsed with
@@ -34,7 +37,7 @@ func TestMetricsAreExact(t *testing.T) {
 			for i := 0; i < conns; i++ {
 				p := make([]byte, 100000+i*1000)
 				sent += int64(len(p))
-				if err := echoRoundTrip(eps["echo"], p); err != nil {
+				if err := testnet.EchoRoundTrip(eps["echo"], p); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -62,11 +65,11 @@ func TestMetricsAreExact(t *testing.T) {
 			}
 			agentURL := "http://" + a.MetricsAddr().String() + "/metrics"
 			gwURL := "http://" + g.AdminAddr().String() + "/metrics"
-			eventually(t, 5*time.Second, "connections to close", func() bool {
-				return sample(scrape(t, agentURL), "pipeops_agent_tcp_tunnel_active_connections", nil) == 0 &&
-					sample(scrape(t, gwURL), "portway_gateway_connections_active", nil) == 0
+			testwait.For(t, 5*time.Second, "connections to close", func() bool {
+				return testmetrics.Sum(testmetrics.Scrape(t, agentURL), "pipeops_agent_tcp_tunnel_active_connections", nil) == 0 &&
+					testmetrics.Sum(testmetrics.Scrape(t, gwURL), "portway_gateway_connections_active", nil) == 0
 			})
-			am, gm := scrape(t, agentURL), scrape(t, gwURL)
+			am, gm := testmetrics.Scrape(t, agentURL), testmetrics.Scrape(t, gwURL)
 			echo := map[string]string{"service": "echo"}
 			with := func(m map[string]string, k, v string) map[string]string {
 				out := map[string]string{k: v}
@@ -111,7 +114,7 @@ func TestMetricsAreExact(t *testing.T) {
 				if c.mfs == "g" {
 					m = gm
 				}
-				if got := sample(m, c.metric, c.labels); got != c.want {
+				if got := testmetrics.Sum(m, c.metric, c.labels); got != c.want {
 					t.Errorf("%s: %s%v = %v, want %v", c.name, c.metric, c.labels, got, c.want)
 				}
 			}
@@ -121,8 +124,8 @@ func TestMetricsAreExact(t *testing.T) {
 					t.Errorf("%s is not exposed", n)
 				}
 			}
-			eventually(t, 5*time.Second, "a heartbeat round trip", func() bool {
-				return sample(scrape(t, agentURL), "portway_agent_tunnel_heartbeat_rtt_seconds", nil) > 0
+			testwait.For(t, 5*time.Second, "a heartbeat round trip", func() bool {
+				return testmetrics.Sum(testmetrics.Scrape(t, agentURL), "portway_agent_tunnel_heartbeat_rtt_seconds", nil) > 0
 			})
 		})
 	}
@@ -149,18 +152,18 @@ func TestReadyzFollowsTheTunnel(t *testing.T) {
 		t.Fatalf("gateway /readyz = %d", s)
 	}
 	g.Close()
-	eventually(t, 5*time.Second, "agent /readyz to report not ready", func() bool { return status(readyz) == http.StatusServiceUnavailable })
+	testwait.For(t, 5*time.Second, "agent /readyz to report not ready", func() bool { return status(readyz) == http.StatusServiceUnavailable })
 	_, body := httpGet(t, readyz, "")
 	t.Logf("agent /readyz while the gateway is down: %s", body)
 	startGateway(t, same)
-	eventually(t, 10*time.Second, "agent /readyz to be ready again", func() bool { return status(readyz) == http.StatusOK })
+	testwait.For(t, 10*time.Second, "agent /readyz to be ready again", func() bool { return status(readyz) == http.StatusOK })
 }
 
 func TestAdminAPI(t *testing.T) {
 	g := startGateway(t)
 	a := startAgent(t, g.url(), tokenA, "json", []config.StaticService{{Name: "echo", Protocol: "tcp", Port: 7, Backend: echoBackend(t)}})
 	ep := a.waitReady(t)["echo"]
-	if err := echoRoundTrip(ep, make([]byte, 1234)); err != nil {
+	if err := testnet.EchoRoundTrip(ep, make([]byte, 1234)); err != nil {
 		t.Fatal(err)
 	}
 	base := "http://" + g.AdminAddr().String()
@@ -178,7 +181,7 @@ func TestAdminAPI(t *testing.T) {
 		t.Errorf("agents = %+v", agents)
 	}
 	var services []gateway.ServiceInfo
-	eventually(t, 5*time.Second, "bytes to show", func() bool {
+	testwait.For(t, 5*time.Second, "bytes to show", func() bool {
 		getJSON(t, base+"/v1/services", &services)
 		return len(services) == 1 && services[0].BytesIn == 1234 && services[0].BytesOut == 1234
 	})

@@ -11,6 +11,9 @@ import (
 
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/protocol"
+	"github.com/portway/portway/internal/testmetrics"
+	"github.com/portway/portway/internal/testnet"
+	"github.com/portway/portway/internal/testwait"
 )
 
 // rawRegistrar is a raw agent session (see rawAgent) that registers what a
@@ -121,13 +124,13 @@ func TestServiceIDChurnCannotExhaustPorts(t *testing.T) {
 		if strings.HasPrefix(ep, "error") {
 			t.Fatalf("agent-b's %s: %s", id, ep)
 		}
-		if err := echoRoundTrip(ep, []byte("through "+id)); err != nil {
+		if err := testnet.EchoRoundTrip(ep, []byte("through "+id)); err != nil {
 			t.Fatalf("agent-b's %s: %v", id, err)
 		}
 	}
-	metrics := scrape(t, "http://"+g.AdminAddr().String()+"/metrics")
-	capped := sample(metrics, "portway_gateway_port_evictions_total", map[string]string{"reason": "agent_cap"})
-	full := sample(metrics, "portway_gateway_port_evictions_total", map[string]string{"reason": "range_full"})
+	metrics := testmetrics.Scrape(t, "http://"+g.AdminAddr().String()+"/metrics")
+	capped := testmetrics.Sum(metrics, "portway_gateway_port_evictions_total", map[string]string{"reason": "agent_cap"})
+	full := testmetrics.Sum(metrics, "portway_gateway_port_evictions_total", map[string]string{"reason": "range_full"})
 	t.Logf("evictions after 20 rounds and agent-b: agent_cap %v, range_full %v", capped, full)
 	if capped < 1 || full < 1 {
 		t.Errorf("evictions agent_cap %v, range_full %v: want both counted", capped, full)
@@ -136,8 +139,8 @@ func TestServiceIDChurnCannotExhaustPorts(t *testing.T) {
 	// agent-b goes away; the churner goes on in the full range, taking its
 	// own retained ports, not agent-b's; agent-b comes back to the same ports.
 	b.stop()
-	eventually(t, 5*time.Second, "agent-b's listeners to close", func() bool {
-		return sample(scrape(t, "http://"+g.AdminAddr().String()+"/metrics"), "portway_gateway_services", map[string]string{"protocol": "tcp"}) == 2
+	testwait.For(t, 5*time.Second, "agent-b's listeners to close", func() bool {
+		return testmetrics.Sum(testmetrics.Scrape(t, "http://"+g.AdminAddr().String()+"/metrics"), "portway_gateway_services", map[string]string{"protocol": "tcp"}) == 2
 	})
 	round(10)
 	b2 := startAgent(t, g.url(), tokenB, "json", services)

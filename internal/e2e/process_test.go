@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/portway/portway/internal/childproc"
+	"github.com/portway/portway/internal/testproc"
+	"github.com/portway/portway/internal/testwait"
 )
 
 // The reliability tests run the gateway and the agent as real processes of
@@ -62,11 +64,9 @@ func portwayBinary(t *testing.T) string {
 
 // proc is a running portway process.
 type proc struct {
+	*testproc.Process
 	t    *testing.T
-	name string
-	cmd  *exec.Cmd
-	log  string
-	done chan struct{}
+	done <-chan struct{} // closed when the process has exited
 }
 
 // startProc starts `portway <args...>` with its log in a file, and kills it
@@ -75,31 +75,18 @@ func startProc(t *testing.T, name string, env []string, args ...string) *proc {
 	t.Helper()
 	bin := portwayBinary(t)
 	logPath := filepath.Join(t.TempDir(), name+".log")
-	lf, err := os.Create(logPath)
-	if err != nil {
-		t.Fatal(err)
-	}
 	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = lf, lf
 	cmd.Env = append(os.Environ(), env...)
-	// Killed with the test binary even when it dies without cleaning up
-	// (a -timeout panic), and out of the terminal's process group.
-	cmd.SysProcAttr = childproc.SysProcAttr()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	lf.Close()
-	p := &proc{t: t, name: name, cmd: cmd, log: logPath, done: make(chan struct{})}
-	go func() {
-		cmd.Wait()
-		close(p.done)
-	}()
+	// In a process group of its own, out of the terminal's, and killed with
+	// the test binary even when that dies without cleaning up (a -timeout
+	// panic).
+	tp := testproc.Start(t, name, cmd, logPath, syscall.SIGKILL)
+	p := &proc{Process: tp, t: t, done: tp.Done()}
 	t.Cleanup(func() {
 		p.kill()
 		checkNoSecrets(t, name, p.logText())
 		if t.Failed() {
-			b, _ := os.ReadFile(logPath)
-			t.Logf("---- %s log ----\n%s", name, tail(string(b), 4000))
+			t.Logf("---- %s log ----\n%s", name, tail(p.logText(), 4000))
 		}
 	})
 	return p
@@ -113,28 +100,13 @@ func tail(s string, n int) string {
 }
 
 // kill sends SIGKILL and waits for the process to be gone.
-func (p *proc) kill() {
-	select {
-	case <-p.done:
-		return
-	default:
-	}
-	p.cmd.Process.Signal(syscall.SIGKILL)
-	select {
-	case <-p.done:
-	case <-time.After(10 * time.Second):
-		p.t.Errorf("%s did not die", p.name)
-	}
-}
+func (p *proc) kill() { p.Stop(p.t) }
 
-func (p *proc) logText() string {
-	b, _ := os.ReadFile(p.log)
-	return string(b)
-}
+func (p *proc) logText() string { return p.Log() }
 
 // memKiB reads VmRSS and VmHWM (peak) of the process.
 func (p *proc) memKiB() (rss, peak int64) {
-	f, err := os.Open(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", p.Pid()))
 	if err != nil {
 		return 0, 0
 	}
@@ -195,7 +167,7 @@ agents:
 admin: {listen: %q, token: %q}
 `, g.listen, g.state, g.heartbeat, tokenA, g.admin, adminToken))
 	p := startProc(t, "gateway", nil, "gateway", "--config", cfg, "--log-level", "debug")
-	eventually(t, 10*time.Second, "the gateway process to serve", func() bool {
+	testwait.For(t, 10*time.Second, "the gateway process to serve", func() bool {
 		code, _ := httpGetQuiet("http://" + g.admin + "/readyz")
 		return code == 200
 	})

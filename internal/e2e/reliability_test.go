@@ -19,6 +19,9 @@ import (
 	"time"
 
 	"github.com/portway/portway/internal/gateway"
+	"github.com/portway/portway/internal/testmetrics"
+	"github.com/portway/portway/internal/testnet"
+	"github.com/portway/portway/internal/testwait"
 )
 
 // Sizes of the reliability scenarios. CI runs trimmed sizes; PORTWAY_FULL=1
@@ -35,37 +38,23 @@ func pick[T any](trimmed, fullSize T) T {
 // patternSource serves: read an 8-byte size, write that many bytes of a
 // position-dependent pattern, close.
 func patternSource(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
+	return testnet.ServeTCP(t, func(c net.Conn) {
+		defer c.Close()
+		var hdr [8]byte
+		if _, err := io.ReadFull(c, hdr[:]); err != nil {
+			return
+		}
+		n := int64(binary.BigEndian.Uint64(hdr[:]))
+		buf := make([]byte, 64<<10)
+		for off := int64(0); off < n; {
+			k := min(int64(len(buf)), n-off)
+			fillPattern(buf[:k], off)
+			if _, err := c.Write(buf[:k]); err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				var hdr [8]byte
-				if _, err := io.ReadFull(c, hdr[:]); err != nil {
-					return
-				}
-				n := int64(binary.BigEndian.Uint64(hdr[:]))
-				buf := make([]byte, 64<<10)
-				for off := int64(0); off < n; {
-					k := min(int64(len(buf)), n-off)
-					fillPattern(buf[:k], off)
-					if _, err := c.Write(buf[:k]); err != nil {
-						return
-					}
-					off += k
-				}
-			}()
+			off += k
 		}
-	}()
-	return ln.Addr().String()
+	})
 }
 
 func fillPattern(b []byte, off int64) {
@@ -203,7 +192,7 @@ func TestSlowReaderDoesNotStallOthers(t *testing.T) {
 func waitProcEndpoint(t *testing.T, pg *procGateway, id string) string {
 	t.Helper()
 	var ep string
-	eventually(t, 15*time.Second, "service "+id+" to be exposed", func() bool {
+	testwait.For(t, 15*time.Second, "service "+id+" to be exposed", func() bool {
 		ep = procEndpoint(pg, id)
 		return ep != ""
 	})
@@ -273,7 +262,7 @@ func TestGatewayCrash(t *testing.T) {
 			if after != before || procEndpoint(pg, "echo2") != before2 {
 				t.Fatalf("ports moved: echo %s -> %s, echo2 %s -> %s", before, after, before2, procEndpoint(pg, "echo2"))
 			}
-			if err := echoRoundTrip(after, []byte("after the crash")); err != nil {
+			if err := testnet.EchoRoundTrip(after, []byte("after the crash")); err != nil {
 				t.Fatal(err)
 			}
 			// Hang guard with room for a loaded machine; the figure above
@@ -303,7 +292,7 @@ func TestAgentCrash(t *testing.T) {
 			before := waitProcEndpoint(t, pg, "echo")
 			agp.kill()
 			start := time.Now()
-			eventually(t, 10*time.Second, "the public port to refuse", func() bool {
+			testwait.For(t, 10*time.Second, "the public port to refuse", func() bool {
 				c, err := net.DialTimeout("tcp", before, time.Second)
 				if err == nil {
 					c.Close()
@@ -316,7 +305,7 @@ func TestAgentCrash(t *testing.T) {
 			if after != before {
 				t.Fatalf("port moved from %s to %s", before, after)
 			}
-			if err := echoRoundTrip(after, []byte("agent is back")); err != nil {
+			if err := testnet.EchoRoundTrip(after, []byte("agent is back")); err != nil {
 				t.Fatal(err)
 			}
 		})
@@ -424,7 +413,7 @@ func TestPartitionWithoutFIN(t *testing.T) {
 			proxy.setBlocked(true)
 			start := time.Now()
 			var gwSaw, agentSaw time.Duration
-			eventually(t, 10*time.Second, "both sides to detect the partition", func() bool {
+			testwait.For(t, 10*time.Second, "both sides to detect the partition", func() bool {
 				if gwSaw == 0 && strings.Contains(gwp.logText(), "reason=heartbeat_timeout") {
 					gwSaw = time.Since(start)
 				}
@@ -443,12 +432,12 @@ func TestPartitionWithoutFIN(t *testing.T) {
 			}
 			proxy.setBlocked(false)
 			healed := time.Now()
-			eventually(t, 30*time.Second, "the tunnel to recover", func() bool {
+			testwait.For(t, 30*time.Second, "the tunnel to recover", func() bool {
 				code, _ := httpGetQuiet(readyz)
 				return code == 200
 			})
 			t.Logf("%s: tunnel back %v after the path healed", mode, time.Since(healed).Round(time.Millisecond))
-			if err := echoRoundTrip(waitProcEndpoint(t, pg, "echo"), []byte("healed")); err != nil {
+			if err := testnet.EchoRoundTrip(waitProcEndpoint(t, pg, "echo"), []byte("healed")); err != nil {
 				t.Fatal(err)
 			}
 		})
@@ -457,8 +446,8 @@ func TestPartitionWithoutFIN(t *testing.T) {
 
 // scrapeProc reads a process's go_goroutines and process_open_fds.
 func scrapeProc(t *testing.T, url string) (goroutines, fds float64) {
-	m := scrape(t, url)
-	return sample(m, "go_goroutines", nil), sample(m, "process_open_fds", nil)
+	m := testmetrics.Scrape(t, url)
+	return testmetrics.Sum(m, "go_goroutines", nil), testmetrics.Sum(m, "process_open_fds", nil)
 }
 
 // TestLoad runs many TCP connections and UDP sessions through one agent at
@@ -477,7 +466,7 @@ func TestLoad(t *testing.T) {
 		"tunnels: {udp: {session_timeout: 2s}}")
 	ep := waitProcEndpoint(t, pg, "echo")
 	var uep string
-	eventually(t, 5*time.Second, "the UDP endpoint", func() bool { uep = procUDPEndpoint(pg); return uep != "" })
+	testwait.For(t, 5*time.Second, "the UDP endpoint", func() bool { uep = procUDPEndpoint(pg); return uep != "" })
 	gwMetrics, agMetrics := "http://"+pg.admin+"/metrics", "http://"+metrics+"/metrics"
 	gG0, gF0 := scrapeProc(t, gwMetrics)
 	aG0, aF0 := scrapeProc(t, agMetrics)
@@ -555,15 +544,15 @@ func TestLoad(t *testing.T) {
 	t.Logf("%d TCP connections and %d UDP sessions for %v: %d TCP and %d UDP round trips, %d errors, %d corrupted",
 		conns, sessions, duration, tcpRounds.Load(), udpRounds.Load(), errCount.Load(), corrupt.Load())
 	if errCount.Load() != 0 || corrupt.Load() != 0 {
-		gm, am := scrape(t, gwMetrics), scrape(t, agMetrics)
+		gm, am := testmetrics.Scrape(t, gwMetrics), testmetrics.Scrape(t, agMetrics)
 		t.Logf("gateway drops %v, refusals %v; agent drops %v, errors %v",
-			sample(gm, "portway_gateway_udp_dropped_total", nil), sample(gm, "portway_gateway_refusals_total", nil),
-			sample(am, "portway_agent_udp_tunnel_dropped_total", nil), sample(am, "pipeops_agent_tcp_tunnel_errors_total", nil))
+			testmetrics.Sum(gm, "portway_gateway_udp_dropped_total", nil), testmetrics.Sum(gm, "portway_gateway_refusals_total", nil),
+			testmetrics.Sum(am, "portway_agent_udp_tunnel_dropped_total", nil), testmetrics.Sum(am, "pipeops_agent_tcp_tunnel_errors_total", nil))
 		t.Fatalf("%d errors (first: %v), %d corrupted messages", errCount.Load(), firstErr.Load(), corrupt.Load())
 	}
 	// Everything closed and UDP sessions timed out: back to baseline.
 	var gG, gF, aG, aF float64
-	eventually(t, 20*time.Second, "goroutines and file descriptors to return to baseline", func() bool {
+	testwait.For(t, 20*time.Second, "goroutines and file descriptors to return to baseline", func() bool {
 		gG, gF = scrapeProc(t, gwMetrics)
 		aG, aF = scrapeProc(t, agMetrics)
 		return gG <= gG0+2 && gF <= gF0+1 && aG <= aG0+2 && aF <= aF0+1

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/portway/portway/internal/config"
+	"github.com/portway/portway/internal/testnet"
 	"github.com/portway/portway/internal/testservers"
 )
 
@@ -27,7 +28,7 @@ func TestEchoAndHalfClose(t *testing.T) {
 			eps := a.waitReady(t)
 			payload := make([]byte, 4<<20)
 			rand.Read(payload)
-			if err := echoRoundTrip(eps["echo"], payload); err != nil {
+			if err := testnet.EchoRoundTrip(eps["echo"], payload); err != nil {
 				t.Fatal(err)
 			}
 		})
@@ -216,7 +217,7 @@ func TestConcurrentConnections(t *testing.T) {
 					defer wg.Done()
 					payload := make([]byte, 32<<10+i)
 					rand.Read(payload)
-					if err := echoRoundTrip(ep, payload); err != nil {
+					if err := testnet.EchoRoundTrip(ep, payload); err != nil {
 						errs <- fmt.Errorf("connection %d: %w", i, err)
 					}
 				}(i)

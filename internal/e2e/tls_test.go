@@ -23,6 +23,8 @@ import (
 
 	"github.com/portway/portway/internal/agent"
 	"github.com/portway/portway/internal/config"
+	"github.com/portway/portway/internal/testnet"
+	"github.com/portway/portway/internal/testwait"
 )
 
 // writeTestCert writes a self-signed ECDSA certificate for 127.0.0.1 and
@@ -84,14 +86,14 @@ func TestTLSAndHashedToken(t *testing.T) {
 		t.Run(mode, func(t *testing.T) {
 			a := startAgent(t, url, token, mode, []config.StaticService{{Name: "echo", Protocol: "tcp", Port: 7, Backend: echoBackend(t)}},
 				func(c *config.AgentFile) { c.Gateway.CAFile = certFile })
-			if err := echoRoundTrip(a.waitReady(t)["echo"], []byte("over tls")); err != nil {
+			if err := testnet.EchoRoundTrip(a.waitReady(t)["echo"], []byte("over tls")); err != nil {
 				t.Fatal(err)
 			}
 		})
 	}
 
 	untrusting := startAgent(t, url, token, "auto", nil)
-	eventually(t, 10*time.Second, "the untrusting agent to report the certificate", func() bool {
+	testwait.For(t, 10*time.Second, "the untrusting agent to report the certificate", func() bool {
 		return strings.Contains(untrusting.log.String(), "certificate")
 	})
 	if untrusting.Ready() {
@@ -182,13 +184,13 @@ func TestWithdrawnServiceClosesAndComesBack(t *testing.T) {
 		return ""
 	}
 	a.SetDiscovered([]agent.Service{dyn})
-	eventually(t, 5*time.Second, "the service to be exposed", func() bool { return endpoint() != "" })
+	testwait.For(t, 5*time.Second, "the service to be exposed", func() bool { return endpoint() != "" })
 	ep := endpoint()
-	if err := echoRoundTrip(ep, []byte("up")); err != nil {
+	if err := testnet.EchoRoundTrip(ep, []byte("up")); err != nil {
 		t.Fatal(err)
 	}
 	a.SetDiscovered(nil)
-	eventually(t, 5*time.Second, "the withdrawn service's port to close", func() bool {
+	testwait.For(t, 5*time.Second, "the withdrawn service's port to close", func() bool {
 		c, err := net.DialTimeout("tcp", ep, time.Second)
 		if err == nil {
 			c.Close()
@@ -196,11 +198,11 @@ func TestWithdrawnServiceClosesAndComesBack(t *testing.T) {
 		return err != nil && endpoint() == ""
 	})
 	a.SetDiscovered([]agent.Service{dyn})
-	eventually(t, 5*time.Second, "the service to return", func() bool { return endpoint() != "" })
+	testwait.For(t, 5*time.Second, "the service to return", func() bool { return endpoint() != "" })
 	if got := endpoint(); got != ep {
 		t.Fatalf("service came back on %s, was %s", got, ep)
 	}
-	if err := echoRoundTrip(ep, []byte("back")); err != nil {
+	if err := testnet.EchoRoundTrip(ep, []byte("back")); err != nil {
 		t.Fatal(err)
 	}
 }

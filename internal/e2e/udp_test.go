@@ -15,7 +15,9 @@ import (
 	"time"
 
 	"github.com/portway/portway/internal/config"
+	"github.com/portway/portway/internal/testmetrics"
 	"github.com/portway/portway/internal/testservers"
+	"github.com/portway/portway/internal/testwait"
 )
 
 // udpEcho starts a UDP echo server and returns its address.
@@ -232,8 +234,8 @@ func TestOversizedDatagramsDroppedAndCounted(t *testing.T) {
 			if got, err := exchange(c, p, 5*time.Second); err != nil || !bytes.Equal(got, p) {
 				t.Fatalf("9000-byte datagram: %d bytes, %v", len(got), err)
 			}
-			m := scrape(t, "http://"+g.AdminAddr().String()+"/metrics")
-			if v := sample(m, "portway_gateway_udp_dropped_total", map[string]string{"reason": "too_large"}); v != 1 {
+			m := testmetrics.Scrape(t, "http://"+g.AdminAddr().String()+"/metrics")
+			if v := testmetrics.Sum(m, "portway_gateway_udp_dropped_total", map[string]string{"reason": "too_large"}); v != 1 {
 				t.Errorf("gateway counted %v oversized datagrams, want 1", v)
 			}
 		})
@@ -257,7 +259,7 @@ func TestUDPSessionTimeoutAndLimit(t *testing.T) {
 					t.Fatalf("client %d: %v", i+1, err)
 				}
 			}
-			active := func(url, name string) float64 { return sample(scrape(t, url), name, nil) }
+			active := func(url, name string) float64 { return testmetrics.Sum(testmetrics.Scrape(t, url), name, nil) }
 			if v := active(agentMetrics, "pipeops_agent_udp_tunnel_active_sessions"); v != 2 {
 				t.Fatalf("agent active sessions = %v, want 2", v)
 			}
@@ -269,14 +271,14 @@ func TestUDPSessionTimeoutAndLimit(t *testing.T) {
 			if _, err := exchange(c1, []byte("one again"), 5*time.Second); err != nil {
 				t.Fatalf("existing session broke: %v", err)
 			}
-			if v := sample(scrape(t, agentMetrics), "portway_agent_udp_tunnel_dropped_total", map[string]string{"reason": "session_over_limit"}); v < 1 {
+			if v := testmetrics.Sum(testmetrics.Scrape(t, agentMetrics), "portway_agent_udp_tunnel_dropped_total", map[string]string{"reason": "session_over_limit"}); v < 1 {
 				t.Errorf("agent counted %v sessions over the limit", v)
 			}
-			if v := sample(scrape(t, gwMetrics), "portway_gateway_refusals_total", map[string]string{"reason": "over_limit"}); v < 1 {
+			if v := testmetrics.Sum(testmetrics.Scrape(t, gwMetrics), "portway_gateway_refusals_total", map[string]string{"reason": "over_limit"}); v < 1 {
 				t.Errorf("gateway counted %v over-limit refusals", v)
 			}
 			// Idle sessions end on both sides.
-			eventually(t, 10*time.Second, "idle sessions to close on both sides", func() bool {
+			testwait.For(t, 10*time.Second, "idle sessions to close on both sides", func() bool {
 				return active(agentMetrics, "pipeops_agent_udp_tunnel_active_sessions") == 0 &&
 					active(gwMetrics, "portway_gateway_udp_sessions_active") == 0
 			})
@@ -284,7 +286,7 @@ func TestUDPSessionTimeoutAndLimit(t *testing.T) {
 			if _, err := exchange(c2, []byte("back"), 5*time.Second); err != nil {
 				t.Fatalf("new session after timeout: %v", err)
 			}
-			if v := sample(scrape(t, agentMetrics), "portway_agent_udp_tunnel_sessions_total", nil); v < 3 {
+			if v := testmetrics.Sum(testmetrics.Scrape(t, agentMetrics), "portway_agent_udp_tunnel_sessions_total", nil); v < 3 {
 				t.Errorf("sessions_total = %v, want >= 3", v)
 			}
 		})
@@ -353,16 +355,16 @@ func TestUDPBurst(t *testing.T) {
 				t.Fatal("nothing delivered")
 			}
 			// Drop counts are final once the session has ended.
-			eventually(t, 10*time.Second, "the burst's session to end", func() bool {
-				return sample(scrape(t, "http://"+a.MetricsAddr().String()+"/metrics"), "pipeops_agent_udp_tunnel_active_sessions", nil) == 0
+			testwait.For(t, 10*time.Second, "the burst's session to end", func() bool {
+				return testmetrics.Sum(testmetrics.Scrape(t, "http://"+a.MetricsAddr().String()+"/metrics"), "pipeops_agent_udp_tunnel_active_sessions", nil) == 0
 			})
-			gm := scrape(t, "http://"+g.AdminAddr().String()+"/metrics")
-			am := scrape(t, "http://"+a.MetricsAddr().String()+"/metrics")
-			gwIn := sample(gm, "portway_gateway_udp_packets_total", map[string]string{"direction": "in"})
+			gm := testmetrics.Scrape(t, "http://"+g.AdminAddr().String()+"/metrics")
+			am := testmetrics.Scrape(t, "http://"+a.MetricsAddr().String()+"/metrics")
+			gwIn := testmetrics.Sum(gm, "portway_gateway_udp_packets_total", map[string]string{"direction": "in"})
 			t.Logf("%s: gateway relayed %v into the tunnel, dropped %v with a full session queue", mode, gwIn,
-				sample(gm, "portway_gateway_udp_dropped_total", map[string]string{"reason": "queue_full"}))
-			agentIn := sample(am, "pipeops_agent_udp_tunnel_packets_total", map[string]string{"direction": "received"})
-			agentDropped := sample(am, "portway_agent_udp_tunnel_dropped_total", nil)
+				testmetrics.Sum(gm, "portway_gateway_udp_dropped_total", map[string]string{"reason": "queue_full"}))
+			agentIn := testmetrics.Sum(am, "pipeops_agent_udp_tunnel_packets_total", map[string]string{"direction": "received"})
+			agentDropped := testmetrics.Sum(am, "portway_agent_udp_tunnel_dropped_total", nil)
 			if gwIn != agentIn+agentDropped {
 				t.Errorf("gateway sent %v datagrams into the tunnel; agent received %v and dropped %v", gwIn, agentIn, agentDropped)
 			}
@@ -375,7 +377,7 @@ func TestUDPBurst(t *testing.T) {
 			// socket or the sink). Other processes' kernel drops only
 			// loosen the bound.
 			delivered := received.Load() // the tail that arrived since
-			gwDropped := sample(gm, "portway_gateway_udp_dropped_total", nil)
+			gwDropped := testmetrics.Sum(gm, "portway_gateway_udp_dropped_total", nil)
 			kernel := udpRcvbufErrors(t) - kernel0
 			t.Logf("%s: sent %d, delivered %d; dropped by the gateway %v, the agent %v, the kernel %d",
 				mode, sent, delivered, gwDropped, agentDropped, kernel)

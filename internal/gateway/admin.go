@@ -96,8 +96,8 @@ func lockWithin(mu *sync.Mutex, wait time.Duration) bool {
 }
 
 func (g *Gateway) requireToken(h http.HandlerFunc) http.Handler {
-	want := sha256.Sum256([]byte(g.cfg.Admin.Token))
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		want := g.live.Load().admin // reloadable
 		tok, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 		got := sha256.Sum256([]byte(tok))
 		if tok == "" || subtle.ConstantTimeCompare(got[:], want[:]) != 1 {
@@ -118,16 +118,17 @@ func writeJSON(w http.ResponseWriter, v any) {
 
 // Agents lists the configured agents and their state.
 func (g *Gateway) Agents() []AgentInfo {
-	out := make([]AgentInfo, 0, len(g.tokens))
+	agents := g.conf().Agents
+	out := make([]AgentInfo, 0, len(agents))
 	g.mu.Lock()
 	states := map[string]*agentState{}
 	for k, v := range g.agents {
 		states[k] = v
 	}
 	g.mu.Unlock()
-	for _, t := range g.tokens {
-		info := AgentInfo{Name: t.name}
-		if a := states[t.name]; a != nil {
+	for _, c := range agents {
+		info := AgentInfo{Name: c.Name}
+		if a := states[c.Name]; a != nil {
 			a.mu.Lock()
 			sess := a.session()
 			remote, since := a.remote, a.since

@@ -14,9 +14,9 @@
 // owns a *net.TCPListener and relays each connection over a stream of its
 // own; a udpService (udp.go) owns a *net.UDPConn and keeps one session,
 // and one stream, per client address. Both share a serviceBase, which
-// reads the agent's live session without a lock and holds no reference to
-// the Gateway. ports (ports.go) allocates and persists public ports and
-// leaves the sockets to its caller.
+// reads the agent's live session without a lock and reaches the Gateway
+// only to read its current configuration. ports (ports.go) allocates and
+// persists public ports and leaves the sockets to its caller.
 //
 // # Locks
 //
@@ -24,6 +24,7 @@
 //
 //	agentState.mu → ports.mu
 //	ports.saveMu  → ports.mu
+//	Gateway.reloadMu → agentState.mu, Gateway.mu, authLimiter.mu
 //
 // ports.saveMu orders state saves: it is held from the snapshot to the end
 // of the state file's write, never under agentState.mu, and ports.mu is
@@ -33,8 +34,15 @@
 // package's locks: Gateway.mu (the agents map: callers copy what they need
 // and unlock before touching an agent), udpSessions.mu (one public UDP
 // port's clients) and authLimiter.mu. Nothing here calls out of the
-// package under a lock except into internal/metrics' vectors and the
-// listen call of a bind under ports.mu, neither of which calls back.
+// package under a lock except into internal/metrics' vectors, the
+// certificate expiry gauge and the listen call of a bind under ports.mu,
+// none of which calls back.
+//
+// Gateway.reloadMu serialises reloads' changes and is taken by nothing
+// else; a reload reads its files before taking it and logs after
+// releasing it. The reloadable configuration (tokens, limits) and the
+// served certificate are atomic pointers, swapped whole by a reload and
+// read without a lock.
 //
 // What must not wait for a registration reads without a lock: an agent's
 // live session is an atomic pointer, a service's spec too. Closing
@@ -50,7 +58,6 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/tls"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -92,15 +99,24 @@ type Gateway struct {
 	gatherer prometheus.Gatherer
 	version  string
 	ports    *ports
-	tokens   []agentToken
 	limiter  *authLimiter
 	upgrader *websocket.Upgrader
+
+	// cfg is the configuration the gateway started with: what needs a
+	// restart (listeners, port range, state file) is read from it. live
+	// holds what a reload replaces; read it with conf.
+	live         atomic.Pointer[live]
+	cert         atomic.Pointer[servedCert]
+	certNotAfter prometheus.Gauge
+	reloadMu     sync.Mutex
 
 	// udp is the queue budget every public UDP port draws on.
 	udp udpBudget
 
 	mu     sync.Mutex
 	agents map[string]*agentState
+	// reloaded is closed and replaced by each reload (under mu).
+	reloaded chan struct{}
 
 	ready     atomic.Bool
 	tunnelLn  net.Listener
@@ -111,6 +127,8 @@ type Gateway struct {
 	done      chan struct{}
 }
 
+// agentToken is one accepted token of an agent: an agent in the middle of
+// a rotation has two.
 type agentToken struct {
 	name        string
 	sum         [sha256.Size]byte
@@ -153,24 +171,15 @@ func New(o Options) (*Gateway, error) {
 		ports:    newPorts(low, high, cfg.PortRetention.Duration, st),
 		limiter:  newAuthLimiter(cfg.AuthFailuresPerMinute, time.Minute),
 		agents:   map[string]*agentState{},
+		reloaded: make(chan struct{}),
 		done:     make(chan struct{}),
 	}
-	g.udp.total, g.udp.perService = int64(cfg.UDPQueueBytes), int64(cfg.UDPQueueBytesPerService)
+	g.live.Store(newLive(cfg))
+	if cfg.TLS != nil {
+		g.certNotAfter = newCertNotAfter(reg)
+	}
 	g.upgrader = tunnel.NewUpgrader(cfg.HandshakeTimeout.Duration)
 	g.limitRetained()
-	for _, a := range cfg.Agents {
-		t := agentToken{name: a.Name, maxServices: a.MaxServices}
-		if t.maxServices == 0 {
-			t.maxServices = cfg.MaxServices
-		}
-		if a.Token != "" {
-			t.sum = sha256.Sum256([]byte(a.Token))
-		} else {
-			b, _ := hex.DecodeString(a.TokenSHA256) // validated
-			copy(t.sum[:], b)
-		}
-		g.tokens = append(g.tokens, t)
-	}
 	return g, nil
 }
 
@@ -186,12 +195,16 @@ func (g *Gateway) Start(ctx context.Context) error {
 		return fmt.Errorf("gateway: listen: %w", err)
 	}
 	if g.cfg.TLS != nil {
-		tc, err := serverTLS(g.cfg.TLS)
+		cert, err := loadCertificate(g.cfg.TLS)
 		if err != nil {
 			ln.Close()
-			return err
+			return fmt.Errorf("gateway: %w", err)
 		}
-		ln = tls.NewListener(ln, tc)
+		g.setCertificate(cert, g.cfg.TLS.CertFile)
+		g.checkCertificate()
+		ln = tls.NewListener(ln, g.serverTLS())
+		g.wg.Add(1)
+		go g.watchCertificate()
 	}
 	g.tunnelLn = ln
 	mux := http.NewServeMux()
@@ -295,18 +308,14 @@ func (g *Gateway) Close() {
 }
 
 // limitRetained gives the port allocator each agent's max_retained_ports
-// and reports its evictions.
+// (as of the last reload) and reports its evictions.
 func (g *Gateway) limitRetained() {
-	caps := make(map[string]int, len(g.cfg.Agents))
-	for i := range g.cfg.Agents {
-		caps[g.cfg.Agents[i].Name] = g.cfg.RetainedPortsCap(&g.cfg.Agents[i])
-	}
-	def := g.cfg.RetainedPortsCap(nil)
 	g.ports.maxRetained = func(agent string) int {
-		if n, ok := caps[agent]; ok {
+		l := g.live.Load()
+		if n, ok := l.retained[agent]; ok {
 			return n
 		}
-		return def
+		return l.retainedDefault
 	}
 	g.ports.onEvict = func(ev []eviction) {
 		for _, e := range ev {
@@ -317,14 +326,13 @@ func (g *Gateway) limitRetained() {
 	}
 }
 
-func serverTLS(c *config.TLS) (*tls.Config, error) {
-	cert, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile)
-	if err != nil {
-		return nil, fmt.Errorf("gateway: tls: %w", err)
-	}
+// serverTLS is the agent endpoint's TLS config. Each handshake asks for
+// the current certificate, so a reload swaps it for new handshakes while
+// established sessions keep theirs.
+func (g *Gateway) serverTLS() *tls.Config {
 	return &tls.Config{
-		Certificates: []tls.Certificate{cert},
-		MinVersion:   tls.VersionTLS12,
+		GetCertificate: g.getCertificate,
+		MinVersion:     tls.VersionTLS12,
 		// TLS 1.2 suites limited to forward-secret AEAD ones; TLS 1.3
 		// suites are not configurable and all fine.
 		CipherSuites: []uint16{
@@ -332,11 +340,12 @@ func serverTLS(c *config.TLS) (*tls.Config, error) {
 			tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
 			tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256, tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
 		},
-	}, nil
+	}
 }
 
-// authenticate maps a bearer token to an agent identity. Every configured
-// token is compared, in constant time, so timing reveals nothing.
+// authenticate maps a bearer token to an agent identity and the token it
+// matched. Every configured token is compared, in constant time, so timing
+// reveals nothing.
 func (g *Gateway) authenticate(header string) (agentToken, bool) {
 	token, ok := strings.CutPrefix(header, "Bearer ")
 	if !ok || token == "" {
@@ -345,7 +354,7 @@ func (g *Gateway) authenticate(header string) (agentToken, bool) {
 	sum := sha256.Sum256([]byte(token))
 	var found agentToken
 	match := 0
-	for _, t := range g.tokens {
+	for _, t := range g.live.Load().tokens {
 		if subtle.ConstantTimeCompare(sum[:], t.sum[:]) == 1 {
 			found, match = t, 1
 		}
@@ -370,7 +379,7 @@ func (g *Gateway) handleTunnel(w http.ResponseWriter, r *http.Request) {
 		}
 		g.metrics.AuthFailures.WithLabelValues(reason).Inc()
 		if throttled := g.limiter.fail(src); throttled {
-			g.log.Warn("throttling tunnel authentication attempts", "source", src, "limit_per_minute", g.cfg.AuthFailuresPerMinute)
+			g.log.Warn("throttling tunnel authentication attempts", "source", src, "limit_per_minute", g.conf().AuthFailuresPerMinute)
 		} else {
 			g.log.Warn("rejected tunnel connection", "source", src, "reason", reason)
 		}
@@ -390,13 +399,14 @@ func (g *Gateway) handleTunnel(w http.ResponseWriter, r *http.Request) {
 		g.log.Warn("tunnel upgrade failed", "agent", agent.name, "source", src, "err", err)
 		return
 	}
+	cfg := g.conf()
 	hello := &protocol.Hello{
 		Version:             protocol.Version,
-		Protocols:           g.cfg.Protocols,
-		HeartbeatIntervalMS: g.cfg.HeartbeatInterval.Milliseconds(),
-		MaxMessageSize:      g.cfg.MaxMessageSize,
+		Protocols:           cfg.Protocols,
+		HeartbeatIntervalMS: cfg.HeartbeatInterval.Milliseconds(),
+		MaxMessageSize:      cfg.MaxMessageSize,
 		MaxServices:         agent.maxServices,
-		StreamWindow:        g.cfg.StreamWindow,
+		StreamWindow:        cfg.StreamWindow,
 		Agent:               agent.name,
 		PublicHost:          g.cfg.PublicHost,
 		Server:              g.version,
@@ -413,7 +423,7 @@ func (g *Gateway) handleTunnel(w http.ResponseWriter, r *http.Request) {
 
 func (g *Gateway) tunnelConfig() tunnel.Config {
 	return tunnel.Config{
-		MaxStreamWindow: g.cfg.MaxStreamWindow,
+		MaxStreamWindow: g.conf().MaxStreamWindow,
 		WriteTimeout:    10 * time.Second,
 		Logger:          g.log,
 	}
@@ -432,8 +442,15 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 	g.log.Info("agent connected", "agent", a.name, "remote", remote, "protocol", sess.Protocol())
 
 	shutdown := g.done
+	// A reload may have removed the token between authentication and
+	// here: check once now, then after every reload.
+	reloaded := g.tokenWatch()
+	g.checkToken(tok, sess)
 	for {
 		select {
+		case <-reloaded:
+			reloaded = g.tokenWatch()
+			g.checkToken(tok, sess)
 		case m := <-sess.Control():
 			if reg, ok := m.(*protocol.Register); ok {
 				ack := g.register(a, sess, reg)
@@ -458,6 +475,16 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 	}
 }
 
+// checkToken closes sess when the token it authenticated with is no longer
+// configured (its agent or that token was removed by a reload).
+func (g *Gateway) checkToken(tok agentToken, sess *tunnel.Session) {
+	if g.live.Load().accepts(tok) {
+		return
+	}
+	g.log.Info("closing agent session: its token was removed from the configuration", "agent", tok.name)
+	sess.CloseWithError("token_revoked", "the agent's token is no longer accepted")
+}
+
 func endReason(err error) string {
 	var pe *tunnel.PeerError
 	switch {
@@ -477,7 +504,7 @@ func (g *Gateway) agent(tok agentToken) *agentState {
 	defer g.mu.Unlock()
 	a := g.agents[tok.name]
 	if a == nil {
-		a = newAgentState(tok.name, tok.maxServices)
+		a = newAgentState(tok.name, g.live.Load().maxServices(tok.name))
 		g.agents[tok.name] = a
 	}
 	return a

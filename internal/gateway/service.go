@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/portway/portway/internal/adminapi"
+	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/metrics"
 	"github.com/portway/portway/internal/protocol"
 	"github.com/portway/portway/internal/tunnel"
@@ -32,8 +33,8 @@ type publicService interface {
 }
 
 // serviceBase is the part of a public service every kind shares. It holds
-// no reference to the gateway or to the agent's state, only to what the
-// service reads on its paths.
+// what the service reads on its paths, not the gateway or the agent's
+// state: the agent's live-session slot and the configuration reader.
 type serviceBase struct {
 	agent    string
 	key      protocol.ServiceKey
@@ -47,6 +48,9 @@ type serviceBase struct {
 	// registration.
 	live *atomic.Pointer[tunnel.Session]
 
+	// conf returns the gateway's current configuration, for the limits a
+	// reload may change (buffer_size, the UDP queue budgets).
+	conf    func() *config.Gateway
 	log     *slog.Logger
 	metrics *metrics.Gateway
 	active  prometheus.Gauge
@@ -114,8 +118,7 @@ func (g *Gateway) openService(a *agentState, svc *protocol.Service) (publicServi
 	s := &tcpService{
 		serviceBase: g.newServiceBase(a, svc, port,
 			g.metrics.ConnActive.WithLabelValues(a.name, svc.ID), g.metrics.ConnTotal.WithLabelValues(a.name, svc.ID)),
-		ln:         ln,
-		bufferSize: g.cfg.BufferSize,
+		ln: ln,
 	}
 	go s.serve()
 	return s, nil
@@ -126,7 +129,7 @@ func (g *Gateway) newServiceBase(a *agentState, svc *protocol.Service, port int,
 		agent: a.name, key: svc.Key(), port: port,
 		endpoint: net.JoinHostPort(g.cfg.PublicHost, strconv.Itoa(port)),
 		live:     &a.sess,
-		log:      g.log, metrics: g.metrics, active: active, total: total,
+		conf:     g.conf, log: g.log, metrics: g.metrics, active: active, total: total,
 		done: make(chan struct{}),
 	}
 	b.spec.Store(svc)

@@ -16,8 +16,7 @@ import (
 // a stream of its own to the agent and relayed until both sides are done.
 type tcpService struct {
 	*serviceBase
-	ln         *net.TCPListener
-	bufferSize int
+	ln *net.TCPListener
 }
 
 // close stops accepting. Connections already accepted carry on until they
@@ -75,7 +74,7 @@ func (s *tcpService) serveConn(c *net.TCPConn) {
 	stats := new(relay.Stats)
 	flow := s.metrics.Bytes.Track(func() (int64, int64) { return stats.AToB.Load(), stats.BToA.Load() }, s.agent, spec.ID)
 	relay.Start(c, st, relay.Options{
-		BufferSize:  s.bufferSize,
+		BufferSize:  s.conf().BufferSize,
 		IdleTimeout: time.Duration(spec.IdleTimeoutMS) * time.Millisecond,
 	}, stats, func(res relay.Result) {
 		flow.Done()

@@ -46,12 +46,12 @@ const (
 
 // udpBudget is the gateway-wide side of the UDP queue budget: the buffers
 // of queued datagrams and the bytes they hold against udp_queue_bytes.
+// The limits are read from the current configuration at each datagram, so
+// a reload applies to the next one.
 type udpBudget struct {
 	pool dgramPool
 	// queued counts the bytes of every service's queued datagrams.
 	queued atomic.Int64
-	// total is udp_queue_bytes, perService udp_queue_bytes_per_service.
-	total, perService int64
 }
 
 // udpService is a public UDP port: one session per client address, each
@@ -62,7 +62,7 @@ type udpService struct {
 	budget   *udpBudget
 	sessions *udpSessions
 	// queued counts the bytes of this service's queued datagrams against
-	// the budget's perService.
+	// udp_queue_bytes_per_service.
 	queued atomic.Int64
 }
 
@@ -218,7 +218,7 @@ func (us *udpService) handle(client netip.AddrPort, data []byte) {
 func (us *udpService) charge(b *[]byte) bool {
 	n := int64(cap(*b))
 	svc, all := us.queued.Add(n), us.budget.queued.Add(n)
-	if svc > us.budget.perService || all > us.budget.total {
+	if cfg := us.conf(); svc > int64(cfg.UDPQueueBytesPerService) || all > int64(cfg.UDPQueueBytes) {
 		us.queued.Add(-n)
 		us.budget.queued.Add(-n)
 		return false

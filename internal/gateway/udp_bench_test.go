@@ -58,8 +58,9 @@ func benchUDPService() (*udpService, *udpSession) {
 	a := newAgentState("agent-a", 1)
 	us := &udpService{
 		serviceBase: &serviceBase{agent: a.name, key: protocol.ServiceKey{ID: "dns", Kind: protocol.KindUDP},
-			live: &a.sess, metrics: metrics.NewGateway(prometheus.NewRegistry()), done: make(chan struct{})},
-		budget:   &udpBudget{total: int64(cfg.UDPQueueBytes), perService: int64(cfg.UDPQueueBytesPerService)},
+			live: &a.sess, conf: func() *config.Gateway { return cfg },
+			metrics: metrics.NewGateway(prometheus.NewRegistry()), done: make(chan struct{})},
+		budget:   &udpBudget{},
 		sessions: newUDPSessions(),
 	}
 	us.spec.Store(&protocol.Service{ID: "dns", Protocol: "udp", Port: 53})

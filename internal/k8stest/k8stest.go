@@ -2,6 +2,9 @@
 // with controller-runtime's envtest from the binaries that
 // scripts/k8s-test-env.sh builds (KUBEBUILDER_ASSETS names their folder), and
 // isolates such tests in network, PID and mount namespaces of their own.
+// It also sends objects as `kubectl apply --server-side` would (Applier)
+// and reads manifests as kubectl and helm produce them (Decode,
+// Kustomization).
 //
 // When KUBEBUILDER_ASSETS is not set, or the test does not run as root, the
 // test is skipped, unless the environment variable CI is set: then it fails,

@@ -46,8 +46,8 @@ func TestStartRetriesBusyPort(t *testing.T) {
 	if port == busy || calls != 2 {
 		t.Fatalf("got port %d after %d attempts (busy port %d)", port, calls, busy)
 	}
-	p.stop(t)
-	if !p.exited() {
+	p.Stop(t)
+	if !p.Exited() {
 		t.Fatal("server still running after stop")
 	}
 }

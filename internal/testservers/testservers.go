@@ -15,7 +15,8 @@
 // fails, otherwise it is skipped; the message names the Debian package and
 // scripts/install-test-deps.sh, which installs everything this package needs.
 //
-// The package uses only the standard library and is meant for tests only.
+// Processes are started and stopped by testproc. The package uses only the
+// standard library besides, and is meant for tests only.
 package testservers
 
 import (
@@ -34,14 +35,13 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/portway/portway/internal/testproc"
 )
 
 const (
 	// readyTimeout bounds how long a starter waits for its server.
 	readyTimeout = 20 * time.Second
-	// stopGrace is how long a server may take to exit after the polite signal
-	// before it (and its process group and descendants) get SIGKILL.
-	stopGrace = 5 * time.Second
 	// clientTimeout bounds every client command (psql, redis-cli, ssh, ...).
 	clientTimeout = 60 * time.Second
 	// maxStartAttempts is how often a starter retries when its port was
@@ -254,105 +254,23 @@ func tempRoot() string {
 }
 
 // process is one running server.
-type process struct {
-	name    string
-	cmd     *exec.Cmd
-	logPath string
-	stopSig syscall.Signal
-	done    chan struct{} // closed when cmd.Wait returned
-	waitErr error
-	once    sync.Once
-}
+type process = testproc.Process
 
-// startProcess starts cmd with stdout and stderr appended to logPath, in its
-// own process group, with SIGKILL as parent-death signal (so a test binary
-// that dies hard does not leave servers behind), and registers a cleanup that
-// stops it.
+// startProcess starts cmd with its output appended to logPath, headed by
+// its command line, as testproc.Start does: it is stopped with stopSig
+// when the test ends.
 func startProcess(t testing.TB, name string, cmd *exec.Cmd, logPath string, stopSig syscall.Signal) *process {
 	t.Helper()
-	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
+	header := fmt.Sprintf("=== testservers: %s\n", strings.Join(cmd.Args, " "))
+	if err := os.WriteFile(logPath, []byte(header), 0o644); err != nil {
 		t.Fatalf("testservers: %s: %v", name, err)
 	}
-	fmt.Fprintf(logFile, "=== testservers: %s\n", strings.Join(cmd.Args, " "))
-	cmd.Stdout = logFile
-	cmd.Stderr = logFile
-	if cmd.SysProcAttr == nil {
-		cmd.SysProcAttr = &syscall.SysProcAttr{}
-	}
-	cmd.SysProcAttr.Setpgid = true
-	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
-	if err := cmd.Start(); err != nil {
-		logFile.Close()
-		t.Fatalf("testservers: starting %s: %v", name, err)
-	}
-	logFile.Close() // the child has its own copy
-	p := &process{name: name, cmd: cmd, logPath: logPath, stopSig: stopSig, done: make(chan struct{})}
-	go func() {
-		p.waitErr = cmd.Wait()
-		close(p.done)
-	}()
-	t.Cleanup(func() { p.stop(t) })
-	return p
+	return testproc.Start(t, name, cmd, logPath, stopSig)
 }
 
-// exited reports whether the process has exited.
-func (p *process) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
-// stop ends the process: stopSig to its process group, SIGKILL to the group
-// and to every descendant (also those that left the group, like sshd's
-// per-connection children) after stopGrace. Safe to call more than once.
-func (p *process) stop(t testing.TB) {
-	p.once.Do(func() {
-		pid := p.cmd.Process.Pid
-		desc := descendants(pid)
-		if !p.exited() {
-			_ = syscall.Kill(-pid, p.stopSig)
-			_ = syscall.Kill(pid, p.stopSig)
-		}
-		select {
-		case <-p.done:
-		case <-time.After(stopGrace):
-			t.Logf("testservers: %s (pid %d) did not exit within %v after %v; killing it", p.name, pid, stopGrace, p.stopSig)
-		}
-		_ = syscall.Kill(-pid, syscall.SIGKILL)
-		if !p.exited() {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-		}
-		for _, d := range desc {
-			d.kill()
-		}
-		select {
-		case <-p.done:
-		case <-time.After(stopGrace):
-			t.Errorf("testservers: %s (pid %d) still running after SIGKILL", p.name, pid)
-		}
-	})
-}
-
-// logTail returns the last lines of the process log.
-func (p *process) logTail() string { return tailFile(p.logPath, 40, 8<<10) }
-
+// tailFile returns the end of a log file (see testproc.TailFile).
 func tailFile(path string, maxLines, maxBytes int) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return fmt.Sprintf("(cannot read %s: %v)", path, err)
-	}
-	if len(b) > maxBytes {
-		b = b[len(b)-maxBytes:]
-	}
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > maxLines {
-		lines = lines[len(lines)-maxLines:]
-	}
-	return strings.Join(lines, "\n")
+	return testproc.TailFile(path, maxLines, maxBytes)
 }
 
 // errExited is returned by waitReady when the server exited while starting.
@@ -361,13 +279,13 @@ var errExited = errors.New("server exited before it was ready")
 // waitReady polls check until it succeeds, the process exits or readyTimeout
 // passes. It returns nil when ready, else the last check error (wrapped with
 // errExited if the process died).
-func (p *process) waitReady(check func() error) error {
+func waitReady(p *process, check func() error) error {
 	deadline := time.Now().Add(readyTimeout)
 	delay := 20 * time.Millisecond
 	var last error
 	for {
-		if p.exited() {
-			return fmt.Errorf("%w (%v); last check: %v", errExited, p.waitErr, last)
+		if p.Exited() {
+			return fmt.Errorf("%w (%v); last check: %v", errExited, p.Err(), last)
 		}
 		if last = check(); last == nil {
 			return nil
@@ -376,7 +294,7 @@ func (p *process) waitReady(check func() error) error {
 			return fmt.Errorf("not ready after %v: %v", readyTimeout, last)
 		}
 		select {
-		case <-p.done:
+		case <-p.Done():
 		case <-time.After(delay):
 		}
 		if delay < 200*time.Millisecond {
@@ -395,84 +313,19 @@ func startServer(t testing.TB, name string, newPort func() int, start func(port 
 		port := newPort()
 		begin := time.Now()
 		p := start(port)
-		err := p.waitReady(func() error { return ready(port) })
+		err := waitReady(p, func() error { return ready(port) })
 		if err == nil {
-			t.Logf("testservers: %s ready on port %d in %v (log %s)", name, port, time.Since(begin).Round(time.Millisecond), p.logPath)
+			t.Logf("testservers: %s ready on port %d in %v (log %s)", name, port, time.Since(begin).Round(time.Millisecond), p.LogPath())
 			return p, port
 		}
-		tail := p.logTail()
-		p.stop(t)
+		tail := p.LogTail()
+		p.Stop(t)
 		if errors.Is(err, errExited) && strings.Contains(tail, "in use") && attempt < maxStartAttempts {
 			t.Logf("testservers: %s: port %d was taken, retrying with another port", name, port)
 			continue
 		}
-		t.Fatalf("testservers: %s on port %d did not start: %v\n--- tail of %s ---\n%s", name, port, err, p.logPath, tail)
+		t.Fatalf("testservers: %s on port %d did not start: %v\n--- tail of %s ---\n%s", name, port, err, p.LogPath(), tail)
 	}
-}
-
-// procID identifies a process by pid and start time, so a recycled pid is
-// never killed by mistake.
-type procID struct {
-	pid   int
-	start string
-}
-
-func (d procID) kill() {
-	if _, start, ok := procStat(d.pid); ok && start == d.start {
-		_ = syscall.Kill(d.pid, syscall.SIGKILL)
-	}
-}
-
-// procStat returns the parent pid and start time of pid from /proc.
-func procStat(pid int) (ppid int, start string, ok bool) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, "", false
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0, "", false
-	}
-	f := strings.Fields(s[i+1:])
-	// f[0] is field 3 (state), f[1] field 4 (ppid), f[19] field 22 (starttime).
-	if len(f) < 20 {
-		return 0, "", false
-	}
-	ppid, err = strconv.Atoi(f[1])
-	if err != nil {
-		return 0, "", false
-	}
-	return ppid, f[19], true
-}
-
-// descendants lists all descendants of pid (children, grandchildren, ...).
-func descendants(pid int) []procID {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil
-	}
-	children := map[int][]procID{}
-	for _, e := range ents {
-		n, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if ppid, start, ok := procStat(n); ok {
-			children[ppid] = append(children[ppid], procID{n, start})
-		}
-	}
-	var out []procID
-	queue := []int{pid}
-	for len(queue) > 0 {
-		cur := queue[0]
-		queue = queue[1:]
-		for _, c := range children[cur] {
-			out = append(out, c)
-			queue = append(queue, c.pid)
-		}
-	}
-	return out
 }
 
 // runClient runs a client binary with a bounded time, stdin from /dev/null,

@@ -1,0 +1,28 @@
+package agent
+
+import "github.com/portway/portway/internal/config"
+
+// staticServices maps the config's services: entries to the agent's.
+func staticServices(svcs []config.StaticService) []Service {
+	out := make([]Service, 0, len(svcs))
+	for _, s := range svcs {
+		out = append(out, Service{ID: s.Name, Protocol: s.Protocol, Port: s.Port, Backend: s.Backend, PublicPort: s.PublicPort, Mode: "tunnel"})
+	}
+	return out
+}
+
+// SetStatic replaces the static services (a reloaded config's services:
+// list). The agent re-registers its full set; the gateway keeps the
+// listeners of services that did not change and the agent keeps serving
+// their open connections, so only added, changed and removed services are
+// affected.
+func (a *Agent) SetStatic(svcs []config.StaticService) {
+	next := staticServices(svcs)
+	a.mu.Lock()
+	a.static = next
+	a.mu.Unlock()
+	select {
+	case a.changed <- struct{}{}:
+	default:
+	}
+}

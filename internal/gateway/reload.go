@@ -1,0 +1,292 @@
+package gateway
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/portway/portway/internal/config"
+)
+
+// live is the part of the configuration a reload replaces. It is swapped
+// whole and read without a lock, on every handshake and registration.
+type live struct {
+	cfg    *config.Gateway
+	tokens []agentToken
+	// admin is the SHA-256 of admin.token.
+	admin [sha256.Size]byte
+	// retained is each configured agent's cap on retained ports;
+	// retainedDefault applies to agents no longer configured.
+	retained        map[string]int
+	retainedDefault int
+}
+
+// newLive derives the reloadable state from a validated config.
+func newLive(cfg *config.Gateway) *live {
+	l := &live{
+		cfg:             cfg,
+		admin:           sha256.Sum256([]byte(cfg.Admin.Token)),
+		retained:        make(map[string]int, len(cfg.Agents)),
+		retainedDefault: cfg.RetainedPortsCap(nil),
+	}
+	for i := range cfg.Agents {
+		a := &cfg.Agents[i]
+		l.retained[a.Name] = cfg.RetainedPortsCap(a)
+		t := agentToken{name: a.Name, maxServices: a.MaxServices}
+		if t.maxServices == 0 {
+			t.maxServices = cfg.MaxServices
+		}
+		if a.Token != "" {
+			t.sum = sha256.Sum256([]byte(a.Token))
+		} else {
+			b, _ := hex.DecodeString(a.TokenSHA256) // validated
+			copy(t.sum[:], b)
+		}
+		l.tokens = append(l.tokens, t)
+		if a.TokenSHA256Next != "" {
+			b, _ := hex.DecodeString(a.TokenSHA256Next) // validated
+			copy(t.sum[:], b)
+			l.tokens = append(l.tokens, t)
+		}
+	}
+	return l
+}
+
+// conf returns the current configuration: the one of the last successful
+// reload, or the start one (also for a Gateway not built by New).
+func (g *Gateway) conf() *config.Gateway {
+	if l := g.live.Load(); l != nil {
+		return l.cfg
+	}
+	return g.cfg
+}
+
+// maxServices returns the current service quota of the agent name.
+func (l *live) maxServices(name string) int {
+	for _, t := range l.tokens {
+		if t.name == name {
+			return t.maxServices
+		}
+	}
+	return l.cfg.MaxServices
+}
+
+// accepts reports whether tok (an agent name and the token sum it
+// authenticated with) is still configured.
+func (l *live) accepts(tok agentToken) bool {
+	ok := 0
+	for _, t := range l.tokens {
+		if t.name == tok.name && subtle.ConstantTimeCompare(t.sum[:], tok.sum[:]) == 1 {
+			ok = 1
+		}
+	}
+	return ok == 1
+}
+
+// tokenWatch returns a channel closed by the next reload. Sessions wait on
+// it to check that their token is still accepted.
+func (g *Gateway) tokenWatch() <-chan struct{} {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.reloaded
+}
+
+// Reload applies cfg, already validated, to the running gateway: agents
+// and their tokens, the TLS certificate (read again from its files, so a
+// renewal under the same names is picked up), limits and the admin token.
+// Sessions whose agent or token is gone are closed; the others, and every
+// public listener, are untouched. Settings that cannot change on a running
+// gateway are returned by their keys and otherwise ignored. On error
+// nothing changed.
+func (g *Gateway) Reload(cfg *config.Gateway) (needRestart []string, err error) {
+	if cfg == nil {
+		return nil, errors.New("gateway: reload: no config")
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("gateway: reload: %w", err)
+	}
+	// File I/O before the lock: under it only this package's state and
+	// the certificate gauge are touched, and logging waits until after.
+	var cert *tls.Certificate
+	if cfg.TLS != nil && g.cfg.TLS != nil {
+		if cert, err = loadCertificate(cfg.TLS); err != nil {
+			return nil, fmt.Errorf("gateway: reload: %w", err)
+		}
+	}
+	needRestart = restartKeys(g.cfg, cfg)
+	next := newLive(cfg)
+
+	g.reloadMu.Lock()
+	prev := g.live.Swap(next)
+	if cert != nil {
+		g.setCertificate(cert, cfg.TLS.CertFile)
+	}
+	g.limiter.setLimit(cfg.AuthFailuresPerMinute)
+	for _, a := range g.agentList() {
+		a.setMaxServices(next.maxServices(a.name))
+	}
+	// Wake every session to check its token against the new set.
+	g.mu.Lock()
+	close(g.reloaded)
+	g.reloaded = make(chan struct{})
+	g.mu.Unlock()
+	g.reloadMu.Unlock()
+
+	added, removed := agentDiff(prev.cfg.Agents, cfg.Agents)
+	g.log.Info("configuration reloaded", "agents", len(cfg.Agents), "agents_added", added,
+		"agents_removed", removed, "tokens", len(next.tokens))
+	if len(needRestart) > 0 {
+		g.log.Warn("configuration changes that need a restart were ignored", "keys", needRestart)
+	}
+	if cert != nil {
+		g.checkCertificate()
+	}
+	return needRestart, nil
+}
+
+// agentDiff names the agents added to and removed from the config.
+func agentDiff(before, after []config.Agent) (added, removed []string) {
+	names := func(as []config.Agent) []string {
+		out := make([]string, len(as))
+		for i := range as {
+			out[i] = as[i].Name
+		}
+		return out
+	}
+	b, a := names(before), names(after)
+	for _, n := range a {
+		if !slices.Contains(b, n) {
+			added = append(added, n)
+		}
+	}
+	for _, n := range b {
+		if !slices.Contains(a, n) {
+			removed = append(removed, n)
+		}
+	}
+	return added, removed
+}
+
+// restartKeys lists the keys whose change a running gateway cannot apply:
+// bound listeners, the port allocator and the state file.
+func restartKeys(old, cur *config.Gateway) []string {
+	var keys []string
+	add := func(key string, changed bool) {
+		if changed {
+			keys = append(keys, key)
+		}
+	}
+	add("listen", old.Listen != cur.Listen)
+	add("public_host", old.PublicHost != cur.PublicHost)
+	add("port_range", old.PortRange != cur.PortRange)
+	add("bind_address", old.BindAddress != cur.BindAddress)
+	add("state_file", old.StateFile != cur.StateFile)
+	add("insecure", old.Insecure != cur.Insecure)
+	add("tls", (old.TLS == nil) != (cur.TLS == nil))
+	add("admin.listen", old.Admin.Listen != cur.Admin.Listen)
+	add("handshake_timeout", old.HandshakeTimeout.Duration != cur.HandshakeTimeout.Duration)
+	add("port_retention", old.PortRetention.Duration != cur.PortRetention.Duration)
+	return keys
+}
+
+// setMaxServices sets the agent's quota, applied from its next
+// registration.
+func (a *agentState) setMaxServices(n int) {
+	a.mu.Lock()
+	a.maxServices = n
+	a.mu.Unlock()
+}
+
+// setLimit changes the failed attempts allowed per window.
+func (l *authLimiter) setLimit(n int) {
+	l.mu.Lock()
+	l.limit = n
+	l.mu.Unlock()
+}
+
+// CertExpiryWarning is how long before its expiry a certificate is
+// warned about, at start and on every reload.
+const CertExpiryWarning = 14 * 24 * time.Hour
+
+// loadCertificate reads the key pair c names.
+func loadCertificate(c *config.TLS) (*tls.Certificate, error) {
+	cert, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("tls: load %s and %s: %w", c.CertFile, c.KeyFile, err)
+	}
+	if cert.Leaf == nil {
+		return nil, fmt.Errorf("tls: %s: no parsed certificate", c.CertFile)
+	}
+	return &cert, nil
+}
+
+// setCertificate makes cert the one new handshakes present and publishes
+// its expiry. The caller then checks it (checkCertificate, which logs): an
+// expired certificate is still served, since refusing to start would keep
+// the gateway down after the renewal lands, and a reload picks it up.
+func (g *Gateway) setCertificate(cert *tls.Certificate, file string) {
+	g.cert.Store(&servedCert{cert: cert, file: file})
+	g.certNotAfter.Set(float64(cert.Leaf.NotAfter.Unix()))
+}
+
+// servedCert is the certificate new handshakes get, and its file.
+type servedCert struct {
+	cert *tls.Certificate
+	file string
+}
+
+// checkCertificate logs an error for an expired certificate and a warning
+// for one expiring within CertExpiryWarning.
+func (g *Gateway) checkCertificate() {
+	sc := g.cert.Load()
+	if sc == nil {
+		return
+	}
+	notAfter, file := sc.cert.Leaf.NotAfter, sc.file
+	switch left := time.Until(notAfter); {
+	case left <= 0:
+		g.log.Error("TLS certificate has expired: agents refuse the handshake until it is renewed (the new files are picked up without a restart)",
+			"cert_file", file, "not_after", notAfter.UTC())
+	case left <= CertExpiryWarning:
+		g.log.Warn("TLS certificate expires soon", "cert_file", file, "not_after", notAfter.UTC(),
+			"days_left", int(left.Hours()/24))
+	}
+}
+
+// getCertificate serves the current certificate to each new handshake.
+func (g *Gateway) getCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	return g.cert.Load().cert, nil
+}
+
+// watchCertificate repeats the expiry check daily until the gateway
+// closes, so a certificate nobody renews is noticed in the log too.
+func (g *Gateway) watchCertificate() {
+	defer g.wg.Done()
+	t := time.NewTicker(24 * time.Hour)
+	defer t.Stop()
+	for {
+		select {
+		case <-g.done:
+			return
+		case <-t.C:
+			g.checkCertificate()
+		}
+	}
+}
+
+// newCertNotAfter is the certificate expiry gauge.
+func newCertNotAfter(reg prometheus.Registerer) prometheus.Gauge {
+	m := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "portway_gateway_tls_certificate_not_after_timestamp_seconds",
+		Help: "Expiry (Unix time) of the TLS certificate the agent endpoint presents to new handshakes.",
+	})
+	reg.MustRegister(m)
+	return m
+}
