@@ -141,7 +141,7 @@ func TestFailedPublicPortChangeKeepsOldPort(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	web := protocol.Service{ID: "web", Protocol: "tcp", Port: 80}
-	fa, err := connectFakeAgent(ctx, g, "json", []protocol.Service{web}, nil)
+	fa, err := connectFakeAgent(ctx, g, "json", []protocol.Service{web}, holdStreams)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -24,14 +24,7 @@ func TestWithdrawClosesOnlyWhatIsGone(t *testing.T) {
 	defer cancel()
 	web := protocol.Service{ID: "web", Protocol: "tcp", Port: 80}
 	dns := udpSpec("dns")
-	// The agent takes every stream and holds it until the client goes,
-	// so that a dial to a kept port sees a connection, not a refusal.
-	fa, err := connectFakeAgent(ctx, g, "json", []protocol.Service{web, dns}, func(in *tunnel.Incoming) {
-		if st, err := in.Accept(); err == nil {
-			io.Copy(io.Discard, st)
-			st.Close()
-		}
-	})
+	fa, err := connectFakeAgent(ctx, g, "json", []protocol.Service{web, dns}, holdStreams)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -80,5 +73,16 @@ func TestWithdrawClosesOnlyWhatIsGone(t *testing.T) {
 	})
 	if live, retained := held(g.ports, "agent-a"); live != 0 || retained != 2 {
 		t.Fatalf("after the session: %d live and %d retained allocations, want 0 and 2", live, retained)
+	}
+}
+
+// holdStreams is a fake agent's stream handler that accepts every stream
+// and holds it until the client goes. A test that dials a port to see that
+// it listens uses it: when the agent refuses the stream, the gateway's
+// reset can reach the client before its connect has returned.
+func holdStreams(in *tunnel.Incoming) {
+	if st, err := in.Accept(); err == nil {
+		io.Copy(io.Discard, st)
+		st.Close()
 	}
 }
