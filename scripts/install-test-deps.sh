@@ -26,6 +26,11 @@
 #   util-linux        unshare
 #   procps            ps, pgrep
 #   ca-certificates, curl
+#   podman            builds and checks the container image (scripts/image.sh):
+#                     vfs storage, FROM scratch, nothing pulled, no daemon
+#   systemd           systemd-analyze verify and systemd-sysusers for the
+#                     units in deploy/systemd (scripts/units.sh); nothing of it
+#                     needs systemd running as PID 1
 #
 # Services: the postinst scripts of postgresql, redis-server, openssh-server
 # and haproxy try to start system services through invoke-rc.d. Those would
@@ -58,6 +63,8 @@ PACKAGES=(
 	procps
 	ca-certificates
 	curl
+	podman
+	systemd
 )
 
 # Binaries that must be present afterwards (binary:package). A package can be
@@ -79,6 +86,9 @@ BINARIES=(
 	unshare:util-linux
 	ps:procps
 	curl:curl
+	podman:podman
+	systemd-analyze:systemd
+	systemd-sysusers:systemd
 )
 
 have_binary() {

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): installs what the tests need, checks
-# formatting, vet and staticcheck, runs the whole suite with the race
-# detector against real servers, and runs every fuzz target briefly.
+# formatting, vet and staticcheck, builds a stamped release binary, verifies
+# the systemd units, builds and checks the container image, runs the whole
+# suite with the race detector against real servers, and runs every fuzz
+# target briefly.
 #
 # Environment:
 #   FUZZTIME   per fuzz target (default 3s; 0 skips fuzzing)
@@ -59,6 +61,22 @@ GOARCH=386 go test -count=1 ./internal/protocol ./internal/tunnel
 
 step "staticcheck"
 go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
+
+step "release build, systemd units, container image"
+# One stamped release binary (the lean build for gateway hosts): its
+# version output names what was stamped and the build tags.
+rel_dir=$(mktemp -d)
+trap 'kill "$k8s_env_pid" 2>/dev/null || true; rm -rf "$k8s_env_out" "$k8s_env_log" "$rel_dir"' EXIT
+rel_commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+VERSION=v0.0.0-test COMMIT="$rel_commit" TAGS=nokubernetes DIST="$rel_dir" scripts/release.sh "$(go env GOOS)/$(go env GOARCH)"
+rel_bin="$rel_dir/portway_v0.0.0-test_$(go env GOOS)_$(go env GOARCH)"
+(cd "$rel_dir" && sha256sum -c --quiet portway_v0.0.0-test_SHA256SUMS)
+rel_out=$("$rel_bin" --version)
+for want in "portway v0.0.0-test" "commit: *$rel_commit" "go: *go[0-9]" "build tags: *nokubernetes"; do
+  grep -q "^$want" <<<"$rel_out" || { echo "release binary --version lacks \"$want\":" >&2; echo "$rel_out" >&2; exit 1; }
+done
+scripts/units.sh "$rel_bin"
+scripts/image.sh
 
 step "kube-apiserver and etcd for the Kubernetes tests (scripts/k8s-test-env.sh)"
 k8s_env_rc=0

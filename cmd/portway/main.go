@@ -11,12 +11,16 @@ import (
 	"github.com/portway/portway/internal/cli"
 )
 
-// version is stamped at build time: -ldflags "-X main.version=v1.2.3".
-var version = "dev"
+// version and commit are stamped at build time (scripts/release.sh):
+// -ldflags "-X main.version=v1.2.3 -X main.commit=0123abc".
+var (
+	version = "dev"
+	commit  = ""
+)
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	code := cli.Main(ctx, os.Args[1:], version, os.Stdout, os.Stderr)
+	code := cli.MainBuild(ctx, os.Args[1:], cli.Build{Version: version, Commit: commit}, os.Stdout, os.Stderr)
 	stop()
 	os.Exit(code)
 }

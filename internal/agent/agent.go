@@ -34,7 +34,7 @@ type Service struct {
 	// ID names the service: a static service's name, or
 	// namespace/gateway/listener when discovered.
 	ID       string
-	Protocol string // "tcp" or "udp"
+	Protocol protocol.Kind
 	// Port is the port the service is known by (the gateway prefers
 	// 10000+Port publicly).
 	Port int
@@ -45,15 +45,12 @@ type Service struct {
 	// IdleTimeout overrides tcp.idle_timeout (or udp.session_timeout) for
 	// this service; 0 keeps the configured value.
 	IdleTimeout time.Duration
-	// Mode is "tunnel" or "dual" (display only).
-	Mode string
+	// Mode is protocol.ModeTunnel or protocol.ModeDual (display only).
+	Mode protocol.Mode
 }
 
 // Key returns the service's key.
-func (s *Service) Key() protocol.ServiceKey {
-	k, _ := protocol.ParseKind(s.Protocol)
-	return protocol.ServiceKey{ID: s.ID, Kind: k}
-}
+func (s *Service) Key() protocol.ServiceKey { return protocol.ServiceKey{ID: s.ID, Kind: s.Protocol} }
 
 // Endpoint is the gateway's answer for one service.
 type Endpoint struct {
@@ -78,6 +75,9 @@ type Options struct {
 	// (discovery writes the endpoints back to Kubernetes with it).
 	OnEndpoints func([]Endpoint)
 	Version     string
+	// ExitOnAuthFailure makes Run return ErrAuthRejected when the gateway
+	// refuses the token, instead of retrying it forever.
+	ExitOnAuthFailure bool
 }
 
 // Agent is a running agent.
@@ -90,6 +90,8 @@ type Agent struct {
 	netDial func(ctx context.Context, network, addr string) (net.Conn, error)
 	onEP    func([]Endpoint)
 	version string
+	// exitOnAuth is Options.ExitOnAuthFailure.
+	exitOnAuth bool
 
 	mu         sync.Mutex
 	static     []Service
@@ -128,7 +130,7 @@ func New(o Options) (*Agent, error) {
 	}
 	a := &Agent{
 		cfg: o.Config, log: log, metrics: metrics.NewAgent(reg), gath: gath,
-		tls: o.TLS, netDial: o.NetDial, onEP: o.OnEndpoints, version: o.Version,
+		tls: o.TLS, netDial: o.NetDial, onEP: o.OnEndpoints, version: o.Version, exitOnAuth: o.ExitOnAuthFailure,
 		changed: make(chan struct{}, 1),
 		active:  map[protocol.ServiceKey]*Service{},
 		limits:  map[protocol.ServiceKey]*limiter{},
@@ -228,6 +230,7 @@ func (a *Agent) StartMetrics() error {
 		return fmt.Errorf("agent: metrics.listen: %w", err)
 	}
 	a.metricsLn = ln
+	a.log.Info("metrics listening", "addr", ln.Addr().String(), "paths", "/metrics /healthz /readyz")
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(a.gath, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
@@ -263,6 +266,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		err := a.runOnce(ctx)
 		if ctx.Err() != nil {
 			break
+		}
+		if a.exitOnAuth && errors.Is(err, ErrAuthRejected) {
+			return err
 		}
 		if time.Since(start) >= time.Minute {
 			b.reset() // a healthy minute: the next failure starts over
@@ -309,9 +315,9 @@ func (a *Agent) connect(ctx context.Context) (*tunnel.Session, error) {
 	if err != nil {
 		var de *tunnel.DialError
 		if errors.As(err, &de) && de.StatusCode == http.StatusUnauthorized {
-			return nil, fmt.Errorf("gateway rejected the token (HTTP 401): check gateway.token or PORTWAY_GATEWAY_TOKEN")
+			return nil, ErrAuthRejected
 		}
-		return nil, err
+		return nil, tlsHint(err)
 	}
 	tun, err := tunnel.Client(ctx, ws, tunnel.Config{Protocol: a.cfg.Gateway.Protocol, Logger: a.log})
 	if err != nil {
@@ -381,7 +387,7 @@ func (s *session) run(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
-			s.tun.CloseWithError("shutdown", "agent shutting down")
+			s.tun.CloseWithError(protocol.CodeShutdown, "agent shutting down")
 			return ctx.Err()
 		case <-s.tun.Done():
 			return s.tun.Err()
@@ -408,7 +414,7 @@ func (s *session) run(ctx context.Context) error {
 func (a *Agent) wireService(s *Service) protocol.Service {
 	w := protocol.Service{ID: s.ID, Protocol: s.Protocol, Port: s.Port, PublicPort: s.PublicPort, Mode: s.Mode}
 	idle := s.IdleTimeout
-	if s.Protocol == "udp" {
+	if s.Protocol == protocol.KindUDP {
 		if idle == 0 {
 			idle = a.cfg.Tunnels.UDP.SessionTimeout.Duration
 		}

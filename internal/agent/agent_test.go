@@ -3,6 +3,8 @@ package agent
 import (
 	"testing"
 	"time"
+
+	"github.com/portway/portway/internal/protocol"
 )
 
 // The documented schedule: 500 ms doubling to 30 s, each delay between half
@@ -38,15 +40,15 @@ func TestBackoff(t *testing.T) {
 
 func TestClientCommand(t *testing.T) {
 	cases := []struct {
-		proto string
+		proto protocol.Kind
 		port  int
 		want  string
 	}{
-		{"tcp", 5432, "psql -h gw.example.com -p 15432"},
-		{"tcp", 6379, "redis-cli -h gw.example.com -p 15432"},
-		{"tcp", 2222, "ssh -p 15432 user@gw.example.com"},
-		{"udp", 53, "dig @gw.example.com -p 15432 example.com"},
-		{"tcp", 9999, "gw.example.com:15432"},
+		{protocol.KindTCP, 5432, "psql -h gw.example.com -p 15432"},
+		{protocol.KindTCP, 6379, "redis-cli -h gw.example.com -p 15432"},
+		{protocol.KindTCP, 2222, "ssh -p 15432 user@gw.example.com"},
+		{protocol.KindUDP, 53, "dig @gw.example.com -p 15432 example.com"},
+		{protocol.KindTCP, 9999, "gw.example.com:15432"},
 	}
 	for _, c := range cases {
 		if got := ClientCommand(c.proto, c.port, "gw.example.com:15432"); got != c.want {

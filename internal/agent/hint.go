@@ -3,18 +3,20 @@ package agent
 import (
 	"fmt"
 	"net"
+
+	"github.com/portway/portway/internal/protocol"
 )
 
 // ClientCommand returns a ready-to-paste command for reaching a service at
 // its public endpoint ("host:port"), chosen by the port the service is known
 // by: psql for 5432, redis-cli for 6379, ssh for 22/2222, and so on. Other
 // services get the bare host:port.
-func ClientCommand(proto string, port int, endpoint string) string {
+func ClientCommand(kind protocol.Kind, port int, endpoint string) string {
 	host, pport, err := net.SplitHostPort(endpoint)
 	if err != nil {
 		return endpoint
 	}
-	if proto == "udp" {
+	if kind == protocol.KindUDP {
 		if port == 53 {
 			return fmt.Sprintf("dig @%s -p %s example.com", host, pport)
 		}

@@ -1,12 +1,18 @@
 package agent
 
-import "github.com/portway/portway/internal/config"
+import (
+	"github.com/portway/portway/internal/config"
+	"github.com/portway/portway/internal/protocol"
+)
 
 // staticServices maps the config's services: entries to the agent's.
 func staticServices(svcs []config.StaticService) []Service {
 	out := make([]Service, 0, len(svcs))
 	for _, s := range svcs {
-		out = append(out, Service{ID: s.Name, Protocol: s.Protocol, Port: s.Port, Backend: s.Backend, PublicPort: s.PublicPort, Mode: "tunnel"})
+		// Validate has refused any other protocol, so the zero Kind never
+		// reaches the gateway.
+		kind, _ := protocol.ParseKind(s.Protocol)
+		out = append(out, Service{ID: s.Name, Protocol: kind, Port: s.Port, Backend: s.Backend, PublicPort: s.PublicPort, Mode: protocol.ModeTunnel})
 	}
 	return out
 }

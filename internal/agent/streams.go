@@ -9,6 +9,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/portway/portway/internal/metrics"
 	"github.com/portway/portway/internal/protocol"
 	"github.com/portway/portway/internal/relay"
 	"github.com/portway/portway/internal/tunnel"
@@ -74,7 +75,7 @@ func (a *Agent) serveTCP(in *tunnel.Incoming, h protocol.StreamHeader, svc *Serv
 	cfg := &a.cfg.Tunnels.TCP
 	if !lim.acquire(cfg.MaxConnections) {
 		in.Reject(protocol.StatusOverLimit)
-		a.metrics.TCPErrors.WithLabelValues(svc.ID, "over_limit").Inc()
+		a.metrics.TCPErrors.WithLabelValues(svc.ID, metrics.ReasonOverLimit.String()).Inc()
 		if lim.warnNow() {
 			a.log.Warn("max_connections reached; refusing new connections", "service", svc.ID, "max_connections", cfg.MaxConnections)
 		}
@@ -91,7 +92,7 @@ func (a *Agent) serveTCP(in *tunnel.Incoming, h protocol.StreamHeader, svc *Serv
 		lim.release()
 		status, reason := dialStatus(err)
 		in.Reject(status)
-		a.metrics.TCPErrors.WithLabelValues(svc.ID, reason).Inc()
+		a.metrics.TCPErrors.WithLabelValues(svc.ID, reason.String()).Inc()
 		if lim.warnNow() {
 			a.log.Warn("backend dial failed", "service", svc.ID, "backend", svc.Backend, "err", err)
 		}
@@ -101,7 +102,7 @@ func (a *Agent) serveTCP(in *tunnel.Incoming, h protocol.StreamHeader, svc *Serv
 	if err != nil {
 		lim.release()
 		c.Close()
-		a.metrics.TCPErrors.WithLabelValues(svc.ID, "tunnel").Inc()
+		a.metrics.TCPErrors.WithLabelValues(svc.ID, metrics.ReasonTunnel.String()).Inc()
 		return
 	}
 	start := time.Now()
@@ -109,42 +110,42 @@ func (a *Agent) serveTCP(in *tunnel.Incoming, h protocol.StreamHeader, svc *Serv
 	active := a.metrics.TCPActive.WithLabelValues(svc.ID)
 	active.Inc()
 	stats := new(relay.Stats)
-	// a = stream (from the client), b = backend: AToB is received, BToA sent.
-	flow := a.metrics.TCPBytes.Track(func() (int64, int64) { return stats.BToA.Load(), stats.AToB.Load() }, svc.ID)
+	// Sent is what the backend sends the client, received the other way.
+	flow := a.metrics.TCPBytes.Track(func() (int64, int64) { return stats.FromBackend.Load(), stats.ToBackend.Load() }, svc.ID)
 	idle := svc.IdleTimeout
 	if idle == 0 {
 		idle = cfg.IdleTimeout.Duration
 	}
 	// The relay runs on its own goroutines; this one, whose stack grew
-	// dialing, ends here.
+	// dialing, ends here. The stream is the relay's client side.
 	relay.Start(st, c.(*net.TCPConn), relay.Options{BufferSize: cfg.BufferSize, IdleTimeout: idle}, stats, func(res relay.Result) {
 		lim.release()
 		flow.Done()
 		active.Dec()
 		a.metrics.TCPDuration.WithLabelValues(svc.ID).Observe(time.Since(start).Seconds())
 		if res.Err != nil {
-			reason := "reset"
-			if res.IdleTimeout {
-				reason = "idle_timeout"
+			reason := metrics.ReasonReset
+			if errors.Is(res.Err, relay.ErrIdle) {
+				reason = metrics.ReasonIdleTimeout
 			}
-			a.metrics.TCPErrors.WithLabelValues(svc.ID, reason).Inc()
+			a.metrics.TCPErrors.WithLabelValues(svc.ID, reason.String()).Inc()
 		}
-		a.log.Debug("connection closed", "service", svc.ID, "client", h.Client, "received", stats.AToB.Load(),
-			"sent", stats.BToA.Load(), "duration", time.Since(start).Round(time.Millisecond), "err", res.Err)
+		a.log.Debug("connection closed", "service", svc.ID, "client", h.Client, "received", stats.ToBackend.Load(),
+			"sent", stats.FromBackend.Load(), "duration", time.Since(start).Round(time.Millisecond), "err", res.Err)
 	})
 }
 
 // dialStatus maps a dial error to the status sent to the gateway and a
 // metrics reason.
-func dialStatus(err error) (protocol.Status, string) {
+func dialStatus(err error) (protocol.Status, metrics.Reason) {
 	var ne net.Error
 	switch {
 	case errors.Is(err, syscall.ECONNREFUSED):
-		return protocol.StatusRefused, "refused"
+		return protocol.StatusRefused, metrics.ReasonRefused
 	case errors.Is(err, os.ErrDeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
-		return protocol.StatusTimeout, "timeout"
+		return protocol.StatusTimeout, metrics.ReasonTimeout
 	default:
-		return protocol.StatusError, "dial_error"
+		return protocol.StatusError, metrics.ReasonDialError
 	}
 }
 
@@ -152,7 +153,7 @@ func (a *Agent) serveUDP(in *tunnel.Incoming, h protocol.StreamHeader, svc *Serv
 	cfg := &a.cfg.Tunnels.UDP
 	if !lim.acquire(cfg.MaxSessions) {
 		in.Reject(protocol.StatusOverLimit)
-		a.metrics.UDPDropped.WithLabelValues(svc.ID, "session_over_limit").Inc()
+		a.metrics.UDPDropped.WithLabelValues(svc.ID, metrics.ReasonSessionOverLimit.String()).Inc()
 		if lim.warnNow() {
 			a.log.Warn("max_sessions reached; refusing new UDP sessions", "service", svc.ID, "max_sessions", cfg.MaxSessions)
 		}
@@ -164,7 +165,7 @@ func (a *Agent) serveUDP(in *tunnel.Incoming, h protocol.StreamHeader, svc *Serv
 	c, err := net.Dial("udp", svc.Backend)
 	if err != nil {
 		in.Reject(protocol.StatusError)
-		a.metrics.UDPDropped.WithLabelValues(svc.ID, "dial_error").Inc()
+		a.metrics.UDPDropped.WithLabelValues(svc.ID, metrics.ReasonDialError.String()).Inc()
 		if lim.warnNow() {
 			a.log.Warn("backend socket failed", "service", svc.ID, "backend", svc.Backend, "err", err)
 		}
@@ -185,16 +186,15 @@ func (a *Agent) serveUDP(in *tunnel.Incoming, h protocol.StreamHeader, svc *Serv
 	if idle == 0 {
 		idle = cfg.SessionTimeout.Duration
 	}
-	pc := tunnel.AsPackets(st)
-	res := relay.PipePackets(pc, relay.ConnectedUDP{UDPConn: c.(*net.UDPConn)},
+	res := relay.PipePackets(tunnel.AsPackets(st), relay.ConnectedUDP{UDPConn: c.(*net.UDPConn)},
 		relay.PacketOptions{MaxDatagram: cfg.BufferSize, IdleTimeout: idle}, &stats)
 	flow.Done()
 	active.Dec()
-	if d := stats.Dropped.Load(); d > 0 {
-		a.metrics.UDPDropped.WithLabelValues(svc.ID, "too_large").Add(float64(d))
+	if res.TooLarge > 0 {
+		a.metrics.UDPDropped.WithLabelValues(svc.ID, metrics.ReasonTooLarge.String()).Add(float64(res.TooLarge))
 	}
-	if d := tunnel.PacketsDropped(pc); d > 0 {
-		a.metrics.UDPDropped.WithLabelValues(svc.ID, "queue_full").Add(float64(d))
+	if res.QueueFull > 0 {
+		a.metrics.UDPDropped.WithLabelValues(svc.ID, metrics.ReasonQueueFull.String()).Add(float64(res.QueueFull))
 	}
 	a.log.Debug("udp session closed", "service", svc.ID, "client", h.Client, "received", stats.FromTunnel.Load(),
 		"sent", stats.ToTunnel.Load(), "err", res.Err)

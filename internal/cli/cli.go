@@ -1,10 +1,11 @@
 // Package cli implements the portway command line: gateway, agent, up,
-// status, bench and version. Each command parses flags, builds the parts
+// status, bench, token and version. Each command parses flags, builds the parts
 // from internal packages and runs them until interrupted.
 package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -15,11 +16,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/spf13/cobra"
+
+	"github.com/portway/portway/internal/agent"
 )
 
 // app carries what every command needs.
 type app struct {
 	version   string
+	build     Build
 	stdout    io.Writer
 	stderr    io.Writer
 	getenv    func(string) string
@@ -33,22 +37,35 @@ type app struct {
 // Main runs the portway command line until ctx ends and returns the process
 // exit code.
 func Main(ctx context.Context, args []string, version string, stdout, stderr io.Writer) int {
-	a := &app{version: version, stdout: stdout, stderr: stderr, getenv: os.Getenv}
+	return MainBuild(ctx, args, Build{Version: version}, stdout, stderr)
+}
+
+// MainBuild is Main for a binary that knows more about its build than its
+// version (scripts/release.sh stamps the commit too).
+func MainBuild(ctx context.Context, args []string, build Build, stdout, stderr io.Writer) int {
+	build = build.fill()
+	a := &app{version: build.Version, build: build, stdout: stdout, stderr: stderr, getenv: os.Getenv}
 	root := &cobra.Command{
 		Use:           "portway",
 		Short:         "Reach TCP and UDP services in a private cluster through public ports of a gateway",
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		Version:       build.Version,
 	}
+	// --version prints what `portway version` does.
+	root.SetVersionTemplate(build.String())
 	root.PersistentFlags().StringVar(&a.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	root.PersistentFlags().StringVar(&a.logFormat, "log-format", "text", "log format: text or json")
 	root.SetArgs(args)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.AddCommand(a.gatewayCmd(), a.agentCmd(), a.upCmd(), a.statusCmd(), a.benchCmd(), a.benchRelayCmd(), a.benchEchoCmd(), a.versionCmd())
+	root.AddCommand(a.gatewayCmd(), a.agentCmd(), a.upCmd(), a.statusCmd(), a.benchCmd(), a.benchRelayCmd(), a.benchEchoCmd(), a.versionCmd(), a.tokenCmd())
 
 	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(stderr, "portway:", err)
+		if errors.Is(err, agent.ErrAuthRejected) {
+			return agent.AuthExitCode
+		}
 		return 1
 	}
 	return 0
@@ -76,16 +93,4 @@ func registry() *prometheus.Registry {
 	r := prometheus.NewRegistry()
 	r.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return r
-}
-
-func (a *app) versionCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:   "version",
-		Short: "Print the version",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			fmt.Fprintln(a.stdout, "portway", a.version)
-			return nil
-		},
-	}
 }

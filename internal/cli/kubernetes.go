@@ -70,7 +70,7 @@ func agentServices(svcs []discovery.Service) []agent.Service {
 	for i, s := range svcs {
 		out[i] = agent.Service{
 			ID: s.ID, Protocol: s.Protocol, Port: s.Port, Backend: s.Backend,
-			IdleTimeout: s.IdleTimeout, Mode: string(s.Mode),
+			IdleTimeout: s.IdleTimeout, Mode: s.Mode,
 		}
 	}
 	return out

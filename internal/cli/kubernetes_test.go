@@ -35,6 +35,7 @@ import (
 	"github.com/portway/portway/internal/discovery"
 	"github.com/portway/portway/internal/gateway"
 	"github.com/portway/portway/internal/k8stest"
+	"github.com/portway/portway/internal/protocol"
 	"github.com/portway/portway/internal/testgateway"
 	"github.com/portway/portway/internal/testlog"
 	"github.com/portway/portway/internal/testmetrics"
@@ -130,8 +131,8 @@ func TestKubernetesEndToEnd(t *testing.T) {
 
 	t.Run("endpoints are written back and traffic flows", func(t *testing.T) {
 		want := map[string][]discovery.EndpointEntry{
-			"redis": {{Mode: "tunnel", Protocol: "tcp", Endpoint: redisEP}},
-			"dns":   {{Mode: "tunnel", Protocol: "udp", Endpoint: dnsEP}},
+			"redis": {{Mode: "tunnel", Protocol: protocol.KindTCP, Endpoint: redisEP}},
+			"dns":   {{Mode: "tunnel", Protocol: protocol.KindUDP, Endpoint: dnsEP}},
 		}
 		k.waitGatewayEndpoints(t, "pipeops-system", "tcp-gateway", want)
 		k.waitRouteEndpoint(t, "TCPRoute", "pipeops-system", "redis-route", redisEP)
@@ -181,8 +182,8 @@ func TestKubernetesEndToEnd(t *testing.T) {
 		k.delete(t, "TCPRoute", "pipeops-system", "pg-route")
 		waitRefused(t, "tcp", "127.0.0.1:15432")
 		k.waitGatewayEndpoints(t, "pipeops-system", "tcp-gateway", map[string][]discovery.EndpointEntry{
-			"redis": {{Mode: "tunnel", Protocol: "tcp", Endpoint: redisEP}},
-			"dns":   {{Mode: "tunnel", Protocol: "udp", Endpoint: dnsEP}},
+			"redis": {{Mode: "tunnel", Protocol: protocol.KindTCP, Endpoint: redisEP}},
+			"dns":   {{Mode: "tunnel", Protocol: protocol.KindUDP, Endpoint: dnsEP}},
 		})
 	})
 
@@ -199,7 +200,7 @@ func TestKubernetesEndToEnd(t *testing.T) {
 		k.delete(t, "UDPRoute", "pipeops-system", "dns-route")
 		waitRefused(t, "udp", dnsEP)
 		k.waitGatewayEndpoints(t, "pipeops-system", "tcp-gateway", map[string][]discovery.EndpointEntry{
-			"redis": {{Mode: "tunnel", Protocol: "tcp", Endpoint: redisEP}},
+			"redis": {{Mode: "tunnel", Protocol: protocol.KindTCP, Endpoint: redisEP}},
 		})
 		k.create(t, udpRoute("pipeops-system", "dns-route", "tcp-gateway", "dns", "databases", "dns", dns.Port))
 		k.waitRouteEndpoint(t, "UDPRoute", "pipeops-system", "dns-route", dnsEP)
@@ -217,8 +218,8 @@ func TestKubernetesEndToEnd(t *testing.T) {
 		waitRefused(t, "tcp", redisEP)
 		waitRefused(t, "udp", dnsEP)
 		k.waitGatewayEndpoints(t, "pipeops-system", "tcp-gateway", map[string][]discovery.EndpointEntry{
-			"redis": {{Mode: "direct", Protocol: "tcp", Error: noPublic}},
-			"dns":   {{Mode: "direct", Protocol: "udp", Error: noPublic}},
+			"redis": {{Mode: "direct", Protocol: protocol.KindTCP, Error: noPublic}},
+			"dns":   {{Mode: "direct", Protocol: protocol.KindUDP, Error: noPublic}},
 		})
 		k.waitRouteEndpoint(t, "TCPRoute", "pipeops-system", "redis-route", "")
 		k.waitEvent(t, "pipeops-system", "Gateway", "tcp-gateway", "NoPublicAddress", "pipeops.io/routing-mode=direct")
@@ -227,8 +228,8 @@ func TestKubernetesEndToEnd(t *testing.T) {
 		// public address, so tunnel again.
 		k.patch(t, "Gateway", "pipeops-system", "tcp-gateway", `{"metadata":{"annotations":{"pipeops.io/routing-mode":"sideways"}}}`)
 		k.waitGatewayEndpoints(t, "pipeops-system", "tcp-gateway", map[string][]discovery.EndpointEntry{
-			"redis": {{Mode: "tunnel", Protocol: "tcp", Endpoint: redisEP}},
-			"dns":   {{Mode: "tunnel", Protocol: "udp", Endpoint: dnsEP}},
+			"redis": {{Mode: "tunnel", Protocol: protocol.KindTCP, Endpoint: redisEP}},
+			"dns":   {{Mode: "tunnel", Protocol: protocol.KindUDP, Endpoint: dnsEP}},
 		})
 		k.waitEvent(t, "pipeops-system", "Gateway", "tcp-gateway", "InvalidAnnotation", `pipeops.io/routing-mode="sideways" is not tunnel, direct or dual; ignored`)
 		if got := redisWho(t, redisB, redisEP); got != podB {
@@ -252,16 +253,16 @@ func TestKubernetesEndToEnd(t *testing.T) {
 		k.setLoadBalancerIP(t, "pipeops-system", "tcp-gateway-istio", publicLB)
 		waitRefused(t, "tcp", redisEP)
 		k.waitGatewayEndpoints(t, "pipeops-system", "tcp-gateway", map[string][]discovery.EndpointEntry{
-			"redis": {{Mode: "direct", Protocol: "tcp", Endpoint: publicLB + ":6379"}},
-			"dns":   {{Mode: "direct", Protocol: "udp", Endpoint: publicLB + ":53"}},
+			"redis": {{Mode: "direct", Protocol: protocol.KindTCP, Endpoint: publicLB + ":6379"}},
+			"dns":   {{Mode: "direct", Protocol: protocol.KindUDP, Endpoint: publicLB + ":53"}},
 		})
 		k.waitRouteEndpoint(t, "TCPRoute", "pipeops-system", "redis-route", publicLB+":6379")
 
 		// dual: registered with the gateway, both endpoints reported.
 		k.patch(t, "Gateway", "pipeops-system", "tcp-gateway", `{"metadata":{"annotations":{"pipeops.io/routing-mode":"dual"}}}`)
 		k.waitGatewayEndpoints(t, "pipeops-system", "tcp-gateway", map[string][]discovery.EndpointEntry{
-			"redis": {{Mode: "tunnel", Protocol: "tcp", Endpoint: redisEP}, {Mode: "direct", Protocol: "tcp", Endpoint: publicLB + ":6379"}},
-			"dns":   {{Mode: "tunnel", Protocol: "udp", Endpoint: dnsEP}, {Mode: "direct", Protocol: "udp", Endpoint: publicLB + ":53"}},
+			"redis": {{Mode: "tunnel", Protocol: protocol.KindTCP, Endpoint: redisEP}, {Mode: "direct", Protocol: protocol.KindTCP, Endpoint: publicLB + ":6379"}},
+			"dns":   {{Mode: "tunnel", Protocol: protocol.KindUDP, Endpoint: dnsEP}, {Mode: "direct", Protocol: protocol.KindUDP, Endpoint: publicLB + ":53"}},
 		})
 		k.waitRouteEndpoint(t, "TCPRoute", "pipeops-system", "redis-route", redisEP+","+publicLB+":6379")
 		if got := redisWho(t, redisB, redisEP); got != podB {
@@ -277,16 +278,16 @@ func TestKubernetesEndToEnd(t *testing.T) {
 		k.patch(t, "Gateway", "pipeops-system", "tcp-gateway", `{"metadata":{"annotations":{"pipeops.io/routing-mode":null}}}`)
 		k.setGatewayAddress(t, "pipeops-system", "tcp-gateway", publicGW)
 		k.waitGatewayEndpoints(t, "pipeops-system", "tcp-gateway", map[string][]discovery.EndpointEntry{
-			"redis": {{Mode: "direct", Protocol: "tcp", Endpoint: publicGW + ":6379"}},
-			"dns":   {{Mode: "direct", Protocol: "udp", Endpoint: publicGW + ":53"}},
+			"redis": {{Mode: "direct", Protocol: protocol.KindTCP, Endpoint: publicGW + ":6379"}},
+			"dns":   {{Mode: "direct", Protocol: protocol.KindUDP, Endpoint: publicGW + ":53"}},
 		})
 		waitRefused(t, "tcp", redisEP)
 
 		// Forced tunnel by annotation wins over the public address.
 		k.patch(t, "Gateway", "pipeops-system", "tcp-gateway", `{"metadata":{"annotations":{"pipeops.io/routing-mode":"tunnel"}}}`)
 		k.waitGatewayEndpoints(t, "pipeops-system", "tcp-gateway", map[string][]discovery.EndpointEntry{
-			"redis": {{Mode: "tunnel", Protocol: "tcp", Endpoint: redisEP}},
-			"dns":   {{Mode: "tunnel", Protocol: "udp", Endpoint: dnsEP}},
+			"redis": {{Mode: "tunnel", Protocol: protocol.KindTCP, Endpoint: redisEP}},
+			"dns":   {{Mode: "tunnel", Protocol: protocol.KindUDP, Endpoint: dnsEP}},
 		})
 		testwait.For(t, 10*time.Second, "redis through the tunnel again", func() bool { return redisWho(t, redisB, redisEP) == podB })
 	})

@@ -16,6 +16,7 @@ import (
 	"github.com/portway/portway/internal/agent"
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/gateway"
+	"github.com/portway/portway/internal/store"
 )
 
 func (a *app) gatewayCmd() *cobra.Command {
@@ -35,14 +36,9 @@ func (a *app) gatewayCmd() *cobra.Command {
 			f := cmd.Flags()
 			// load reads the file and applies the flags: at start and
 			// again on every reload, so flags keep winning.
-			load := func() (*config.Gateway, error) {
-				cfg := config.DefaultGateway()
-				if path != "" {
-					var err error
-					if cfg, err = config.LoadGateway(path, a.getenv); err != nil {
-						return nil, err
-					}
-				}
+			// Flags override the file before it is validated, so that a
+			// flag can supply what the file lacks (--insecure for no tls:).
+			flags := func(cfg *config.Gateway) {
 				setString(f.Changed("listen"), &cfg.Listen, listen)
 				setString(f.Changed("public-host"), &cfg.PublicHost, publicHost)
 				setString(f.Changed("port-range"), &cfg.PortRange, portRange)
@@ -52,6 +48,13 @@ func (a *app) gatewayCmd() *cobra.Command {
 				if f.Changed("insecure") {
 					cfg.Insecure = insecure
 				}
+			}
+			load := func() (*config.Gateway, error) {
+				if path != "" {
+					return config.LoadGatewayWith(path, a.getenv, flags)
+				}
+				cfg := config.DefaultGateway()
+				flags(cfg)
 				if err := cfg.Validate(); err != nil {
 					return nil, err
 				}
@@ -60,6 +63,13 @@ func (a *app) gatewayCmd() *cobra.Command {
 			cfg, err := load()
 			if err != nil {
 				return err
+			}
+			if cfg.StateFile != "" {
+				// A gateway that cannot persist its allocations would lose
+				// "same port after restart" silently: refuse to start.
+				if err := (&store.File{Path: cfg.StateFile}).CheckWritable(); err != nil {
+					return fmt.Errorf("state_file: %s: %w (make the directory writable by this user, e.g. StateDirectory= in a systemd unit, or set state_file)", cfg.StateFile, err)
+				}
 			}
 			a.applyLogLevel(cfg.LogLevel, f.Changed("log-level"))
 			if len(cfg.Agents) == 0 {
@@ -123,7 +133,7 @@ func setString(changed bool, dst *string, v string) {
 func (a *app) agentCmd() *cobra.Command {
 	var path, gwURL, token, proto, metricsListen string
 	var expose []string
-	var insecure bool
+	var insecure, exitOnAuth bool
 	var watch time.Duration
 	cmd := &cobra.Command{
 		Use:   "agent",
@@ -137,16 +147,17 @@ func (a *app) agentCmd() *cobra.Command {
 			f := cmd.Flags()
 			// load reads the file and applies the flags: at start and
 			// again on every reload.
-			load := func() (*config.AgentFile, error) {
-				cfg := config.DefaultAgent()
-				if path != "" {
-					var err error
-					if cfg, err = config.LoadAgent(path, a.getenv); err != nil {
-						return nil, err
-					}
-				} else {
-					cfg.ApplyEnv(a.getenv)
+			var exposed []config.StaticService
+			for _, e := range expose {
+				s, err := parseExpose(e)
+				if err != nil {
+					return err
 				}
+				exposed = append(exposed, s)
+			}
+			// Flags override the file before it is validated, so that a
+			// flag can supply what the file lacks (--token).
+			flags := func(cfg *config.AgentFile) {
 				setString(f.Changed("gateway-url"), &cfg.Gateway.URL, gwURL)
 				setString(f.Changed("token"), &cfg.Gateway.Token, token)
 				setString(f.Changed("protocol"), &cfg.Gateway.Protocol, proto)
@@ -154,13 +165,15 @@ func (a *app) agentCmd() *cobra.Command {
 				if f.Changed("insecure") {
 					cfg.Gateway.Insecure = insecure
 				}
-				for _, e := range expose {
-					s, err := parseExpose(e)
-					if err != nil {
-						return nil, err
-					}
-					cfg.Services = append(cfg.Services, s)
+				cfg.Services = append(cfg.Services, exposed...)
+			}
+			load := func() (*config.AgentFile, error) {
+				if path != "" {
+					return config.LoadAgentWith(path, a.getenv, flags)
 				}
+				cfg := config.DefaultAgent()
+				cfg.ApplyEnv(a.getenv)
+				flags(cfg)
 				if err := cfg.Validate(); err != nil {
 					return nil, err
 				}
@@ -203,7 +216,7 @@ func (a *app) agentCmd() *cobra.Command {
 					})
 				}()
 			}
-			return runAgentWith(ctx, agent.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: a.version}, a.getenv, onAgent)
+			return runAgentWith(ctx, agent.Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg, Version: a.version, ExitOnAuthFailure: exitOnAuth}, a.getenv, onAgent)
 		},
 	}
 	f := cmd.Flags()
@@ -214,6 +227,7 @@ func (a *app) agentCmd() *cobra.Command {
 	f.StringVar(&metricsListen, "metrics-listen", "", "metrics/health address (metrics.listen)")
 	f.BoolVar(&insecure, "insecure", false, "allow plain ws:// to a gateway other than loopback, token in clear (gateway.insecure)")
 	f.StringArrayVar(&expose, "expose", nil, "expose a service: NAME=tcp://HOST:PORT or NAME=udp://HOST:PORT (repeatable)")
+	f.BoolVar(&exitOnAuth, "exit-on-auth-failure", false, fmt.Sprintf("exit with status %d when the gateway rejects the token, instead of retrying", agent.AuthExitCode))
 	f.DurationVar(&watch, "watch-interval", defaultWatchInterval, "how often to check the config file for a change to reload (0: only on SIGHUP)")
 	return cmd
 }

@@ -88,7 +88,9 @@ func writeStatus(out io.Writer, agents []adminapi.AgentInfo, services []adminapi
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%d\n", ag.Name, state, dash(ag.Protocol), dash(ag.Remote), since, rtt, ag.Services)
 	}
 	fmt.Fprintln(w)
-	fmt.Fprintln(w, "AGENT\tSERVICE\tPROTO\tPORT\tENDPOINT\tMODE\tACTIVE\tIN\tOUT")
+	// SERVICE PORT is the port the service is known by (5432); the public
+	// endpoint carries the port clients connect to (15432).
+	fmt.Fprintln(w, "AGENT\tSERVICE\tPROTO\tSERVICE PORT\tPUBLIC ENDPOINT\tMODE\tACTIVE\tIN\tOUT")
 	for _, s := range services {
 		in, outv := humanBytes(s.BytesIn), humanBytes(s.BytesOut)
 		if s.Protocol == "udp" {

@@ -127,7 +127,7 @@ const DefaultLabel = "pipeops.io/managed"
 func DefaultAgent() *AgentFile {
 	return &AgentFile{
 		Gateway: GatewayConn{Protocol: "auto"},
-		Metrics: Metrics{Listen: ":9090"},
+		Metrics: Metrics{Listen: "127.0.0.1:9090"},
 		Tunnels: Tunnels{
 			Enabled: true,
 			Discovery: Discovery{
@@ -154,28 +154,41 @@ func DefaultAgent() *AgentFile {
 // ParseAgent parses agent.yaml over the defaults, applies environment
 // overrides and validates the result.
 func ParseAgent(data []byte, getenv func(string) string) (*AgentFile, error) {
+	return parseAgent("", data, getenv, nil)
+}
+
+// parseAgent is ParseAgent for the file called name ("" for none), which
+// prefixes every problem with name:line.
+func parseAgent(name string, data []byte, getenv func(string) string, override func(*AgentFile)) (*AgentFile, error) {
 	a := DefaultAgent()
-	if err := parseStrict(data, a); err != nil {
-		return nil, fmt.Errorf("config: %w", err)
+	lines, err := parseStrict(name, data, a)
+	if err != nil {
+		return nil, err
 	}
 	a.ApplyEnv(getenv)
+	if override != nil {
+		override(a)
+	}
 	if err := a.Validate(); err != nil {
-		return nil, err
+		return nil, withLines(name, lines, err)
 	}
 	return a, nil
 }
 
 // LoadAgent reads and parses an agent config file.
 func LoadAgent(path string, getenv func(string) string) (*AgentFile, error) {
+	return LoadAgentWith(path, getenv, nil)
+}
+
+// LoadAgentWith is LoadAgent with override (the command line's flags)
+// applied after the file and the environment and before validation, so
+// that a flag can supply what the file lacks.
+func LoadAgentWith(path string, getenv func(string) string, override func(*AgentFile)) (*AgentFile, error) {
 	b, err := readFile(path)
 	if err != nil {
 		return nil, err
 	}
-	a, err := ParseAgent(b, getenv)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return a, nil
+	return parseAgent(path, b, getenv, override)
 }
 
 // ApplyEnv applies PORTWAY_GATEWAY_TOKEN and PORTWAY_GATEWAY_URL.

@@ -105,12 +105,23 @@ func (p *problems) hostPort(key, v string, required bool) {
 	}
 }
 
-// parseStrict unmarshals YAML into v, refusing unknown keys.
-func parseStrict(data []byte, v any) error {
-	if err := yaml.UnmarshalStrict(data, v); err != nil {
-		return cleanYAMLError(err)
+// parseStrict unmarshals YAML into v, refusing unknown keys. name is the
+// file's name, or "" for a document without one. It reports every unknown
+// key and wrongly typed value at once, each with its line, and returns the
+// key path → line index of the document for withLines.
+func parseStrict(name string, data []byte, v any) (map[string]int, error) {
+	lines, err := checkShape(name, data, v)
+	if err != nil {
+		return nil, err
 	}
-	return nil
+	if err := yaml.UnmarshalStrict(data, v); err != nil {
+		err = cleanYAMLError(err)
+		if name == "" {
+			return nil, fmt.Errorf("config: %w", err)
+		}
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	return lines, nil
 }
 
 // cleanYAMLError trims the layers sigs.k8s.io/yaml puts around the message.

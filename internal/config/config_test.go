@@ -114,7 +114,7 @@ func TestAgentDefaultsArePipeOps(t *testing.T) {
 		tt.TCP.BufferSize != 32768 || !tt.TCP.Keepalive || tt.TCP.KeepalivePeriod.Duration != 30*time.Second ||
 		tt.TCP.ConnectionTimeout.Duration != 30*time.Second || tt.TCP.IdleTimeout.Duration != 5*time.Minute ||
 		tt.TCP.MaxConnections != 1000 || tt.UDP.BufferSize != 65535 || tt.UDP.SessionTimeout.Duration != 5*time.Minute ||
-		tt.UDP.MaxSessions != 10000 || a.Gateway.Protocol != "auto" || a.Metrics.Listen != ":9090" {
+		tt.UDP.MaxSessions != 10000 || a.Gateway.Protocol != "auto" || a.Metrics.Listen != "127.0.0.1:9090" {
 		t.Fatalf("defaults differ from the PipeOps agent's: %+v", tt)
 	}
 }

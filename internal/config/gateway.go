@@ -128,28 +128,41 @@ func DefaultGateway() *Gateway {
 // ParseGateway parses gateway.yaml over the defaults, applies environment
 // overrides and validates the result.
 func ParseGateway(data []byte, getenv func(string) string) (*Gateway, error) {
+	return parseGateway("", data, getenv, nil)
+}
+
+// parseGateway is ParseGateway for the file called name ("" for none),
+// which prefixes every problem with name:line.
+func parseGateway(name string, data []byte, getenv func(string) string, override func(*Gateway)) (*Gateway, error) {
 	g := DefaultGateway()
-	if err := parseStrict(data, g); err != nil {
-		return nil, fmt.Errorf("config: %w", err)
+	lines, err := parseStrict(name, data, g)
+	if err != nil {
+		return nil, err
 	}
 	g.applyEnv(getenv)
+	if override != nil {
+		override(g)
+	}
 	if err := g.Validate(); err != nil {
-		return nil, err
+		return nil, withLines(name, lines, err)
 	}
 	return g, nil
 }
 
 // LoadGateway reads and parses a gateway config file.
 func LoadGateway(path string, getenv func(string) string) (*Gateway, error) {
+	return LoadGatewayWith(path, getenv, nil)
+}
+
+// LoadGatewayWith is LoadGateway with override (the command line's flags)
+// applied after the file and the environment and before validation, so
+// that a flag can supply what the file lacks.
+func LoadGatewayWith(path string, getenv func(string) string, override func(*Gateway)) (*Gateway, error) {
 	b, err := readFile(path)
 	if err != nil {
 		return nil, err
 	}
-	g, err := ParseGateway(b, getenv)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return g, nil
+	return parseGateway(path, b, getenv, override)
 }
 
 // applyEnv lets secrets come from the environment: PORTWAY_ADMIN_TOKEN for

@@ -16,14 +16,16 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/rest"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	"github.com/portway/portway/internal/protocol"
 )
 
 // apis are the Gateway API versions the cluster serves, as discovery uses
 // them.
 type apis struct {
-	// routes maps "tcp"/"udp" to the route version to watch ("v1" or
+	// routes maps a protocol to the route version to watch ("v1" or
 	// "v1alpha2"), for each protocol whose discovery is enabled.
-	routes map[string]string
+	routes map[protocol.Kind]string
 	// grants is the ReferenceGrant version to watch ("v1" or "v1beta1"),
 	// "" when the cluster serves none: then no grant exists.
 	grants string
@@ -95,16 +97,17 @@ func (d *Discoverer) probeAPI(ctx context.Context) (found apis, missing []string
 	if ctx.Err() != nil {
 		return apis{}, nil, ctx.Err()
 	}
-	found = apis{routes: map[string]string{}}
+	found = apis{routes: map[protocol.Kind]string{}}
 	if !slices.Contains(served["v1"], "gateways") {
 		missing = append(missing, "gateways."+gwv1.GroupName)
 	}
 	for _, p := range []struct {
-		proto, resource string
-		on              bool
+		proto    protocol.Kind
+		resource string
+		on       bool
 	}{
-		{"tcp", "tcproutes", d.opts.Tunnels.Discovery.TCP.Enabled},
-		{"udp", "udproutes", d.opts.Tunnels.Discovery.UDP.Enabled},
+		{protocol.KindTCP, "tcproutes", d.opts.Tunnels.Discovery.TCP.Enabled},
+		{protocol.KindUDP, "udproutes", d.opts.Tunnels.Discovery.UDP.Enabled},
 	} {
 		if !p.on {
 			continue

@@ -25,6 +25,7 @@ import (
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/discovery"
 	"github.com/portway/portway/internal/k8stest"
+	"github.com/portway/portway/internal/protocol"
 	"github.com/portway/portway/internal/testlog"
 	"github.com/portway/portway/internal/testmetrics"
 	"github.com/portway/portway/internal/testwait"
@@ -259,7 +260,7 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 	latency := time.Since(stored)
 	t.Logf("route stored → service published in %v", latency.Round(time.Millisecond))
 	svc := rec.last()[0]
-	if svc.ID != "apps/edge/redis" || svc.Protocol != "tcp" || svc.Port != 6379 || svc.Mode != discovery.ModeTunnel ||
+	if svc.ID != "apps/edge/redis" || svc.Protocol != protocol.KindTCP || svc.Port != 6379 || svc.Mode != discovery.ModeTunnel ||
 		!strings.HasSuffix(svc.Backend, ":6379") || strings.HasPrefix(svc.Backend, ":") {
 		t.Errorf("published %+v", svc)
 	}
@@ -268,7 +269,7 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 	}
 
 	// The gateway's answer is written back, as the ServiceAccount.
-	d.SetEndpoints([]discovery.Endpoint{{ID: "apps/edge/redis", Protocol: "tcp", Address: "gw.example.com:16379"}})
+	d.SetEndpoints([]discovery.Endpoint{{ID: "apps/edge/redis", Protocol: protocol.KindTCP, Address: "gw.example.com:16379"}})
 	var gwRV, routeRV string
 	testwait.For(t, 10*time.Second, "the annotations", func() bool {
 		g, err1 := gw.GatewayV1().Gateways("apps").Get(ctx(t), "edge", metav1.GetOptions{})
@@ -291,7 +292,7 @@ func testDiscoveryAsServiceAccount(t *testing.T, env *k8stest.Env, kube kubernet
 	if after != before {
 		t.Errorf("%v recomputes while nothing changed", after-before)
 	}
-	d.SetEndpoints([]discovery.Endpoint{{ID: "apps/edge/redis", Protocol: "tcp", Address: "gw.example.com:16379"}})
+	d.SetEndpoints([]discovery.Endpoint{{ID: "apps/edge/redis", Protocol: protocol.KindTCP, Address: "gw.example.com:16379"}})
 	time.Sleep(time.Second)
 	g2, _ := gw.GatewayV1().Gateways("apps").Get(ctx(t), "edge", metav1.GetOptions{})
 	r2, _ := gw.GatewayV1().TCPRoutes("apps").Get(ctx(t), "redis", metav1.GetOptions{})

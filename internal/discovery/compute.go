@@ -21,6 +21,7 @@ import (
 	gwlisters "sigs.k8s.io/gateway-api/pkg/client/listers/apis/v1"
 
 	"github.com/portway/portway/internal/config"
+	"github.com/portway/portway/internal/protocol"
 )
 
 // world is what a recompute reads: the informer caches.
@@ -38,9 +39,9 @@ type world struct {
 	// grantsSynced is false while they cannot be read yet.
 	grants       *grantSource
 	grantsSynced func() bool
-	// routes maps "tcp"/"udp" to its route kind; absent when that
+	// routes maps a protocol to its route kind; absent when that
 	// protocol's discovery is disabled.
-	routes map[string]*routeSource
+	routes map[protocol.Kind]*routeSource
 }
 
 // result is one recompute's outcome.
@@ -140,9 +141,9 @@ type computation struct {
 	t config.Tunnels
 	// gateways are all cached Gateways, sorted by namespace and name.
 	gateways []*gwv1.Gateway
-	// routes maps "tcp"/"udp" to that protocol's cached routes, oldest
+	// routes maps a protocol to its cached routes, oldest
 	// first (the order Gateway API conflict resolution prefers).
-	routes map[string][]route
+	routes map[protocol.Kind][]route
 	// refused holds the Gateways labelled outside the permitted
 	// namespaces or classes; they are reported and otherwise treated as
 	// unlabelled.
@@ -165,7 +166,7 @@ func newComputation(w *world, t config.Tunnels) (*computation, error) {
 	})
 	c := &computation{
 		w: w, t: t, gateways: gws,
-		routes:  map[string][]route{},
+		routes:  map[protocol.Kind][]route{},
 		refused: map[objectKey]bool{},
 		matched: map[objectKey]map[int]bool{},
 	}
@@ -185,12 +186,12 @@ func newComputation(w *world, t config.Tunnels) (*computation, error) {
 
 // labelled reports whether g carries the discovery label of proto, and
 // discovery of that protocol is enabled and served.
-func (c *computation) labelled(g *gwv1.Gateway, proto string) bool {
+func (c *computation) labelled(g *gwv1.Gateway, proto protocol.Kind) bool {
 	var src config.DiscoverySource
 	switch proto {
-	case "tcp":
+	case protocol.KindTCP:
 		src = c.t.Discovery.TCP
-	case "udp":
+	case protocol.KindUDP:
 		src = c.t.Discovery.UDP
 	}
 	return src.Enabled && c.w.routes[proto] != nil && g.Labels[src.GatewayLabel] == "true"
@@ -198,7 +199,7 @@ func (c *computation) labelled(g *gwv1.Gateway, proto string) bool {
 
 // managed reports whether portway exposes g's listeners of proto: g is
 // labelled for proto and not refused.
-func (c *computation) managed(g *gwv1.Gateway, proto string) bool {
+func (c *computation) managed(g *gwv1.Gateway, proto protocol.Kind) bool {
 	return c.labelled(g, proto) && !c.refused[objectKey{"Gateway", g.Namespace, g.Name}]
 }
 
@@ -212,7 +213,7 @@ func (c *computation) report(p problem) {
 // exposed, since managed depends on it.
 func (c *computation) refuseUnpermittedGateways() {
 	for _, g := range c.gateways {
-		if !c.labelled(g, "tcp") && !c.labelled(g, "udp") {
+		if !c.labelled(g, protocol.KindTCP) && !c.labelled(g, protocol.KindUDP) {
 			continue
 		}
 		if why := gatewayNotPermitted(g, c.t.Discovery); why != "" {
@@ -237,7 +238,7 @@ type gatewaySettings struct {
 func (c *computation) exposeGateway(g *gwv1.Gateway) {
 	gref := refOf("Gateway", gwv1.GroupVersion.String(), g)
 	c.res.gateways = append(c.res.gateways, cachedObject{ref: gref, annotation: g.Annotations[AnnotationEndpoints]})
-	if !c.managed(g, "tcp") && !c.managed(g, "udp") {
+	if !c.managed(g, protocol.KindTCP) && !c.managed(g, protocol.KindUDP) {
 		return
 	}
 	mode, public, probs := routingMode(g, gref, c.w.services, c.t.Routing)
@@ -249,7 +250,7 @@ func (c *computation) exposeGateway(g *gwv1.Gateway) {
 	gs := gatewaySettings{ref: gref, mode: mode, public: public, idle: idle}
 	for _, l := range g.Spec.Listeners {
 		proto := listenerProtocol(l.Protocol)
-		if proto == "" || !c.managed(g, proto) {
+		if !proto.Valid() || !c.managed(g, proto) {
 			continue
 		}
 		c.exposeListener(g, gs, l, proto)
@@ -258,7 +259,7 @@ func (c *computation) exposeGateway(g *gwv1.Gateway) {
 
 // exposeListener makes listener l of g a service when a route is attached
 // to it and its backend resolves; otherwise it records why not.
-func (c *computation) exposeListener(g *gwv1.Gateway, gs gatewaySettings, l gwv1.Listener, proto string) {
+func (c *computation) exposeListener(g *gwv1.Gateway, gs gatewaySettings, l gwv1.Listener, proto protocol.Kind) {
 	r, ok := c.attachedRoute(g, gs.ref, l, proto)
 	if !ok {
 		return
@@ -293,11 +294,11 @@ func (c *computation) exposeListener(g *gwv1.Gateway, gs gatewaySettings, l gwv1
 // routes of proto that select l and that l accepts, the oldest (Gateway API
 // conflict resolution). The other candidates, the routes l does not accept
 // and a listener without a route are reported.
-func (c *computation) attachedRoute(g *gwv1.Gateway, gref objectRef, l gwv1.Listener, proto string) (route, bool) {
+func (c *computation) attachedRoute(g *gwv1.Gateway, gref objectRef, l gwv1.Listener, proto protocol.Kind) (route, bool) {
 	candidates := c.candidateRoutes(g, l, proto)
 	if len(candidates) == 0 {
 		c.report(problem{obj: gref, reason: reasonNoRoute, subject: string(l.Name),
-			message: fmt.Sprintf("%s listener %q has no %s attached; not exposed", strings.ToUpper(proto), l.Name, c.w.routes[proto].kind)})
+			message: fmt.Sprintf("%s listener %q has no %s attached; not exposed", strings.ToUpper(proto.String()), l.Name, c.w.routes[proto].kind)})
 		return route{}, false
 	}
 	r := candidates[0]
@@ -311,7 +312,7 @@ func (c *computation) attachedRoute(g *gwv1.Gateway, gref objectRef, l gwv1.List
 // candidateRoutes returns the routes of proto, oldest first, with a
 // parentRef selecting listener l of g that l accepts. It marks those
 // parentRefs matched and reports the routes l does not accept.
-func (c *computation) candidateRoutes(g *gwv1.Gateway, l gwv1.Listener, proto string) []route {
+func (c *computation) candidateRoutes(g *gwv1.Gateway, l gwv1.Listener, proto protocol.Kind) []route {
 	var candidates []route
 	for _, r := range c.routes[proto] {
 		if !c.markSelecting(r, g, l) {
@@ -359,7 +360,7 @@ func (c *computation) reportUnmatchedParentRefs() {
 					continue
 				}
 				c.report(problem{obj: r.ref, reason: reasonNoMatchingListener, subject: strconv.Itoa(i),
-					message: fmt.Sprintf("parentRefs[%d] selects no %s listener of Gateway %s/%s%s", i, strings.ToUpper(proto), g.Namespace, g.Name, describeSection(p))})
+					message: fmt.Sprintf("parentRefs[%d] selects no %s listener of Gateway %s/%s%s", i, strings.ToUpper(proto.String()), g.Namespace, g.Name, describeSection(p))})
 			}
 		}
 	}
@@ -389,16 +390,16 @@ func describeSection(p gwv1.ParentReference) string {
 	return " with " + strings.Join(parts, " and ")
 }
 
-// listenerProtocol maps a listener protocol to "tcp" or "udp"; other
-// protocols (HTTP, TLS, ...) are not portway's.
-func listenerProtocol(p gwv1.ProtocolType) string {
+// listenerProtocol maps a listener protocol to its Kind; other protocols
+// (HTTP, TLS, ...) are not portway's: 0.
+func listenerProtocol(p gwv1.ProtocolType) protocol.Kind {
 	switch p {
 	case gwv1.TCPProtocolType:
-		return "tcp"
+		return protocol.KindTCP
 	case gwv1.UDPProtocolType:
-		return "udp"
+		return protocol.KindUDP
 	}
-	return ""
+	return 0
 }
 
 // isGatewayRef reports whether p refers to a Gateway (group and kind
@@ -540,7 +541,7 @@ func (w *world) namespaceLabels(ns string) (labels.Set, error) {
 // owner, and the PipeOps examples (routes in pipeops-system, Services in
 // databases) rely on that. Other routes may also not use a Service that
 // leads further than they may reach (see reachNotPermitted).
-func resolveBackend(w *world, r route, proto, gwNS string) (string, *problem) {
+func resolveBackend(w *world, r route, proto protocol.Kind, gwNS string) (string, *problem) {
 	ref, prob := firstBackend(r)
 	if prob != nil {
 		return "", prob
@@ -617,12 +618,12 @@ func (w *world) backendService(r route, ref backendRef, gwNS string) (*corev1.Se
 // serviceAddress returns host:port to dial for port of svc: its
 // ExternalName, its ClusterIP, or for a headless Service a ready endpoint.
 // Problems are reported on obj, the route.
-func (w *world) serviceAddress(obj objectRef, svc *corev1.Service, port int32, proto string) (string, *problem) {
+func (w *world) serviceAddress(obj objectRef, svc *corev1.Service, port int32, proto protocol.Kind) (string, *problem) {
 	if svc.Spec.Type == corev1.ServiceTypeExternalName {
 		return net.JoinHostPort(svc.Spec.ExternalName, strconv.Itoa(int(port))), nil
 	}
 	want := corev1.ProtocolTCP
-	if proto == "udp" {
+	if proto == protocol.KindUDP {
 		want = corev1.ProtocolUDP
 	}
 	i := slices.IndexFunc(svc.Spec.Ports, func(sp corev1.ServicePort) bool {

@@ -19,6 +19,7 @@ import (
 	gwlisters "sigs.k8s.io/gateway-api/pkg/client/listers/apis/v1"
 
 	"github.com/portway/portway/internal/config"
+	"github.com/portway/portway/internal/protocol"
 )
 
 // These tests run compute on listers filled by hand: the same code path as
@@ -71,11 +72,11 @@ func testWorld(t *testing.T, objs ...runtime.Object) *world {
 		services:   corelisters.NewServiceLister(svcs),
 		slices:     discoverylisters.NewEndpointSliceLister(slices),
 		namespaces: corelisters.NewNamespaceLister(nss),
-		routes: map[string]*routeSource{
-			"tcp": {kind: "TCPRoute", version: "v1", list: func() ([]route, error) {
+		routes: map[protocol.Kind]*routeSource{
+			protocol.KindTCP: {kind: "TCPRoute", version: "v1", list: func() ([]route, error) {
 				return listRoutes(tcpLister.List, "TCPRoute", "v1", specTCPv1)
 			}},
-			"udp": {kind: "UDPRoute", version: "v1", list: func() ([]route, error) {
+			protocol.KindUDP: {kind: "UDPRoute", version: "v1", list: func() ([]route, error) {
 				return listRoutes(udpLister.List, "UDPRoute", "v1", specUDPv1)
 			}},
 		},
@@ -190,7 +191,7 @@ func mustCompute(t *testing.T, w *world, tun config.Tunnels) result {
 func backends(res result) map[string]string {
 	m := map[string]string{}
 	for _, s := range res.services {
-		m[s.ID] = s.Protocol + " " + s.Backend + " " + string(s.Mode)
+		m[s.ID] = s.Protocol.String() + " " + s.Backend + " " + string(s.Mode)
 	}
 	return m
 }
@@ -554,7 +555,7 @@ func TestDiscoverySwitchesAndLabels(t *testing.T) {
 	ids := func(tun config.Tunnels) []string {
 		var out []string
 		for _, s := range mustCompute(t, testWorld(t, objs...), tun).services {
-			out = append(out, s.Protocol+":"+s.ID)
+			out = append(out, s.Protocol.String()+":"+s.ID)
 		}
 		return out
 	}
@@ -888,15 +889,15 @@ func TestDesiredAnnotations(t *testing.T) {
 	rRef := objectRef{kind: "TCPRoute", namespace: "ns", name: "r"}
 	uRef := objectRef{kind: "UDPRoute", namespace: "ns", name: "u"}
 	ls := []listenerResult{
-		{gateway: gwRef, listener: "redis", route: rRef, service: Service{ID: "ns/gw/redis", Protocol: "tcp", Mode: ModeDual}, direct: "203.0.113.1:6379"},
-		{gateway: gwRef, listener: "dns", route: uRef, service: Service{ID: "ns/gw/dns", Protocol: "udp", Mode: ModeTunnel}},
-		{gateway: gwRef, listener: "pg", route: rRef, service: Service{ID: "ns/gw/pg", Protocol: "tcp", Mode: ModeDirect}, directErr: "no public address"},
-		{gateway: gwRef, listener: "pending", route: rRef, service: Service{ID: "ns/gw/pending", Protocol: "tcp", Mode: ModeTunnel}},
+		{gateway: gwRef, listener: "redis", route: rRef, service: Service{ID: "ns/gw/redis", Protocol: protocol.KindTCP, Mode: ModeDual}, direct: "203.0.113.1:6379"},
+		{gateway: gwRef, listener: "dns", route: uRef, service: Service{ID: "ns/gw/dns", Protocol: protocol.KindUDP, Mode: ModeTunnel}},
+		{gateway: gwRef, listener: "pg", route: rRef, service: Service{ID: "ns/gw/pg", Protocol: protocol.KindTCP, Mode: ModeDirect}, directErr: "no public address"},
+		{gateway: gwRef, listener: "pending", route: rRef, service: Service{ID: "ns/gw/pending", Protocol: protocol.KindTCP, Mode: ModeTunnel}},
 	}
-	eps := map[serviceKey]Endpoint{
-		{"tcp", "ns/gw/redis"}: {ID: "ns/gw/redis", Protocol: "tcp", Address: "gw.example.com:16379"},
-		{"udp", "ns/gw/dns"}:   {ID: "ns/gw/dns", Protocol: "udp", Error: "port range exhausted"},
-		{"tcp", "ns/gw/pg"}:    {ID: "ns/gw/pg", Protocol: "tcp", Address: "stale:1"}, // direct: never shown
+	eps := map[protocol.ServiceKey]Endpoint{
+		{ID: "ns/gw/redis", Kind: protocol.KindTCP}: {ID: "ns/gw/redis", Protocol: protocol.KindTCP, Address: "gw.example.com:16379"},
+		{ID: "ns/gw/dns", Kind: protocol.KindUDP}:   {ID: "ns/gw/dns", Protocol: protocol.KindUDP, Error: "port range exhausted"},
+		{ID: "ns/gw/pg", Kind: protocol.KindTCP}:    {ID: "ns/gw/pg", Protocol: protocol.KindTCP, Address: "stale:1"}, // direct: never shown
 	}
 	gw, routes := desiredAnnotations(ls, eps)
 	b, _ := json.Marshal(gw[gwRef.key()])

@@ -38,6 +38,7 @@ import (
 	gwinformers "sigs.k8s.io/gateway-api/pkg/client/informers/externalversions"
 
 	"github.com/portway/portway/internal/config"
+	"github.com/portway/portway/internal/protocol"
 )
 
 // Annotations and labels read or written by discovery. The pipeops.io keys
@@ -64,19 +65,15 @@ const (
 	FieldManager = "portway-agent"
 )
 
-// Mode is a Gateway's routing mode.
-type Mode string
+// Mode is a Gateway's routing mode: the one type the agent registers and
+// the gateway shows, protocol.Mode.
+type Mode = protocol.Mode
 
 // The routing modes, named as the PipeOps agent names them.
 const (
-	// ModeTunnel exposes services only through the portway gateway.
-	ModeTunnel Mode = "tunnel"
-	// ModeDirect leaves services to the Gateway's own public address: they
-	// are not registered with the portway gateway.
-	ModeDirect Mode = "direct"
-	// ModeDual registers services with the portway gateway and reports the
-	// direct endpoint as well.
-	ModeDual Mode = "dual"
+	ModeTunnel = protocol.ModeTunnel
+	ModeDirect = protocol.ModeDirect
+	ModeDual   = protocol.ModeDual
 )
 
 // Service is one discovered tunnel service: a TCP or UDP listener of a
@@ -84,8 +81,8 @@ const (
 type Service struct {
 	// ID is namespace/gateway/listener, unique in the cluster.
 	ID string
-	// Protocol is "tcp" or "udp", from the listener.
-	Protocol string
+	// Protocol is the listener's protocol.
+	Protocol protocol.Kind
 	// Port is the listener's port.
 	Port int
 	// Backend is host:port to dial: the Service's ClusterIP and port, or a
@@ -100,7 +97,7 @@ type Service struct {
 // Endpoint is the gateway's answer for one published service.
 type Endpoint struct {
 	ID       string
-	Protocol string
+	Protocol protocol.Kind
 	// Address is the public host:port; empty when Error is set.
 	Address string
 	Error   string
@@ -159,16 +156,16 @@ type Discoverer struct {
 	trigger chan struct{}
 
 	mu        sync.Mutex
-	endpoints map[serviceKey]Endpoint // from the last SetEndpoints
+	endpoints map[protocol.ServiceKey]Endpoint // from the last SetEndpoints
 
 	// Owned by the loop goroutine.
 	w         *world
 	published []Service
-	known     map[serviceKey]Service // every discovered service, for change logs
-	problems  map[string]problem     // reported and not yet resolved
-	written   map[objectKey]pending  // annotation patches the cache has not shown yet
-	loggedEP  map[string]string      // gateway/listener → endpoints line last logged
-	retry     *time.Timer            // re-runs a failed write-back
+	known     map[protocol.ServiceKey]Service // every discovered service, for change logs
+	problems  map[string]problem              // reported and not yet resolved
+	written   map[objectKey]pending           // annotation patches the cache has not shown yet
+	loggedEP  map[string]string               // gateway/listener → endpoints line last logged
+	retry     *time.Timer                     // re-runs a failed write-back
 	retryWait time.Duration
 }
 
@@ -230,8 +227,8 @@ func New(o Options) (*Discoverer, error) {
 		opts: o, log: log, kube: kube, gw: gw,
 		events:    newEventWriter(kube.EventsV1(), o.Instance, log),
 		trigger:   make(chan struct{}, 1),
-		endpoints: map[serviceKey]Endpoint{},
-		known:     map[serviceKey]Service{},
+		endpoints: map[protocol.ServiceKey]Endpoint{},
+		known:     map[protocol.ServiceKey]Service{},
 		problems:  map[string]problem{},
 		written:   map[objectKey]pending{},
 		loggedEP:  map[string]string{},
@@ -242,9 +239,9 @@ func New(o Options) (*Discoverer, error) {
 // writes them back to Kubernetes. It does not block: the agent calls it from
 // its session loop.
 func (d *Discoverer) SetEndpoints(eps []Endpoint) {
-	m := make(map[serviceKey]Endpoint, len(eps))
+	m := make(map[protocol.ServiceKey]Endpoint, len(eps))
 	for _, e := range eps {
-		m[serviceKey{e.Protocol, e.ID}] = e
+		m[e.key()] = e
 	}
 	d.mu.Lock()
 	d.endpoints = m
@@ -284,7 +281,7 @@ func (d *Discoverer) Run(ctx context.Context) error {
 	}
 	d.warnUnreadable(ws.world)
 	d.w = ws.world
-	d.log.Info("Kubernetes discovery started", "tcproutes", apis.routes["tcp"], "udproutes", apis.routes["udp"], "referencegrants", cmp.Or(apis.grants, "(not served)"),
+	d.log.Info("Kubernetes discovery started", "tcproutes", apis.routes[protocol.KindTCP], "udproutes", apis.routes[protocol.KindUDP], "referencegrants", cmp.Or(apis.grants, "(not served)"),
 		"tcp_label", labelOrOff(d.opts.Tunnels.Discovery.TCP), "udp_label", labelOrOff(d.opts.Tunnels.Discovery.UDP),
 		"gateway_namespaces", strings.Join(d.opts.Tunnels.Discovery.GatewayNamespaces, ","),
 		"gateway_classes", cmp.Or(strings.Join(d.opts.Tunnels.Discovery.GatewayClasses, ","), "(any)"))
@@ -327,7 +324,7 @@ func (d *Discoverer) newWatches(served apis) *watches {
 			slices:           endpointSlices.Lister(),
 			namespaces:       namespaces.Lister(),
 			namespacesSynced: namespaces.Informer().HasSynced,
-			routes:           map[string]*routeSource{},
+			routes:           map[protocol.Kind]*routeSource{},
 		},
 		required: []cache.SharedIndexInformer{gateways.Informer(), services.Informer(), endpointSlices.Informer()},
 		optional: []cache.SharedIndexInformer{namespaces.Informer()},
@@ -491,19 +488,19 @@ func (d *Discoverer) countSync(ok bool) {
 // publish hands the tunnel and dual services to Publish when the set
 // changed, and logs each service that appeared, changed or went.
 func (d *Discoverer) publish(all []Service) {
-	counts := map[string]int{"tcp": 0, "udp": 0}
-	next := make(map[serviceKey]Service, len(all))
+	counts := map[protocol.Kind]int{protocol.KindTCP: 0, protocol.KindUDP: 0}
+	next := make(map[protocol.ServiceKey]Service, len(all))
 	var tunneled []Service
 	for _, s := range all {
 		counts[s.Protocol]++
-		next[serviceKey{s.Protocol, s.ID}] = s
+		next[s.key()] = s
 		if s.Mode != ModeDirect {
 			tunneled = append(tunneled, s)
 		}
 	}
 	if d.opts.Discovered != nil {
 		for proto, n := range counts {
-			d.opts.Discovered.WithLabelValues(proto).Set(float64(n))
+			d.opts.Discovered.WithLabelValues(proto.String()).Set(float64(n))
 		}
 	}
 	for k, s := range next {
@@ -560,5 +557,8 @@ func (d *Discoverer) scheduleRetry(failed bool) {
 	d.retry.Reset(d.retryWait)
 }
 
-// serviceKey identifies a service: the same id may exist once per protocol.
-type serviceKey struct{ protocol, id string }
+// key identifies the service: the same id may exist once per protocol.
+func (s *Service) key() protocol.ServiceKey { return protocol.ServiceKey{ID: s.ID, Kind: s.Protocol} }
+
+// key identifies the endpoint's service.
+func (e *Endpoint) key() protocol.ServiceKey { return protocol.ServiceKey{ID: e.ID, Kind: e.Protocol} }

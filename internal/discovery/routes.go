@@ -12,6 +12,8 @@ import (
 	gwv1alpha2 "sigs.k8s.io/gateway-api/apis/v1alpha2"
 	gwclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
 	gwinformers "sigs.k8s.io/gateway-api/pkg/client/informers/externalversions"
+
+	"github.com/portway/portway/internal/protocol"
 )
 
 // route is a TCPRoute or UDPRoute reduced to what discovery uses, whichever
@@ -37,10 +39,10 @@ type routeSource struct {
 
 var patchOptions = metav1.PatchOptions{FieldManager: FieldManager}
 
-// newRouteSource returns the source for protocol ("tcp" → TCPRoute, "udp" →
+// newRouteSource returns the source for kind (TCP → TCPRoute, UDP →
 // UDPRoute) at version ("v1" or "v1alpha2").
-func newRouteSource(protocol, version string, f gwinformers.SharedInformerFactory, c gwclient.Interface) *routeSource {
-	switch protocol + "/" + version {
+func newRouteSource(kind protocol.Kind, version string, f gwinformers.SharedInformerFactory, c gwclient.Interface) *routeSource {
+	switch kind.String() + "/" + version {
 	case "tcp/v1":
 		inf := f.Gateway().V1().TCPRoutes()
 		return &routeSource{
@@ -90,7 +92,7 @@ func newRouteSource(protocol, version string, f gwinformers.SharedInformerFactor
 			},
 		}
 	}
-	panic(fmt.Sprintf("discovery: no route source for %s/%s", protocol, version)) // probeAPI returns only the versions above
+	panic(fmt.Sprintf("discovery: no route source for %s/%s", kind, version)) // probeAPI returns only the versions above
 }
 
 // listRoutes lists one route kind from its lister and reduces each object.

@@ -15,6 +15,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	eventsclient "k8s.io/client-go/kubernetes/typed/events/v1"
+
+	"github.com/portway/portway/internal/protocol"
 )
 
 // EndpointEntry is one endpoint of a listener in the
@@ -22,8 +24,8 @@ import (
 type EndpointEntry struct {
 	// Mode is "tunnel" (through the portway gateway) or "direct" (the
 	// Gateway's own public address).
-	Mode     Mode   `json:"mode"`
-	Protocol string `json:"protocol"`
+	Mode     Mode          `json:"mode"`
+	Protocol protocol.Kind `json:"protocol"`
 	// Endpoint is host:port for clients; empty when Error is set.
 	Endpoint string `json:"endpoint,omitempty"`
 	// Error says why there is no endpoint (the gateway refused the
@@ -78,7 +80,7 @@ func (d *Discoverer) writeBack(ctx context.Context, res result) bool {
 // and the route annotations (endpoints, tunnel first) from the exposed
 // listeners and the gateway's answers. A tunnel endpoint appears once the
 // gateway has answered for the service.
-func desiredAnnotations(ls []listenerResult, eps map[serviceKey]Endpoint) (map[objectKey]map[string][]EndpointEntry, map[objectKey][]string) {
+func desiredAnnotations(ls []listenerResult, eps map[protocol.ServiceKey]Endpoint) (map[objectKey]map[string][]EndpointEntry, map[objectKey][]string) {
 	gw := map[objectKey]map[string][]EndpointEntry{}
 	routes := map[objectKey][]string{}
 	addRoute := func(k objectKey, ep string) {
@@ -90,7 +92,7 @@ func desiredAnnotations(ls []listenerResult, eps map[serviceKey]Endpoint) (map[o
 		s := lr.service
 		var entries []EndpointEntry
 		if s.Mode != ModeDirect {
-			if e, ok := eps[serviceKey{s.Protocol, s.ID}]; ok {
+			if e, ok := eps[s.key()]; ok {
 				entries = append(entries, EndpointEntry{Mode: ModeTunnel, Protocol: s.Protocol, Endpoint: e.Address, Error: e.Error})
 				if e.Error == "" && e.Address != "" {
 					addRoute(lr.route.key(), e.Address)

@@ -418,7 +418,7 @@ func TestOpenConnectionSurvivesReRegister(t *testing.T) {
 				}
 			}
 			roundTrip("before")
-			a.SetDiscovered([]agent.Service{{ID: "extra", Protocol: "tcp", Port: 4242, Backend: echo, Mode: "tunnel"}})
+			a.SetDiscovered([]agent.Service{{ID: "extra", Protocol: protocol.KindTCP, Port: 4242, Backend: echo, Mode: "tunnel"}})
 			testwait.For(t, 5*time.Second, "the new service", func() bool {
 				for _, e := range a.Endpoints() {
 					if e.Service.ID == "extra" && e.Address != "" {

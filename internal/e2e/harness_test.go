@@ -19,6 +19,7 @@ import (
 	"github.com/portway/portway/internal/agent"
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/gateway"
+	"github.com/portway/portway/internal/protocol"
 	"github.com/portway/portway/internal/quickstart"
 	"github.com/portway/portway/internal/testgateway"
 	"github.com/portway/portway/internal/testlog"
@@ -137,7 +138,7 @@ func (a *ag) waitReady(t *testing.T) map[string]string {
 	eps := map[string]string{}
 	for _, e := range a.Endpoints() {
 		k := e.Service.ID
-		if e.Service.Protocol == "udp" {
+		if e.Service.Protocol == protocol.KindUDP {
 			k = "udp/" + k
 		}
 		if e.Error != "" {

@@ -101,7 +101,7 @@ func TestServiceIDChurnCannotExhaustPorts(t *testing.T) {
 			rounds++
 			var svcs []protocol.Service
 			for j := 0; j < 2; j++ {
-				svcs = append(svcs, protocol.Service{ID: fmt.Sprintf("churn-%d-%d", rounds, j), Protocol: "tcp", Port: 80 + j})
+				svcs = append(svcs, protocol.Service{ID: fmt.Sprintf("churn-%d-%d", rounds, j), Protocol: protocol.KindTCP, Port: 80 + j})
 			}
 			for _, ep := range churner.register(t, svcs).Endpoints {
 				if ep.Error != "" {

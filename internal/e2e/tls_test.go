@@ -23,6 +23,7 @@ import (
 
 	"github.com/portway/portway/internal/agent"
 	"github.com/portway/portway/internal/config"
+	"github.com/portway/portway/internal/protocol"
 	"github.com/portway/portway/internal/testnet"
 	"github.com/portway/portway/internal/testwait"
 )
@@ -174,7 +175,7 @@ func TestWithdrawnServiceClosesAndComesBack(t *testing.T) {
 	echo := echoBackend(t)
 	a := startAgent(t, g.url(), tokenA, "yamux", []config.StaticService{{Name: "static", Protocol: "tcp", Port: 7, Backend: echo}})
 	a.waitReady(t)
-	dyn := agent.Service{ID: "dynamic", Protocol: "tcp", Port: 4242, Backend: echo, Mode: "tunnel"}
+	dyn := agent.Service{ID: "dynamic", Protocol: protocol.KindTCP, Port: 4242, Backend: echo, Mode: "tunnel"}
 	endpoint := func() string {
 		for _, e := range a.Endpoints() {
 			if e.Service.ID == "dynamic" {

@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/portway/portway/internal/adminapi"
+	"github.com/portway/portway/internal/protocol"
 )
 
 // AgentInfo is one entry of GET /v1/agents; the type lives in adminapi so
@@ -162,11 +163,11 @@ func (g *Gateway) Services() []ServiceInfo {
 			spec := b.spec.Load()
 			mode := spec.Mode
 			if mode == "" {
-				mode = "tunnel"
+				mode = protocol.ModeTunnel
 			}
 			si := ServiceInfo{
-				Agent: a.name, ID: spec.ID, Protocol: spec.Protocol, Port: spec.Port,
-				PublicPort: b.port, Endpoint: b.endpoint, Mode: mode,
+				Agent: a.name, ID: spec.ID, Protocol: spec.Protocol.String(), Port: spec.Port,
+				PublicPort: b.port, Endpoint: b.endpoint, Mode: string(mode),
 			}
 			si.Active = b.activeN.Load()
 			ps.traffic(&si)

@@ -70,7 +70,7 @@ func (g *Gateway) shutdownAgent(a *agentState) {
 	withdrawn := g.withdraw(a, nil)
 	a.mu.Unlock()
 	if s != nil {
-		s.CloseWithError("shutdown", "gateway shutting down")
+		s.CloseWithError(protocol.CodeShutdown, "gateway shutting down")
 	}
 	g.afterWithdraw(a.name, withdrawn)
 }
@@ -217,6 +217,6 @@ func (g *Gateway) countServices() {
 		}
 		a.mu.Unlock()
 	}
-	g.metrics.Services.WithLabelValues("tcp").Set(float64(tcp))
-	g.metrics.Services.WithLabelValues("udp").Set(float64(udp))
+	g.metrics.Services.WithLabelValues(protocol.KindTCP.String()).Set(float64(tcp))
+	g.metrics.Services.WithLabelValues(protocol.KindUDP.String()).Set(float64(udp))
 }

@@ -140,7 +140,7 @@ func TestFailedPublicPortChangeKeepsOldPort(t *testing.T) {
 	defer g.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	web := protocol.Service{ID: "web", Protocol: "tcp", Port: 80}
+	web := protocol.Service{ID: "web", Protocol: protocol.KindTCP, Port: 80}
 	fa, err := connectFakeAgent(ctx, g, "json", []protocol.Service{web}, holdStreams)
 	if err != nil {
 		t.Fatal(err)

@@ -176,7 +176,7 @@ func New(o Options) (*Gateway, error) {
 	}
 	g.live.Store(newLive(cfg))
 	if cfg.TLS != nil {
-		g.certNotAfter = newCertNotAfter(reg)
+		g.certNotAfter = metrics.NewCertificateExpiry(reg)
 	}
 	g.upgrader = tunnel.NewUpgrader(cfg.HandshakeTimeout.Duration)
 	g.limitRetained()
@@ -365,7 +365,7 @@ func (g *Gateway) authenticate(header string) (agentToken, bool) {
 func (g *Gateway) handleTunnel(w http.ResponseWriter, r *http.Request) {
 	src := remoteIP(r.RemoteAddr)
 	if !g.limiter.allowed(src) {
-		g.metrics.AuthFailures.WithLabelValues("rate_limited").Inc()
+		g.metrics.AuthFailures.WithLabelValues(metrics.ReasonRateLimited.String()).Inc()
 		w.Header().Set("Connection", "close")
 		w.Header().Set("Retry-After", "60")
 		http.Error(w, "too many failed authentication attempts", http.StatusTooManyRequests)
@@ -373,11 +373,11 @@ func (g *Gateway) handleTunnel(w http.ResponseWriter, r *http.Request) {
 	}
 	agent, ok := g.authenticate(r.Header.Get("Authorization"))
 	if !ok {
-		reason := "bad_token"
+		reason := metrics.ReasonBadToken
 		if r.Header.Get("Authorization") == "" {
-			reason = "no_token"
+			reason = metrics.ReasonNoToken
 		}
-		g.metrics.AuthFailures.WithLabelValues(reason).Inc()
+		g.metrics.AuthFailures.WithLabelValues(reason.String()).Inc()
 		if throttled := g.limiter.fail(src); throttled {
 			g.log.Warn("throttling tunnel authentication attempts", "source", src, "limit_per_minute", g.conf().AuthFailuresPerMinute)
 		} else {
@@ -434,7 +434,7 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 	a := g.agent(tok)
 	start := time.Now()
 	if old := a.attach(sess, remote); old != nil {
-		old.CloseWithError("replaced", "a newer session of this agent took over")
+		old.CloseWithError(protocol.CodeReplaced, "a newer session of this agent took over")
 		g.log.Info("agent session replaced", "agent", a.name)
 	}
 	g.metrics.AgentSessions.WithLabelValues(a.name).Inc()
@@ -461,7 +461,7 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 		case <-sess.Done():
 			err := sess.Err()
 			reason := endReason(err)
-			g.metrics.SessionEnds.WithLabelValues(reason).Inc()
+			g.metrics.SessionEnds.WithLabelValues(reason.String()).Inc()
 			if g.detach(a, sess) {
 				g.log.Info("agent disconnected", "agent", a.name, "reason", reason, "err", err,
 					"duration", time.Since(start).Round(time.Millisecond))
@@ -470,7 +470,7 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 			return
 		case <-shutdown:
 			shutdown = nil
-			sess.CloseWithError("shutdown", "gateway shutting down")
+			sess.CloseWithError(protocol.CodeShutdown, "gateway shutting down")
 		}
 	}
 }
@@ -482,20 +482,20 @@ func (g *Gateway) checkToken(tok agentToken, sess *tunnel.Session) {
 		return
 	}
 	g.log.Info("closing agent session: its token was removed from the configuration", "agent", tok.name)
-	sess.CloseWithError("token_revoked", "the agent's token is no longer accepted")
+	sess.CloseWithError(protocol.CodeTokenRevoked, "the agent's token is no longer accepted")
 }
 
-func endReason(err error) string {
+func endReason(err error) metrics.Reason {
 	var pe *tunnel.PeerError
 	switch {
 	case errors.As(err, &pe):
-		return "peer_" + pe.Code
+		return metrics.PeerReason(pe.Code)
 	case errors.Is(err, tunnel.ErrPeerTimeout):
-		return "heartbeat_timeout"
+		return metrics.ReasonHeartbeatTimeout
 	case errors.Is(err, tunnel.ErrProtocol):
-		return "protocol_violation"
+		return metrics.ReasonProtocolViolation
 	default:
-		return "closed"
+		return metrics.ReasonClosed
 	}
 }
 

@@ -71,7 +71,7 @@ func TestPortsPreferenceRetentionAndOwnership(t *testing.T) {
 	p := newPorts(10000, 10010, time.Hour, st)
 	p.now = clk.now
 	svc := func(id string, port int) *protocol.Service {
-		return &protocol.Service{ID: id, Protocol: "tcp", Port: port}
+		return &protocol.Service{ID: id, Protocol: protocol.KindTCP, Port: port}
 	}
 	if port, err := p.acquire("a", svc("pg", 5), bindExcept()); err != nil || port != 10005 {
 		t.Fatalf("preferred port: %d %v", port, err)
@@ -84,7 +84,7 @@ func TestPortsPreferenceRetentionAndOwnership(t *testing.T) {
 	if port, _ := p.acquire("b", svc("pg", 5), bindExcept()); port == 10005 {
 		t.Fatal("agent b got agent a's port")
 	}
-	exact := &protocol.Service{ID: "x", Protocol: "tcp", Port: 1, PublicPort: 10005}
+	exact := &protocol.Service{ID: "x", Protocol: protocol.KindTCP, Port: 1, PublicPort: 10005}
 	if _, err := p.acquire("b", exact, bindExcept()); err == nil {
 		t.Fatal("agent b took agent a's port by asking for it")
 	}

@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/portway/portway/internal/metrics"
 	"github.com/portway/portway/internal/protocol"
 	"github.com/portway/portway/internal/store"
 )
@@ -34,29 +35,19 @@ type allocation struct {
 	lastUsed time.Time
 }
 
-// evictReason says why a retained allocation was given up before its
-// port_retention ended. It is the reason label of
-// portway_gateway_port_evictions_total.
-type evictReason uint8
-
+// Why a retained allocation was given up before its port_retention ended:
+// the reason label of portway_gateway_port_evictions_total.
 const (
 	// evictAgentCap: the agent held more retained allocations than its
 	// max_retained_ports.
-	evictAgentCap evictReason = iota
+	evictAgentCap = metrics.ReasonAgentCap
 	// evictRangeFull: port_range had no free port for a new service.
-	evictRangeFull
+	evictRangeFull = metrics.ReasonRangeFull
 )
-
-func (r evictReason) String() string {
-	if r == evictRangeFull {
-		return "range_full"
-	}
-	return "agent_cap"
-}
 
 // eviction is one retained allocation given up, reported after the lock.
 type eviction struct {
-	reason evictReason
+	reason metrics.Reason
 	agent  string
 	svc    protocol.ServiceKey
 	port   int
@@ -110,11 +101,10 @@ func (p *ports) load(ctx context.Context) error {
 	}
 	p.mu.Lock()
 	for _, a := range allocs {
-		kind, err := protocol.ParseKind(a.Protocol)
-		if err != nil || a.Port < p.low || a.Port > p.high {
+		if !a.Protocol.Valid() || a.Port < p.low || a.Port > p.high {
 			continue
 		}
-		key := allocKey{a.Agent, protocol.ServiceKey{ID: a.Service, Kind: kind}}
+		key := allocKey{a.Agent, protocol.ServiceKey{ID: a.Service, Kind: a.Protocol}}
 		if p.byKey[key] != nil {
 			continue // listed twice: keep the first, so no port is orphaned
 		}
@@ -152,7 +142,7 @@ func (p *ports) acquire(agent string, svc *protocol.Service, bind bindFunc) (int
 }
 
 func (p *ports) acquireLocked(agent string, svc *protocol.Service, bind bindFunc) (int, error) {
-	kind, _ := protocol.ParseKind(svc.Protocol)
+	kind := svc.Protocol
 	key := allocKey{agent, svc.Key()}
 	p.expire()
 
@@ -327,7 +317,7 @@ func (p *ports) enforceCap(agent string) {
 
 // evict releases a retained allocation before its retention ended and
 // records why.
-func (p *ports) evict(a *allocation, why evictReason) {
+func (p *ports) evict(a *allocation, why metrics.Reason) {
 	p.release(a)
 	p.evicted = append(p.evicted, eviction{reason: why, agent: a.key.agent, svc: a.key.svc, port: a.port})
 }
@@ -394,7 +384,7 @@ func (p *ports) snapshot() []store.Allocation {
 			last = now
 		}
 		out = append(out, store.Allocation{
-			Agent: a.key.agent, Service: a.key.svc.ID, Protocol: a.key.svc.Kind.String(),
+			Agent: a.key.agent, Service: a.key.svc.ID, Protocol: a.key.svc.Kind,
 			Port: a.port, LastUsed: last.UTC().Truncate(time.Second),
 		})
 	}

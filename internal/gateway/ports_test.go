@@ -34,7 +34,9 @@ func testPorts(low, high, limit int, st store.Store) (*ports, *fakeClock, *[]evi
 	return p, clk, &log
 }
 
-func tcp(id string) *protocol.Service { return &protocol.Service{ID: id, Protocol: "tcp", Port: 1} }
+func tcp(id string) *protocol.Service {
+	return &protocol.Service{ID: id, Protocol: protocol.KindTCP, Port: 1}
+}
 
 func tcpKey(id string) protocol.ServiceKey {
 	return protocol.ServiceKey{ID: id, Kind: protocol.KindTCP}
@@ -239,7 +241,7 @@ func TestGatewayEnforcesRetainedCapOnStart(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "gateway.db")
 	var allocs []store.Allocation
 	for i := 0; i < 10; i++ {
-		allocs = append(allocs, store.Allocation{Agent: "a", Service: fmt.Sprintf("s%d", i), Protocol: "tcp",
+		allocs = append(allocs, store.Allocation{Agent: "a", Service: fmt.Sprintf("s%d", i), Protocol: protocol.KindTCP,
 			Port: 10000 + i, LastUsed: time.Now().Add(time.Duration(i-20) * time.Minute).UTC().Truncate(time.Second)})
 	}
 	if err := (&store.File{Path: path}).Save(context.Background(), allocs); err != nil {

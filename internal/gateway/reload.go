@@ -10,8 +10,6 @@ import (
 	"slices"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-
 	"github.com/portway/portway/internal/config"
 )
 
@@ -279,14 +277,4 @@ func (g *Gateway) watchCertificate() {
 			g.checkCertificate()
 		}
 	}
-}
-
-// newCertNotAfter is the certificate expiry gauge.
-func newCertNotAfter(reg prometheus.Registerer) prometheus.Gauge {
-	m := prometheus.NewGauge(prometheus.GaugeOpts{
-		Name: "portway_gateway_tls_certificate_not_after_timestamp_seconds",
-		Help: "Expiry (Unix time) of the TLS certificate the agent endpoint presents to new handshakes.",
-	})
-	reg.MustRegister(m)
-	return m
 }

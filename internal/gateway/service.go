@@ -84,8 +84,8 @@ func (b *serviceBase) leave() {
 	b.activeN.Add(-1)
 }
 
-func (b *serviceBase) refuse(reason string) {
-	b.metrics.Refusals.WithLabelValues(b.agent, b.key.ID, reason).Inc()
+func (b *serviceBase) refuse(reason metrics.Reason) {
+	b.metrics.Refusals.WithLabelValues(b.agent, b.key.ID, reason.String()).Inc()
 }
 
 // openTimeout bounds opening a stream (yamux blocks while the agent has

@@ -22,7 +22,7 @@ func TestWithdrawClosesOnlyWhatIsGone(t *testing.T) {
 	defer g.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	web := protocol.Service{ID: "web", Protocol: "tcp", Port: 80}
+	web := protocol.Service{ID: "web", Protocol: protocol.KindTCP, Port: 80}
 	dns := udpSpec("dns")
 	fa, err := connectFakeAgent(ctx, g, "json", []protocol.Service{web, dns}, holdStreams)
 	if err != nil {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/portway/portway/internal/adminapi"
+	"github.com/portway/portway/internal/metrics"
 	"github.com/portway/portway/internal/protocol"
 	"github.com/portway/portway/internal/relay"
 )
@@ -56,7 +57,7 @@ func (s *tcpService) serveConn(c *net.TCPConn) {
 	s.total.Inc()
 	sess := s.agentSession()
 	if sess == nil {
-		s.refuse("agent_offline")
+		s.refuse(metrics.ReasonAgentOffline)
 		relay.Abort(c)
 		return
 	}
@@ -66,13 +67,14 @@ func (s *tcpService) serveConn(c *net.TCPConn) {
 	st, err := sess.Open(ctx, protocol.StreamHeader{Kind: protocol.KindTCP, Service: spec.ID, Client: client})
 	cancel()
 	if err != nil {
-		s.refuse("tunnel_error")
+		s.refuse(metrics.ReasonTunnelError)
 		relay.Abort(c)
 		return
 	}
 	s.enter()
 	stats := new(relay.Stats)
-	flow := s.metrics.Bytes.Track(func() (int64, int64) { return stats.AToB.Load(), stats.BToA.Load() }, s.agent, spec.ID)
+	// In is what the client sends toward the backend, out the other way.
+	flow := s.metrics.Bytes.Track(func() (int64, int64) { return stats.ToBackend.Load(), stats.FromBackend.Load() }, s.agent, spec.ID)
 	relay.Start(c, st, relay.Options{
 		BufferSize:  s.conf().BufferSize,
 		IdleTimeout: time.Duration(spec.IdleTimeoutMS) * time.Millisecond,
@@ -81,9 +83,9 @@ func (s *tcpService) serveConn(c *net.TCPConn) {
 		s.leave()
 		var oe *protocol.OpenError
 		if errors.As(res.Err, &oe) {
-			s.refuse(oe.Status.String())
+			s.refuse(metrics.StatusReason(oe.Status))
 		}
 		s.log.Debug("connection closed", "agent", s.agent, "service", spec.ID, "client", client,
-			"in", stats.AToB.Load(), "out", stats.BToA.Load(), "err", res.Err)
+			"in", stats.ToBackend.Load(), "out", stats.FromBackend.Load(), "err", res.Err)
 	})
 }

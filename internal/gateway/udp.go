@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/portway/portway/internal/adminapi"
+	"github.com/portway/portway/internal/metrics"
 	"github.com/portway/portway/internal/protocol"
 	"github.com/portway/portway/internal/relay"
 	"github.com/portway/portway/internal/tunnel"
@@ -78,8 +79,8 @@ func (us *udpService) traffic(si *adminapi.ServiceInfo) {
 	si.PacketsIn, si.PacketsOut = us.metrics.UDPPackets.Values(us.agent, si.ID)
 }
 
-func (us *udpService) drop(reason string) {
-	us.metrics.UDPDropped.WithLabelValues(us.agent, us.key.ID, reason).Inc()
+func (us *udpService) drop(reason metrics.Reason) {
+	us.metrics.UDPDropped.WithLabelValues(us.agent, us.key.ID, reason.String()).Inc()
 }
 
 type udpSessions struct {
@@ -168,7 +169,7 @@ func (us *udpService) serve() {
 			max = protocol.MaxDatagram
 		}
 		if n > max {
-			us.drop("too_large")
+			us.drop(metrics.ReasonTooLarge)
 			continue
 		}
 		us.handle(netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port()), buf[:n])
@@ -182,8 +183,8 @@ func (us *udpService) handle(client netip.AddrPort, data []byte) {
 	s, why := us.session(client)
 	if s == nil {
 		switch why {
-		case "":
-		case "agent_offline":
+		case metrics.ReasonNone:
+		case metrics.ReasonAgentOffline:
 			us.refuse(why) // as a TCP connection while the agent is offline
 		default:
 			us.drop(why)
@@ -193,7 +194,7 @@ func (us *udpService) handle(client netip.AddrPort, data []byte) {
 	b := us.budget.pool.get(len(data))
 	if !us.charge(b) {
 		us.budget.pool.put(b)
-		us.drop("over_budget")
+		us.drop(metrics.ReasonOverBudget)
 		return
 	}
 	copy(*b, data)
@@ -208,7 +209,7 @@ func (us *udpService) handle(client netip.AddrPort, data []byte) {
 		}
 	default:
 		us.release(b)
-		us.drop("queue_full")
+		us.drop(metrics.ReasonQueueFull)
 	}
 }
 
@@ -236,36 +237,37 @@ func (us *udpService) release(b *[]byte) {
 
 // session returns the client's session, starting one if needed. It returns
 // nil when the datagram must be dropped, with the reason to count, which is
-// "agent_offline" for a refusal and "" when nothing is to be counted. It
+// ReasonAgentOffline for a refusal and ReasonNone when nothing is to be
+// counted. It
 // reads the agent's session without a lock and counts nothing itself: the
 // sessions lock is never held while waiting for anything else.
-func (us *udpService) session(client netip.AddrPort) (*udpSession, string) {
+func (us *udpService) session(client netip.AddrPort) (*udpSession, metrics.Reason) {
 	u := us.sessions
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if s := u.m[client]; s != nil {
-		return s, ""
+		return s, metrics.ReasonNone
 	}
 	if u.closed {
-		return nil, ""
+		return nil, metrics.ReasonNone
 	}
 	if until, ok := u.refused[client]; ok {
 		if time.Now().Before(until) {
-			return nil, "refused"
+			return nil, metrics.ReasonRefused
 		}
 		delete(u.refused, client)
 	}
 	if len(u.m) >= maxUDPSessions {
-		return nil, "over_limit"
+		return nil, metrics.ReasonOverLimit
 	}
 	sess := us.agentSession()
 	if sess == nil {
-		return nil, "agent_offline"
+		return nil, metrics.ReasonAgentOffline
 	}
 	s := &udpSession{us: us, client: client, queue: make(chan *[]byte, udpQueueLen), done: make(chan struct{})}
 	u.m[client] = s
 	go s.run(sess)
-	return s, ""
+	return s, metrics.ReasonNone
 }
 
 func (s *udpSession) run(sess *tunnel.Session) {
@@ -285,10 +287,10 @@ func (s *udpSession) run(sess *tunnel.Session) {
 		}
 		var oe *protocol.OpenError
 		if errors.As(err, &oe) {
-			us.refuse(oe.Status.String())
+			us.refuse(metrics.StatusReason(oe.Status))
 			us.sessions.hold(s.client, time.Now())
 		} else {
-			us.refuse("tunnel_error")
+			us.refuse(metrics.ReasonTunnelError)
 		}
 		return
 	}
@@ -297,8 +299,7 @@ func (s *udpSession) run(sess *tunnel.Session) {
 	defer us.leave()
 	var stats relay.PacketStats
 	flow := us.metrics.UDPPackets.Track(func() (int64, int64) { return stats.ToTunnel.Load(), stats.FromTunnel.Load() }, us.agent, spec.ID)
-	pc := tunnel.AsPackets(st)
-	res := relay.PipePackets(pc, s, relay.PacketOptions{
+	res := relay.PipePackets(tunnel.AsPackets(st), s, relay.PacketOptions{
 		MaxDatagram: max(spec.MaxDatagram, 0),
 		IdleTimeout: time.Duration(spec.IdleTimeoutMS) * time.Millisecond,
 	}, &stats)
@@ -309,11 +310,11 @@ func (s *udpSession) run(sess *tunnel.Session) {
 		s.held = nil
 	}
 	flow.Done()
-	if d := stats.Dropped.Load(); d > 0 {
-		us.metrics.UDPDropped.WithLabelValues(us.agent, spec.ID, "too_large").Add(float64(d))
+	if res.TooLarge > 0 {
+		us.metrics.UDPDropped.WithLabelValues(us.agent, spec.ID, metrics.ReasonTooLarge.String()).Add(float64(res.TooLarge))
 	}
-	if d := tunnel.PacketsDropped(pc); d > 0 {
-		us.metrics.UDPDropped.WithLabelValues(us.agent, spec.ID, "queue_full").Add(float64(d))
+	if res.QueueFull > 0 {
+		us.metrics.UDPDropped.WithLabelValues(us.agent, spec.ID, metrics.ReasonQueueFull.String()).Add(float64(res.QueueFull))
 	}
 	us.log.Debug("udp session closed", "agent", us.agent, "service", spec.ID, "client", s.client,
 		"in", stats.ToTunnel.Load(), "out", stats.FromTunnel.Load(), "err", res.Err)

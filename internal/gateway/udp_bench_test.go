@@ -63,7 +63,7 @@ func benchUDPService() (*udpService, *udpSession) {
 		budget:   &udpBudget{},
 		sessions: newUDPSessions(),
 	}
-	us.spec.Store(&protocol.Service{ID: "dns", Protocol: "udp", Port: 53})
+	us.spec.Store(&protocol.Service{ID: "dns", Protocol: protocol.KindUDP, Port: 53})
 	client := netip.MustParseAddrPort("127.0.0.1:5353")
 	s := &udpSession{us: us, client: client, queue: make(chan *[]byte, udpQueueLen), done: make(chan struct{})}
 	us.sessions.m[client] = s

@@ -99,7 +99,7 @@ func connectFakeAgent(ctx context.Context, g *Gateway, mode string, services []p
 }
 
 func udpSpec(id string) protocol.Service {
-	return protocol.Service{ID: id, Protocol: "udp", Port: 53}
+	return protocol.Service{ID: id, Protocol: protocol.KindUDP, Port: 53}
 }
 
 // udpSources keeps n goroutines sending to addr, each from a fresh source

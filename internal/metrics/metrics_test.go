@@ -22,7 +22,8 @@ func registeredNames(t *testing.T) map[string]bool {
 		a.UDPActive, a.UDPSessions, a.UDPPackets, a.UDPDropped, a.Discovered, a.Syncs, a.Connected,
 		a.Reconnects, a.Protocol, a.HeartbeatRTT, a.Registered,
 		g.AgentsConnected, g.AgentSessions, g.Services, g.PortAllocations, g.PortEvictions, g.ConnActive, g.ConnTotal,
-		g.Bytes, g.Refusals, g.UDPActive, g.UDPSessions, g.UDPPackets, g.UDPDropped, g.AuthFailures, g.SessionEnds} {
+		g.Bytes, g.Refusals, g.UDPActive, g.UDPSessions, g.UDPPackets, g.UDPDropped, g.AuthFailures, g.SessionEnds,
+		NewCertificateExpiry(prometheus.NewRegistry())} {
 		c.Describe(descs)
 	}
 	close(descs)

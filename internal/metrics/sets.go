@@ -2,6 +2,8 @@ package metrics
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/portway/portway/internal/protocol"
 )
 
 // Agent holds the agent's metrics. The pipeops_agent_* names are the PipeOps
@@ -102,8 +104,8 @@ func NewAgent(reg prometheus.Registerer) *Agent {
 		m.Connected, m.Reconnects, m.Protocol, m.HeartbeatRTT, m.Registered)
 	// Expose the discovery series from the start (at zero without
 	// Kubernetes), so dashboards and alerts see them.
-	for _, p := range []string{"tcp", "udp"} {
-		m.Discovered.WithLabelValues(p)
+	for _, k := range []protocol.Kind{protocol.KindTCP, protocol.KindUDP} {
+		m.Discovered.WithLabelValues(k.String())
 	}
 	for _, r := range []string{"success", "error"} {
 		m.Syncs.WithLabelValues(r)
@@ -201,9 +203,21 @@ func NewGateway(reg prometheus.Registerer) *Gateway {
 		m.ConnActive, m.ConnTotal, m.Bytes, m.Refusals, m.UDPActive, m.UDPSessions, m.UDPPackets,
 		m.UDPDropped, m.AuthFailures, m.SessionEnds)
 	// Both reasons from the start, so an alert on their rate sees zero.
-	for _, r := range []string{"agent_cap", "range_full"} {
-		m.PortEvictions.WithLabelValues(r)
+	for _, r := range []Reason{ReasonAgentCap, ReasonRangeFull} {
+		m.PortEvictions.WithLabelValues(r.String())
 	}
+	return m
+}
+
+// NewCertificateExpiry creates and registers the gauge of the gateway's TLS
+// certificate expiry. Only a gateway serving TLS registers it: a zero
+// expiry would look like a long-expired certificate to an alert.
+func NewCertificateExpiry(reg prometheus.Registerer) prometheus.Gauge {
+	m := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "portway_gateway_tls_certificate_not_after_timestamp_seconds",
+		Help: "Expiry (Unix time) of the TLS certificate the agent endpoint presents to new handshakes.",
+	})
+	reg.MustRegister(m)
 	return m
 }
 

@@ -105,7 +105,7 @@ type Service struct {
 	// ID names the service for its whole life: a static service's name, or
 	// namespace/gateway/listener for one discovered in Kubernetes.
 	ID       string `json:"id"`
-	Protocol string `json:"protocol"` // "tcp" or "udp"
+	Protocol Kind   `json:"protocol"`
 	// Port is the port the service is known by; the gateway prefers
 	// 10000+Port for the public port.
 	Port int `json:"port"`
@@ -117,9 +117,26 @@ type Service struct {
 	// MaxDatagram is the largest UDP datagram the agent accepts for this
 	// service; the gateway drops (and counts) larger ones from clients.
 	MaxDatagram int `json:"max_datagram,omitempty"`
-	// Mode is the routing mode, for display: "tunnel" or "dual".
-	Mode string `json:"mode,omitempty"`
+	// Mode is the routing mode, for display: ModeTunnel or ModeDual.
+	Mode Mode `json:"mode,omitempty"`
 }
+
+// Mode is a service's routing mode. Discovery reads it from a Kubernetes
+// Gateway; a static service is always ModeTunnel. Only ModeTunnel and
+// ModeDual services are registered with the gateway, which shows the mode.
+type Mode string
+
+// Routing modes.
+const (
+	// ModeTunnel exposes a service only through the portway gateway.
+	ModeTunnel Mode = "tunnel"
+	// ModeDirect leaves a service to its Gateway's own public address: it
+	// is not registered with the portway gateway.
+	ModeDirect Mode = "direct"
+	// ModeDual registers a service with the portway gateway and reports
+	// its direct endpoint as well.
+	ModeDual Mode = "dual"
+)
 
 // Register is register: the agent's full desired set of services. It is
 // idempotent and re-sent in full on every change and every reconnect.
@@ -131,7 +148,7 @@ type Register struct {
 // Endpoint is the gateway's answer for one registered service.
 type Endpoint struct {
 	ID         string `json:"id"`
-	Protocol   string `json:"protocol"`
+	Protocol   Kind   `json:"protocol"`
 	PublicPort int    `json:"public_port,omitempty"`
 	Address    string `json:"address,omitempty"` // public_host:public_port
 	Error      string `json:"error,omitempty"`   // set when the service was not exposed
@@ -158,9 +175,33 @@ type HeartbeatAck Heartbeat
 // Error is error: the reason a side is about to close the tunnel, or a
 // complaint about one message that it otherwise ignores.
 type Error struct {
-	Code    string `json:"code"`
-	Message string `json:"message"`
+	Code    ErrorCode `json:"code"`
+	Message string    `json:"message"`
 }
+
+// ErrorCode is the code of an error message: why the sender closes the
+// session. Both sides send only the codes below; a code from a peer is kept
+// as it came (a newer peer may add some), so whoever turns one into a
+// metric label maps it onto a fixed set first.
+type ErrorCode string
+
+// Error codes.
+const (
+	// CodeReplaced: a newer session of the same agent took over (sent by
+	// the gateway to the older session).
+	CodeReplaced ErrorCode = "replaced"
+	// CodeShutdown: the gateway or the agent is stopping.
+	CodeShutdown ErrorCode = "shutdown"
+	// CodeNoProtocol: the agent found no protocol it speaks in the
+	// gateway's hello, or the hello was invalid.
+	CodeNoProtocol ErrorCode = "no_protocol"
+	// CodeBadProtocol: the agent chose a protocol the gateway did not
+	// offer.
+	CodeBadProtocol ErrorCode = "bad_protocol"
+	// CodeTokenRevoked: a reload removed the token the agent logged in
+	// with, or its agent entry (sent by the gateway).
+	CodeTokenRevoked ErrorCode = "token_revoked"
+)
 
 // Open is tcp_open or udp_open (JSON mode): the gateway opens stream ID.
 type Open struct {
@@ -327,6 +368,11 @@ func validate(m Message) error {
 		if len(m.Endpoints) > MaxRegisterServices {
 			return fmt.Errorf("%d endpoints, more than %d", len(m.Endpoints), MaxRegisterServices)
 		}
+		for i := range m.Endpoints {
+			if k := m.Endpoints[i].Protocol; !k.Valid() {
+				return fmt.Errorf("endpoints[%d]: %w", i, kindError(k))
+			}
+		}
 	case *Open:
 		if m.ID == 0 {
 			return errors.New("id is 0")
@@ -414,8 +460,8 @@ func (s *Service) Validate() error {
 	if err := ValidateServiceID(s.ID); err != nil {
 		return err
 	}
-	if _, err := ParseKind(s.Protocol); err != nil {
-		return fmt.Errorf("service %q: %w", s.ID, err)
+	if !s.Protocol.Valid() {
+		return fmt.Errorf("service %q: %w", s.ID, kindError(s.Protocol))
 	}
 	if s.Port < 1 || s.Port > 65535 {
 		return fmt.Errorf("service %q: port %d outside 1-65535", s.ID, s.Port)
@@ -433,9 +479,9 @@ func (s *Service) Validate() error {
 		return fmt.Errorf("service %q: max_datagram %d outside 0-%d", s.ID, s.MaxDatagram, MaxDatagram)
 	}
 	switch s.Mode {
-	case "", "tunnel", "dual":
+	case "", ModeTunnel, ModeDual:
 	default:
-		return fmt.Errorf("service %q: mode %q is neither tunnel nor dual", s.ID, truncate(s.Mode, 32))
+		return fmt.Errorf("service %q: mode %q is neither tunnel nor dual", s.ID, truncate(string(s.Mode), 32))
 	}
 	return nil
 }
@@ -446,10 +492,17 @@ type ServiceKey struct {
 	Kind Kind
 }
 
-// Key returns the service's key. It assumes a validated service.
-func (s *Service) Key() ServiceKey {
-	k, _ := ParseKind(s.Protocol)
-	return ServiceKey{ID: s.ID, Kind: k}
+// Key returns the service's key.
+func (s *Service) Key() ServiceKey { return ServiceKey{ID: s.ID, Kind: s.Protocol} }
+
+// kindError is the error for a missing or invalid protocol field: a JSON
+// "protocol" other than "tcp" or "udp" fails in UnmarshalText already, so
+// this one reports a field that was absent (or null).
+func kindError(k Kind) error {
+	if k == 0 {
+		return errors.New(`protocol: missing protocol (want tcp or udp)`)
+	}
+	return fmt.Errorf("protocol: invalid kind %d (want tcp or udp)", uint8(k))
 }
 
 // String formats the key as "tcp/id".

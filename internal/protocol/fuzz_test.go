@@ -18,8 +18,8 @@ func FuzzDecode(f *testing.F) {
 	for _, m := range []Message{
 		validHello(),
 		&HelloAck{Version: 1, Protocol: ProtocolYamux},
-		&Register{Seq: 1, Services: []Service{{ID: "redis", Protocol: "tcp", Port: 6379}}},
-		&RegisterAck{Seq: 1, Endpoints: []Endpoint{{ID: "redis", Protocol: "tcp", PublicPort: 16379}}},
+		&Register{Seq: 1, Services: []Service{{ID: "redis", Protocol: KindTCP, Port: 6379}}},
+		&RegisterAck{Seq: 1, Endpoints: []Endpoint{{ID: "redis", Protocol: KindTCP, PublicPort: 16379}}},
 		&Heartbeat{Seq: 1, TS: 2},
 		&Open{Kind: KindUDP, ID: 3, Service: "dns", Client: "127.0.0.1:9"},
 		&Data{Kind: KindTCP, ID: 3, Data: []byte("abc")},

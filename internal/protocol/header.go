@@ -31,6 +31,30 @@ func (k Kind) String() string {
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
 
+// Valid reports whether k is KindTCP or KindUDP.
+func (k Kind) Valid() bool { return k == KindTCP || k == KindUDP }
+
+// MarshalText implements encoding.TextMarshaler: JSON carries a Kind as
+// "tcp" or "udp", the form the register message and the state file have
+// always used. Any other Kind is an error, never an empty string.
+func (k Kind) MarshalText() ([]byte, error) {
+	if !k.Valid() {
+		return nil, fmt.Errorf("protocol: invalid kind %d", uint8(k))
+	}
+	return []byte(k.String()), nil
+}
+
+// UnmarshalText implements encoding.TextUnmarshaler: it accepts exactly
+// "tcp" and "udp" and rejects anything else with ParseKind's error.
+func (k *Kind) UnmarshalText(b []byte) error {
+	v, err := ParseKind(string(b))
+	if err != nil {
+		return err
+	}
+	*k = v
+	return nil
+}
+
 // ParseKind maps "tcp"/"udp" to a Kind.
 func ParseKind(s string) (Kind, error) {
 	switch s {
@@ -39,7 +63,7 @@ func ParseKind(s string) (Kind, error) {
 	case "udp":
 		return KindUDP, nil
 	}
-	return 0, fmt.Errorf("protocol: unknown protocol %q (want tcp or udp)", s)
+	return 0, fmt.Errorf("protocol: invalid protocol %q (want tcp or udp)", s)
 }
 
 // Limits on identifiers carried on the wire.
@@ -86,7 +110,7 @@ func ValidateServiceID(id string) error {
 
 // AppendHeader appends the encoding of h to dst.
 func AppendHeader(dst []byte, h StreamHeader) ([]byte, error) {
-	if h.Kind != KindTCP && h.Kind != KindUDP {
+	if !h.Kind.Valid() {
 		return dst, fmt.Errorf("protocol: encode header: invalid kind %d", h.Kind)
 	}
 	if err := ValidateServiceID(h.Service); err != nil {
@@ -114,7 +138,7 @@ func ReadHeader(r io.Reader) (StreamHeader, error) {
 		return StreamHeader{}, fmt.Errorf("%w: version %d, want %d", ErrBadHeader, buf[0], HeaderVersion)
 	}
 	h := StreamHeader{Kind: Kind(buf[1])}
-	if h.Kind != KindTCP && h.Kind != KindUDP {
+	if !h.Kind.Valid() {
 		return StreamHeader{}, fmt.Errorf("%w: unknown kind %d", ErrBadHeader, buf[1])
 	}
 	idLen := int(binary.BigEndian.Uint16(buf[2:4]))

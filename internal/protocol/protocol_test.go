@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/netip"
 	"reflect"
@@ -147,12 +148,12 @@ func TestControlRoundTrip(t *testing.T) {
 		validHello(),
 		&HelloAck{Version: 1, Protocol: ProtocolJSON, Client: "portway dev"},
 		&Register{Seq: 3, Services: []Service{
-			{ID: "redis", Protocol: "tcp", Port: 6379},
-			{ID: "ns/gw/dns", Protocol: "udp", Port: 53, MaxDatagram: 1500, IdleTimeoutMS: 300000, Mode: "dual"},
-			{ID: "redis", Protocol: "udp", Port: 6379, PublicPort: 16000},
+			{ID: "redis", Protocol: KindTCP, Port: 6379},
+			{ID: "ns/gw/dns", Protocol: KindUDP, Port: 53, MaxDatagram: 1500, IdleTimeoutMS: 300000, Mode: "dual"},
+			{ID: "redis", Protocol: KindUDP, Port: 6379, PublicPort: 16000},
 		}},
 		&Register{Seq: 4, Services: []Service{}},
-		&RegisterAck{Seq: 3, Endpoints: []Endpoint{{ID: "redis", Protocol: "tcp", PublicPort: 16379, Address: "gw:16379"}, {ID: "x", Protocol: "tcp", Error: "no port"}}},
+		&RegisterAck{Seq: 3, Endpoints: []Endpoint{{ID: "redis", Protocol: KindTCP, PublicPort: 16379, Address: "gw:16379"}, {ID: "x", Protocol: KindTCP, Error: "no port"}}},
 		&Heartbeat{Seq: 9, TS: 123456789},
 		&HeartbeatAck{Seq: 9, TS: 123456789},
 		&Error{Code: "replaced", Message: "a newer session took over"},
@@ -225,6 +226,12 @@ func TestDecodeRejects(t *testing.T) {
 		"register proto":        `{"type":"register","services":[{"id":"a","protocol":"sctp","port":1}]}`,
 		"register dup":          `{"type":"register","services":[{"id":"a","protocol":"tcp","port":1},{"id":"a","protocol":"tcp","port":2}]}`,
 		"register mode":         `{"type":"register","services":[{"id":"a","protocol":"tcp","port":1,"mode":"direct"}]}`,
+		"register no proto":     `{"type":"register","services":[{"id":"a","port":1}]}`,
+		"register null proto":   `{"type":"register","services":[{"id":"a","protocol":null,"port":1}]}`,
+		"register proto number": `{"type":"register","services":[{"id":"a","protocol":1,"port":1}]}`,
+		"register proto case":   `{"type":"register","services":[{"id":"a","protocol":"TCP","port":1}]}`,
+		"ack proto":             `{"type":"register_ack","endpoints":[{"id":"a","protocol":"sctp"}]}`,
+		"ack no proto":          `{"type":"register_ack","endpoints":[{"id":"a","error":"x"}]}`,
 		"open id 0":             `{"type":"tcp_open","id":0,"service":"a"}`,
 		"open bad client":       `{"type":"tcp_open","id":1,"service":"a","client":"nowhere"}`,
 		"data bad base64":       `{"type":"tcp_data","id":1,"data":"***"}`,
@@ -333,5 +340,54 @@ func TestAppendCreditAllocatesNothing(t *testing.T) {
 		}
 	}); a != 0 {
 		t.Errorf("%.1f allocations per credit, want 0", a)
+	}
+}
+
+// A Kind is "tcp" or "udp" in JSON, exactly the strings the register
+// message has always carried, and nothing else is accepted either way.
+func TestKindText(t *testing.T) {
+	b, err := Encode(&Register{Seq: 1, Services: []Service{
+		{ID: "a", Protocol: KindTCP, Port: 1, Mode: ModeTunnel},
+		{ID: "b", Protocol: KindUDP, Port: 2},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `{"type":"register","seq":1,"services":[{"id":"a","protocol":"tcp","port":1,"mode":"tunnel"},{"id":"b","protocol":"udp","port":2}]}`
+	if string(b) != want {
+		t.Fatalf("register encodes as\n %s\nwant\n %s", b, want)
+	}
+	for _, k := range []Kind{KindTCP, KindUDP} {
+		var back Kind
+		txt, err := k.MarshalText()
+		if err != nil || back.UnmarshalText(txt) != nil || back != k {
+			t.Errorf("%v: MarshalText = %q, %v; read back as %v", k, txt, err, back)
+		}
+	}
+	for _, k := range []Kind{0, 3, 255} {
+		if txt, err := k.MarshalText(); err == nil {
+			t.Errorf("Kind(%d).MarshalText = %q, want an error", uint8(k), txt)
+		}
+	}
+	for _, in := range []string{"", "TCP", "sctp", "tcp ", "1"} {
+		k := KindUDP
+		err := k.UnmarshalText([]byte(in))
+		if err == nil || k != KindUDP {
+			t.Errorf("UnmarshalText(%q) = %v, kind %v: want an error and the kind untouched", in, err, k)
+			continue
+		}
+		if msg := err.Error(); !strings.Contains(msg, fmt.Sprintf("%q", in)) || !strings.Contains(msg, "want tcp or udp") {
+			t.Errorf("UnmarshalText(%q) error %q does not name the value and the choices", in, msg)
+		}
+	}
+	// The message names the service and the value when it comes from a
+	// register message.
+	_, err = Decode([]byte(`{"type":"register","services":[{"id":"a","protocol":"sctp","port":1}]}`))
+	if err == nil || !strings.Contains(err.Error(), `"sctp"`) {
+		t.Errorf("register with protocol sctp: err = %v, want one naming the value", err)
+	}
+	_, err = Decode([]byte(`{"type":"register","services":[{"id":"a","port":1}]}`))
+	if err == nil || !strings.Contains(err.Error(), `service "a"`) || !strings.Contains(err.Error(), "missing protocol") {
+		t.Errorf("register without protocol: err = %v, want one naming the service and the missing field", err)
 	}
 }

@@ -42,9 +42,18 @@ type PacketStats struct {
 	// the tunnel; FromTunnel the other way.
 	ToTunnel, FromTunnel           atomic.Int64
 	BytesToTunnel, BytesFromTunnel atomic.Int64
-	// Dropped counts datagrams larger than the session's maximum.
-	Dropped    atomic.Int64
+	// TooLarge counts datagrams dropped for being larger than the
+	// session's maximum, either way (Result.TooLarge once it ends).
+	TooLarge   atomic.Int64
 	lastActive atomic.Int64
+}
+
+// DropCounter is a PacketConn that drops datagrams arriving from the
+// tunnel while its receive queue is full, and counts them: a JSON-mode
+// stream, where UDP has no flow control. PipePackets returns the count as
+// Result.QueueFull; a PacketConn without it never drops.
+type DropCounter interface {
+	Dropped() uint64
 }
 
 // PacketOptions tune a UDP session.
@@ -58,7 +67,8 @@ type PacketOptions struct {
 }
 
 // PipePackets relays datagrams between the tunnel and the socket side until
-// either ends or the session idles out, then closes both.
+// either ends or the session idles out, then closes both. The Result
+// counts the datagrams the session dropped, by reason.
 func PipePackets(tun PacketConn, sock Datagrams, opt PacketOptions, st *PacketStats) Result {
 	if opt.MaxDatagram <= 0 || opt.MaxDatagram > protocol.MaxDatagram {
 		opt.MaxDatagram = protocol.MaxDatagram
@@ -71,7 +81,6 @@ func PipePackets(tun PacketConn, sock Datagrams, opt PacketOptions, st *PacketSt
 		once    sync.Once
 		errMu   sync.Mutex
 		first   error
-		idled   atomic.Bool
 		closeUp = func(err error) {
 			errMu.Lock()
 			if first == nil {
@@ -81,10 +90,7 @@ func PipePackets(tun PacketConn, sock Datagrams, opt PacketOptions, st *PacketSt
 			once.Do(func() { tun.Close(); sock.Close() })
 		}
 	)
-	stopIdle := watchIdle(opt.IdleTimeout, &st.lastActive, func() {
-		idled.Store(true)
-		closeUp(ErrIdle)
-	})
+	stopIdle := watchIdle(opt.IdleTimeout, &st.lastActive, func() { closeUp(ErrIdle) })
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -94,13 +100,13 @@ func PipePackets(tun PacketConn, sock Datagrams, opt PacketOptions, st *PacketSt
 	closeUp(fromTunnel(tun, sock, opt.MaxDatagram, st))
 	wg.Wait()
 	stopIdle()
-	res := Result{IdleTimeout: idled.Load()}
+	res := Result{TooLarge: st.TooLarge.Load()}
+	if dc, ok := tun.(DropCounter); ok {
+		res.QueueFull = int64(dc.Dropped())
+	}
 	errMu.Lock()
 	if first != io.EOF && !isClosed(first) {
 		res.Err = first
-	}
-	if idled.Load() {
-		res.Err = ErrIdle
 	}
 	errMu.Unlock()
 	return res
@@ -139,7 +145,7 @@ func toTunnel(tun PacketConn, sock Datagrams, max int, st *PacketStats) error {
 		}
 		if n > max {
 			pool.Put(frame)
-			st.Dropped.Add(1)
+			st.TooLarge.Add(1)
 			continue
 		}
 		st.lastActive.Store(monotonic())
@@ -159,7 +165,7 @@ func toTunnel(tun PacketConn, sock Datagrams, max int, st *PacketStats) error {
 		err = tun.WritePacket((*frame)[:Headroom+n])
 		pool.Put(frame)
 		if errors.Is(err, protocol.ErrDatagramTooLarge) {
-			st.Dropped.Add(1)
+			st.TooLarge.Add(1)
 			continue
 		}
 		if err != nil {
@@ -197,7 +203,7 @@ func (b *batcher) gather(w waiter, sock Datagrams, frame []byte, n, max int) err
 				break
 			}
 			if err == nil {
-				b.st.Dropped.Add(1)
+				b.st.TooLarge.Add(1)
 				continue
 			}
 			if isTransient(err) {
@@ -267,7 +273,7 @@ func fromTunnel(tun PacketConn, sock Datagrams, max int, st *PacketStats) error 
 		n, err := tun.ReadPacket(*buf)
 		if errors.Is(err, protocol.ErrDatagramTooLarge) {
 			pool.Put(buf)
-			st.Dropped.Add(1)
+			st.TooLarge.Add(1)
 			continue
 		}
 		if err != nil {

@@ -130,9 +130,9 @@ func TestBurstIsBatchedIntact(t *testing.T) {
 	go func() { done <- PipePackets(tun, sock, PacketOptions{MaxDatagram: max}, &st) }()
 
 	deadline := time.Now().Add(10 * time.Second)
-	for st.ToTunnel.Load()+st.Dropped.Load() < int64(len(sent)) {
+	for st.ToTunnel.Load()+st.TooLarge.Load() < int64(len(sent)) {
 		if time.Now().After(deadline) {
-			t.Fatalf("after 10 s: %d sent into the tunnel, %d dropped, of %d", st.ToTunnel.Load(), st.Dropped.Load(), len(sent))
+			t.Fatalf("after 10 s: %d sent into the tunnel, %d dropped, of %d", st.ToTunnel.Load(), st.TooLarge.Load(), len(sent))
 		}
 		time.Sleep(time.Millisecond)
 	}
@@ -144,8 +144,8 @@ func TestBurstIsBatchedIntact(t *testing.T) {
 	if got, wantN := st.ToTunnel.Load(), int64(len(want)); got != wantN {
 		t.Errorf("ToTunnel = %d, want %d", got, wantN)
 	}
-	if got, wantN := st.Dropped.Load(), int64(len(sent)-len(want)); got != wantN {
-		t.Errorf("Dropped = %d, want %d", got, wantN)
+	if got, wantN := st.TooLarge.Load(), int64(len(sent)-len(want)); got != wantN {
+		t.Errorf("TooLarge = %d, want %d", got, wantN)
 	}
 	var bytesWant int64
 	for _, d := range want {
@@ -267,5 +267,81 @@ func TestConnectedUDPAllocatesNothing(t *testing.T) {
 	})
 	if allocs != 0 {
 		t.Errorf("%.1f allocations per datagram, want 0", allocs)
+	}
+}
+
+// dropTunnel is a tunnel side that has dropped queueFull datagrams on
+// arrival (as a JSON-mode stream does when its queue is full) and hands
+// the relay one datagram too large for the session.
+type dropTunnel struct {
+	*recordingTunnel
+	queueFull uint64
+	mu        sync.Mutex
+	oversized bool // the too-large datagram was read
+}
+
+func (d *dropTunnel) Dropped() uint64 { return d.queueFull }
+
+func (d *dropTunnel) WaitReadable() error {
+	d.mu.Lock()
+	pending := !d.oversized
+	d.mu.Unlock()
+	if pending {
+		return nil
+	}
+	return d.recordingTunnel.WaitReadable()
+}
+
+func (d *dropTunnel) ReadPacket(buf []byte) (int, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.oversized {
+		d.oversized = true
+		return 0, protocol.ErrDatagramTooLarge
+	}
+	return 0, io.EOF
+}
+
+// The relay returns what a UDP session dropped, by reason: datagrams too
+// large either way, and those the tunnel side dropped on arrival.
+func TestPipePacketsReturnsDrops(t *testing.T) {
+	const max = 100
+	sock := newQueuedDatagrams([][]byte{make([]byte, max+1), make([]byte, max), make([]byte, max+50)})
+	tun := &dropTunnel{recordingTunnel: newRecordingTunnel(), queueFull: 7}
+	var st PacketStats
+	done := make(chan Result, 1)
+	go func() { done <- PipePackets(tun, sock, PacketOptions{MaxDatagram: max}, &st) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for st.ToTunnel.Load() < 1 || st.TooLarge.Load() < 3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("after 10 s: %d sent, %d too large", st.ToTunnel.Load(), st.TooLarge.Load())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	sock.Close()
+	var res Result
+	select {
+	case res = <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("PipePackets did not return after the socket closed")
+	}
+	if res.Err != nil || res.TooLarge != 3 || res.QueueFull != 7 {
+		t.Fatalf("result %+v, want no error, 3 too large, 7 queue full", res)
+	}
+}
+
+// A UDP session without traffic ends with ErrIdle.
+func TestPipePacketsIdle(t *testing.T) {
+	sock := newQueuedDatagrams(nil)
+	tun := newRecordingTunnel()
+	done := make(chan Result, 1)
+	go func() { done <- PipePackets(tun, sock, PacketOptions{IdleTimeout: 50 * time.Millisecond}, nil) }()
+	select {
+	case res := <-done:
+		if res.Err != ErrIdle {
+			t.Fatalf("result %+v, want ErrIdle", res)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("idle session not ended")
 	}
 }

@@ -3,6 +3,14 @@
 // shared by gateway and agent: pooled buffers held only while data flows,
 // byte counting, half-close carried in both directions, and an idle timeout
 // counted on traffic in either direction.
+//
+// Directions are named by role, the same on the gateway and the agent. A
+// TCP relay joins a client side (the public connection on the gateway, the
+// tunnel stream on the agent) to a backend side (the tunnel stream on the
+// gateway, the backend connection on the agent), and counts bytes going to
+// the backend and coming from it. A UDP relay joins the tunnel to a socket
+// (one public client on the gateway, the backend socket on the agent), and
+// counts datagrams going into the tunnel and coming out of it.
 package relay
 
 import (
@@ -30,8 +38,9 @@ type Conn interface {
 // Stats counts one relayed connection. The fields are updated as data
 // flows, so a metrics collector may read them while the relay runs.
 type Stats struct {
-	// AToB and BToA count bytes copied from a to b and from b to a.
-	AToB, BToA atomic.Int64
+	// ToBackend counts bytes copied from the client side to the backend
+	// side (what the client sent); FromBackend the other way.
+	ToBackend, FromBackend atomic.Int64
 	// lastActive is the monotonic time of the last read, in nanoseconds
 	// since the process' relay epoch.
 	lastActive atomic.Int64
@@ -39,11 +48,15 @@ type Stats struct {
 
 // Result says how a relay ended.
 type Result struct {
-	// Err is the first error that aborted the connection, nil when both
-	// directions ended with a clean EOF.
+	// Err is the first error that aborted the connection or session: nil
+	// when both directions ended with a clean EOF (or, for UDP, a close),
+	// ErrIdle when the idle timeout ended it.
 	Err error
-	// IdleTimeout is true when the idle timeout ended the connection.
-	IdleTimeout bool
+	// TooLarge and QueueFull count the datagrams a UDP session dropped:
+	// larger than PacketOptions.MaxDatagram (either way), and arrived
+	// from the tunnel while its receive queue was full (JSON mode, see
+	// DropCounter). Both are 0 for a TCP connection.
+	TooLarge, QueueFull int64
 }
 
 // ErrIdle is Result.Err when the idle timeout ended the connection.
@@ -62,12 +75,14 @@ var epoch = time.Now()
 
 func monotonic() int64 { return int64(time.Since(epoch)) }
 
-// Pipe copies a→b and b→a until both directions have ended, then closes
-// both. An EOF on one side is passed on as a half-close of the other; an
-// error on either side aborts both. Pipe returns when both copies are done.
-func Pipe(a, b Conn, opt Options, st *Stats) Result {
+// Pipe copies client→backend and backend→client until both directions
+// have ended, then closes both. client is the side toward the public
+// client, backend the side toward the backend (see the package comment).
+// An EOF on one side is passed on as a half-close of the other; an error
+// on either side aborts both. Pipe returns when both copies are done.
+func Pipe(client, backend Conn, opt Options, st *Stats) Result {
 	ch := make(chan Result, 1)
-	Start(a, b, opt, st, func(r Result) { ch <- r })
+	Start(client, backend, opt, st, func(r Result) { ch <- r })
 	return <-ch
 }
 
@@ -76,7 +91,7 @@ func Pipe(a, b Conn, opt Options, st *Stats) Result {
 // connections are closed. The caller's goroutine is free to return, so a
 // long-lived connection holds only the two copy goroutines, whose stacks
 // stay small, rather than also the deeper stack that set it up.
-func Start(a, b Conn, opt Options, st *Stats, done func(Result)) {
+func Start(client, backend Conn, opt Options, st *Stats, done func(Result)) {
 	if opt.BufferSize <= 0 {
 		opt.BufferSize = 32 << 10
 	}
@@ -84,12 +99,8 @@ func Start(a, b Conn, opt Options, st *Stats, done func(Result)) {
 		st = new(Stats)
 	}
 	st.lastActive.Store(monotonic())
-	p := &pipe{a: a, b: b}
-	var idled atomic.Bool
-	stopIdle := watchIdle(opt.IdleTimeout, &st.lastActive, func() {
-		idled.Store(true)
-		p.abort(ErrIdle)
-	})
+	p := &pipe{a: client, b: backend}
+	stopIdle := watchIdle(opt.IdleTimeout, &st.lastActive, func() { p.abort(ErrIdle) })
 	var running atomic.Int32
 	running.Store(2)
 	finish := func() {
@@ -98,14 +109,14 @@ func Start(a, b Conn, opt Options, st *Stats, done func(Result)) {
 		}
 		stopIdle()
 		p.closeBoth()
-		done(Result{Err: p.firstErr(), IdleTimeout: idled.Load()})
+		done(Result{Err: p.firstErr()})
 	}
 	go func() {
-		p.half(b, a, &st.BToA, &st.lastActive, opt.BufferSize)
+		p.half(backend, client, &st.FromBackend, &st.lastActive, opt.BufferSize)
 		finish()
 	}()
 	go func() {
-		p.half(a, b, &st.AToB, &st.lastActive, opt.BufferSize)
+		p.half(client, backend, &st.ToBackend, &st.lastActive, opt.BufferSize)
 		finish()
 	}()
 }

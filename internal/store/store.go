@@ -13,14 +13,16 @@ import (
 	"path/filepath"
 	"sync"
 	"time"
+
+	"github.com/portway/portway/internal/protocol"
 )
 
 // Allocation is one public port held by one service of one agent.
 type Allocation struct {
-	Agent    string `json:"agent"`
-	Service  string `json:"service"`
-	Protocol string `json:"protocol"` // "tcp" or "udp"
-	Port     int    `json:"port"`
+	Agent    string        `json:"agent"`
+	Service  string        `json:"service"`
+	Protocol protocol.Kind `json:"protocol"`
+	Port     int           `json:"port"`
 	// LastUsed is when the service was last registered; a withdrawn
 	// service's port stays reserved for port_retention after it.
 	LastUsed time.Time `json:"last_used"`
@@ -94,12 +96,12 @@ func Decode(b []byte) ([]Allocation, error) {
 		return nil, fmt.Errorf("state version %d, this build reads %d", ff.Version, fileVersion)
 	}
 	type key struct {
-		proto string
+		proto protocol.Kind
 		port  int
 	}
 	seen := map[key]bool{}
 	for i, a := range ff.Allocations {
-		if a.Agent == "" || a.Service == "" || (a.Protocol != "tcp" && a.Protocol != "udp") || a.Port < 1 || a.Port > 65535 {
+		if a.Agent == "" || a.Service == "" || !a.Protocol.Valid() || a.Port < 1 || a.Port > 65535 {
 			return nil, fmt.Errorf("allocation %d is invalid: %+v", i, a)
 		}
 		k := key{a.Protocol, a.Port}

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/portway/portway/internal/protocol"
 )
 
 func TestFileRoundTrip(t *testing.T) {
@@ -19,8 +21,8 @@ func TestFileRoundTrip(t *testing.T) {
 		t.Fatalf("missing file: %v, %v", got, err)
 	}
 	want := []Allocation{
-		{Agent: "a", Service: "redis", Protocol: "tcp", Port: 16379, LastUsed: time.Unix(100, 0).UTC()},
-		{Agent: "b", Service: "ns/gw/dns", Protocol: "udp", Port: 10053, LastUsed: time.Unix(200, 0).UTC()},
+		{Agent: "a", Service: "redis", Protocol: protocol.KindTCP, Port: 16379, LastUsed: time.Unix(100, 0).UTC()},
+		{Agent: "b", Service: "ns/gw/dns", Protocol: protocol.KindUDP, Port: 10053, LastUsed: time.Unix(200, 0).UTC()},
 	}
 	if err := f.Save(context.Background(), want); err != nil {
 		t.Fatal(err)
@@ -62,12 +64,12 @@ func FuzzDecode(f *testing.F) {
 			return
 		}
 		type key struct {
-			proto string
+			proto protocol.Kind
 			port  int
 		}
 		seen := map[key]bool{}
 		for _, a := range allocs {
-			if a.Agent == "" || a.Service == "" || (a.Protocol != "tcp" && a.Protocol != "udp") || a.Port < 1 || a.Port > 65535 {
+			if a.Agent == "" || a.Service == "" || !a.Protocol.Valid() || a.Port < 1 || a.Port > 65535 {
 				t.Fatalf("invalid allocation accepted: %+v", a)
 			}
 			k := key{a.Protocol, a.Port}
@@ -95,4 +97,25 @@ func FuzzDecode(f *testing.F) {
 			}
 		}
 	})
+}
+
+// The state file names protocols "tcp" and "udp", as it always has: a file
+// written by an earlier build loads, and a saved one reads the same.
+func TestFileProtocolSpelling(t *testing.T) {
+	old := `{"version":1,"allocations":[{"agent":"a","service":"dns","protocol":"udp","port":10053,"last_used":"2026-01-02T03:04:05Z"}]}`
+	got, err := Decode([]byte(old))
+	if err != nil || len(got) != 1 || got[0].Protocol != protocol.KindUDP {
+		t.Fatalf("Decode(%s) = %+v, %v", old, got, err)
+	}
+	path := filepath.Join(t.TempDir(), "gateway.db")
+	if err := (&File{Path: path}).Save(context.Background(), got); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), `"protocol": "udp"`) {
+		t.Fatalf("saved state does not spell the protocol \"udp\":\n%s", b)
+	}
 }

@@ -94,7 +94,10 @@ var (
 )
 
 // PeerError is the reason the peer gave, in an error message, for closing.
-type PeerError struct{ Code, Message string }
+type PeerError struct {
+	Code    protocol.ErrorCode
+	Message string
+}
 
 func (e *PeerError) Error() string {
 	return fmt.Sprintf("tunnel: peer closed: %s: %s", e.Code, e.Message)
@@ -152,7 +155,7 @@ func (s *Session) handshakeServer(ctx context.Context) (*protocol.HelloAck, erro
 		return nil, fmt.Errorf("%w: got %s, want gateway_hello_ack", ErrProtocol, m.Type())
 	}
 	if !s.hello.Offers(ack.Protocol) {
-		s.closeWithError("bad_protocol", "protocol "+ack.Protocol+" was not offered")
+		s.closeWithError(protocol.CodeBadProtocol, "protocol "+ack.Protocol+" was not offered")
 		return nil, fmt.Errorf("%w: agent chose %q, which was not offered", ErrProtocol, ack.Protocol)
 	}
 	return ack, nil
@@ -192,7 +195,7 @@ func (s *Session) handshakeClient(ctx context.Context) (string, error) {
 	s.hello = *h
 	proto, err := ChooseProtocol(s.cfg.Protocol, h)
 	if err != nil {
-		s.closeWithError("no_protocol", err.Error())
+		s.closeWithError(protocol.CodeNoProtocol, err.Error())
 		return "", err
 	}
 	ack := &protocol.HelloAck{Version: protocol.Version, Protocol: proto}
@@ -348,7 +351,7 @@ func (s *Session) sendControl(m protocol.Message) error {
 
 // closeWithError sends an error message, then closes once it is written
 // (or after a second, if the socket is stuck).
-func (s *Session) closeWithError(code, msg string) {
+func (s *Session) closeWithError(code protocol.ErrorCode, msg string) {
 	b, err := protocol.Encode(&protocol.Error{Code: code, Message: msg})
 	if err == nil && s.c.queueControl(outMsg{typ: websocket.TextMessage, buf: getCopy(b), closeAfter: true}) == nil {
 		select {
@@ -378,7 +381,7 @@ func (s *Session) Err() error { return s.c.Err() }
 func (s *Session) Close() { s.c.fail(nil) }
 
 // CloseWithError tells the peer why, then ends the session.
-func (s *Session) CloseWithError(code, msg string) { s.closeWithError(code, msg) }
+func (s *Session) CloseWithError(code protocol.ErrorCode, msg string) { s.closeWithError(code, msg) }
 
 // Protocol returns the negotiated mode: "yamux" or "json".
 func (s *Session) Protocol() string { return s.proto }

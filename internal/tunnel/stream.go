@@ -85,16 +85,6 @@ func (f *framedPackets) WaitReadable() error { return f.st.WaitReadable() }
 
 func (f *framedPackets) Close() error { return f.st.Close() }
 
-// PacketsDropped returns how many datagrams a UDP stream dropped on arrival
-// because its queue was full (JSON mode, where UDP is not flow controlled).
-// It is 0 for yamux streams, whose flow control never drops.
-func PacketsDropped(pc PacketConn) uint64 {
-	if d, ok := pc.(interface{ Dropped() uint64 }); ok {
-		return d.Dropped()
-	}
-	return 0
-}
-
 // WaitOpen waits until the agent has answered a stream opened with
 // Session.Open. It returns nil for ok, a *protocol.OpenError for any other
 // status, or the error that ended the stream or session.
