@@ -12,8 +12,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/portway/portway/internal/adminapi"
 	"github.com/portway/portway/internal/config"
-	"github.com/portway/portway/internal/gateway"
 	"github.com/portway/portway/internal/tunnel"
 )
 
@@ -194,7 +194,7 @@ func waitServices(ctx context.Context, adminAddr, token string) (map[string]stri
 
 // services returns the bench agent's endpoints by service name.
 func services(ctx context.Context, client *http.Client, adminAddr, token string) (map[string]string, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+adminAddr+"/v1/services", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+adminAddr+adminapi.ServicesPath, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -208,7 +208,7 @@ func services(ctx context.Context, client *http.Client, adminAddr, token string)
 	if resp.StatusCode != http.StatusOK {
 		return nil, fmt.Errorf("admin API: HTTP %d", resp.StatusCode)
 	}
-	var list []gateway.ServiceInfo
+	var list []adminapi.ServiceInfo
 	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
 		return nil, fmt.Errorf("admin API: %w", err)
 	}

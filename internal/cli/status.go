@@ -12,7 +12,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/portway/portway/internal/gateway"
+	"github.com/portway/portway/internal/adminapi"
 )
 
 func (a *app) statusCmd() *cobra.Command {
@@ -30,12 +30,12 @@ func (a *app) statusCmd() *cobra.Command {
 			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), 10*time.Second)
 			defer cancel()
-			var agents []gateway.AgentInfo
-			var services []gateway.ServiceInfo
-			if err := adminGet(ctx, gwURL, "/v1/agents", token, &agents); err != nil {
+			var agents []adminapi.AgentInfo
+			var services []adminapi.ServiceInfo
+			if err := adminGet(ctx, gwURL, adminapi.AgentsPath, token, &agents); err != nil {
 				return err
 			}
-			if err := adminGet(ctx, gwURL, "/v1/services", token, &services); err != nil {
+			if err := adminGet(ctx, gwURL, adminapi.ServicesPath, token, &services); err != nil {
 				return err
 			}
 			if output == "json" {
@@ -75,7 +75,7 @@ func adminGet(ctx context.Context, base, path, token string, v any) error {
 	return nil
 }
 
-func writeStatus(out io.Writer, agents []gateway.AgentInfo, services []gateway.ServiceInfo) {
+func writeStatus(out io.Writer, agents []adminapi.AgentInfo, services []adminapi.ServiceInfo) {
 	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "AGENT\tSTATE\tPROTOCOL\tREMOTE\tSINCE\tRTT\tSERVICES")
 	for _, ag := range agents {

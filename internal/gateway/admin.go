@@ -14,37 +14,17 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/portway/portway/internal/adminapi"
 	"github.com/portway/portway/internal/protocol"
 )
 
-// AgentInfo is one entry of GET /v1/agents.
-type AgentInfo struct {
-	Name           string    `json:"name"`
-	Connected      bool      `json:"connected"`
-	Protocol       string    `json:"protocol,omitempty"`
-	Remote         string    `json:"remote,omitempty"`
-	ConnectedSince time.Time `json:"connected_since,omitzero"`
-	HeartbeatRTTMS float64   `json:"heartbeat_rtt_ms,omitempty"`
-	Services       int       `json:"services"`
-}
+// AgentInfo is one entry of GET /v1/agents; the type lives in adminapi so
+// that the API's clients need not import the gateway.
+type AgentInfo = adminapi.AgentInfo
 
-// ServiceInfo is one entry of GET /v1/services.
-type ServiceInfo struct {
-	Agent      string `json:"agent"`
-	ID         string `json:"id"`
-	Protocol   string `json:"protocol"`
-	Port       int    `json:"port"`
-	PublicPort int    `json:"public_port"`
-	Endpoint   string `json:"endpoint"`
-	Mode       string `json:"mode"`
-	// Active is open connections (tcp) or sessions (udp).
-	Active   int64   `json:"active"`
-	BytesIn  float64 `json:"bytes_in,omitempty"`
-	BytesOut float64 `json:"bytes_out,omitempty"`
-	// PacketsIn and PacketsOut count datagrams (udp).
-	PacketsIn  float64 `json:"packets_in,omitempty"`
-	PacketsOut float64 `json:"packets_out,omitempty"`
-}
+// ServiceInfo is one entry of GET /v1/services; the type lives in
+// adminapi so that the API's clients need not import the gateway.
+type ServiceInfo = adminapi.ServiceInfo
 
 func (g *Gateway) adminHandler() http.Handler {
 	mux := http.NewServeMux()
@@ -63,10 +43,10 @@ func (g *Gateway) adminHandler() http.Handler {
 		}
 		w.Write([]byte("ok\n"))
 	})
-	mux.Handle("GET /v1/agents", g.requireToken(func(w http.ResponseWriter, r *http.Request) {
+	mux.Handle("GET "+adminapi.AgentsPath, g.requireToken(func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, g.Agents())
 	}))
-	mux.Handle("GET /v1/services", g.requireToken(func(w http.ResponseWriter, r *http.Request) {
+	mux.Handle("GET "+adminapi.ServicesPath, g.requireToken(func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, g.Services())
 	}))
 	return mux
@@ -173,27 +153,24 @@ func (g *Gateway) Services() []ServiceInfo {
 	var out []ServiceInfo
 	for _, a := range g.agentList() {
 		a.mu.Lock()
-		services := make([]*publicService, 0, len(a.services))
+		services := make([]publicService, 0, len(a.services))
 		for _, ps := range a.services {
 			services = append(services, ps)
 		}
 		a.mu.Unlock()
 		for _, ps := range services {
-			spec := ps.spec.Load()
+			b := ps.base()
+			spec := b.spec.Load()
 			mode := spec.Mode
 			if mode == "" {
 				mode = protocol.ModeTunnel
 			}
 			si := ServiceInfo{
 				Agent: a.name, ID: spec.ID, Protocol: spec.Protocol.String(), Port: spec.Port,
-				PublicPort: ps.port, Endpoint: ps.endpoint, Mode: string(mode),
+				PublicPort: b.port, Endpoint: b.endpoint, Mode: string(mode),
 			}
-			si.Active = ps.activeN.Load()
-			if ps.key.Kind == protocol.KindUDP {
-				si.PacketsIn, si.PacketsOut = g.metrics.UDPPackets.Values(a.name, spec.ID)
-			} else {
-				si.BytesIn, si.BytesOut = g.metrics.Bytes.Values(a.name, spec.ID)
-			}
+			si.Active = b.activeN.Load()
+			ps.traffic(&si)
 			out = append(out, si)
 		}
 	}

@@ -36,7 +36,7 @@ func TestUDPFloodHeldToBudget(t *testing.T) {
 	defer unblock()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	fa, err := connectFakeAgent(ctx, g, "yamux", []protocol.Service{udpService("dns")}, func(in *tunnel.Incoming) {
+	fa, err := connectFakeAgent(ctx, g, "yamux", []protocol.Service{udpSpec("dns")}, func(in *tunnel.Incoming) {
 		<-release
 		in.Reject(protocol.StatusRefused)
 	})
@@ -77,7 +77,7 @@ func TestUDPFloodHeldToBudget(t *testing.T) {
 	// The read loop drains what the kernel still holds.
 	last := -1.0
 	testwait.For(t, 10*time.Second, "the read loop to drain", func() bool {
-		n := counterValue(overBudget) + float64(g.udpQueued.Load())
+		n := counterValue(overBudget) + float64(g.udp.queued.Load())
 		done := n == last && n > 0
 		last = n
 		if !done {
@@ -89,7 +89,7 @@ func TestUDPFloodHeldToBudget(t *testing.T) {
 	var after runtime.MemStats
 	runtime.ReadMemStats(&after)
 	grew := int64(after.HeapInuse) - int64(before.HeapInuse)
-	queued := g.udpQueued.Load()
+	queued := g.udp.queued.Load()
 	t.Logf("heap in use grew %.1f MiB; %d bytes queued; %.0f datagrams dropped over budget, %.0f as their queue was full",
 		float64(grew)/(1<<20), queued, counterValue(overBudget),
 		counterValue(g.metrics.UDPDropped.WithLabelValues("agent-a", "dns", "queue_full")))
@@ -102,7 +102,7 @@ func TestUDPFloodHeldToBudget(t *testing.T) {
 	}
 	unblock()
 	testwait.For(t, 20*time.Second, "the budget to be given back", func() bool {
-		return g.udpQueued.Load() == 0
+		return g.udp.queued.Load() == 0
 	})
 }
 
@@ -141,7 +141,7 @@ func TestFailedPublicPortChangeKeepsOldPort(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	web := protocol.Service{ID: "web", Protocol: protocol.KindTCP, Port: 80}
-	fa, err := connectFakeAgent(ctx, g, "json", []protocol.Service{web}, nil)
+	fa, err := connectFakeAgent(ctx, g, "json", []protocol.Service{web}, holdStreams)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,7 +2,21 @@
 // /v1/tunnel, keeps one live tunnel session per agent, allocates public ports
 // per (agent, service), opens public TCP and UDP listeners for registered
 // services and carries every client connection or UDP session through the
-// owning agent's tunnel. It also serves the admin API.
+// owning agent's tunnel. It also serves the admin API, whose response
+// types live in internal/adminapi.
+//
+// # Types
+//
+// An agentState (agents.go) is one agent identity's data: its live
+// session and its registered services; the Gateway's methods (register,
+// detach, shutdownAgent, withdraw) act on it. Each registered service is a
+// publicService (service.go), one type per kind: a tcpService (tcp.go)
+// owns a *net.TCPListener and relays each connection over a stream of its
+// own; a udpService (udp.go) owns a *net.UDPConn and keeps one session,
+// and one stream, per client address. Both share a serviceBase, which
+// reads the agent's live session without a lock and reaches the Gateway
+// only to read its current configuration. ports (ports.go) allocates and
+// persists public ports and leaves the sockets to its caller.
 //
 // # Locks
 //
@@ -33,7 +47,7 @@
 // What must not wait for a registration reads without a lock: an agent's
 // live session is an atomic pointer, a service's spec too. Closing
 // listeners and UDP sessions, forgetting metrics and saving state happen
-// after unlocking: register, detach and shutdown collect what to close
+// after unlocking: register, detach and shutdownAgent collect what to close
 // under agentState.mu and close it afterwards. The liveness check
 // (/healthz) takes Gateway.mu, each agentState.mu and ports.mu with a
 // bounded wait and fails when one of them stays held.
@@ -96,10 +110,8 @@ type Gateway struct {
 	certNotAfter prometheus.Gauge
 	reloadMu     sync.Mutex
 
-	// dgrams holds the buffers of queued UDP datagrams; udpQueued counts
-	// their bytes against udp_queue_bytes.
-	dgrams    dgramPool
-	udpQueued atomic.Int64
+	// udp is the queue budget every public UDP port draws on.
+	udp udpBudget
 
 	mu     sync.Mutex
 	agents map[string]*agentState
@@ -286,7 +298,7 @@ func (g *Gateway) Close() {
 			s.Close()
 		}
 		for _, a := range g.agentList() {
-			a.shutdown(g)
+			g.shutdownAgent(a)
 		}
 		if err := g.ports.save(context.Background()); err != nil {
 			g.log.Error("saving port allocations", "err", err)
@@ -450,7 +462,7 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 			err := sess.Err()
 			reason := endReason(err)
 			g.metrics.SessionEnds.WithLabelValues(reason.String()).Inc()
-			if a.detach(sess, g) {
+			if g.detach(a, sess) {
 				g.log.Info("agent disconnected", "agent", a.name, "reason", reason, "err", err,
 					"duration", time.Since(start).Round(time.Millisecond))
 			}

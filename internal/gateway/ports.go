@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"iter"
 	"maps"
 	"sort"
@@ -123,25 +122,26 @@ func (p *ports) load(ctx context.Context) error {
 // errNoPort is returned when the range has no free port.
 var errNoPort = errors.New("no free public port in port_range")
 
-// bindFunc opens the public listener on a port. It returns an error
-// wrapping syscall.EADDRINUSE when another process holds the port.
-type bindFunc func(port int) (io.Closer, error)
+// bindFunc opens the public socket on a port, kept by the caller. It
+// returns an error wrapping syscall.EADDRINUSE when another process holds
+// the port. Once a bind succeeds, acquire returns that port.
+type bindFunc func(port int) error
 
 // maxBindFailures bounds how many ports held by other processes one
 // allocation skips before giving up.
 const maxBindFailures = 256
 
-// acquire returns the port for a service and its open listener.
-func (p *ports) acquire(agent string, svc *protocol.Service, bind bindFunc) (int, io.Closer, error) {
+// acquire returns the port for a service, which bind has opened.
+func (p *ports) acquire(agent string, svc *protocol.Service, bind bindFunc) (int, error) {
 	p.mu.Lock()
-	port, l, err := p.acquireLocked(agent, svc, bind)
+	port, err := p.acquireLocked(agent, svc, bind)
 	ev := p.takeEvictions()
 	p.mu.Unlock()
 	p.report(ev)
-	return port, l, err
+	return port, err
 }
 
-func (p *ports) acquireLocked(agent string, svc *protocol.Service, bind bindFunc) (int, io.Closer, error) {
+func (p *ports) acquireLocked(agent string, svc *protocol.Service, bind bindFunc) (int, error) {
 	kind := svc.Protocol
 	key := allocKey{agent, svc.Key()}
 	p.expire()
@@ -151,11 +151,11 @@ func (p *ports) acquireLocked(agent string, svc *protocol.Service, bind bindFunc
 	}
 	failures := 0
 	if a := p.byKey[key]; a != nil {
-		if l, err := bind(a.port); err == nil {
+		if err := bind(a.port); err == nil {
 			p.markLive(a)
-			return a.port, l, nil
+			return a.port, nil
 		} else if !errors.Is(err, syscall.EADDRINUSE) {
-			return 0, nil, err
+			return 0, err
 		}
 		// Another process took our port meanwhile: allocate a new one.
 		failures++
@@ -171,17 +171,16 @@ func (p *ports) acquireLocked(agent string, svc *protocol.Service, bind bindFunc
 		if p.byPort[portKey{kind, port}] != nil {
 			continue
 		}
-		l, err := bind(port)
-		if err != nil {
+		if err := bind(port); err != nil {
 			if !errors.Is(err, syscall.EADDRINUSE) {
-				return 0, nil, err
+				return 0, err
 			}
 			if failures++; failures >= maxBindFailures {
-				return 0, nil, errNoPort
+				return 0, errNoPort
 			}
 			continue
 		}
-		return p.assign(key, port, l)
+		return p.assign(key, port)
 	}
 	return p.reclaim(key, kind, failures, bind)
 }
@@ -189,7 +188,7 @@ func (p *ports) acquireLocked(agent string, svc *protocol.Service, bind bindFunc
 // reclaim serves a new service when the range is full: it takes the oldest
 // retained allocation of the service's own agent, else the oldest of
 // anyone, rather than refuse while ports sit unused.
-func (p *ports) reclaim(key allocKey, kind protocol.Kind, failures int, bind bindFunc) (int, io.Closer, error) {
+func (p *ports) reclaim(key allocKey, kind protocol.Kind, failures int, bind bindFunc) (int, error) {
 	var tried map[int]bool // ports held by other processes: rare
 	for failures < maxBindFailures {
 		victim := oldestRetained(maps.Values(p.byAgent[key.agent]), kind, tried)
@@ -199,10 +198,9 @@ func (p *ports) reclaim(key allocKey, kind protocol.Kind, failures int, bind bin
 		if victim == nil {
 			break
 		}
-		l, err := bind(victim.port)
-		if err != nil {
+		if err := bind(victim.port); err != nil {
 			if !errors.Is(err, syscall.EADDRINUSE) {
-				return 0, nil, err
+				return 0, err
 			}
 			if tried == nil {
 				tried = map[int]bool{}
@@ -212,9 +210,9 @@ func (p *ports) reclaim(key allocKey, kind protocol.Kind, failures int, bind bin
 			continue
 		}
 		p.evict(victim, evictRangeFull)
-		return p.assign(key, victim.port, l)
+		return p.assign(key, victim.port)
 	}
-	return 0, nil, errNoPort
+	return 0, errNoPort
 }
 
 // oldestRetained returns the least recently used retained allocation of
@@ -244,38 +242,37 @@ func older(a, b *allocation) bool {
 	return a.key.svc.Kind < b.key.svc.Kind
 }
 
-func (p *ports) acquireExact(key allocKey, kind protocol.Kind, port int, bind bindFunc) (int, io.Closer, error) {
+func (p *ports) acquireExact(key allocKey, kind protocol.Kind, port int, bind bindFunc) (int, error) {
 	if port < p.low || port > p.high {
-		return 0, nil, fmt.Errorf("public_port %d is outside the gateway's port_range %d-%d", port, p.low, p.high)
+		return 0, fmt.Errorf("public_port %d is outside the gateway's port_range %d-%d", port, p.low, p.high)
 	}
 	if a := p.byPort[portKey{kind, port}]; a != nil && a.key != key {
 		if a.key.agent != key.agent {
-			return 0, nil, fmt.Errorf("public_port %d is allocated to another agent", port)
+			return 0, fmt.Errorf("public_port %d is allocated to another agent", port)
 		}
 		if a.live {
-			return 0, nil, fmt.Errorf("public_port %d is in use by this agent's %s", port, a.key.svc)
+			return 0, fmt.Errorf("public_port %d is in use by this agent's %s", port, a.key.svc)
 		}
 		p.release(a) // this agent's own retained port, now wanted by another of its services
 	}
-	l, err := bind(port)
-	if err != nil {
+	if err := bind(port); err != nil {
 		if errors.Is(err, syscall.EADDRINUSE) {
-			return 0, nil, fmt.Errorf("public_port %d is held by another process on the gateway host", port)
+			return 0, fmt.Errorf("public_port %d is held by another process on the gateway host", port)
 		}
-		return 0, nil, err
+		return 0, err
 	}
 	if old := p.byKey[key]; old != nil && old.port != port {
 		p.release(old)
 	}
-	return p.assign(key, port, l)
+	return p.assign(key, port)
 }
 
 // assign records a new live allocation of port to key.
-func (p *ports) assign(key allocKey, port int, l io.Closer) (int, io.Closer, error) {
+func (p *ports) assign(key allocKey, port int) (int, error) {
 	a := &allocation{key: key, port: port}
 	p.add(a)
 	p.markLive(a)
-	return port, l, nil
+	return port, nil
 }
 
 func (p *ports) markLive(a *allocation) {

@@ -65,7 +65,7 @@ func churn(t *testing.T, p *ports, clk *fakeClock, agent string, n int) {
 	for i := 0; i < n; i++ {
 		clk.t = clk.t.Add(time.Second)
 		id := fmt.Sprintf("churn-%03d", i)
-		if _, _, err := p.acquire(agent, tcp(id), bindExcept()); err != nil {
+		if _, err := p.acquire(agent, tcp(id), bindExcept()); err != nil {
 			t.Fatalf("%s: %s: %v", agent, id, err)
 		}
 		if prev != "" {
@@ -95,7 +95,7 @@ func TestPortsRetainedCapStopsChurn(t *testing.T) {
 	}
 	// The other agent gets the rest of the range without evicting anyone.
 	for i := 0; i < 6; i++ {
-		if _, _, err := p.acquire("other", tcp(fmt.Sprintf("svc-%d", i)), bindExcept()); err != nil {
+		if _, err := p.acquire("other", tcp(fmt.Sprintf("svc-%d", i)), bindExcept()); err != nil {
 			t.Fatalf("other agent's service %d: %v", i, err)
 		}
 	}
@@ -111,7 +111,7 @@ func TestPortsRangeFullEvictsOldestRetained(t *testing.T) {
 	step := func() { clk.t = clk.t.Add(time.Second) }
 	for _, s := range []struct{ agent, id string }{{"a", "a1"}, {"c", "c1"}, {"a", "a2"}, {"b", "b1"}} {
 		step()
-		if _, _, err := p.acquire(s.agent, tcp(s.id), bindExcept()); err != nil {
+		if _, err := p.acquire(s.agent, tcp(s.id), bindExcept()); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -129,24 +129,24 @@ func TestPortsRangeFullEvictsOldestRetained(t *testing.T) {
 
 	// b has nothing retained: the oldest of anyone's, a1, makes room.
 	step()
-	if port, _, err := p.acquire("b", tcp("b2"), bindExcept()); err != nil || port != want["a1"] {
+	if port, err := p.acquire("b", tcp("b2"), bindExcept()); err != nil || port != want["a1"] {
 		t.Fatalf("b2 got %d (%v), want a1's %d", port, err, want["a1"])
 	}
 	// a has a2 retained: its own goes before c's older c1.
 	step()
-	if port, _, err := p.acquire("a", tcp("a3"), bindExcept()); err != nil || port != want["a2"] {
+	if port, err := p.acquire("a", tcp("a3"), bindExcept()); err != nil || port != want["a2"] {
 		t.Fatalf("a3 got %d (%v), want a's own a2's %d", port, err, want["a2"])
 	}
 	// c1's port held by another process: c1 is not evicted for nothing.
 	step()
-	if _, _, err := p.acquire("b", tcp("b3"), bindExcept(want["c1"])); !errors.Is(err, errNoPort) {
+	if _, err := p.acquire("b", tcp("b3"), bindExcept(want["c1"])); !errors.Is(err, errNoPort) {
 		t.Fatalf("b3 with c1's port busy on the host: %v, want errNoPort", err)
 	}
-	if port, _, err := p.acquire("b", tcp("b3"), bindExcept()); err != nil || port != want["c1"] {
+	if port, err := p.acquire("b", tcp("b3"), bindExcept()); err != nil || port != want["c1"] {
 		t.Fatalf("b3 got %d (%v), want c1's %d", port, err, want["c1"])
 	}
 	// Everything live: refused.
-	if _, _, err := p.acquire("b", tcp("b4"), bindExcept()); !errors.Is(err, errNoPort) {
+	if _, err := p.acquire("b", tcp("b4"), bindExcept()); !errors.Is(err, errNoPort) {
 		t.Fatalf("full range, nothing retained: %v, want errNoPort", err)
 	}
 	var got []string
@@ -173,7 +173,7 @@ func TestPortsReconnectKeepsPortsAtTheCap(t *testing.T) {
 	ports := map[string]int{}
 	for _, id := range []string{"x", "y", "z"} {
 		clk.t = clk.t.Add(time.Second)
-		port, _, err := p.acquire("a", tcp(id), bindExcept())
+		port, err := p.acquire("a", tcp(id), bindExcept())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -184,7 +184,7 @@ func TestPortsReconnectKeepsPortsAtTheCap(t *testing.T) {
 		p.retain("a", tcpKey(id))
 	}
 	for _, id := range []string{"x", "y", "z"} { // and comes back
-		if port, _, err := p.acquire("a", tcp(id), bindExcept()); err != nil || port != ports[id] {
+		if port, err := p.acquire("a", tcp(id), bindExcept()); err != nil || port != ports[id] {
 			t.Errorf("%s came back on %d (%v), want %d", id, port, err, ports[id])
 		}
 	}
@@ -230,7 +230,7 @@ func TestPortsRetainedCapAfterReload(t *testing.T) {
 	if kept == nil {
 		t.Fatal("the newest allocation was evicted")
 	}
-	if port, _, err := q.acquire("a", tcp("churn-009"), bindExcept()); err != nil || port != kept.port {
+	if port, err := q.acquire("a", tcp("churn-009"), bindExcept()); err != nil || port != kept.port {
 		t.Errorf("churn-009 came back on %d (%v), want %d", port, err, kept.port)
 	}
 }

@@ -6,8 +6,10 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/portway/portway/internal/adminapi"
 	"github.com/portway/portway/internal/metrics"
 	"github.com/portway/portway/internal/protocol"
 	"github.com/portway/portway/internal/relay"
@@ -42,6 +44,44 @@ const (
 	// udpSocketBuffer is the socket buffer asked for on public UDP ports.
 	udpSocketBuffer = 4 << 20
 )
+
+// udpBudget is the gateway-wide side of the UDP queue budget: the buffers
+// of queued datagrams and the bytes they hold against udp_queue_bytes.
+// The limits are read from the current configuration at each datagram, so
+// a reload applies to the next one.
+type udpBudget struct {
+	pool dgramPool
+	// queued counts the bytes of every service's queued datagrams.
+	queued atomic.Int64
+}
+
+// udpService is a public UDP port: one session per client address, each
+// carried by a stream of its own to the agent.
+type udpService struct {
+	*serviceBase
+	conn     *net.UDPConn
+	budget   *udpBudget
+	sessions *udpSessions
+	// queued counts the bytes of this service's queued datagrams against
+	// udp_queue_bytes_per_service.
+	queued atomic.Int64
+}
+
+// close closes the public socket and ends every session of the port.
+func (us *udpService) close() {
+	us.stop(func() {
+		us.conn.Close()
+		us.sessions.closeAll()
+	})
+}
+
+func (us *udpService) traffic(si *adminapi.ServiceInfo) {
+	si.PacketsIn, si.PacketsOut = us.metrics.UDPPackets.Values(us.agent, si.ID)
+}
+
+func (us *udpService) drop(reason metrics.Reason) {
+	us.metrics.UDPDropped.WithLabelValues(us.agent, us.key.ID, reason.String()).Inc()
+}
 
 type udpSessions struct {
 	mu        sync.Mutex
@@ -100,7 +140,7 @@ func (u *udpSessions) hold(client netip.AddrPort, now time.Time) {
 // (relay.Datagrams) of its relay: reads come from its queue, writes go to
 // the client through the shared socket.
 type udpSession struct {
-	ps     *publicService
+	us     *udpService
 	client netip.AddrPort
 	queue  chan *[]byte
 	held   *[]byte // taken from queue by WaitReadable; only the relay's reader touches it
@@ -108,13 +148,13 @@ type udpSession struct {
 	once   sync.Once
 }
 
-func (ps *publicService) serveUDP() {
+func (us *udpService) serve() {
 	buf := make([]byte, protocol.MaxDatagram+1)
 	for {
-		n, addr, err := ps.udp.ReadFromUDPAddrPort(buf)
+		n, addr, err := us.conn.ReadFromUDPAddrPort(buf)
 		if err != nil {
 			select {
-			case <-ps.done:
+			case <-us.done:
 				return
 			default:
 			}
@@ -123,38 +163,38 @@ func (ps *publicService) serveUDP() {
 			}
 			continue // per-datagram errors (ICMP reports) are not fatal
 		}
-		spec := ps.spec.Load()
+		spec := us.spec.Load()
 		max := spec.MaxDatagram
 		if max <= 0 {
 			max = protocol.MaxDatagram
 		}
 		if n > max {
-			ps.drop(metrics.ReasonTooLarge)
+			us.drop(metrics.ReasonTooLarge)
 			continue
 		}
-		ps.handle(netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port()), buf[:n])
+		us.handle(netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port()), buf[:n])
 	}
 }
 
 // handle queues one datagram from client for its session, or drops it
 // and counts why. It is the per-datagram path: it allocates nothing once
 // the client has a session and the buffer pool is warm.
-func (ps *publicService) handle(client netip.AddrPort, data []byte) {
-	s, why := ps.session(client)
+func (us *udpService) handle(client netip.AddrPort, data []byte) {
+	s, why := us.session(client)
 	if s == nil {
 		switch why {
 		case metrics.ReasonNone:
 		case metrics.ReasonAgentOffline:
-			ps.refuse(why) // as a TCP connection while the agent is offline
+			us.refuse(why) // as a TCP connection while the agent is offline
 		default:
-			ps.drop(why)
+			us.drop(why)
 		}
 		return
 	}
-	b := ps.g.dgrams.get(len(data))
-	if !ps.charge(b) {
-		ps.g.dgrams.put(b)
-		ps.drop(metrics.ReasonOverBudget)
+	b := us.budget.pool.get(len(data))
+	if !us.charge(b) {
+		us.budget.pool.put(b)
+		us.drop(metrics.ReasonOverBudget)
 		return
 	}
 	copy(*b, data)
@@ -168,36 +208,31 @@ func (ps *publicService) handle(client netip.AddrPort, data []byte) {
 		default:
 		}
 	default:
-		ps.release(b)
-		ps.drop(metrics.ReasonQueueFull)
+		us.release(b)
+		us.drop(metrics.ReasonQueueFull)
 	}
 }
 
 // charge counts a queued datagram's buffer against the service's and the
 // gateway's budgets; it reports false, charging nothing, if either would
 // be exceeded.
-func (ps *publicService) charge(b *[]byte) bool {
+func (us *udpService) charge(b *[]byte) bool {
 	n := int64(cap(*b))
-	g := ps.g
-	svc, all := ps.queued.Add(n), g.udpQueued.Add(n)
-	if cfg := g.conf(); svc > int64(cfg.UDPQueueBytesPerService) || all > int64(cfg.UDPQueueBytes) {
-		ps.queued.Add(-n)
-		g.udpQueued.Add(-n)
+	svc, all := us.queued.Add(n), us.budget.queued.Add(n)
+	if cfg := us.conf(); svc > int64(cfg.UDPQueueBytesPerService) || all > int64(cfg.UDPQueueBytes) {
+		us.queued.Add(-n)
+		us.budget.queued.Add(-n)
 		return false
 	}
 	return true
 }
 
 // release uncharges a datagram's buffer and recycles it.
-func (ps *publicService) release(b *[]byte) {
+func (us *udpService) release(b *[]byte) {
 	n := int64(cap(*b))
-	ps.queued.Add(-n)
-	ps.g.udpQueued.Add(-n)
-	ps.g.dgrams.put(b)
-}
-
-func (ps *publicService) drop(reason metrics.Reason) {
-	ps.g.metrics.UDPDropped.WithLabelValues(ps.a.name, ps.key.ID, reason.String()).Inc()
+	us.queued.Add(-n)
+	us.budget.queued.Add(-n)
+	us.budget.pool.put(b)
 }
 
 // session returns the client's session, starting one if needed. It returns
@@ -206,8 +241,8 @@ func (ps *publicService) drop(reason metrics.Reason) {
 // counted. It
 // reads the agent's session without a lock and counts nothing itself: the
 // sessions lock is never held while waiting for anything else.
-func (ps *publicService) session(client netip.AddrPort) (*udpSession, metrics.Reason) {
-	u := ps.sessions
+func (us *udpService) session(client netip.AddrPort) (*udpSession, metrics.Reason) {
+	u := us.sessions
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if s := u.m[client]; s != nil {
@@ -225,21 +260,21 @@ func (ps *publicService) session(client netip.AddrPort) (*udpSession, metrics.Re
 	if len(u.m) >= maxUDPSessions {
 		return nil, metrics.ReasonOverLimit
 	}
-	sess := ps.a.session()
+	sess := us.agentSession()
 	if sess == nil {
 		return nil, metrics.ReasonAgentOffline
 	}
-	s := &udpSession{ps: ps, client: client, queue: make(chan *[]byte, udpQueueLen), done: make(chan struct{})}
+	s := &udpSession{us: us, client: client, queue: make(chan *[]byte, udpQueueLen), done: make(chan struct{})}
 	u.m[client] = s
 	go s.run(sess)
 	return s, metrics.ReasonNone
 }
 
 func (s *udpSession) run(sess *tunnel.Session) {
-	ps := s.ps
-	defer ps.sessions.remove(s)
+	us := s.us
+	defer us.sessions.remove(s)
 	defer s.Close()
-	spec := ps.spec.Load()
+	spec := us.spec.Load()
 	ctx, cancel := context.WithTimeout(context.Background(), openTimeout)
 	st, err := sess.Open(ctx, protocol.StreamHeader{Kind: protocol.KindUDP, Service: spec.ID, Client: s.client})
 	if err == nil {
@@ -252,18 +287,18 @@ func (s *udpSession) run(sess *tunnel.Session) {
 		}
 		var oe *protocol.OpenError
 		if errors.As(err, &oe) {
-			ps.refuse(metrics.StatusReason(oe.Status))
-			ps.sessions.hold(s.client, time.Now())
+			us.refuse(metrics.StatusReason(oe.Status))
+			us.sessions.hold(s.client, time.Now())
 		} else {
-			ps.refuse(metrics.ReasonTunnelError)
+			us.refuse(metrics.ReasonTunnelError)
 		}
 		return
 	}
-	ps.total.Inc()
-	ps.enter()
-	defer ps.leave()
+	us.total.Inc()
+	us.enter()
+	defer us.leave()
 	var stats relay.PacketStats
-	flow := ps.g.metrics.UDPPackets.Track(func() (int64, int64) { return stats.ToTunnel.Load(), stats.FromTunnel.Load() }, ps.a.name, spec.ID)
+	flow := us.metrics.UDPPackets.Track(func() (int64, int64) { return stats.ToTunnel.Load(), stats.FromTunnel.Load() }, us.agent, spec.ID)
 	res := relay.PipePackets(tunnel.AsPackets(st), s, relay.PacketOptions{
 		MaxDatagram: max(spec.MaxDatagram, 0),
 		IdleTimeout: time.Duration(spec.IdleTimeoutMS) * time.Millisecond,
@@ -271,17 +306,17 @@ func (s *udpSession) run(sess *tunnel.Session) {
 	// The relay's reader is done: a datagram it took but did not read
 	// goes back to the budget.
 	if s.held != nil {
-		ps.release(s.held)
+		us.release(s.held)
 		s.held = nil
 	}
 	flow.Done()
 	if res.TooLarge > 0 {
-		ps.g.metrics.UDPDropped.WithLabelValues(ps.a.name, spec.ID, metrics.ReasonTooLarge.String()).Add(float64(res.TooLarge))
+		us.metrics.UDPDropped.WithLabelValues(us.agent, spec.ID, metrics.ReasonTooLarge.String()).Add(float64(res.TooLarge))
 	}
 	if res.QueueFull > 0 {
-		ps.g.metrics.UDPDropped.WithLabelValues(ps.a.name, spec.ID, metrics.ReasonQueueFull.String()).Add(float64(res.QueueFull))
+		us.metrics.UDPDropped.WithLabelValues(us.agent, spec.ID, metrics.ReasonQueueFull.String()).Add(float64(res.QueueFull))
 	}
-	ps.g.log.Debug("udp session closed", "agent", ps.a.name, "service", spec.ID, "client", s.client,
+	us.log.Debug("udp session closed", "agent", us.agent, "service", spec.ID, "client", s.client,
 		"in", stats.ToTunnel.Load(), "out", stats.FromTunnel.Load(), "err", res.Err)
 }
 
@@ -312,13 +347,13 @@ func (s *udpSession) ReadDatagram(buf []byte) (int, error) {
 	b := s.held
 	s.held = nil
 	n := copy(buf, *b)
-	s.ps.release(b)
+	s.us.release(b)
 	return n, nil
 }
 
 // WriteDatagram implements relay.Datagrams: a reply goes to this client only.
 func (s *udpSession) WriteDatagram(b []byte) error {
-	_, err := s.ps.udp.WriteToUDPAddrPort(b, s.client)
+	_, err := s.us.conn.WriteToUDPAddrPort(b, s.client)
 	return err
 }
 
@@ -336,7 +371,7 @@ func (s *udpSession) drain() {
 	for {
 		select {
 		case b := <-s.queue:
-			s.ps.release(b)
+			s.us.release(b)
 		default:
 			return
 		}

@@ -19,13 +19,13 @@ import (
 func BenchmarkUDPDatagramPath(b *testing.B) {
 	for _, size := range []int{64, 513, 1400} {
 		b.Run(fmt.Sprintf("%dB", size), func(b *testing.B) {
-			ps, s := benchUDPService()
+			us, s := benchUDPService()
 			data := make([]byte, size)
 			out := make([]byte, protocol.MaxDatagram)
 			b.ReportAllocs()
 			b.SetBytes(int64(size))
 			for b.Loop() {
-				ps.handle(s.client, data)
+				us.handle(s.client, data)
 				if _, err := s.ReadDatagram(out); err != nil {
 					b.Fatal(err)
 				}
@@ -37,29 +37,35 @@ func BenchmarkUDPDatagramPath(b *testing.B) {
 // Steady state allocates nothing (checked in the default test run, not
 // only when benchmarking).
 func TestUDPDatagramPathAllocatesNothing(t *testing.T) {
-	ps, s := benchUDPService()
+	us, s := benchUDPService()
 	data := make([]byte, 513)
 	out := make([]byte, protocol.MaxDatagram)
 	if n := testing.AllocsPerRun(1000, func() {
-		ps.handle(s.client, data)
+		us.handle(s.client, data)
 		s.ReadDatagram(out)
 	}); n != 0 {
 		t.Fatalf("%v allocations per datagram", n)
 	}
-	if ps.queued.Load() != 0 || ps.g.udpQueued.Load() != 0 {
-		t.Fatalf("budget not given back: %d / %d bytes", ps.queued.Load(), ps.g.udpQueued.Load())
+	if us.queued.Load() != 0 || us.budget.queued.Load() != 0 {
+		t.Fatalf("budget not given back: %d / %d bytes", us.queued.Load(), us.budget.queued.Load())
 	}
 }
 
 // benchUDPService is a UDP service with one client session and no socket
 // or tunnel: just the per-datagram structures.
-func benchUDPService() (*publicService, *udpSession) {
-	g := &Gateway{cfg: config.DefaultGateway(), metrics: metrics.NewGateway(prometheus.NewRegistry())}
-	ps := &publicService{g: g, a: newAgentState("agent-a", 1), key: protocol.ServiceKey{ID: "dns", Kind: protocol.KindUDP},
-		sessions: newUDPSessions(), done: make(chan struct{})}
-	ps.spec.Store(&protocol.Service{ID: "dns", Protocol: protocol.KindUDP, Port: 53})
+func benchUDPService() (*udpService, *udpSession) {
+	cfg := config.DefaultGateway()
+	a := newAgentState("agent-a", 1)
+	us := &udpService{
+		serviceBase: &serviceBase{agent: a.name, key: protocol.ServiceKey{ID: "dns", Kind: protocol.KindUDP},
+			live: &a.sess, conf: func() *config.Gateway { return cfg },
+			metrics: metrics.NewGateway(prometheus.NewRegistry()), done: make(chan struct{})},
+		budget:   &udpBudget{},
+		sessions: newUDPSessions(),
+	}
+	us.spec.Store(&protocol.Service{ID: "dns", Protocol: protocol.KindUDP, Port: 53})
 	client := netip.MustParseAddrPort("127.0.0.1:5353")
-	s := &udpSession{ps: ps, client: client, queue: make(chan *[]byte, udpQueueLen), done: make(chan struct{})}
-	ps.sessions.m[client] = s
-	return ps, s
+	s := &udpSession{us: us, client: client, queue: make(chan *[]byte, udpQueueLen), done: make(chan struct{})}
+	us.sessions.m[client] = s
+	return us, s
 }

@@ -98,7 +98,7 @@ func connectFakeAgent(ctx context.Context, g *Gateway, mode string, services []p
 	}
 }
 
-func udpService(id string) protocol.Service {
+func udpSpec(id string) protocol.Service {
 	return protocol.Service{ID: id, Protocol: protocol.KindUDP, Port: 53}
 }
 
@@ -192,7 +192,7 @@ func TestReconnectUnderUDPLoadDoesNotWedge(t *testing.T) {
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	first, err := connectFakeAgent(ctx, g, "yamux", []protocol.Service{udpService("dns")}, nil)
+	first, err := connectFakeAgent(ctx, g, "yamux", []protocol.Service{udpSpec("dns")}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -215,7 +215,7 @@ func TestReconnectUnderUDPLoadDoesNotWedge(t *testing.T) {
 			// the test by long.
 			cctx, ccancel := context.WithTimeout(ctx, 25*time.Second)
 			defer ccancel()
-			next, err := connectFakeAgent(cctx, g, "yamux", []protocol.Service{udpService("dns")}, nil)
+			next, err := connectFakeAgent(cctx, g, "yamux", []protocol.Service{udpSpec("dns")}, nil)
 			if err == nil {
 				fa = next
 			}
@@ -243,7 +243,7 @@ func TestHealthzFailsWhenWedged(t *testing.T) {
 	defer g.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	fa, err := connectFakeAgent(ctx, g, "json", []protocol.Service{udpService("dns")}, nil)
+	fa, err := connectFakeAgent(ctx, g, "json", []protocol.Service{udpSpec("dns")}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,44 @@
+// Package adminapi holds the gateway admin API's paths and response
+// types, so that its clients (`portway status`, the bench, tests) need
+// not import the gateway itself. The gateway serves these types as JSON.
+package adminapi
+
+import "time"
+
+// Paths of the admin API's token-protected endpoints.
+const (
+	// AgentsPath lists the configured agents: a JSON array of AgentInfo.
+	AgentsPath = "/v1/agents"
+	// ServicesPath lists the exposed services: a JSON array of
+	// ServiceInfo.
+	ServicesPath = "/v1/services"
+)
+
+// AgentInfo is one entry of GET /v1/agents.
+type AgentInfo struct {
+	Name           string    `json:"name"`
+	Connected      bool      `json:"connected"`
+	Protocol       string    `json:"protocol,omitempty"`
+	Remote         string    `json:"remote,omitempty"`
+	ConnectedSince time.Time `json:"connected_since,omitzero"`
+	HeartbeatRTTMS float64   `json:"heartbeat_rtt_ms,omitempty"`
+	Services       int       `json:"services"`
+}
+
+// ServiceInfo is one entry of GET /v1/services.
+type ServiceInfo struct {
+	Agent      string `json:"agent"`
+	ID         string `json:"id"`
+	Protocol   string `json:"protocol"`
+	Port       int    `json:"port"`
+	PublicPort int    `json:"public_port"`
+	Endpoint   string `json:"endpoint"`
+	Mode       string `json:"mode"`
+	// Active is open connections (tcp) or sessions (udp).
+	Active   int64   `json:"active"`
+	BytesIn  float64 `json:"bytes_in,omitempty"`
+	BytesOut float64 `json:"bytes_out,omitempty"`
+	// PacketsIn and PacketsOut count datagrams (udp).
+	PacketsIn  float64 `json:"packets_in,omitempty"`
+	PacketsOut float64 `json:"packets_out,omitempty"`
+}
