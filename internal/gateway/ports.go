@@ -246,20 +246,27 @@ func (p *ports) acquireExact(key allocKey, kind protocol.Kind, port int, bind bi
 	if port < p.low || port > p.high {
 		return 0, fmt.Errorf("public_port %d is outside the gateway's port_range %d-%d", port, p.low, p.high)
 	}
-	if a := p.byPort[portKey{kind, port}]; a != nil && a.key != key {
-		if a.key.agent != key.agent {
+	retained := p.byPort[portKey{kind, port}]
+	if retained != nil && retained.key != key {
+		if retained.key.agent != key.agent {
 			return 0, fmt.Errorf("public_port %d is allocated to another agent", port)
 		}
-		if a.live {
-			return 0, fmt.Errorf("public_port %d is in use by this agent's %s", port, a.key.svc)
+		if retained.live {
+			return 0, fmt.Errorf("public_port %d is in use by this agent's %s", port, retained.key.svc)
 		}
-		p.release(a) // this agent's own retained port, now wanted by another of its services
+	} else {
+		retained = nil
 	}
 	if err := bind(port); err != nil {
+		// The retained allocation stays its service's until the port is
+		// really taken over.
 		if errors.Is(err, syscall.EADDRINUSE) {
 			return 0, fmt.Errorf("public_port %d is held by another process on the gateway host", port)
 		}
 		return 0, err
+	}
+	if retained != nil {
+		p.release(retained) // this agent's own retained port, now wanted by another of its services
 	}
 	if old := p.byKey[key]; old != nil && old.port != port {
 		p.release(old)

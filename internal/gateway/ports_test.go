@@ -383,3 +383,22 @@ func TestPortsConcurrentSavesEndWithFinalState(t *testing.T) {
 		t.Fatalf("last write holds %d allocations, final state %d: they differ", len(got), len(want))
 	}
 }
+
+// A service asking for its agent's retained port takes it over only once
+// the port is bound: when the bind fails, the retained allocation stays
+// with the service that left it.
+func TestPortsFailedTakeOverKeepsRetainedPort(t *testing.T) {
+	p := newPorts(10000, 10010, time.Hour, &store.Memory{})
+	pg := &protocol.Service{ID: "pg", Protocol: protocol.KindTCP, Port: 5}
+	if port, err := p.acquire("a", pg, bindExcept()); err != nil || port != 10005 {
+		t.Fatalf("pg: %d %v", port, err)
+	}
+	p.retain("a", pg.Key())
+	other := &protocol.Service{ID: "other", Protocol: protocol.KindTCP, Port: 1, PublicPort: 10005}
+	if _, err := p.acquire("a", other, bindExcept(10005)); err == nil {
+		t.Fatal("took over a port that could not be bound")
+	}
+	if port, err := p.acquire("a", pg, bindExcept()); err != nil || port != 10005 {
+		t.Fatalf("pg came back on %d (%v), want its retained 10005", port, err)
+	}
+}
