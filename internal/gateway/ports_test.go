@@ -389,16 +389,18 @@ func TestPortsConcurrentSavesEndWithFinalState(t *testing.T) {
 // with the service that left it.
 func TestPortsFailedTakeOverKeepsRetainedPort(t *testing.T) {
 	p := newPorts(10000, 10010, time.Hour, &store.Memory{})
+	// 10005 is busy at first, so pg's port is one it would not get again
+	// by preference.
 	pg := &protocol.Service{ID: "pg", Protocol: protocol.KindTCP, Port: 5}
-	if port, err := p.acquire("a", pg, bindExcept()); err != nil || port != 10005 {
+	if port, err := p.acquire("a", pg, bindExcept(10005)); err != nil || port != 10006 {
 		t.Fatalf("pg: %d %v", port, err)
 	}
 	p.retain("a", pg.Key())
-	other := &protocol.Service{ID: "other", Protocol: protocol.KindTCP, Port: 1, PublicPort: 10005}
-	if _, err := p.acquire("a", other, bindExcept(10005)); err == nil {
+	other := &protocol.Service{ID: "other", Protocol: protocol.KindTCP, Port: 1, PublicPort: 10006}
+	if _, err := p.acquire("a", other, bindExcept(10006)); err == nil {
 		t.Fatal("took over a port that could not be bound")
 	}
-	if port, err := p.acquire("a", pg, bindExcept()); err != nil || port != 10005 {
-		t.Fatalf("pg came back on %d (%v), want its retained 10005", port, err)
+	if port, err := p.acquire("a", pg, bindExcept()); err != nil || port != 10006 {
+		t.Fatalf("pg came back on %d (%v), want its retained 10006", port, err)
 	}
 }
