@@ -79,7 +79,7 @@ func startTunnel(ctx context.Context, ex Exec, dir string, spec tunnelSpec) (_ *
 	gcfg.BindAddress = "127.0.0.1"
 	gcfg.StateFile = "" // allocations in memory only
 	gcfg.Insecure = true
-	gcfg.Agents = []config.Agent{{Name: agentName, Token: agentToken}}
+	gcfg.Agents = []config.AgentIdentity{{Name: agentName, Token: agentToken}}
 	gcfg.Admin = config.Admin{Listen: adminAddr, Token: adminToken}
 	gpath, err := writeConfig(dir, spec.name+"-gateway.yaml", gcfg)
 	if err != nil {

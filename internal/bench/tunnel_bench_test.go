@@ -32,7 +32,7 @@ func inProcessTunnel(b *testing.B, mode, sinkAddr, echoAddr string) (sinkEP, ech
 func inProcessTunnelWith(b *testing.B, mode, sinkAddr, echoAddr string, gwReg, agReg *prometheus.Registry) (sinkEP, echoEP string) {
 	b.Helper()
 	const token = "bench-agent-token-0123456789"
-	gcfg := testgateway.Config(b, config.Agent{Name: agentName, Token: token})
+	gcfg := testgateway.Config(b, config.AgentIdentity{Name: agentName, Token: token})
 	gcfg.StateFile = ""
 	g := testgateway.Start(b, gateway.Options{Config: gcfg, Registry: gwReg, Gatherer: gwReg})
 

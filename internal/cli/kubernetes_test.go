@@ -365,7 +365,7 @@ type testGateway struct {
 
 func startTestGateway(t *testing.T) *testGateway {
 	t.Helper()
-	cfg := testgateway.Config(t, config.Agent{Name: "cluster", Token: agentTok})
+	cfg := testgateway.Config(t, config.AgentIdentity{Name: "cluster", Token: agentTok})
 	cfg.HeartbeatInterval = config.D(time.Second)
 	cfg.Admin = config.Admin{Listen: "127.0.0.1:0", Token: "admin-token-0123456789"}
 	log, lb := testlog.New(t, "gateway")

@@ -21,8 +21,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/portway/portway/internal/adminapi"
 	"github.com/portway/portway/internal/agent"
-	"github.com/portway/portway/internal/gateway"
 	"github.com/portway/portway/internal/testlog"
 )
 
@@ -268,7 +268,7 @@ func TestAgentLogsMetricsAddress(t *testing.T) {
 // port as such, beside the public endpoint, each under its heading.
 func TestStatusColumns(t *testing.T) {
 	var out bytes.Buffer
-	writeStatus(&out, nil, []gateway.ServiceInfo{{Agent: "prod-eu", ID: "postgres", Protocol: "tcp", Port: 5432, PublicPort: 15432, Endpoint: "gw.example.com:15432", Mode: "tunnel"}})
+	writeStatus(&out, nil, []adminapi.ServiceInfo{{Agent: "prod-eu", ID: "postgres", Protocol: "tcp", Port: 5432, PublicPort: 15432, Endpoint: "gw.example.com:15432", Mode: "tunnel"}})
 	lines := strings.Split(strings.TrimRight(out.String(), "\n"), "\n")
 	head, row := lines[len(lines)-2], lines[len(lines)-1]
 	for heading, value := range map[string]string{"SERVICE PORT": "5432", "PUBLIC ENDPOINT": "gw.example.com:15432"} {

@@ -38,7 +38,7 @@ func (a *app) gatewayCmd() *cobra.Command {
 			// again on every reload, so flags keep winning.
 			// Flags override the file before it is validated, so that a
 			// flag can supply what the file lacks (--insecure for no tls:).
-			flags := func(cfg *config.Gateway) {
+			flags := func(cfg *config.GatewayFile) {
 				setString(f.Changed("listen"), &cfg.Listen, listen)
 				setString(f.Changed("public-host"), &cfg.PublicHost, publicHost)
 				setString(f.Changed("port-range"), &cfg.PortRange, portRange)
@@ -49,7 +49,7 @@ func (a *app) gatewayCmd() *cobra.Command {
 					cfg.Insecure = insecure
 				}
 			}
-			load := func() (*config.Gateway, error) {
+			load := func() (*config.GatewayFile, error) {
 				if path != "" {
 					return config.LoadGatewayWith(path, a.getenv, flags)
 				}

@@ -81,7 +81,7 @@ func (a *app) runUp(ctx context.Context, log *slog.Logger, services []config.Sta
 	gcfg.PortRange = portRange
 	gcfg.StateFile = ""
 	gcfg.Insecure = true
-	gcfg.Agents = []config.Agent{{Name: "local", Token: token}}
+	gcfg.Agents = []config.AgentIdentity{{Name: "local", Token: token}}
 	gcfg.Admin = config.Admin{Listen: adminListen, Token: adminToken}
 	gw, err := gateway.New(gateway.Options{Config: gcfg, Logger: log.With("part", "gateway"), Version: a.version})
 	if err != nil {

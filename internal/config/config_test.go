@@ -295,7 +295,7 @@ func FuzzParseGateway(f *testing.F) {
 		if err != nil {
 			return
 		}
-		checkReparse(t, g, ParseGateway, (*Gateway).Validate)
+		checkReparse(t, g, ParseGateway, (*GatewayFile).Validate)
 	})
 }
 

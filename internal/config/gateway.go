@@ -13,8 +13,8 @@ import (
 	"github.com/portway/portway/internal/protocol"
 )
 
-// Gateway is gateway.yaml.
-type Gateway struct {
+// GatewayFile is gateway.yaml.
+type GatewayFile struct {
 	// Listen is where agents connect (path /v1/tunnel).
 	Listen string `json:"listen"`
 	// PublicHost is the host name printed in endpoints.
@@ -29,9 +29,9 @@ type Gateway struct {
 	// Insecure allows plain ws:// when no TLS is configured.
 	Insecure bool `json:"insecure"`
 	// Protocols are offered in gateway_hello, in order of preference.
-	Protocols []string `json:"protocols"`
-	Agents    []Agent  `json:"agents"`
-	Admin     Admin    `json:"admin"`
+	Protocols []string        `json:"protocols"`
+	Agents    []AgentIdentity `json:"agents"`
+	Admin     Admin           `json:"admin"`
 
 	// HeartbeatInterval is announced to agents; a peer silent for 2.5
 	// intervals is considered dead.
@@ -77,8 +77,8 @@ type TLS struct {
 	KeyFile  string `json:"key_file"`
 }
 
-// Agent is one identity allowed to connect.
-type Agent struct {
+// AgentIdentity is one identity allowed to connect.
+type AgentIdentity struct {
 	Name string `json:"name"`
 	// Token is the bearer token; TokenSHA256 its hex SHA-256, so the
 	// gateway's config need not hold the secret itself.
@@ -104,8 +104,8 @@ type Admin struct {
 }
 
 // DefaultGateway returns the gateway defaults.
-func DefaultGateway() *Gateway {
-	return &Gateway{
+func DefaultGateway() *GatewayFile {
+	return &GatewayFile{
 		Listen:                  ":8443",
 		PortRange:               "10000-19999",
 		BindAddress:             "0.0.0.0",
@@ -127,13 +127,13 @@ func DefaultGateway() *Gateway {
 
 // ParseGateway parses gateway.yaml over the defaults, applies environment
 // overrides and validates the result.
-func ParseGateway(data []byte, getenv func(string) string) (*Gateway, error) {
+func ParseGateway(data []byte, getenv func(string) string) (*GatewayFile, error) {
 	return parseGateway("", data, getenv, nil)
 }
 
 // parseGateway is ParseGateway for the file called name ("" for none),
 // which prefixes every problem with name:line.
-func parseGateway(name string, data []byte, getenv func(string) string, override func(*Gateway)) (*Gateway, error) {
+func parseGateway(name string, data []byte, getenv func(string) string, override func(*GatewayFile)) (*GatewayFile, error) {
 	g := DefaultGateway()
 	lines, err := parseStrict(name, data, g)
 	if err != nil {
@@ -150,14 +150,14 @@ func parseGateway(name string, data []byte, getenv func(string) string, override
 }
 
 // LoadGateway reads and parses a gateway config file.
-func LoadGateway(path string, getenv func(string) string) (*Gateway, error) {
+func LoadGateway(path string, getenv func(string) string) (*GatewayFile, error) {
 	return LoadGatewayWith(path, getenv, nil)
 }
 
 // LoadGatewayWith is LoadGateway with override (the command line's flags)
 // applied after the file and the environment and before validation, so
 // that a flag can supply what the file lacks.
-func LoadGatewayWith(path string, getenv func(string) string, override func(*Gateway)) (*Gateway, error) {
+func LoadGatewayWith(path string, getenv func(string) string, override func(*GatewayFile)) (*GatewayFile, error) {
 	b, err := readFile(path)
 	if err != nil {
 		return nil, err
@@ -167,7 +167,7 @@ func LoadGatewayWith(path string, getenv func(string) string, override func(*Gat
 
 // applyEnv lets secrets come from the environment: PORTWAY_ADMIN_TOKEN for
 // admin.token, PORTWAY_AGENT_TOKEN_<NAME> for an agent's token.
-func (g *Gateway) applyEnv(getenv func(string) string) {
+func (g *GatewayFile) applyEnv(getenv func(string) string) {
 	if getenv == nil {
 		return
 	}
@@ -187,7 +187,7 @@ func (g *Gateway) applyEnv(getenv func(string) string) {
 const MinTokenLength = 16
 
 // Validate checks every key and returns all problems found.
-func (g *Gateway) Validate() error {
+func (g *GatewayFile) Validate() error {
 	var p problems
 	p.hostPort("listen", g.Listen, true)
 	if g.PublicHost == "" {
@@ -258,7 +258,7 @@ func (g *Gateway) Validate() error {
 	return p.err()
 }
 
-func (g *Gateway) validateAgents(p *problems) {
+func (g *GatewayFile) validateAgents(p *problems) {
 	names := map[string]bool{}
 	for i := range g.Agents {
 		a := &g.Agents[i]
@@ -307,7 +307,7 @@ const maxRetainedPorts = 2 * 65535
 // (agents[i] is key): it may not be below the agent's max_services, or an
 // agent that reconnects with all its services would lose some of their
 // ports.
-func (g *Gateway) validateRetained(p *problems, key string, a *Agent) {
+func (g *GatewayFile) validateRetained(p *problems, key string, a *AgentIdentity) {
 	if a.MaxRetainedPorts < 0 || a.MaxRetainedPorts > maxRetainedPorts {
 		p.add(key+".max_retained_ports", "%d is outside 0-%d", a.MaxRetainedPorts, maxRetainedPorts)
 		return
@@ -330,7 +330,7 @@ func (g *Gateway) validateRetained(p *problems, key string, a *Agent) {
 // entry a may hold: its max_retained_ports, else the gateway's, else twice
 // its max_services. a nil (an agent no longer configured) gets the
 // gateway-wide default.
-func (g *Gateway) RetainedPortsCap(a *Agent) int {
+func (g *GatewayFile) RetainedPortsCap(a *AgentIdentity) int {
 	services := g.MaxServices
 	if a != nil {
 		if a.MaxRetainedPorts > 0 {
@@ -347,7 +347,7 @@ func (g *Gateway) RetainedPortsCap(a *Agent) int {
 }
 
 // PortBounds returns the parsed port_range (after Validate).
-func (g *Gateway) PortBounds() (low, high int) { return g.portLow, g.portHigh }
+func (g *GatewayFile) PortBounds() (low, high int) { return g.portLow, g.portHigh }
 
 // ParsePortRange parses "low-high" (or a single port).
 func ParsePortRange(s string) (int, int, error) {

@@ -442,7 +442,7 @@ func checkClusterBlock(t *testing.T, s scenario, text, root string) string {
 // clusterSupported reports whether this build's gateway.yaml has a
 // cluster: key.
 func clusterSupported() bool {
-	rt := reflect.TypeFor[config.Gateway]()
+	rt := reflect.TypeFor[config.GatewayFile]()
 	for i := range rt.NumField() {
 		if name, _, _ := strings.Cut(rt.Field(i).Tag.Get("json"), ","); name == "cluster" {
 			return true

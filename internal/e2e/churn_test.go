@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/portway/portway/internal/gateway"
+	"github.com/portway/portway/internal/adminapi"
 	"github.com/portway/portway/internal/testnet"
 	"github.com/portway/portway/internal/testwait"
 )
@@ -73,7 +73,7 @@ admin: {listen: %q, token: %q}
 			req.Header.Set("Authorization", "Bearer "+adminToken)
 			resp, err := c.Do(req)
 			if err == nil {
-				var agents []gateway.AgentInfo
+				var agents []adminapi.AgentInfo
 				err = json.NewDecoder(resp.Body).Decode(&agents)
 				resp.Body.Close()
 				if err == nil && resp.StatusCode != 200 {
@@ -283,8 +283,8 @@ services:
 // admin API lists them ("" when absent or on error).
 func churnEndpoints(admin, agent string) (tcp, udp string) {
 	pg := &procGateway{admin: admin}
-	tcp = procServiceEndpoint(pg, func(si gateway.ServiceInfo) bool { return si.Agent == agent && si.Protocol == "tcp" })
-	udp = procServiceEndpoint(pg, func(si gateway.ServiceInfo) bool { return si.Agent == agent && si.Protocol == "udp" })
+	tcp = procServiceEndpoint(pg, func(si adminapi.ServiceInfo) bool { return si.Agent == agent && si.Protocol == "tcp" })
+	udp = procServiceEndpoint(pg, func(si adminapi.ServiceInfo) bool { return si.Agent == agent && si.Protocol == "udp" })
 	return tcp, udp
 }
 

@@ -72,14 +72,14 @@ func readError(t *testing.T, ws *websocket.Conn) string {
 // upgrade that never acks is cut after handshake_timeout; a message over
 // max_message_size is closed with WebSocket code 1009.
 func TestHandshakeAndMessageLimits(t *testing.T) {
-	g := startGateway(t, func(c *config.Gateway) {
+	g := startGateway(t, func(c *config.GatewayFile) {
 		c.HandshakeTimeout = config.D(time.Second)
 		c.MaxMessageSize = protocol.MinMessageSize
 	})
 	t.Run("bad_protocol", func(t *testing.T) {
 		// A known protocol the gateway does not offer (an unknown name is
 		// a malformed message, a protocol violation).
-		yamuxOnly := startGateway(t, func(c *config.Gateway) { c.Protocols = []string{"yamux"} })
+		yamuxOnly := startGateway(t, func(c *config.GatewayFile) { c.Protocols = []string{"yamux"} })
 		ws := rawDial(t, yamuxOnly, tokenA)
 		ws.WriteMessage(websocket.TextMessage, []byte(`{"type":"gateway_hello_ack","version":1,"protocol":"json"}`))
 		if code := readError(t, ws); code != "bad_protocol" {
@@ -284,9 +284,9 @@ func TestBackendDialTimeout(t *testing.T) {
 // ownUDPPort limits the gateway's port range to one UDP port of the
 // kernel's choosing instead of 10000+port, where stray datagrams of other
 // tests on the machine could arrive and be counted.
-func ownUDPPort(t *testing.T) func(*config.Gateway) {
+func ownUDPPort(t *testing.T) func(*config.GatewayFile) {
 	port := testservers.FreePort(t, "udp")
-	return func(c *config.Gateway) { c.PortRange = fmt.Sprintf("%d-%d", port, port) }
+	return func(c *config.GatewayFile) { c.PortRange = fmt.Sprintf("%d-%d", port, port) }
 }
 
 // A UDP client refused for udp.max_sessions is held for 2 s: its datagrams

@@ -32,7 +32,7 @@ func TestGatewayRestartKeepsPorts(t *testing.T) {
 		t.Run(mode, func(t *testing.T) {
 			state := t.TempDir() + "/gateway.db"
 			listen := fmt.Sprintf("127.0.0.1:%d", testservers.FreePort(t, "tcp"))
-			same := func(c *config.Gateway) { c.Listen = listen; c.StateFile = state }
+			same := func(c *config.GatewayFile) { c.Listen = listen; c.StateFile = state }
 			g1 := startGateway(t, same)
 			echo := echoBackend(t)
 			a := startAgent(t, g1.url(), tokenA, mode, []config.StaticService{
@@ -144,7 +144,7 @@ func waitClosed(t *testing.T, ws *websocket.Conn) error {
 // Garbage and oversized messages close only the offending session; another
 // agent's traffic is unaffected, and the gateway says why.
 func TestBadMessagesCloseOnlyThatSession(t *testing.T) {
-	g := startGateway(t, func(c *config.Gateway) { c.MaxMessageSize = protocol.MinMessageSize })
+	g := startGateway(t, func(c *config.GatewayFile) { c.MaxMessageSize = protocol.MinMessageSize })
 	good := startAgent(t, g.url(), tokenA, "yamux", []config.StaticService{{Name: "echo", Protocol: "tcp", Port: 7, Backend: echoBackend(t)}})
 	ep := good.waitReady(t)["echo"]
 	cases := []struct {
@@ -196,7 +196,7 @@ func TestPortAllocationRules(t *testing.T) {
 	}
 	fixed := freePort(t)
 	low, high := min(held, fixed)-20, max(held, fixed)+20
-	g := startGateway(t, func(c *config.Gateway) { c.PortRange = fmt.Sprintf("%d-%d", low, high); c.MaxServices = 3 })
+	g := startGateway(t, func(c *config.GatewayFile) { c.PortRange = fmt.Sprintf("%d-%d", low, high); c.MaxServices = 3 })
 	echo := echoBackend(t)
 	a := startAgent(t, g.url(), tokenA, "yamux", []config.StaticService{
 		{Name: "web", Protocol: "tcp", Port: held - 10000, Backend: echo},

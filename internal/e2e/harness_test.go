@@ -36,16 +36,16 @@ const (
 
 type gw struct {
 	*gateway.Gateway
-	cfg *config.Gateway
+	cfg *config.GatewayFile
 	reg *prometheus.Registry
 	log *testlog.Buffer
 }
 
 // startGateway starts a gateway on loopback with two agents (agent-a and
 // agent-b) allowed. opts may adjust the config before it starts.
-func startGateway(t *testing.T, opts ...func(*config.Gateway)) *gw {
+func startGateway(t *testing.T, opts ...func(*config.GatewayFile)) *gw {
 	t.Helper()
-	cfg := testgateway.Config(t, config.Agent{Name: "agent-a", Token: tokenA}, config.Agent{Name: "agent-b", Token: tokenB})
+	cfg := testgateway.Config(t, config.AgentIdentity{Name: "agent-a", Token: tokenA}, config.AgentIdentity{Name: "agent-b", Token: tokenB})
 	cfg.HeartbeatInterval = config.D(time.Second)
 	cfg.Admin = config.Admin{Listen: "127.0.0.1:0", Token: adminToken}
 	for _, o := range opts {

@@ -23,7 +23,7 @@ import (
 // Failed token attempts are limited per source address: past the limit the
 // source gets 429 without its token being checked, with one log line.
 func TestAuthAttemptsRateLimited(t *testing.T) {
-	g := startGateway(t, func(c *config.Gateway) { c.AuthFailuresPerMinute = 3 })
+	g := startGateway(t, func(c *config.GatewayFile) { c.AuthFailuresPerMinute = 3 })
 	try := func(token string) int {
 		h := http.Header{"Authorization": {"Bearer " + token}}
 		ws, resp, err := websocket.DefaultDialer.Dial(g.url(), h)
@@ -78,7 +78,7 @@ func TestAuthAttemptsRateLimited(t *testing.T) {
 // the gateway answers 4xx (or, for bytes that never finish a request line,
 // nothing) and closes the connection within handshake_timeout.
 func TestUnauthenticatedFrames(t *testing.T) {
-	g := startGateway(t, func(c *config.Gateway) { c.HandshakeTimeout = config.D(time.Second) })
+	g := startGateway(t, func(c *config.GatewayFile) { c.HandshakeTimeout = config.D(time.Second) })
 	cases := map[string]string{
 		"websocket frame without HTTP": "\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58",
 		"upgrade without a token": "GET /v1/tunnel HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
@@ -113,7 +113,7 @@ func TestUnauthenticatedFrames(t *testing.T) {
 // Connections that trickle their headers are cut after handshake_timeout,
 // and an agent connects normally meanwhile.
 func TestSlowlorisOnUpgrade(t *testing.T) {
-	g := startGateway(t, func(c *config.Gateway) { c.HandshakeTimeout = config.D(time.Second) })
+	g := startGateway(t, func(c *config.GatewayFile) { c.HandshakeTimeout = config.D(time.Second) })
 	var wg sync.WaitGroup
 	closed := make(chan time.Duration, 50)
 	for i := 0; i < 50; i++ {
@@ -164,7 +164,7 @@ func TestSlowlorisOnUpgrade(t *testing.T) {
 // An agent registering thousands of services gets its quota and errors for
 // the rest; the session and its served services carry on.
 func TestServiceQuota(t *testing.T) {
-	g := startGateway(t, func(c *config.Gateway) { c.MaxServices = 50; c.PortRange = "10000-10999" })
+	g := startGateway(t, func(c *config.GatewayFile) { c.MaxServices = 50; c.PortRange = "10000-10999" })
 	echo := echoBackend(t)
 	svcs := make([]config.StaticService, 3000)
 	for i := range svcs {

@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/portway/portway/internal/adminapi"
 	"github.com/portway/portway/internal/config"
-	"github.com/portway/portway/internal/gateway"
 	"github.com/portway/portway/internal/testmetrics"
 	"github.com/portway/portway/internal/testnet"
 	"github.com/portway/portway/internal/testservers"
@@ -136,7 +136,7 @@ func TestMetricsAreExact(t *testing.T) {
 func TestReadyzFollowsTheTunnel(t *testing.T) {
 	listen := fmt.Sprintf("127.0.0.1:%d", testservers.FreePort(t, "tcp"))
 	state := t.TempDir() + "/gateway.db"
-	same := func(c *config.Gateway) { c.Listen = listen; c.StateFile = state }
+	same := func(c *config.GatewayFile) { c.Listen = listen; c.StateFile = state }
 	g := startGateway(t, same)
 	a := startAgent(t, g.url(), tokenA, "yamux", []config.StaticService{{Name: "echo", Protocol: "tcp", Port: 7, Backend: echoBackend(t)}})
 	a.waitReady(t)
@@ -175,12 +175,12 @@ func TestAdminAPI(t *testing.T) {
 			t.Errorf("%s with a wrong token: HTTP %d, want 401", path, code)
 		}
 	}
-	var agents []gateway.AgentInfo
+	var agents []adminapi.AgentInfo
 	getJSON(t, base+"/v1/agents", &agents)
 	if len(agents) != 2 || agents[0].Name != "agent-a" || !agents[0].Connected || agents[0].Protocol != "json" || agents[0].Services != 1 || agents[1].Connected {
 		t.Errorf("agents = %+v", agents)
 	}
-	var services []gateway.ServiceInfo
+	var services []adminapi.ServiceInfo
 	testwait.For(t, 5*time.Second, "bytes to show", func() bool {
 		getJSON(t, base+"/v1/services", &services)
 		return len(services) == 1 && services[0].BytesIn == 1234 && services[0].BytesOut == 1234

@@ -89,7 +89,7 @@ func (r *rawRegistrar) register(t *testing.T, services []protocol.Service) *prot
 // gets its ports, and gets them back after a reconnect.
 func TestServiceIDChurnCannotExhaustPorts(t *testing.T) {
 	// 8 ports; agent-a may hold 2 live + 4 retained, agent-b needs 3.
-	g := startGateway(t, func(c *config.Gateway) {
+	g := startGateway(t, func(c *config.GatewayFile) {
 		c.PortRange, c.MaxServices = "28300-28307", 3
 		c.Agents[0].MaxServices = 2 // agent-a: 2 live, and by default 2×2 retained
 	})

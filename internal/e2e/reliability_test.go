@@ -18,7 +18,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/portway/portway/internal/gateway"
+	"github.com/portway/portway/internal/adminapi"
 	"github.com/portway/portway/internal/testmetrics"
 	"github.com/portway/portway/internal/testnet"
 	"github.com/portway/portway/internal/testwait"
@@ -200,16 +200,16 @@ func waitProcEndpoint(t *testing.T, pg *procGateway, id string) string {
 }
 
 func procEndpoint(pg *procGateway, id string) string {
-	return procServiceEndpoint(pg, func(si gateway.ServiceInfo) bool { return si.ID == id && si.Protocol == "tcp" })
+	return procServiceEndpoint(pg, func(si adminapi.ServiceInfo) bool { return si.ID == id && si.Protocol == "tcp" })
 }
 
 func procUDPEndpoint(pg *procGateway) string {
-	return procServiceEndpoint(pg, func(si gateway.ServiceInfo) bool { return si.Protocol == "udp" })
+	return procServiceEndpoint(pg, func(si adminapi.ServiceInfo) bool { return si.Protocol == "udp" })
 }
 
 // procServiceEndpoint asks a gateway process's admin API for the endpoint
 // of the first service match accepts ("" if none or on error).
-func procServiceEndpoint(pg *procGateway, match func(gateway.ServiceInfo) bool) string {
+func procServiceEndpoint(pg *procGateway, match func(adminapi.ServiceInfo) bool) string {
 	req, _ := http.NewRequest(http.MethodGet, "http://"+pg.admin+"/v1/services", nil)
 	req.Header.Set("Authorization", "Bearer "+adminToken)
 	c := http.Client{Timeout: 5 * time.Second}
@@ -218,7 +218,7 @@ func procServiceEndpoint(pg *procGateway, match func(gateway.ServiceInfo) bool) 
 		return ""
 	}
 	defer resp.Body.Close()
-	var services []gateway.ServiceInfo
+	var services []adminapi.ServiceInfo
 	if json.NewDecoder(resp.Body).Decode(&services) != nil {
 		return ""
 	}

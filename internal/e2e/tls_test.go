@@ -77,10 +77,10 @@ func TestTLSAndHashedToken(t *testing.T) {
 	certFile, keyFile := writeTestCert(t)
 	const token = "hashed-token-0123456789abcdef"
 	sum := sha256.Sum256([]byte(token))
-	g := startGateway(t, func(c *config.Gateway) {
+	g := startGateway(t, func(c *config.GatewayFile) {
 		c.Insecure = false
 		c.TLS = &config.TLS{CertFile: certFile, KeyFile: keyFile}
-		c.Agents = []config.Agent{{Name: "hashed", TokenSHA256: hex.EncodeToString(sum[:])}}
+		c.Agents = []config.AgentIdentity{{Name: "hashed", TokenSHA256: hex.EncodeToString(sum[:])}}
 	})
 	url := "wss://" + g.TunnelAddr().String() + "/v1/tunnel"
 	for _, mode := range modes {
@@ -120,7 +120,7 @@ func TestTLSRefusesOldVersionsAndWeakSuites(t *testing.T) {
 		t.Fatal(err)
 	}
 	certFile, keyFile := writeCertWithKey(t, key)
-	g := startGateway(t, func(c *config.Gateway) {
+	g := startGateway(t, func(c *config.GatewayFile) {
 		c.Insecure = false
 		c.TLS = &config.TLS{CertFile: certFile, KeyFile: keyFile}
 	})

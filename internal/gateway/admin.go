@@ -18,14 +18,6 @@ import (
 	"github.com/portway/portway/internal/protocol"
 )
 
-// AgentInfo is one entry of GET /v1/agents; the type lives in adminapi so
-// that the API's clients need not import the gateway.
-type AgentInfo = adminapi.AgentInfo
-
-// ServiceInfo is one entry of GET /v1/services; the type lives in
-// adminapi so that the API's clients need not import the gateway.
-type ServiceInfo = adminapi.ServiceInfo
-
 func (g *Gateway) adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(g.gatherer, promhttp.HandlerOpts{}))
@@ -118,9 +110,9 @@ func writeJSON(w http.ResponseWriter, v any) {
 }
 
 // Agents lists the configured agents and their state.
-func (g *Gateway) Agents() []AgentInfo {
+func (g *Gateway) Agents() []adminapi.AgentInfo {
 	agents := g.conf().Agents
-	out := make([]AgentInfo, 0, len(agents))
+	out := make([]adminapi.AgentInfo, 0, len(agents))
 	g.mu.Lock()
 	states := map[string]*agentState{}
 	for k, v := range g.agents {
@@ -128,7 +120,7 @@ func (g *Gateway) Agents() []AgentInfo {
 	}
 	g.mu.Unlock()
 	for _, c := range agents {
-		info := AgentInfo{Name: c.Name}
+		info := adminapi.AgentInfo{Name: c.Name}
 		if a := states[c.Name]; a != nil {
 			a.mu.Lock()
 			sess := a.session()
@@ -149,8 +141,8 @@ func (g *Gateway) Agents() []AgentInfo {
 }
 
 // Services lists every exposed service.
-func (g *Gateway) Services() []ServiceInfo {
-	var out []ServiceInfo
+func (g *Gateway) Services() []adminapi.ServiceInfo {
+	var out []adminapi.ServiceInfo
 	for _, a := range g.agentList() {
 		a.mu.Lock()
 		services := make([]publicService, 0, len(a.services))
@@ -165,7 +157,7 @@ func (g *Gateway) Services() []ServiceInfo {
 			if mode == "" {
 				mode = protocol.ModeTunnel
 			}
-			si := ServiceInfo{
+			si := adminapi.ServiceInfo{
 				Agent: a.name, ID: spec.ID, Protocol: spec.Protocol.String(), Port: spec.Port,
 				PublicPort: b.port, Endpoint: b.endpoint, Mode: string(mode),
 			}

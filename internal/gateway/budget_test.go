@@ -25,7 +25,7 @@ import (
 // given back when the sessions end.
 func TestUDPFloodHeldToBudget(t *testing.T) {
 	const budget = 2 << 20
-	g := startTestGateway(t, func(c *config.Gateway) {
+	g := startTestGateway(t, func(c *config.GatewayFile) {
 		c.UDPQueueBytesPerService = budget
 		c.HeartbeatInterval = config.D(5 * time.Second)
 	})

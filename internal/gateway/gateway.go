@@ -80,7 +80,7 @@ import (
 
 // Options are the dependencies of a Gateway.
 type Options struct {
-	Config *config.Gateway
+	Config *config.GatewayFile
 	Logger *slog.Logger
 	// Registry receives the gateway's metrics; Gatherer serves them on
 	// /metrics. Both default to a new registry.
@@ -93,7 +93,7 @@ type Options struct {
 
 // Gateway is a running gateway.
 type Gateway struct {
-	cfg      *config.Gateway
+	cfg      *config.GatewayFile
 	log      *slog.Logger
 	metrics  *metrics.Gateway
 	gatherer prometheus.Gatherer

@@ -250,7 +250,7 @@ func TestGatewayEnforcesRetainedCapOnStart(t *testing.T) {
 	cfg := config.DefaultGateway()
 	cfg.Listen, cfg.BindAddress, cfg.Insecure, cfg.StateFile = "127.0.0.1:0", "127.0.0.1", true, path
 	cfg.PortRange, cfg.MaxServices = "10000-10099", 2
-	cfg.Agents = []config.Agent{{Name: "a", Token: "agent-a-token-0123456789", MaxRetainedPorts: 4}}
+	cfg.Agents = []config.AgentIdentity{{Name: "a", Token: "agent-a-token-0123456789", MaxRetainedPorts: 4}}
 	reg := prometheus.NewRegistry()
 	g, err := New(Options{Config: cfg, Registry: reg, Gatherer: reg})
 	if err != nil {

@@ -16,7 +16,7 @@ import (
 // live is the part of the configuration a reload replaces. It is swapped
 // whole and read without a lock, on every handshake and registration.
 type live struct {
-	cfg    *config.Gateway
+	cfg    *config.GatewayFile
 	tokens []agentToken
 	// admin is the SHA-256 of admin.token.
 	admin [sha256.Size]byte
@@ -27,7 +27,7 @@ type live struct {
 }
 
 // newLive derives the reloadable state from a validated config.
-func newLive(cfg *config.Gateway) *live {
+func newLive(cfg *config.GatewayFile) *live {
 	l := &live{
 		cfg:             cfg,
 		admin:           sha256.Sum256([]byte(cfg.Admin.Token)),
@@ -59,7 +59,7 @@ func newLive(cfg *config.Gateway) *live {
 
 // conf returns the current configuration: the one of the last successful
 // reload, or the start one (also for a Gateway not built by New).
-func (g *Gateway) conf() *config.Gateway {
+func (g *Gateway) conf() *config.GatewayFile {
 	if l := g.live.Load(); l != nil {
 		return l.cfg
 	}
@@ -103,7 +103,7 @@ func (g *Gateway) tokenWatch() <-chan struct{} {
 // public listener, are untouched. Settings that cannot change on a running
 // gateway are returned by their keys and otherwise ignored. On error
 // nothing changed.
-func (g *Gateway) Reload(cfg *config.Gateway) (needRestart []string, err error) {
+func (g *Gateway) Reload(cfg *config.GatewayFile) (needRestart []string, err error) {
 	if cfg == nil {
 		return nil, errors.New("gateway: reload: no config")
 	}
@@ -150,8 +150,8 @@ func (g *Gateway) Reload(cfg *config.Gateway) (needRestart []string, err error) 
 }
 
 // agentDiff names the agents added to and removed from the config.
-func agentDiff(before, after []config.Agent) (added, removed []string) {
-	names := func(as []config.Agent) []string {
+func agentDiff(before, after []config.AgentIdentity) (added, removed []string) {
+	names := func(as []config.AgentIdentity) []string {
 		out := make([]string, len(as))
 		for i := range as {
 			out[i] = as[i].Name
@@ -174,7 +174,7 @@ func agentDiff(before, after []config.Agent) (added, removed []string) {
 
 // restartKeys lists the keys whose change a running gateway cannot apply:
 // bound listeners, the port allocator and the state file.
-func restartKeys(old, cur *config.Gateway) []string {
+func restartKeys(old, cur *config.GatewayFile) []string {
 	var keys []string
 	add := func(key string, changed bool) {
 		if changed {

@@ -55,14 +55,14 @@ func writeSelfSigned(t *testing.T, dir string, serial int64, notAfter time.Time)
 	return c
 }
 
-func reloadTestConfig(tc *config.TLS) *config.Gateway {
+func reloadTestConfig(tc *config.TLS) *config.GatewayFile {
 	cfg := config.DefaultGateway()
 	cfg.Listen = "127.0.0.1:0"
 	cfg.PublicHost = "127.0.0.1"
 	cfg.BindAddress = "127.0.0.1"
 	cfg.StateFile = ""
 	cfg.TLS = tc
-	cfg.Agents = []config.Agent{{Name: "agent-a", Token: "agent-a-token-0123456789"}}
+	cfg.Agents = []config.AgentIdentity{{Name: "agent-a", Token: "agent-a-token-0123456789"}}
 	return cfg
 }
 
@@ -128,7 +128,7 @@ func TestReloadAllOrNothing(t *testing.T) {
 	// A key that does not match its certificate: refused as a whole.
 	other := writeSelfSigned(t, t.TempDir(), 2, first.Add(24*time.Hour))
 	bad := reloadTestConfig(&config.TLS{CertFile: other.CertFile, KeyFile: cfg.TLS.KeyFile})
-	bad.Agents = append(bad.Agents, config.Agent{Name: "agent-b", Token: newToken})
+	bad.Agents = append(bad.Agents, config.AgentIdentity{Name: "agent-b", Token: newToken})
 	if _, err := g.Reload(bad); err == nil {
 		t.Fatal("reload with a mismatched key pair succeeded")
 	}
@@ -143,7 +143,7 @@ func TestReloadAllOrNothing(t *testing.T) {
 	}
 
 	good := reloadTestConfig(other)
-	good.Agents = append(good.Agents, config.Agent{Name: "agent-b", Token: newToken})
+	good.Agents = append(good.Agents, config.AgentIdentity{Name: "agent-b", Token: newToken})
 	good.Listen = "127.0.0.1:1"
 	good.MaxServices = 7
 	restart, err := g.Reload(good)

@@ -50,7 +50,7 @@ type serviceBase struct {
 
 	// conf returns the gateway's current configuration, for the limits a
 	// reload may change (buffer_size, the UDP queue budgets).
-	conf    func() *config.Gateway
+	conf    func() *config.GatewayFile
 	log     *slog.Logger
 	metrics *metrics.Gateway
 	active  prometheus.Gauge

@@ -24,7 +24,7 @@ const testToken = "agent-a-token-0123456789"
 // startTestGateway runs a gateway on loopback with one agent, agent-a. The
 // caller closes it (a wedged gateway cannot be closed, so the tests that
 // look for a wedge decide themselves).
-func startTestGateway(t *testing.T, opts ...func(*config.Gateway)) *Gateway {
+func startTestGateway(t *testing.T, opts ...func(*config.GatewayFile)) *Gateway {
 	t.Helper()
 	cfg := config.DefaultGateway()
 	cfg.Listen = "127.0.0.1:0"
@@ -33,7 +33,7 @@ func startTestGateway(t *testing.T, opts ...func(*config.Gateway)) *Gateway {
 	cfg.StateFile = ""
 	cfg.Insecure = true
 	cfg.HeartbeatInterval = config.D(time.Second)
-	cfg.Agents = []config.Agent{{Name: "agent-a", Token: testToken}}
+	cfg.Agents = []config.AgentIdentity{{Name: "agent-a", Token: testToken}}
 	cfg.Admin = config.Admin{Listen: "127.0.0.1:0", Token: "admin-token-0123456789"}
 	for _, o := range opts {
 		o(cfg)
@@ -183,7 +183,7 @@ func lockWaiters() string {
 // registration path once took their two locks in opposite orders.
 func TestReconnectUnderUDPLoadDoesNotWedge(t *testing.T) {
 	// The default heartbeat: the sources load a shared machine heavily.
-	g := startTestGateway(t, func(c *config.Gateway) { c.HeartbeatInterval = config.D(5 * time.Second) })
+	g := startTestGateway(t, func(c *config.GatewayFile) { c.HeartbeatInterval = config.D(5 * time.Second) })
 	wedged := false
 	defer func() {
 		if !wedged {

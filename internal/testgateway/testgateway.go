@@ -16,7 +16,7 @@ import (
 // on a free port of 127.0.0.1, public ports bound to and announced as
 // 127.0.0.1, plain WebSocket (no TLS), the port state in a temporary
 // directory, and agents allowed. The test adjusts the rest before Start.
-func Config(t testing.TB, agents ...config.Agent) *config.Gateway {
+func Config(t testing.TB, agents ...config.AgentIdentity) *config.GatewayFile {
 	t.Helper()
 	cfg := config.DefaultGateway()
 	cfg.Listen = "127.0.0.1:0"
