@@ -204,6 +204,33 @@ func (g *Gateway) saveState() {
 	g.metrics.PortAllocations.Set(float64(g.ports.count()))
 }
 
+// refreshState saves the allocations every g.stateRefresh while any is
+// live: a save stamps live allocations with its time. Without it, a gateway
+// that ran for longer than port_retention without a change and then
+// crashed would come back with stamps old enough to expire the ports of
+// every agent that had not reconnected yet.
+func (g *Gateway) refreshState() {
+	defer g.wg.Done()
+	t := time.NewTicker(g.stateRefresh)
+	defer t.Stop()
+	for {
+		select {
+		case <-g.done:
+			return
+		case <-t.C:
+			if g.ports.hasLive() {
+				g.saveState()
+			}
+		}
+	}
+}
+
+// stateRefreshInterval is a 24th of port_retention, between a minute and
+// an hour: stamps never lag by more than that.
+func stateRefreshInterval(retention time.Duration) time.Duration {
+	return min(max(retention/24, time.Minute), time.Hour)
+}
+
 func (g *Gateway) countServices() {
 	var tcp, udp int
 	for _, a := range g.agentList() {

@@ -125,6 +125,9 @@ type Gateway struct {
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 	done      chan struct{}
+	// stateRefresh is how often live allocations are saved again
+	// (refreshState).
+	stateRefresh time.Duration
 }
 
 // agentToken is one accepted token of an agent: an agent in the middle of
@@ -163,16 +166,17 @@ func New(o Options) (*Gateway, error) {
 	}
 	low, high := cfg.PortBounds()
 	g := &Gateway{
-		cfg:      cfg,
-		log:      log,
-		metrics:  metrics.NewGateway(reg),
-		gatherer: gath,
-		version:  o.Version,
-		ports:    newPorts(low, high, cfg.PortRetention.Duration, st),
-		limiter:  newAuthLimiter(cfg.AuthFailuresPerMinute, time.Minute),
-		agents:   map[string]*agentState{},
-		reloaded: make(chan struct{}),
-		done:     make(chan struct{}),
+		cfg:          cfg,
+		log:          log,
+		metrics:      metrics.NewGateway(reg),
+		gatherer:     gath,
+		version:      o.Version,
+		ports:        newPorts(low, high, cfg.PortRetention.Duration, st),
+		limiter:      newAuthLimiter(cfg.AuthFailuresPerMinute, time.Minute),
+		agents:       map[string]*agentState{},
+		reloaded:     make(chan struct{}),
+		done:         make(chan struct{}),
+		stateRefresh: stateRefreshInterval(cfg.PortRetention.Duration),
 	}
 	g.live.Store(newLive(cfg))
 	if cfg.TLS != nil {
@@ -222,6 +226,10 @@ func (g *Gateway) Start(ctx context.Context) error {
 		}
 		g.adminLn = aln
 		g.serve(aln, g.adminHandler())
+	}
+	if g.cfg.PortRetention.Duration > 0 {
+		g.wg.Add(1)
+		go g.refreshState()
 	}
 	g.ready.Store(true)
 	scheme := "wss"

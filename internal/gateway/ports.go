@@ -414,6 +414,18 @@ func (p *ports) save(ctx context.Context) error {
 	return p.st.Save(ctx, p.snapshot())
 }
 
+// hasLive reports whether any allocation has an open listener.
+func (p *ports) hasLive() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, a := range p.byKey {
+		if a.live {
+			return true
+		}
+	}
+	return false
+}
+
 // count returns the number of allocations.
 func (p *ports) count() int {
 	p.mu.Lock()
