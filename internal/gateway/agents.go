@@ -204,25 +204,34 @@ func (g *Gateway) saveState() {
 	g.metrics.PortAllocations.Set(float64(g.ports.count()))
 }
 
-// refreshState saves the allocations every g.stateRefresh while any is
-// live: a save stamps live allocations with its time. Without it, a gateway
-// that ran for longer than port_retention without a change and then
-// crashed would come back with stamps old enough to expire the ports of
-// every agent that had not reconnected yet.
+// refreshState saves the allocations while any is live: a save stamps live
+// allocations with its time. Without it, a gateway that ran for longer than
+// port_retention without a change and then crashed would come back with
+// stamps old enough to expire the ports of every agent that had not
+// reconnected yet.
 func (g *Gateway) refreshState() {
-	defer g.wg.Done()
-	t := time.NewTicker(g.stateRefresh)
-	defer t.Stop()
-	for {
-		select {
-		case <-g.done:
-			return
-		case <-t.C:
-			if g.ports.hasLive() {
-				g.saveState()
+	if g.ports.hasLive() {
+		g.saveState()
+	}
+}
+
+// every calls f every d until the gateway closes, in a goroutine of the
+// gateway's wait group.
+func (g *Gateway) every(d time.Duration, f func()) {
+	g.wg.Add(1)
+	go func() {
+		defer g.wg.Done()
+		t := time.NewTicker(d)
+		defer t.Stop()
+		for {
+			select {
+			case <-g.done:
+				return
+			case <-t.C:
+				f()
 			}
 		}
-	}
+	}()
 }
 
 // stateRefreshInterval is a 24th of port_retention, between a minute and

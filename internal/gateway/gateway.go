@@ -207,8 +207,8 @@ func (g *Gateway) Start(ctx context.Context) error {
 		g.setCertificate(cert, g.cfg.TLS.CertFile)
 		g.checkCertificate()
 		ln = tls.NewListener(ln, g.serverTLS())
-		g.wg.Add(1)
-		go g.watchCertificate()
+		// Daily too, so a certificate nobody renews is noticed in the log.
+		g.every(24*time.Hour, g.checkCertificate)
 	}
 	g.tunnelLn = ln
 	mux := http.NewServeMux()
@@ -228,8 +228,7 @@ func (g *Gateway) Start(ctx context.Context) error {
 		g.serve(aln, g.adminHandler())
 	}
 	if g.cfg.PortRetention.Duration > 0 {
-		g.wg.Add(1)
-		go g.refreshState()
+		g.every(g.stateRefresh, g.refreshState)
 	}
 	g.ready.Store(true)
 	scheme := "wss"

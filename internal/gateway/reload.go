@@ -262,19 +262,3 @@ func (g *Gateway) checkCertificate() {
 func (g *Gateway) getCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 	return g.cert.Load().cert, nil
 }
-
-// watchCertificate repeats the expiry check daily until the gateway
-// closes, so a certificate nobody renews is noticed in the log too.
-func (g *Gateway) watchCertificate() {
-	defer g.wg.Done()
-	t := time.NewTicker(24 * time.Hour)
-	defer t.Stop()
-	for {
-		select {
-		case <-g.done:
-			return
-		case <-t.C:
-			g.checkCertificate()
-		}
-	}
-}
