@@ -26,17 +26,17 @@
 //	ports.saveMu  → ports.mu
 //	Gateway.reloadMu → agentState.mu, Gateway.mu, authLimiter.mu
 //
-// ports.saveMu orders state saves: it is held from the snapshot to the end
-// of the state file's write, never under agentState.mu, and ports.mu is
-// never held during file I/O.
-//
-// and every other lock is a leaf, never held while taking another of this
+// Every other lock is a leaf, never held while taking another of this
 // package's locks: Gateway.mu (the agents map: callers copy what they need
 // and unlock before touching an agent), udpSessions.mu (one public UDP
 // port's clients) and authLimiter.mu. Nothing here calls out of the
 // package under a lock except into internal/metrics' vectors, the
 // certificate expiry gauge and the listen call of a bind under ports.mu,
 // none of which calls back.
+//
+// ports.saveMu orders state saves: it is held from the snapshot to the end
+// of the state file's write, never under agentState.mu, and ports.mu is
+// never held during file I/O.
 //
 // Gateway.reloadMu serialises reloads' changes and is taken by nothing
 // else; a reload reads its files before taking it and logs after
