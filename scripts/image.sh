@@ -17,6 +17,8 @@
 #   IMAGE             image name (default: localhost/portway:VERSION)
 #   KEEP              1: use podman's default store and keep the image
 #   PLATFORMS         default: "linux/amd64 linux/arm64"
+#   DIST_IN           package the binaries scripts/release.sh already wrote
+#                     there (same VERSION) instead of building them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v go >/dev/null 2>&1 || export PATH="$PATH:/usr/local/go/bin"
@@ -56,10 +58,14 @@ ctx="$work/context"
 mkdir -p "$ctx"
 targets=()
 for p in $PLATFORMS; do targets+=("$p"); done
-DIST="$work/dist" scripts/release.sh "${targets[@]}"
+dist="${DIST_IN:-$work/dist}"
+if [[ -z "${DIST_IN:-}" ]]; then
+	DIST="$dist" scripts/release.sh "${targets[@]}"
+fi
 for p in $PLATFORMS; do
 	arch="${p#*/}"
-	cp "$work/dist/portway_${VERSION}_linux_${arch}" "$ctx/portway_linux_${arch}"
+	cp "$dist/portway_${VERSION}_linux_${arch}" "$ctx/portway_linux_${arch}" ||
+		die "no binary for $p in $dist (DIST_IN holds scripts/release.sh output)"
 done
 cp "$CA_BUNDLE" "$ctx/ca-certificates.crt"
 
