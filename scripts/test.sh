@@ -129,6 +129,13 @@ if [ "$FUZZTIME" != "0" ]; then
       # Quiet on success; on failure the output names the failing input
       # (testdata/fuzz/...) and the panic or error.
       if ! out=$(go test -run '^$' -fuzz "^${target}\$" -fuzztime "$FUZZTIME" "$pkg" 2>&1); then
+        # Go 1.26's fuzz coordinator can fail a run at the -fuzztime
+        # deadline with a bare "context deadline exceeded" and no failing
+        # input (go.dev/issue/75804, fixed in Go 1.27): not a finding.
+        if ! grep -q "Failing input written to" <<<"$out" && grep -q "^    context deadline exceeded$" <<<"$out"; then
+          echo "fuzz $target: the coordinator's deadline race (go.dev/issue/75804), no failing input; not a failure" >&2
+          continue
+        fi
         echo "$out" >&2
         echo "fuzz target $target in $pkg failed" >&2
         exit 1
