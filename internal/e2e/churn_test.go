@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -225,7 +226,22 @@ admin: {listen: %q, token: %q}
 			}
 		}()
 	}
+	// Reloads run through the same locks (Gateway.reloadMu, then each
+	// agent's): SIGHUP the gateway throughout the churn.
+	churn.Add(1)
+	go func() {
+		defer churn.Done()
+		for i := 0; time.Now().Before(end) && i < 1000; i++ {
+			time.Sleep(250 * time.Millisecond)
+			gwp.Signal(syscall.SIGHUP)
+		}
+	}()
 	churn.Wait()
+	if n := strings.Count(gwp.Log(), "reload done"); n == 0 {
+		t.Errorf("the gateway logged no reload for the SIGHUPs during the churn")
+	} else {
+		t.Logf("%d reloads during the churn", n)
+	}
 	// Traffic flows once the churn stops.
 	for _, a := range agents {
 		ep := endpoints[a.name]
