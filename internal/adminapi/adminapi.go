@@ -41,4 +41,27 @@ type ServiceInfo struct {
 	// PacketsIn and PacketsOut count datagrams (udp).
 	PacketsIn  float64 `json:"packets_in,omitempty"`
 	PacketsOut float64 `json:"packets_out,omitempty"`
+	// ProxyProtocol is the PROXY protocol header the agent writes to the
+	// backend: "v1", "v2", or empty for none.
+	ProxyProtocol string `json:"proxy_protocol,omitempty"`
+	// AllowCIDRs and DenyCIDRs are the service's own source lists, as
+	// registered; the agent's ceiling (gateway.yaml) applies on top.
+	AllowCIDRs []string `json:"allow_cidrs,omitempty"`
+	DenyCIDRs  []string `json:"deny_cidrs,omitempty"`
+	// MaxConnectionsPerSource and MaxConnectionRatePerSource are the
+	// per-source limits (0: none).
+	MaxConnectionsPerSource    int     `json:"max_connections_per_source,omitempty"`
+	MaxConnectionRatePerSource float64 `json:"max_connection_rate_per_source,omitempty"`
+	// Denied counts connections (tcp) or datagrams (udp) refused because
+	// of their source since the service opened; SourceLimited those over
+	// a per-source limit.
+	Denied        int64 `json:"denied,omitempty"`
+	SourceLimited int64 `json:"source_limited,omitempty"`
+}
+
+// HasAccessSettings reports whether the service has any PROXY protocol,
+// source list or per-source setting, or has refused a source.
+func (s *ServiceInfo) HasAccessSettings() bool {
+	return s.ProxyProtocol != "" || len(s.AllowCIDRs) > 0 || len(s.DenyCIDRs) > 0 ||
+		s.MaxConnectionsPerSource > 0 || s.MaxConnectionRatePerSource > 0 || s.Denied > 0 || s.SourceLimited > 0
 }

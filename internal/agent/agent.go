@@ -47,6 +47,12 @@ type Service struct {
 	IdleTimeout time.Duration
 	// Mode is protocol.ModeTunnel or protocol.ModeDual (display only).
 	Mode protocol.Mode
+	// ProxyProtocol is the PROXY protocol header written to the backend:
+	// config.ProxyProtocolV1, V2, or Off.
+	ProxyProtocol string
+	// Policy is the allow/deny lists and per-source limits the gateway
+	// enforces for the service.
+	Policy config.SourcePolicy
 }
 
 // Key returns the service's key.
@@ -412,7 +418,11 @@ func (s *session) run(ctx context.Context) error {
 
 // wireService is the register form of a service.
 func (a *Agent) wireService(s *Service) protocol.Service {
-	w := protocol.Service{ID: s.ID, Protocol: s.Protocol, Port: s.Port, PublicPort: s.PublicPort, Mode: s.Mode}
+	w := protocol.Service{ID: s.ID, Protocol: s.Protocol, Port: s.Port, PublicPort: s.PublicPort, Mode: s.Mode,
+		ProxyProtocol: s.ProxyProtocol, AllowCIDRs: s.Policy.AllowCIDRs, DenyCIDRs: s.Policy.DenyCIDRs,
+		MaxConnectionsPerSource:    s.Policy.MaxConnectionsPerSource,
+		MaxConnectionRatePerSource: s.Policy.MaxConnectionRatePerSource,
+		ConnectionBurstPerSource:   s.Policy.ConnectionBurstPerSource}
 	idle := s.IdleTimeout
 	if s.Protocol == protocol.KindUDP {
 		if idle == 0 {

@@ -12,7 +12,8 @@ func staticServices(svcs []config.StaticService) []Service {
 		// Validate has refused any other protocol, so the zero Kind never
 		// reaches the gateway.
 		kind, _ := protocol.ParseKind(s.Protocol)
-		out = append(out, Service{ID: s.Name, Protocol: kind, Port: s.Port, Backend: s.Backend, PublicPort: s.PublicPort, Mode: protocol.ModeTunnel})
+		out = append(out, Service{ID: s.Name, Protocol: kind, Port: s.Port, Backend: s.Backend, PublicPort: s.PublicPort, Mode: protocol.ModeTunnel,
+			ProxyProtocol: s.ProxyProtocol, Policy: s.SourcePolicy})
 	}
 	return out
 }

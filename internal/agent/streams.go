@@ -3,14 +3,18 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/metrics"
 	"github.com/portway/portway/internal/protocol"
+	"github.com/portway/portway/internal/proxyproto"
 	"github.com/portway/portway/internal/relay"
 	"github.com/portway/portway/internal/tunnel"
 )
@@ -98,6 +102,16 @@ func (a *Agent) serveTCP(in *tunnel.Incoming, h protocol.StreamHeader, svc *Serv
 		}
 		return
 	}
+	if err := writeProxyHeader(c, svc.ProxyProtocol, h); err != nil {
+		lim.release()
+		c.Close()
+		in.Reject(protocol.StatusError)
+		a.metrics.TCPErrors.WithLabelValues(svc.ID, metrics.ReasonDialError.String()).Inc()
+		if lim.warnNow() {
+			a.log.Warn("writing the PROXY protocol header to the backend failed", "service", svc.ID, "backend", svc.Backend, "err", err)
+		}
+		return
+	}
 	st, err := in.Accept()
 	if err != nil {
 		lim.release()
@@ -133,6 +147,44 @@ func (a *Agent) serveTCP(in *tunnel.Incoming, h protocol.StreamHeader, svc *Serv
 		a.log.Debug("connection closed", "service", svc.ID, "client", h.Client, "received", stats.ToBackend.Load(),
 			"sent", stats.FromBackend.Load(), "duration", time.Since(start).Round(time.Millisecond), "err", res.Err)
 	})
+}
+
+// writeProxyHeader writes the PROXY protocol header of mode (none when
+// config.ProxyProtocolOff) for the stream h to the backend connection c,
+// before any byte of the client's data. The source is the public client,
+// the destination the public endpoint it connected to.
+func writeProxyHeader(c net.Conn, mode string, h protocol.StreamHeader) error {
+	var buf [proxyproto.MaxV1Len]byte
+	var b []byte
+	switch mode {
+	case config.ProxyProtocolV1:
+		b = proxyproto.AppendV1(buf[:0], h.Client, publicOf(h))
+	case config.ProxyProtocolV2:
+		b = proxyproto.AppendV2(buf[:0], proxyproto.TransportStream, h.Client, publicOf(h))
+	default:
+		return nil
+	}
+	if _, err := c.Write(b); err != nil {
+		return fmt.Errorf("writing PROXY protocol %s header: %w", mode, err)
+	}
+	return nil
+}
+
+// publicOf returns the destination of a PROXY protocol header: the public
+// endpoint from the stream header. A gateway too old to send it leaves the
+// unspecified address of the client's family, port 0, so that the client's
+// address still arrives (a missing destination would make the whole
+// header UNKNOWN).
+func publicOf(h protocol.StreamHeader) netip.AddrPort {
+	switch {
+	case h.Public.IsValid():
+		return h.Public
+	case h.Client.Addr().Unmap().Is4():
+		return netip.AddrPortFrom(netip.IPv4Unspecified(), 0)
+	case h.Client.IsValid():
+		return netip.AddrPortFrom(netip.IPv6Unspecified(), 0)
+	}
+	return netip.AddrPort{}
 }
 
 // dialStatus maps a dial error to the status sent to the gateway and a
@@ -186,8 +238,14 @@ func (a *Agent) serveUDP(in *tunnel.Incoming, h protocol.StreamHeader, svc *Serv
 	if idle == 0 {
 		idle = cfg.SessionTimeout.Duration
 	}
-	res := relay.PipePackets(tunnel.AsPackets(st), relay.ConnectedUDP{UDPConn: c.(*net.UDPConn)},
-		relay.PacketOptions{MaxDatagram: cfg.BufferSize, IdleTimeout: idle}, &stats)
+	opt := relay.PacketOptions{MaxDatagram: cfg.BufferSize, IdleTimeout: idle}
+	if svc.ProxyProtocol == config.ProxyProtocolV2 {
+		// The same header starts every datagram of the session: encoded
+		// once, copied into each datagram's buffer by the relay.
+		var hdr [proxyproto.MaxV2EncodedLen]byte
+		opt.Prefix = proxyproto.AppendV2(hdr[:0], proxyproto.TransportDatagram, h.Client, publicOf(h))
+	}
+	res := relay.PipePackets(tunnel.AsPackets(st), relay.ConnectedUDP{UDPConn: c.(*net.UDPConn)}, opt, &stats)
 	flow.Done()
 	active.Dec()
 	if res.TooLarge > 0 {

@@ -71,6 +71,7 @@ func agentServices(svcs []discovery.Service) []agent.Service {
 		out[i] = agent.Service{
 			ID: s.ID, Protocol: s.Protocol, Port: s.Port, Backend: s.Backend,
 			IdleTimeout: s.IdleTimeout, Mode: s.Mode,
+			ProxyProtocol: s.ProxyProtocol, Policy: s.Policy,
 		}
 	}
 	return out

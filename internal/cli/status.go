@@ -98,7 +98,31 @@ func writeStatus(out io.Writer, agents []adminapi.AgentInfo, services []adminapi
 		}
 		fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%s\t%d\t%s\t%s\n", s.Agent, s.ID, s.Protocol, s.Port, s.Endpoint, s.Mode, s.Active, in, outv)
 	}
+	writeAccess(w, services)
 	w.Flush()
+}
+
+// writeAccess lists the services with client-address or access settings
+// (or refusals): PROXY protocol mode, allow and deny lists, per-source
+// limits, and how many sources were refused. Nothing when none has any.
+func writeAccess(w io.Writer, services []adminapi.ServiceInfo) {
+	header := false
+	for _, s := range services {
+		if !s.HasAccessSettings() {
+			continue
+		}
+		if !header {
+			fmt.Fprintln(w)
+			fmt.Fprintln(w, "AGENT\tSERVICE\tPROTO\tPROXY PROTOCOL\tALLOW\tDENY\tPER SOURCE\tDENIED\tSOURCE LIMITED")
+			header = true
+		}
+		per := "-"
+		if s.MaxConnectionsPerSource > 0 || s.MaxConnectionRatePerSource > 0 {
+			per = fmt.Sprintf("%d open, %g/s", s.MaxConnectionsPerSource, s.MaxConnectionRatePerSource)
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\n", s.Agent, s.ID, s.Protocol, dash(s.ProxyProtocol),
+			dash(strings.Join(s.AllowCIDRs, ",")), dash(strings.Join(s.DenyCIDRs, ",")), per, s.Denied, s.SourceLimited)
+	}
 }
 
 func dash(s string) string {

@@ -118,6 +118,13 @@ type StaticService struct {
 	Backend string `json:"backend"`
 	// PublicPort asks the gateway for this exact public port.
 	PublicPort int `json:"public_port,omitempty"`
+	// ProxyProtocol is the PROXY protocol header the agent writes to the
+	// backend before the client's data: "" (none), "v1" or "v2" (UDP:
+	// "v2" only, at the start of every datagram).
+	ProxyProtocol string `json:"proxy_protocol,omitempty"`
+	// SourcePolicy is the service's allow/deny lists and per-source
+	// limits, enforced by the gateway within its ceiling for the agent.
+	SourcePolicy
 }
 
 // DefaultLabel is the PipeOps agent's Gateway label for discovery.
@@ -269,6 +276,8 @@ func (a *AgentFile) Validate() error {
 		if s.PublicPort != 0 {
 			p.intRange(key+".public_port", s.PublicPort, 1, 65535)
 		}
+		validateProxyProtocol(&p, key+".proxy_protocol", s.ProxyProtocol, s.Protocol)
+		s.SourcePolicy.validate(&p, key)
 	}
 	p.logLevel("log_level", a.LogLevel)
 	return p.err()

@@ -196,6 +196,14 @@ func jsonFields(t reflect.Type) map[string]reflect.Type {
 		if name == "-" {
 			continue
 		}
+		if name == "" && f.Anonymous && f.Type.Kind() == reflect.Struct {
+			// An embedded struct's keys are the outer map's, as for
+			// encoding/json.
+			for k, v := range jsonFields(f.Type) {
+				m[k] = v
+			}
+			continue
+		}
 		if name == "" {
 			name = f.Name
 		}

@@ -66,9 +66,17 @@ type GatewayFile struct {
 	// LogLevel is debug, info, warn or error; empty keeps --log-level.
 	// Unlike the flag it is reloaded live.
 	LogLevel string `json:"log_level,omitempty"`
+	// ProxyProtocolFrom are the sources (load balancers) whose
+	// connections to public listeners and to the agent endpoint must start
+	// with a PROXY protocol v1 or v2 header; empty: no header is read.
+	ProxyProtocolFrom []string `json:"proxy_protocol_from,omitempty"`
 
 	// portLow and portHigh are PortRange, parsed by Validate.
 	portLow, portHigh int
+	// proxyFrom and ceilings are ProxyProtocolFrom and the agents'
+	// allow/deny lists, parsed by Validate.
+	proxyFrom []netip.Prefix
+	ceilings  map[string]*Ceiling
 }
 
 // TLS names the certificate for the agent endpoint.
@@ -93,6 +101,12 @@ type AgentIdentity struct {
 	// MaxRetainedPorts overrides the gateway's max_retained_ports for this
 	// agent.
 	MaxRetainedPorts int `json:"max_retained_ports,omitempty"`
+	// AllowCIDRs and DenyCIDRs are the ceiling on every service of the
+	// agent: a source must be allowed here (when the list is set) and not
+	// denied here, whatever the agent asks; an agent's own allow list
+	// must lie inside AllowCIDRs.
+	AllowCIDRs []string `json:"allow_cidrs,omitempty"`
+	DenyCIDRs  []string `json:"deny_cidrs,omitempty"`
 }
 
 // Admin configures the admin HTTP server.
@@ -232,6 +246,7 @@ func (g *GatewayFile) Validate() error {
 		seenProto[pr] = true
 	}
 	g.validateAgents(&p)
+	g.validateAccess(&p)
 	if g.Admin.Listen != "" {
 		p.hostPort("admin.listen", g.Admin.Listen, false)
 		if g.Admin.Token == "" {

@@ -270,13 +270,21 @@ func (c *computation) exposeListener(g *gwv1.Gateway, gs gatewaySettings, l gwv1
 		c.report(*prob)
 		return
 	}
+	pp, policy, prob := routeAccess(r, proto)
+	if prob != nil {
+		prob.subject = string(l.Name)
+		c.report(*prob)
+		return
+	}
 	svc := Service{
-		ID:          g.Namespace + "/" + g.Name + "/" + string(l.Name),
-		Protocol:    proto,
-		Port:        int(l.Port),
-		Backend:     backend,
-		IdleTimeout: gs.idle,
-		Mode:        gs.mode,
+		ID:            g.Namespace + "/" + g.Name + "/" + string(l.Name),
+		Protocol:      proto,
+		Port:          int(l.Port),
+		Backend:       backend,
+		IdleTimeout:   gs.idle,
+		Mode:          gs.mode,
+		ProxyProtocol: pp,
+		Policy:        policy,
 	}
 	lr := listenerResult{gateway: gs.ref, listener: string(l.Name), service: svc, route: r.ref}
 	if gs.mode != ModeTunnel {
@@ -910,4 +918,65 @@ func idleTimeout(g *gwv1.Gateway, gref objectRef) (time.Duration, *problem) {
 			message: fmt.Sprintf("annotation %s=%q is not a duration of at least %v (like 10m); ignored", AnnotationIdleTimeout, v, minIdleTimeout)}
 	}
 	return d, nil
+}
+
+// accessAnnotations picks the access annotations present in a route's
+// annotations (nil when none is).
+func accessAnnotations(all map[string]string) map[string]string {
+	var out map[string]string
+	for _, k := range []string{AnnotationProxyProtocol, AnnotationAllowCIDRs, AnnotationDenyCIDRs} {
+		if v, ok := all[k]; ok {
+			if out == nil {
+				out = map[string]string{}
+			}
+			out[k] = v
+		}
+	}
+	return out
+}
+
+// routeAccess reads route r's access annotations for a service of proto.
+// An invalid one is reported and the listener is not exposed: ignoring a
+// malformed allow list would open the service wider than its owner asked,
+// and a backend that expects a PROXY header refuses every connection
+// without one.
+func routeAccess(r route, proto protocol.Kind) (string, config.SourcePolicy, *problem) {
+	var policy config.SourcePolicy
+	bad := func(key, v, why string) (string, config.SourcePolicy, *problem) {
+		return "", policy, &problem{obj: r.ref, reason: reasonInvalidAnnotation,
+			message: fmt.Sprintf("annotation %s=%q: %s; not exposed", key, v, why)}
+	}
+	pp := strings.TrimSpace(r.access[AnnotationProxyProtocol])
+	switch pp {
+	case config.ProxyProtocolOff, config.ProxyProtocolV2:
+	case config.ProxyProtocolV1:
+		if proto == protocol.KindUDP {
+			return bad(AnnotationProxyProtocol, pp, "v1 has no datagram form, use v2 on a UDPRoute")
+		}
+	default:
+		return bad(AnnotationProxyProtocol, pp, "not v1 or v2")
+	}
+	for _, a := range []struct {
+		key  string
+		list *[]string
+	}{{AnnotationAllowCIDRs, &policy.AllowCIDRs}, {AnnotationDenyCIDRs, &policy.DenyCIDRs}} {
+		v, ok := r.access[a.key]
+		if !ok {
+			continue
+		}
+		var list []string
+		for _, f := range strings.Split(v, ",") {
+			if f = strings.TrimSpace(f); f != "" {
+				list = append(list, f)
+			}
+		}
+		if len(list) == 0 {
+			return bad(a.key, v, "no CIDR listed (remove the annotation to allow every source)")
+		}
+		if _, err := config.ParseCIDRs(list); err != nil {
+			return bad(a.key, v, err.Error())
+		}
+		*a.list = list
+	}
+	return pp, policy, nil
 }

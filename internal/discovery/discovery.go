@@ -23,6 +23,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -57,6 +58,14 @@ const (
 	// AnnotationRouteEndpoint is written on each route backing a service:
 	// its endpoints, comma-separated, tunnel first.
 	AnnotationRouteEndpoint = "pipeops.io/tunnel-endpoint"
+	// AnnotationProxyProtocol on a TCPRoute or UDPRoute makes the agent
+	// write a PROXY protocol header to the backend: v1 or v2 (UDP: v2).
+	AnnotationProxyProtocol = "pipeops.io/proxy-protocol"
+	// AnnotationAllowCIDRs on a route restricts the service's clients to
+	// these sources (comma-separated CIDRs or addresses).
+	AnnotationAllowCIDRs = "pipeops.io/allow-cidrs"
+	// AnnotationDenyCIDRs on a route refuses these sources.
+	AnnotationDenyCIDRs = "pipeops.io/deny-cidrs"
 	// LabelGatewayName marks the Services that a Gateway implementation
 	// (Istio, for one) creates for a Gateway; a LoadBalancer among them
 	// gives the Gateway its public address.
@@ -92,6 +101,11 @@ type Service struct {
 	IdleTimeout time.Duration
 	// Mode is the Gateway's routing mode.
 	Mode Mode
+	// ProxyProtocol is the route's pipeops.io/proxy-protocol ("" when
+	// unset).
+	ProxyProtocol string
+	// Policy holds the route's pipeops.io/allow-cidrs and deny-cidrs.
+	Policy config.SourcePolicy
 }
 
 // Endpoint is the gateway's answer for one published service.
@@ -509,7 +523,7 @@ func (d *Discoverer) publish(all []Service) {
 		case !had:
 			d.log.Info("service discovered", "service", s.ID, "protocol", s.Protocol, "port", s.Port,
 				"backend", s.Backend, "mode", s.Mode, "registered", s.Mode != ModeDirect)
-		case old != s:
+		case !sameService(old, s):
 			d.log.Info("service changed", "service", s.ID, "protocol", s.Protocol, "port", s.Port,
 				"backend", s.Backend, "mode", s.Mode, "registered", s.Mode != ModeDirect, "idle_timeout", s.IdleTimeout)
 		}
@@ -530,12 +544,16 @@ func (d *Discoverer) publish(all []Service) {
 	d.opts.Publish(append([]Service(nil), tunneled...))
 }
 
+// sameService reports whether a and b are the same service, allow and
+// deny lists included.
+func sameService(a, b Service) bool { return reflect.DeepEqual(a, b) }
+
 func equalServices(a, b []Service) bool {
 	if len(a) != len(b) {
 		return false
 	}
 	for i := range a {
-		if a[i] != b[i] {
+		if !sameService(a[i], b[i]) {
 			return false
 		}
 	}

@@ -22,6 +22,9 @@ type route struct {
 	ref        objectRef
 	created    metav1.Time
 	annotation string // our AnnotationRouteEndpoint, as cached
+	// access holds the route's access annotations that are present
+	// (AnnotationProxyProtocol, AnnotationAllowCIDRs, AnnotationDenyCIDRs).
+	access     map[string]string
 	parentRefs []gwv1.ParentReference
 	// backends are the first rule's backendRefs: portway dials one
 	// backend per service.
@@ -108,6 +111,7 @@ func listRoutes[T metav1.Object](list func(labels.Selector) ([]T, error), kind, 
 			ref:        refOf(kind, gwv1.GroupName+"/"+version, o),
 			created:    o.GetCreationTimestamp(),
 			annotation: o.GetAnnotations()[AnnotationRouteEndpoint],
+			access:     accessAnnotations(o.GetAnnotations()),
 			parentRefs: parents,
 			backends:   backends,
 		})

@@ -160,6 +160,11 @@ func (g *Gateway) Services() []adminapi.ServiceInfo {
 			si := adminapi.ServiceInfo{
 				Agent: a.name, ID: spec.ID, Protocol: spec.Protocol.String(), Port: spec.Port,
 				PublicPort: b.port, Endpoint: b.endpoint, Mode: string(mode),
+				ProxyProtocol: spec.ProxyProtocol, AllowCIDRs: spec.AllowCIDRs, DenyCIDRs: spec.DenyCIDRs,
+				MaxConnectionsPerSource:    spec.MaxConnectionsPerSource,
+				MaxConnectionRatePerSource: spec.MaxConnectionRatePerSource,
+				Denied:                     b.gate.denied.Load(),
+				SourceLimited:              b.gate.limited.Load(),
 			}
 			si.Active = b.activeN.Load()
 			ps.traffic(&si)

@@ -111,6 +111,7 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 		return ack
 	}
 	keep := map[protocol.ServiceKey]bool{}
+	ceil := g.conf().Ceiling(a.name)
 	var opened []string
 	var replaced []publicService
 	var moveFailed []string
@@ -125,19 +126,28 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 			continue
 		}
 		key := svc.Key()
+		pol, err := checkService(&svc, ceil)
+		if err != nil {
+			// Not kept: a service already open under an earlier,
+			// acceptable spec is withdrawn, not left running wider
+			// than its agent now asks.
+			ep.Error = err.Error()
+			failed++
+			continue
+		}
 		keep[key] = true
 		old := a.services[key]
 		if old != nil && (svc.PublicPort == 0 || svc.PublicPort == old.base().port) {
-			keepService(old, &svc, ep)
+			keepService(old, &svc, pol, ep)
 			continue
 		}
 		// New, or its requested public port changed. The old socket
 		// stays open until the new one is bound: on failure the service
 		// keeps its old port and allocation.
-		ps, err := g.openService(a, &svc)
+		ps, err := g.openService(a, &svc, pol)
 		if err != nil {
 			if old != nil {
-				keepService(old, &svc, ep)
+				keepService(old, &svc, pol, ep)
 				moveFailed = append(moveFailed, fmt.Sprintf("%s: %v", key, err))
 				continue
 			}
@@ -178,9 +188,9 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 
 // keepService updates a service that keeps its port to svc, its latest
 // spec, and answers with its endpoint.
-func keepService(ps publicService, svc *protocol.Service, ep *protocol.Endpoint) {
+func keepService(ps publicService, svc *protocol.Service, pol *sourcePolicy, ep *protocol.Endpoint) {
 	b := ps.base()
-	b.spec.Store(svc)
+	b.setSpec(svc, pol)
 	ep.PublicPort, ep.Address = b.port, b.endpoint
 }
 

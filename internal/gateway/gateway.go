@@ -198,6 +198,10 @@ func (g *Gateway) Start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("gateway: listen: %w", err)
 	}
+	// Under TLS: the PROXY protocol header comes before the handshake.
+	ln = &proxyListener{Listener: ln, conf: g.conf, refused: func() {
+		g.metrics.AuthFailures.WithLabelValues(metrics.ReasonProxyHeader.String()).Inc()
+	}}
 	if g.cfg.TLS != nil {
 		cert, err := loadCertificate(g.cfg.TLS)
 		if err != nil {

@@ -3,6 +3,7 @@ package gateway
 import (
 	"log/slog"
 	"net"
+	"net/netip"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -41,8 +42,10 @@ type serviceBase struct {
 	port     int
 	endpoint string
 	// spec is the service as last registered: a registration that keeps
-	// the port replaces it in place.
+	// the port replaces it in place (setSpec), its source policy with it.
 	spec atomic.Pointer[protocol.Service]
+	// gate holds the source checks' policy and per-source counts.
+	gate sourceGate
 	// live is the owning agent's live session, read without a lock: the
 	// per-connection and per-datagram paths never wait for a
 	// registration.
@@ -95,18 +98,19 @@ const openTimeout = 10 * time.Second
 // openService allocates svc's public port, binds it and starts serving it. The
 // caller holds a.mu (ports.mu is taken inside, and the bind happens under
 // it).
-func (g *Gateway) openService(a *agentState, svc *protocol.Service) (publicService, error) {
+func (g *Gateway) openService(a *agentState, svc *protocol.Service, pol *sourcePolicy) (publicService, error) {
 	if svc.Key().Kind == protocol.KindUDP {
 		port, conn, err := bindPort(g.ports, a.name, svc, g.listenUDP)
 		if err != nil {
 			return nil, err
 		}
 		s := &udpService{
-			serviceBase: g.newServiceBase(a, svc, port,
+			serviceBase: g.newServiceBase(a, svc, pol, port,
 				g.metrics.UDPActive.WithLabelValues(a.name, svc.ID), g.metrics.UDPSessions.WithLabelValues(a.name, svc.ID)),
 			conn:     conn,
 			budget:   &g.udp,
 			sessions: newUDPSessions(),
+			public:   g.publicUDP(addrPortOf(conn.LocalAddr())),
 		}
 		go s.serve()
 		return s, nil
@@ -116,7 +120,7 @@ func (g *Gateway) openService(a *agentState, svc *protocol.Service) (publicServi
 		return nil, err
 	}
 	s := &tcpService{
-		serviceBase: g.newServiceBase(a, svc, port,
+		serviceBase: g.newServiceBase(a, svc, pol, port,
 			g.metrics.ConnActive.WithLabelValues(a.name, svc.ID), g.metrics.ConnTotal.WithLabelValues(a.name, svc.ID)),
 		ln: ln,
 	}
@@ -124,7 +128,7 @@ func (g *Gateway) openService(a *agentState, svc *protocol.Service) (publicServi
 	return s, nil
 }
 
-func (g *Gateway) newServiceBase(a *agentState, svc *protocol.Service, port int, active prometheus.Gauge, total prometheus.Counter) *serviceBase {
+func (g *Gateway) newServiceBase(a *agentState, svc *protocol.Service, pol *sourcePolicy, port int, active prometheus.Gauge, total prometheus.Counter) *serviceBase {
 	b := &serviceBase{
 		agent: a.name, key: svc.Key(), port: port,
 		endpoint: net.JoinHostPort(g.cfg.PublicHost, strconv.Itoa(port)),
@@ -132,8 +136,16 @@ func (g *Gateway) newServiceBase(a *agentState, svc *protocol.Service, port int,
 		conf:     g.conf, log: g.log, metrics: g.metrics, active: active, total: total,
 		done: make(chan struct{}),
 	}
-	b.spec.Store(svc)
+	b.gate.table = newSourceTable()
+	b.setSpec(svc, pol)
 	return b
+}
+
+// setSpec makes svc, with its parsed source policy pol, the service's
+// current spec.
+func (b *serviceBase) setSpec(svc *protocol.Service, pol *sourcePolicy) {
+	b.gate.policy.Store(pol)
+	b.spec.Store(svc)
 }
 
 // bindPort acquires a public port for svc from p, opening it with listen,
@@ -175,4 +187,17 @@ func (g *Gateway) listenUDP(port int) (*net.UDPConn, error) {
 	c.SetReadBuffer(udpSocketBuffer)
 	c.SetWriteBuffer(udpSocketBuffer)
 	return c, nil
+}
+
+// publicUDP returns the public endpoint of a UDP port bound at local. A
+// socket bound to the wildcard address does not know which address a
+// datagram was sent to: public_host stands for it when it is an IP
+// address, else the wildcard address stays.
+func (g *Gateway) publicUDP(local netip.AddrPort) netip.AddrPort {
+	if local.Addr().IsUnspecified() {
+		if a, err := netip.ParseAddr(g.cfg.PublicHost); err == nil {
+			return netip.AddrPortFrom(a.Unmap(), local.Port())
+		}
+	}
+	return local
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"net"
-	"net/netip"
 	"time"
 
 	"github.com/portway/portway/internal/adminapi"
@@ -55,18 +54,45 @@ func (s *tcpService) serve() {
 
 func (s *tcpService) serveConn(c *net.TCPConn) {
 	s.total.Inc()
+	client, public := addrPortOf(c.RemoteAddr()), addrPortOf(c.LocalAddr())
+	if s.conf().ProxyProtocolFromAddr(client.Addr()) {
+		var err error
+		if client, public, err = readProxyHeader(c, client, public); err != nil {
+			s.refuse(metrics.ReasonProxyHeader)
+			if s.gate.warnNow() {
+				s.log.Warn("connection from a proxy_protocol_from source without a valid PROXY protocol header; refused",
+					"agent", s.agent, "service", s.key.String(), "err", err)
+			}
+			relay.Abort(c)
+			return
+		}
+	}
+	// Denied and over-limit sources are refused before any stream is
+	// opened: their traffic never reaches the tunnel.
+	why, pol := s.admitSource(client.Addr(), s.refuse)
+	if why != metrics.ReasonNone {
+		relay.Abort(c)
+		return
+	}
 	sess := s.agentSession()
 	if sess == nil {
+		s.releaseSource(client.Addr(), pol)
 		s.refuse(metrics.ReasonAgentOffline)
 		relay.Abort(c)
 		return
 	}
 	spec := s.spec.Load()
-	client, _ := netip.ParseAddrPort(c.RemoteAddr().String())
+	h := protocol.StreamHeader{Kind: protocol.KindTCP, Service: spec.ID, Client: client}
+	if spec.ProxyProtocol != "" {
+		// Only an agent that writes PROXY headers registers one, and
+		// only such an agent reads the public endpoint.
+		h.Public = public
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), openTimeout)
-	st, err := sess.Open(ctx, protocol.StreamHeader{Kind: protocol.KindTCP, Service: spec.ID, Client: client})
+	st, err := sess.Open(ctx, h)
 	cancel()
 	if err != nil {
+		s.releaseSource(client.Addr(), pol)
 		s.refuse(metrics.ReasonTunnelError)
 		relay.Abort(c)
 		return
@@ -81,6 +107,7 @@ func (s *tcpService) serveConn(c *net.TCPConn) {
 	}, stats, func(res relay.Result) {
 		flow.Done()
 		s.leave()
+		s.releaseSource(client.Addr(), pol)
 		var oe *protocol.OpenError
 		if errors.As(res.Err, &oe) {
 			s.refuse(metrics.StatusReason(oe.Status))

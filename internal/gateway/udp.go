@@ -65,6 +65,9 @@ type udpService struct {
 	// queued counts the bytes of this service's queued datagrams against
 	// udp_queue_bytes_per_service.
 	queued atomic.Int64
+	// public is the endpoint clients send to, the destination of the
+	// agent's PROXY protocol header.
+	public netip.AddrPort
 }
 
 // close closes the public socket and ends every session of the port.
@@ -142,6 +145,7 @@ func (u *udpSessions) hold(client netip.AddrPort, now time.Time) {
 type udpSession struct {
 	us     *udpService
 	client netip.AddrPort
+	pol    *sourcePolicy // what admitSource counted, released at the end
 	queue  chan *[]byte
 	held   *[]byte // taken from queue by WaitReadable; only the relay's reader touches it
 	done   chan struct{}
@@ -244,9 +248,33 @@ func (us *udpService) release(b *[]byte) {
 func (us *udpService) session(client netip.AddrPort) (*udpSession, metrics.Reason) {
 	u := us.sessions
 	u.mu.Lock()
+	if s := u.m[client]; s != nil {
+		u.mu.Unlock()
+		return s, metrics.ReasonNone
+	}
+	u.mu.Unlock()
+	// A new client: its source is checked before a session exists, and
+	// outside the sessions lock (the check logs). Denied datagrams never
+	// reach the tunnel.
+	why, pol := us.admitSource(client.Addr(), func(metrics.Reason) {})
+	if why != metrics.ReasonNone {
+		return nil, why
+	}
+	s, why := us.newSession(client, pol)
+	if s == nil {
+		us.releaseSource(client.Addr(), pol)
+	}
+	return s, why
+}
+
+// newSession starts the session of a client that passed the source
+// checks, under the sessions lock, unless one started meanwhile.
+func (us *udpService) newSession(client netip.AddrPort, pol *sourcePolicy) (*udpSession, metrics.Reason) {
+	u := us.sessions
+	u.mu.Lock()
 	defer u.mu.Unlock()
 	if s := u.m[client]; s != nil {
-		return s, metrics.ReasonNone
+		return nil, metrics.ReasonNone
 	}
 	if u.closed {
 		return nil, metrics.ReasonNone
@@ -264,7 +292,7 @@ func (us *udpService) session(client netip.AddrPort) (*udpSession, metrics.Reaso
 	if sess == nil {
 		return nil, metrics.ReasonAgentOffline
 	}
-	s := &udpSession{us: us, client: client, queue: make(chan *[]byte, udpQueueLen), done: make(chan struct{})}
+	s := &udpSession{us: us, client: client, pol: pol, queue: make(chan *[]byte, udpQueueLen), done: make(chan struct{})}
 	u.m[client] = s
 	go s.run(sess)
 	return s, metrics.ReasonNone
@@ -272,11 +300,16 @@ func (us *udpService) session(client netip.AddrPort) (*udpSession, metrics.Reaso
 
 func (s *udpSession) run(sess *tunnel.Session) {
 	us := s.us
+	defer us.releaseSource(s.client.Addr(), s.pol)
 	defer us.sessions.remove(s)
 	defer s.Close()
 	spec := us.spec.Load()
+	h := protocol.StreamHeader{Kind: protocol.KindUDP, Service: spec.ID, Client: s.client}
+	if spec.ProxyProtocol != "" {
+		h.Public = us.public
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), openTimeout)
-	st, err := sess.Open(ctx, protocol.StreamHeader{Kind: protocol.KindUDP, Service: spec.ID, Client: s.client})
+	st, err := sess.Open(ctx, h)
 	if err == nil {
 		err = tunnel.WaitOpen(ctx, st)
 	}

@@ -68,6 +68,15 @@ const (
 	ReasonAgentCap
 	ReasonRangeFull
 
+	// Gateway source checks on a public port: a source outside the
+	// service's allow list (or in its deny list, or outside the agent's
+	// ceiling); a source over max_connections_per_source or its new
+	// connection rate; a connection from a proxy_protocol_from source
+	// without a valid PROXY protocol header.
+	ReasonDenied
+	ReasonSourceLimit
+	ReasonProxyHeader
+
 	numReasons
 )
 
@@ -101,6 +110,9 @@ var reasonLabels = [numReasons]string{
 	ReasonPeerOther:         "peer_other",
 	ReasonAgentCap:          "agent_cap",
 	ReasonRangeFull:         "range_full",
+	ReasonDenied:            "denied",
+	ReasonSourceLimit:       "source_limit",
+	ReasonProxyHeader:       "proxy_header",
 }
 
 // String returns the label value.

@@ -19,6 +19,7 @@ func TestReasonLabels(t *testing.T) {
 		"closed", "heartbeat_timeout", "protocol_violation", "peer_shutdown", "peer_replaced",
 		"peer_no_protocol", "peer_bad_protocol", "peer_other",
 		"agent_cap", "range_full",
+		"denied", "source_limit", "proxy_header",
 	}
 	if int(numReasons) != len(want) {
 		t.Fatalf("%d reasons, want %d", numReasons, len(want))

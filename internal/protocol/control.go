@@ -119,6 +119,25 @@ type Service struct {
 	MaxDatagram int `json:"max_datagram,omitempty"`
 	// Mode is the routing mode, for display: ModeTunnel or ModeDual.
 	Mode Mode `json:"mode,omitempty"`
+	// ProxyProtocol is the PROXY protocol header the agent writes to the
+	// backend ("v1", "v2"; empty: none). The gateway then sends the
+	// public endpoint in each stream header (HeaderVersionPublic), and
+	// shows the mode.
+	ProxyProtocol string `json:"proxy_protocol,omitempty"`
+	// AllowCIDRs, when set, are the only client sources the gateway lets
+	// in; DenyCIDRs are refused. The gateway enforces them within the
+	// operator's ceiling for the agent, and refuses the service when
+	// AllowCIDRs reaches outside that ceiling.
+	AllowCIDRs []string `json:"allow_cidrs,omitempty"`
+	DenyCIDRs  []string `json:"deny_cidrs,omitempty"`
+	// MaxConnectionsPerSource bounds one client address's open
+	// connections or UDP sessions; 0: no limit.
+	MaxConnectionsPerSource int `json:"max_connections_per_source,omitempty"`
+	// MaxConnectionRatePerSource bounds one client address's new
+	// connections or UDP sessions per second, with bursts of
+	// ConnectionBurstPerSource; 0: no limit.
+	MaxConnectionRatePerSource float64 `json:"max_connection_rate_per_source,omitempty"`
+	ConnectionBurstPerSource   int     `json:"connection_burst_per_source,omitempty"`
 }
 
 // Mode is a service's routing mode. Discovery reads it from a Kubernetes
@@ -209,6 +228,10 @@ type Open struct {
 	ID      uint32 `json:"id"`
 	Service string `json:"service"`
 	Client  string `json:"client,omitempty"`
+	// Public is the public endpoint the client connected to
+	// (StreamHeader.Public); sent only for services registered with a
+	// proxy_protocol. Older agents ignore the field.
+	Public string `json:"public,omitempty"`
 }
 
 // OpenResult is tcp_open_result or udp_open_result (JSON mode).
@@ -383,6 +406,11 @@ func validate(m Message) error {
 		if m.Client != "" {
 			if _, err := netip.ParseAddrPort(m.Client); err != nil {
 				return fmt.Errorf("client: %w", err)
+			}
+		}
+		if m.Public != "" {
+			if _, err := netip.ParseAddrPort(m.Public); err != nil {
+				return fmt.Errorf("public: %w", err)
 			}
 		}
 	case *OpenResult:

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"net/netip"
 	"reflect"
 	"testing"
 )
@@ -105,6 +106,8 @@ func FuzzReadHeader(f *testing.F) {
 	f.Add(b)
 	f.Add([]byte{1, 2, 0, 1, 'x', 14, '1', '2', '7', '.', '0', '.', '0', '.', '1', ':', '8', '0', '8', '0'})
 	f.Add([]byte{1, 1, 0xff, 0xff})
+	b, _ = AppendHeader(nil, StreamHeader{Kind: KindUDP, Service: "dns", Client: netip.MustParseAddrPort("127.0.0.7:9"), Public: netip.MustParseAddrPort("[::1]:10053")})
+	f.Add(b)
 	f.Fuzz(func(t *testing.T, in []byte) {
 		h, err := ReadHeader(bytes.NewReader(in))
 		if err != nil {

@@ -11,6 +11,12 @@ import (
 // HeaderVersion is the version byte that starts every stream header.
 const HeaderVersion = 1
 
+// HeaderVersionPublic starts a stream header that also carries the public
+// endpoint the client connected to (StreamHeader.Public). The gateway sends
+// it only for services registered with a proxy_protocol, which only agents
+// that read it register, so older agents never receive it.
+const HeaderVersionPublic = 2
+
 // Kind says what a stream carries.
 type Kind uint8
 
@@ -71,8 +77,9 @@ const (
 	MaxServiceIDLen = 512 // namespace/gateway/listener fits comfortably
 	maxClientLen    = 64  // "[ipv6%zone]:port"
 	// MaxHeaderLen bounds a stream header: version, kind, 2-byte id length,
-	// id, 1-byte client length, client.
-	MaxHeaderLen = 2 + 2 + MaxServiceIDLen + 1 + maxClientLen
+	// id, 1-byte client length, client, and in HeaderVersionPublic 1-byte
+	// public length, public.
+	MaxHeaderLen = 2 + 2 + MaxServiceIDLen + 1 + maxClientLen + 1 + maxClientLen
 )
 
 // StreamHeader starts every stream the gateway opens. It names a service id
@@ -82,6 +89,10 @@ type StreamHeader struct {
 	Kind    Kind
 	Service string
 	Client  netip.AddrPort // zero when unknown
+	// Public is the public endpoint (address and port) the client
+	// connected to, the destination of a PROXY protocol header. Zero when
+	// unknown; a header carrying it is encoded as HeaderVersionPublic.
+	Public netip.AddrPort
 }
 
 // ErrBadHeader wraps every stream header decoding failure.
@@ -120,11 +131,21 @@ func AppendHeader(dst []byte, h StreamHeader) ([]byte, error) {
 	if h.Client.IsValid() {
 		client = h.Client.String()
 	}
-	dst = append(dst, HeaderVersion, byte(h.Kind))
+	version := byte(HeaderVersion)
+	if h.Public.IsValid() {
+		version = HeaderVersionPublic
+	}
+	dst = append(dst, version, byte(h.Kind))
 	dst = binary.BigEndian.AppendUint16(dst, uint16(len(h.Service)))
 	dst = append(dst, h.Service...)
 	dst = append(dst, byte(len(client)))
-	return append(dst, client...), nil
+	dst = append(dst, client...)
+	if version == HeaderVersionPublic {
+		public := h.Public.String()
+		dst = append(dst, byte(len(public)))
+		dst = append(dst, public...)
+	}
+	return dst, nil
 }
 
 // ReadHeader reads and validates one stream header from r. It reads exactly
@@ -134,8 +155,8 @@ func ReadHeader(r io.Reader) (StreamHeader, error) {
 	if _, err := io.ReadFull(r, buf[:4]); err != nil {
 		return StreamHeader{}, fmt.Errorf("%w: %w", ErrBadHeader, err)
 	}
-	if buf[0] != HeaderVersion {
-		return StreamHeader{}, fmt.Errorf("%w: version %d, want %d", ErrBadHeader, buf[0], HeaderVersion)
+	if buf[0] != HeaderVersion && buf[0] != HeaderVersionPublic {
+		return StreamHeader{}, fmt.Errorf("%w: version %d, want %d or %d", ErrBadHeader, buf[0], HeaderVersion, HeaderVersionPublic)
 	}
 	h := StreamHeader{Kind: Kind(buf[1])}
 	if !h.Kind.Valid() {
@@ -153,22 +174,51 @@ func ReadHeader(r io.Reader) (StreamHeader, error) {
 	if err := ValidateServiceID(h.Service); err != nil {
 		return StreamHeader{}, fmt.Errorf("%w: %w", ErrBadHeader, err)
 	}
-	clientLen := int(buf[4+idLen])
-	if clientLen > maxClientLen {
-		return StreamHeader{}, fmt.Errorf("%w: client address length %d", ErrBadHeader, clientLen)
+	off := 4 + idLen
+	ap, n, err := readAddr(r, buf[off:], buf[0] == HeaderVersionPublic, "client")
+	if err != nil {
+		return StreamHeader{}, err
 	}
-	if clientLen > 0 {
-		c := buf[5+idLen : 5+idLen+clientLen]
-		if _, err := io.ReadFull(r, c); err != nil {
-			return StreamHeader{}, fmt.Errorf("%w: %w", ErrBadHeader, err)
+	h.Client = ap
+	if buf[0] == HeaderVersionPublic {
+		off += 1 + n
+		if h.Public, _, err = readAddr(r, buf[off:], false, "public"); err != nil {
+			return StreamHeader{}, err
 		}
-		ap, err := netip.ParseAddrPort(string(c))
-		if err != nil {
-			return StreamHeader{}, fmt.Errorf("%w: client address: %w", ErrBadHeader, err)
+		if !h.Public.IsValid() {
+			return StreamHeader{}, fmt.Errorf("%w: version %d without a public address", ErrBadHeader, HeaderVersionPublic)
 		}
-		h.Client = ap
 	}
 	return h, nil
+}
+
+// readAddr decodes one length-prefixed address whose length byte is
+// already in b[0]; with more set it also reads the next length byte, into
+// b[1+length]. b has room for both (MaxHeaderLen). It returns the address
+// and its encoded length.
+func readAddr(r io.Reader, b []byte, more bool, what string) (netip.AddrPort, int, error) {
+	n := int(b[0])
+	if n > maxClientLen {
+		return netip.AddrPort{}, 0, fmt.Errorf("%w: %s address length %d", ErrBadHeader, what, n)
+	}
+	want := n
+	if more {
+		want++
+	}
+	if want == 0 {
+		return netip.AddrPort{}, 0, nil
+	}
+	if _, err := io.ReadFull(r, b[1:1+want]); err != nil {
+		return netip.AddrPort{}, 0, fmt.Errorf("%w: %w", ErrBadHeader, err)
+	}
+	if n == 0 {
+		return netip.AddrPort{}, 0, nil
+	}
+	ap, err := netip.ParseAddrPort(string(b[1 : 1+n]))
+	if err != nil {
+		return netip.AddrPort{}, 0, fmt.Errorf("%w: %s address: %w", ErrBadHeader, what, err)
+	}
+	return ap, n, nil
 }
 
 func truncate(s string, n int) string {

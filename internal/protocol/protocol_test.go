@@ -17,6 +17,11 @@ func TestHeaderRoundTrip(t *testing.T) {
 		{Kind: KindTCP, Service: "redis"},
 		{Kind: KindUDP, Service: "kube-system/udp-gw/dns", Client: netip.MustParseAddrPort("203.0.113.7:53000")},
 		{Kind: KindTCP, Service: strings.Repeat("a", MaxServiceIDLen), Client: netip.MustParseAddrPort("[2001:db8::1]:65535")},
+		{Kind: KindTCP, Service: "pg", Client: netip.MustParseAddrPort("127.0.0.7:40000"), Public: netip.MustParseAddrPort("192.0.2.1:15432")},
+		{Kind: KindUDP, Service: "dns", Public: netip.MustParseAddrPort("[2001:db8::2]:10053")},
+		{Kind: KindTCP, Service: strings.Repeat("a", MaxServiceIDLen),
+			Client: netip.MustParseAddrPort("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"),
+			Public: netip.MustParseAddrPort("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535")},
 	}
 	for _, h := range cases {
 		b, err := AppendHeader(nil, h)

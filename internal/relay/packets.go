@@ -64,6 +64,10 @@ type PacketOptions struct {
 	// IdleTimeout ends the session after this long without a datagram in
 	// either direction (udp.session_timeout); 0 disables it.
 	IdleTimeout time.Duration
+	// Prefix is written in front of every datagram from the tunnel to
+	// the socket side (a PROXY protocol header), in the same pooled
+	// buffer: no allocation and no second copy per datagram.
+	Prefix []byte
 }
 
 // PipePackets relays datagrams between the tunnel and the socket side until
@@ -97,7 +101,7 @@ func PipePackets(tun PacketConn, sock Datagrams, opt PacketOptions, st *PacketSt
 		defer wg.Done()
 		closeUp(toTunnel(tun, sock, opt.MaxDatagram, st))
 	}()
-	closeUp(fromTunnel(tun, sock, opt.MaxDatagram, st))
+	closeUp(fromTunnel(tun, sock, opt.MaxDatagram, opt.Prefix, st))
 	wg.Wait()
 	stopIdle()
 	res := Result{TooLarge: st.TooLarge.Load()}
@@ -264,13 +268,15 @@ func framed(frame []byte, n int) []byte {
 	return frame[:Headroom+n]
 }
 
-func fromTunnel(tun PacketConn, sock Datagrams, max int, st *PacketStats) error {
+func fromTunnel(tun PacketConn, sock Datagrams, max int, prefix []byte, st *PacketStats) error {
+	p := len(prefix)
 	for {
 		if err := tun.WaitReadable(); err != nil {
 			return err
 		}
-		buf := pool.Get(max)
-		n, err := tun.ReadPacket(*buf)
+		buf := pool.Get(p + max)
+		copy(*buf, prefix)
+		n, err := tun.ReadPacket((*buf)[p:])
 		if errors.Is(err, protocol.ErrDatagramTooLarge) {
 			pool.Put(buf)
 			st.TooLarge.Add(1)
@@ -281,7 +287,7 @@ func fromTunnel(tun PacketConn, sock Datagrams, max int, st *PacketStats) error 
 			return err
 		}
 		st.lastActive.Store(monotonic())
-		err = sock.WriteDatagram((*buf)[:n])
+		err = sock.WriteDatagram((*buf)[:p+n])
 		pool.Put(buf)
 		if err != nil && !isTransient(err) {
 			return err

@@ -316,6 +316,9 @@ func (m *jsonMux) onOpen(o *protocol.Open) error {
 		client, _ = netip.ParseAddrPort(o.Client) // validated by Decode
 	}
 	h := protocol.StreamHeader{Kind: o.Kind, Service: o.Service, Client: client}
+	if o.Public != "" {
+		h.Public, _ = netip.ParseAddrPort(o.Public) // validated by Decode
+	}
 	m.mu.Lock()
 	if _, dup := m.streams[o.ID]; dup {
 		m.mu.Unlock()
@@ -501,6 +504,9 @@ func (m *jsonMux) open(ctx context.Context, h protocol.StreamHeader) (Stream, er
 	o := &protocol.Open{Kind: h.Kind, ID: st.id, Service: h.Service}
 	if h.Client.IsValid() {
 		o.Client = h.Client.String()
+	}
+	if h.Public.IsValid() {
+		o.Public = h.Public.String()
 	}
 	b, err := protocol.Encode(o)
 	if err == nil {
