@@ -281,12 +281,12 @@ func addrPortOf(a net.Addr) netip.AddrPort {
 }
 
 // readProxyHeader reads the PROXY protocol header a proxy_protocol_from
-// source must send first, under proxyHeaderTimeout. It returns the
+// source must send first, within timeout. It returns the
 // client's and the public endpoint's addresses the header carries, or
 // client and local unchanged for a LOCAL or UNKNOWN header (the
 // balancer's own health checks), as the specification says.
-func readProxyHeader(c net.Conn, client, local netip.AddrPort) (netip.AddrPort, netip.AddrPort, error) {
-	if err := c.SetReadDeadline(time.Now().Add(proxyHeaderTimeout)); err != nil {
+func readProxyHeader(c net.Conn, client, local netip.AddrPort, timeout time.Duration) (netip.AddrPort, netip.AddrPort, error) {
+	if err := c.SetReadDeadline(time.Now().Add(timeout)); err != nil {
 		return client, local, fmt.Errorf("reading PROXY protocol header: %w", err)
 	}
 	h, err := proxyproto.Read(c)
@@ -313,7 +313,8 @@ func readProxyHeader(c net.Conn, client, local netip.AddrPort) (netip.AddrPort, 
 // first thing, before the TLS handshake).
 type proxyListener struct {
 	net.Listener
-	conf func() *config.GatewayFile
+	conf    func() *config.GatewayFile
+	timeout time.Duration // for the header
 	// refused counts the connections whose header was missing or invalid.
 	refused func()
 }
@@ -328,7 +329,7 @@ func (l *proxyListener) Accept() (net.Conn, error) {
 	if !l.conf().ProxyProtocolFromAddr(peer.Addr()) {
 		return c, nil
 	}
-	return &proxyConn{Conn: c, peer: peer, refused: l.refused}, nil
+	return &proxyConn{Conn: c, peer: peer, timeout: l.timeout, refused: l.refused}, nil
 }
 
 // proxyConn is a connection from a proxy_protocol_from source whose
@@ -336,6 +337,7 @@ func (l *proxyListener) Accept() (net.Conn, error) {
 type proxyConn struct {
 	net.Conn
 	peer    netip.AddrPort
+	timeout time.Duration
 	refused func()
 	once    sync.Once
 	remote  net.Addr
@@ -344,7 +346,7 @@ type proxyConn struct {
 
 func (c *proxyConn) init() {
 	c.once.Do(func() {
-		client, _, err := readProxyHeader(c.Conn, c.peer, netip.AddrPort{})
+		client, _, err := readProxyHeader(c.Conn, c.peer, netip.AddrPort{}, c.timeout)
 		c.remote = net.TCPAddrFromAddrPort(client)
 		if err != nil {
 			c.err = err
@@ -369,4 +371,14 @@ func (c *proxyConn) Read(b []byte) (int, error) {
 		return 0, c.err
 	}
 	return c.Conn.Read(b)
+}
+
+// Write writes to the client; a connection without a valid header is
+// answered nothing.
+func (c *proxyConn) Write(b []byte) (int, error) {
+	c.init()
+	if c.err != nil {
+		return 0, c.err
+	}
+	return c.Conn.Write(b)
 }

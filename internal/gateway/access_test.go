@@ -1,13 +1,25 @@
 package gateway
 
 import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
 	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/protocol"
+	"github.com/portway/portway/internal/proxyproto"
+	"github.com/portway/portway/internal/testlog"
+	"github.com/portway/portway/internal/testmetrics"
+	"github.com/portway/portway/internal/tunnel"
 )
 
 // The per-source table stays bounded under a flood of distinct (spoofed)
@@ -143,4 +155,150 @@ func TestSourcePolicyAllocs(t *testing.T) {
 	if n := testing.AllocsPerRun(100, func() { pol.allowed(a, ceil) }); n != 0 {
 		t.Errorf("allowed allocates %v times per call", n)
 	}
+}
+
+// startHeaderGateway starts a gateway whose proxy_protocol_from is
+// 127.0.0.9 and whose header timeout is short, with a Prometheus registry.
+func startHeaderGateway(t *testing.T) (*Gateway, *prometheus.Registry) {
+	t.Helper()
+	cfg := config.DefaultGateway()
+	cfg.Listen = "127.0.0.1:0"
+	cfg.PublicHost = "127.0.0.1"
+	cfg.BindAddress = "127.0.0.1"
+	cfg.StateFile = ""
+	cfg.Insecure = true
+	cfg.Agents = []config.AgentIdentity{{Name: "agent-a", Token: testToken}}
+	cfg.ProxyProtocolFrom = []string{"127.0.0.9"}
+	log, _ := testlog.New(t, "gateway")
+	reg := prometheus.NewRegistry()
+	g, err := New(Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.hdrTimeout = 300 * time.Millisecond
+	if err := g.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Close)
+	return g, reg
+}
+
+// closedWithin reports whether the peer closes c (read: EOF or reset)
+// within the guard; data read is an error.
+func closedWithin(t *testing.T, c net.Conn, guard time.Duration) bool {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(guard))
+	n, err := c.Read(make([]byte, 64))
+	if n > 0 {
+		t.Errorf("read %d bytes, want the connection closed", n)
+	}
+	var ne net.Error
+	return err != nil && !(errors.As(err, &ne) && ne.Timeout())
+}
+
+// A proxy_protocol_from source must send a header: half a header
+// (slow-loris) is cut off at the header timeout, on a public port and on
+// the agent endpoint, without a stream opened; a full header's addresses
+// reach the agent in the stream header.
+func TestProxyHeaderFromListedSource(t *testing.T) {
+	g, reg := startHeaderGateway(t)
+	headers := make(chan protocol.StreamHeader, 4)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	fa, err := connectFakeAgent(ctx, g, "yamux", []protocol.Service{{ID: "pg", Protocol: protocol.KindTCP, Port: 5432, ProxyProtocol: "v2"}},
+		func(in *tunnel.Incoming) {
+			if h, err := in.Header(); err == nil {
+				headers <- h
+			}
+			in.Reject(protocol.StatusRefused)
+		})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fa.sess.Close()
+	pub := fa.ack.Endpoints[0].Address
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.9")}, Timeout: 5 * time.Second}
+
+	for _, addr := range []string{pub, g.TunnelAddr().String()} {
+		c, err := d.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(c, "PROXY TCP4 203.0.113.7 ")
+		if !closedWithin(t, c, 10*time.Second) {
+			t.Errorf("%s: half a header held the connection open", addr)
+		}
+		c.Close()
+	}
+	if n := testmetrics.Value(t, reg, "portway_gateway_refusals_total", map[string]string{"service": "pg", "reason": "proxy_header"}); n != 1 {
+		t.Errorf("public port: %v proxy_header refusals, want 1", n)
+	}
+	if n := testmetrics.Value(t, reg, "portway_gateway_auth_failures_total", map[string]string{"reason": "proxy_header"}); n != 1 {
+		t.Errorf("agent endpoint: %v proxy_header failures, want 1", n)
+	}
+	select {
+	case h := <-headers:
+		t.Fatalf("a stream was opened for a connection without a header: %+v", h)
+	default:
+	}
+
+	port := netip.MustParseAddrPort(pub).Port()
+	c, err := d.Dial("tcp", pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "PROXY TCP4 203.0.113.7 198.51.100.1 5555 %d\r\nhello", port)
+	select {
+	case h := <-headers:
+		if h.Client != netip.MustParseAddrPort("203.0.113.7:5555") || h.Public != netip.AddrPortFrom(netip.MustParseAddr("198.51.100.1"), port) {
+			t.Errorf("stream header %+v, want the header's addresses", h)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no stream opened for a connection with a valid header")
+	}
+}
+
+// FuzzProxyConn drives the agent endpoint's header reader with arbitrary
+// input: it never panics; when the input starts with a valid header the
+// connection reports its source (or the peer for LOCAL/UNKNOWN) and yields
+// exactly the bytes after it; otherwise every read fails.
+func FuzzProxyConn(f *testing.F) {
+	f.Add([]byte("PROXY TCP4 203.0.113.7 127.0.0.1 5555 443\r\nGET / HTTP/1.1\r\n"))
+	f.Add([]byte("PROXY UNKNOWN\r\nrest"))
+	f.Add(proxyproto.AppendV2(nil, proxyproto.TransportStream, netip.MustParseAddrPort("[2001:db8::1]:1"), netip.MustParseAddrPort("[::1]:2")))
+	f.Add([]byte("GET / HTTP/1.1\r\n"))
+	f.Add([]byte("PROXY TCP4 1.2.3"))
+	peer := netip.MustParseAddrPort("127.0.0.9:4000")
+	f.Fuzz(func(t *testing.T, in []byte) {
+		a, b := net.Pipe()
+		defer a.Close()
+		go func() {
+			b.Write(in)
+			b.Close()
+		}()
+		c := &proxyConn{Conn: a, peer: peer, timeout: time.Second}
+		remote := c.RemoteAddr()
+		h, n, perr := proxyproto.Parse(in)
+		rest, rerr := io.ReadAll(c)
+		if perr != nil {
+			if rerr == nil {
+				t.Fatalf("input without a valid header read fine: %q", rest)
+			}
+			return
+		}
+		if rerr != nil {
+			t.Fatalf("valid header (%d bytes), then read error %v", n, rerr)
+		}
+		if !bytes.Equal(rest, in[n:]) {
+			t.Fatalf("after the header read %q, want %q", rest, in[n:])
+		}
+		want := peer
+		if h.HasAddrs() {
+			want = netip.AddrPortFrom(h.Source.Addr().Unmap(), h.Source.Port())
+		}
+		if got := remote.(*net.TCPAddr).AddrPort(); got != want {
+			t.Fatalf("RemoteAddr %v, want %v", got, want)
+		}
+	})
 }

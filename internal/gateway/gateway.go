@@ -128,6 +128,9 @@ type Gateway struct {
 	// stateRefresh is how often live allocations are saved again
 	// (refreshState).
 	stateRefresh time.Duration
+	// hdrTimeout bounds the wait for a PROXY protocol header from a
+	// proxy_protocol_from source (proxyHeaderTimeout; shorter in tests).
+	hdrTimeout time.Duration
 }
 
 // agentToken is one accepted token of an agent: an agent in the middle of
@@ -177,6 +180,7 @@ func New(o Options) (*Gateway, error) {
 		reloaded:     make(chan struct{}),
 		done:         make(chan struct{}),
 		stateRefresh: stateRefreshInterval(cfg.PortRetention.Duration),
+		hdrTimeout:   proxyHeaderTimeout,
 	}
 	g.live.Store(newLive(cfg))
 	if cfg.TLS != nil {
@@ -199,7 +203,7 @@ func (g *Gateway) Start(ctx context.Context) error {
 		return fmt.Errorf("gateway: listen: %w", err)
 	}
 	// Under TLS: the PROXY protocol header comes before the handshake.
-	ln = &proxyListener{Listener: ln, conf: g.conf, refused: func() {
+	ln = &proxyListener{Listener: ln, conf: g.conf, timeout: g.hdrTimeout, refused: func() {
 		g.metrics.AuthFailures.WithLabelValues(metrics.ReasonProxyHeader.String()).Inc()
 	}}
 	if g.cfg.TLS != nil {

@@ -46,6 +46,9 @@ type serviceBase struct {
 	spec atomic.Pointer[protocol.Service]
 	// gate holds the source checks' policy and per-source counts.
 	gate sourceGate
+	// hdrTimeout bounds the wait for a proxy_protocol_from source's PROXY
+	// protocol header.
+	hdrTimeout time.Duration
 	// live is the owning agent's live session, read without a lock: the
 	// per-connection and per-datagram paths never wait for a
 	// registration.
@@ -134,7 +137,8 @@ func (g *Gateway) newServiceBase(a *agentState, svc *protocol.Service, pol *sour
 		endpoint: net.JoinHostPort(g.cfg.PublicHost, strconv.Itoa(port)),
 		live:     &a.sess,
 		conf:     g.conf, log: g.log, metrics: g.metrics, active: active, total: total,
-		done: make(chan struct{}),
+		hdrTimeout: g.hdrTimeout,
+		done:       make(chan struct{}),
 	}
 	b.gate.table = newSourceTable()
 	b.setSpec(svc, pol)

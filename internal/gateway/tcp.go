@@ -57,7 +57,7 @@ func (s *tcpService) serveConn(c *net.TCPConn) {
 	client, public := addrPortOf(c.RemoteAddr()), addrPortOf(c.LocalAddr())
 	if s.conf().ProxyProtocolFromAddr(client.Addr()) {
 		var err error
-		if client, public, err = readProxyHeader(c, client, public); err != nil {
+		if client, public, err = readProxyHeader(c, client, public, s.hdrTimeout); err != nil {
 			s.refuse(metrics.ReasonProxyHeader)
 			if s.gate.warnNow() {
 				s.log.Warn("connection from a proxy_protocol_from source without a valid PROXY protocol header; refused",
