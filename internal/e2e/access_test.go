@@ -324,11 +324,26 @@ func TestSourceAllowLists(t *testing.T) {
 			held.Close()
 			testwait.For(t, 10*time.Second, "the source's slot freed", func() bool { return echoes("127.0.0.7", eps["perip"]) })
 
+			// A reload of the ceiling applies to the existing service's
+			// next connection.
+			next := *g.cfg
+			next.Agents = append([]config.AgentIdentity(nil), g.cfg.Agents...)
+			next.Agents[0].DenyCIDRs = []string{"127.0.0.7"}
+			if _, err := g.Reload(&next); err != nil {
+				t.Fatal(err)
+			}
+			if echoes("127.0.0.7", eps["tcp"]) {
+				t.Error("tcp: 127.0.0.7 got through after the reloaded ceiling denied it")
+			}
+			if !echoes("127.0.0.11", eps["tcp"]) {
+				t.Error("tcp: 127.0.0.11 refused after a reload that did not touch it")
+			}
+
 			var tcpInfo bool
 			for _, si := range g.Services() {
 				if si.ID == "tcp" {
 					tcpInfo = true
-					if si.Denied != 1 || strings.Join(si.AllowCIDRs, ",") != "127.0.0.7,127.0.0.10/31" {
+					if si.Denied != 2 || strings.Join(si.AllowCIDRs, ",") != "127.0.0.7,127.0.0.10/31" {
 						t.Errorf("admin API: tcp service shows denied %d, allow %v", si.Denied, si.AllowCIDRs)
 					}
 				}

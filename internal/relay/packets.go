@@ -66,7 +66,9 @@ type PacketOptions struct {
 	IdleTimeout time.Duration
 	// Prefix is written in front of every datagram from the tunnel to
 	// the socket side (a PROXY protocol header), in the same pooled
-	// buffer: no allocation and no second copy per datagram.
+	// buffer: no allocation and no second copy per datagram. A datagram
+	// that no longer fits a UDP datagram (64 KiB) with it is dropped and
+	// counted as too large.
 	Prefix []byte
 }
 
@@ -268,13 +270,21 @@ func framed(frame []byte, n int) []byte {
 	return frame[:Headroom+n]
 }
 
+// maxUDPPayload bounds a datagram with its prefix: what one UDP datagram
+// can carry at most, and the pool's 64 KiB class.
+const maxUDPPayload = 64 << 10
+
 func fromTunnel(tun PacketConn, sock Datagrams, max int, prefix []byte, st *PacketStats) error {
 	p := len(prefix)
+	size := max
+	if p > 0 {
+		size = min(p+max, maxUDPPayload)
+	}
 	for {
 		if err := tun.WaitReadable(); err != nil {
 			return err
 		}
-		buf := pool.Get(p + max)
+		buf := pool.Get(size)
 		copy(*buf, prefix)
 		n, err := tun.ReadPacket((*buf)[p:])
 		if errors.Is(err, protocol.ErrDatagramTooLarge) {
