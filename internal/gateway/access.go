@@ -116,8 +116,9 @@ func (p *sourcePolicy) allowed(a netip.Addr, ceil *config.Ceiling) bool {
 }
 
 // sourceTable counts each source's open connections and its new-connection
-// token bucket, for one service. Its mu is a leaf lock (taken under
-// udpSessions.mu by the UDP path, never the other way).
+// token bucket, for one service. Its mu is a leaf lock: no other lock is
+// held while taking it (the UDP path checks a new client's source between
+// two holds of udpSessions.mu, not under it).
 type sourceTable struct {
 	mu        sync.Mutex
 	m         map[netip.Addr]*sourceEntry

@@ -29,7 +29,8 @@
 // Every other lock is a leaf, never held while taking another of this
 // package's locks: Gateway.mu (the agents map: callers copy what they need
 // and unlock before touching an agent), udpSessions.mu (one public UDP
-// port's clients) and authLimiter.mu. Nothing here calls out of the
+// port's clients), sourceTable.mu (one service's per-source counts, access.go)
+// and authLimiter.mu. Nothing here calls out of the
 // package under a lock except into internal/metrics' vectors, the
 // certificate expiry gauge and the listen call of a bind under ports.mu,
 // none of which calls back.
