@@ -3,6 +3,9 @@ package discovery
 import (
 	"strings"
 	"testing"
+	"time"
+
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	"github.com/portway/portway/internal/protocol"
 )
@@ -39,5 +42,34 @@ func TestRouteAccessAnnotations(t *testing.T) {
 		if prob == nil || prob.reason != reasonInvalidAnnotation || !strings.Contains(prob.message, c.key) {
 			t.Errorf("%s=%q on %s: problem %+v, want InvalidAnnotation naming it", c.key, c.value, c.proto, prob)
 		}
+	}
+}
+
+// Through the whole computation: a route's access annotations reach its
+// service; an invalid one keeps the listener unexposed and is reported
+// on the route.
+func TestRouteAccessAnnotationsComputed(t *testing.T) {
+	g := managedGateway("ns", "gw", tcpL("t", 1))
+	r := tcpRoute("ns", "r", time.Unix(1, 0), []gwv1.ParentReference{parent("gw", "")}, backend("", "svc", 1))
+	r.Annotations = map[string]string{AnnotationProxyProtocol: "v1", AnnotationAllowCIDRs: "203.0.113.0/24"}
+	svc := clusterIPService("ns", "svc", "10.96.0.1", port("p", 1, ""))
+	res := mustCompute(t, testWorld(t, g, svc, r), defaultTunnels())
+	if len(res.services) != 1 || res.services[0].ProxyProtocol != "v1" || strings.Join(res.services[0].Policy.AllowCIDRs, ",") != "203.0.113.0/24" {
+		t.Fatalf("services %+v, want proxy protocol v1 and the allow list", res.services)
+	}
+
+	r.Annotations = map[string]string{AnnotationAllowCIDRs: "203.0.113.1/24"}
+	res = mustCompute(t, testWorld(t, g, svc, r), defaultTunnels())
+	if len(res.services) != 0 {
+		t.Fatalf("services %+v, want none for an invalid allow list", res.services)
+	}
+	found := false
+	for _, p := range res.problems {
+		if p.reason == reasonInvalidAnnotation && p.obj.kind == "TCPRoute" && strings.Contains(p.message, AnnotationAllowCIDRs) {
+			found = true
+		}
+	}
+	if !found {
+		t.Errorf("problems %+v, want InvalidAnnotation on the route naming %s", res.problems, AnnotationAllowCIDRs)
 	}
 }
