@@ -34,7 +34,7 @@ type publicService interface {
 
 // serviceBase is the part of a public service every kind shares. It holds
 // what the service reads on its paths, not the gateway or the agent's
-// state: the agent's live-session slot and the configuration reader.
+// state: the instances that carry it and the configuration reader.
 type serviceBase struct {
 	agent    string
 	key      protocol.ServiceKey
@@ -43,10 +43,13 @@ type serviceBase struct {
 	// spec is the service as last registered: a registration that keeps
 	// the port replaces it in place.
 	spec atomic.Pointer[protocol.Service]
-	// live is the owning agent's live session, read without a lock: the
-	// per-connection and per-datagram paths never wait for a
-	// registration.
-	live *atomic.Pointer[tunnel.Session]
+	// holders are the live instances of the owning agent that registered
+	// the service, an immutable slice replaced whole under agentState.mu
+	// and read without a lock: the per-connection and per-datagram paths
+	// never wait for a registration.
+	holders atomic.Pointer[[]*instance]
+	// next breaks ties between the least busy holders in turn.
+	next atomic.Uint64
 
 	// conf returns the gateway's current configuration, for the limits a
 	// reload may change (buffer_size, the UDP queue budgets).
@@ -63,8 +66,110 @@ type serviceBase struct {
 
 func (b *serviceBase) base() *serviceBase { return b }
 
-// agentSession returns the agent's live session, or nil. It takes no lock.
-func (b *serviceBase) agentSession() *tunnel.Session { return b.live.Load() }
+// pick chooses the instance for a new connection or UDP session: the
+// holder with the fewest open ones, ties broken in turn starting from a
+// rotating position, or nil when none is live. It takes no lock and
+// allocates nothing. The caller counts its work on the instance
+// (instance.active) while it lasts.
+func (b *serviceBase) pick() *instance {
+	p := b.holders.Load()
+	if p == nil {
+		return nil
+	}
+	list := *p
+	switch len(list) {
+	case 0:
+		return nil
+	case 1:
+		return list[0]
+	}
+	start := int(b.next.Add(1) % uint64(len(list)))
+	best := list[start]
+	bestN := best.active.Load()
+	for i := 1; i < len(list); i++ {
+		in := list[(start+i)%len(list)]
+		if n := in.active.Load(); n < bestN {
+			best, bestN = in, n
+		}
+	}
+	return best
+}
+
+// agentSession returns the session of the instance pick chose, with
+// that instance, or nils. It takes no lock.
+func (b *serviceBase) agentSession() (*tunnel.Session, *instance) {
+	in := b.pick()
+	if in == nil {
+		return nil, nil
+	}
+	return in.sess, in
+}
+
+// The holder set is changed under agentState.mu only, each change storing
+// a new slice: readers of the old one are unaffected.
+
+// setHolders replaces the holders.
+func (b *serviceBase) setHolders(list []*instance) {
+	if len(list) == 0 {
+		b.holders.Store(nil)
+		return
+	}
+	b.holders.Store(&list)
+}
+
+func (b *serviceBase) holderList() []*instance {
+	if p := b.holders.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// addHolder adds in to the holders unless it is one already.
+func (b *serviceBase) addHolder(in *instance) {
+	cur := b.holderList()
+	for _, h := range cur {
+		if h == in {
+			return
+		}
+	}
+	b.setHolders(append(append(make([]*instance, 0, len(cur)+1), cur...), in))
+}
+
+// removeHolder takes in off the holders and returns how many remain.
+func (b *serviceBase) removeHolder(in *instance) int {
+	cur := b.holderList()
+	next := make([]*instance, 0, len(cur))
+	for _, h := range cur {
+		if h != in {
+			next = append(next, h)
+		}
+	}
+	b.setHolders(next)
+	return len(next)
+}
+
+// swapHolder puts in in old's place: a reconnect of the same instance.
+func (b *serviceBase) swapHolder(old, in *instance) {
+	cur := b.holderList()
+	next := make([]*instance, len(cur))
+	for i, h := range cur {
+		if h == old {
+			h = in
+		}
+		next[i] = h
+	}
+	b.setHolders(next)
+}
+
+// otherHolder returns a holder other than in, or nil.
+func (b *serviceBase) otherHolder(in *instance) *instance {
+	for _, h := range b.holderList() {
+		if h != in {
+			return h
+		}
+	}
+	return nil
+}
 
 // stop closes done and runs closeSocket, once.
 func (b *serviceBase) stop(closeSocket func()) {
@@ -128,7 +233,6 @@ func (g *Gateway) newServiceBase(a *agentState, svc *protocol.Service, port int,
 	b := &serviceBase{
 		agent: a.name, key: svc.Key(), port: port,
 		endpoint: net.JoinHostPort(g.cfg.PublicHost, strconv.Itoa(port)),
-		live:     &a.sess,
 		conf:     g.conf, log: g.log, metrics: g.metrics, active: active, total: total,
 		done: make(chan struct{}),
 	}

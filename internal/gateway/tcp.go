@@ -55,7 +55,7 @@ func (s *tcpService) serve() {
 
 func (s *tcpService) serveConn(c *net.TCPConn) {
 	s.total.Inc()
-	sess := s.agentSession()
+	sess, in := s.agentSession()
 	if sess == nil {
 		s.refuse(metrics.ReasonAgentOffline)
 		relay.Abort(c)
@@ -63,10 +63,12 @@ func (s *tcpService) serveConn(c *net.TCPConn) {
 	}
 	spec := s.spec.Load()
 	client, _ := netip.ParseAddrPort(c.RemoteAddr().String())
+	in.active.Add(1)
 	ctx, cancel := context.WithTimeout(context.Background(), openTimeout)
 	st, err := sess.Open(ctx, protocol.StreamHeader{Kind: protocol.KindTCP, Service: spec.ID, Client: client})
 	cancel()
 	if err != nil {
+		in.active.Add(-1)
 		s.refuse(metrics.ReasonTunnelError)
 		relay.Abort(c)
 		return
@@ -80,6 +82,7 @@ func (s *tcpService) serveConn(c *net.TCPConn) {
 		IdleTimeout: time.Duration(spec.IdleTimeoutMS) * time.Millisecond,
 	}, stats, func(res relay.Result) {
 		flow.Done()
+		in.active.Add(-1)
 		s.leave()
 		var oe *protocol.OpenError
 		if errors.As(res.Err, &oe) {
