@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"context"
 	"log/slog"
 	"net"
 	"strconv"
@@ -71,24 +72,30 @@ func (b *serviceBase) base() *serviceBase { return b }
 // rotating position, or nil when none is live. It takes no lock and
 // allocates nothing. The caller counts its work on the instance
 // (instance.active) while it lasts.
-func (b *serviceBase) pick() *instance {
+func (b *serviceBase) pick() *instance { return b.pickExcept(nil) }
+
+// pickExcept is pick among the holders other than skip.
+func (b *serviceBase) pickExcept(skip *instance) *instance {
 	p := b.holders.Load()
 	if p == nil {
 		return nil
 	}
 	list := *p
-	switch len(list) {
-	case 0:
+	switch {
+	case len(list) == 0:
 		return nil
-	case 1:
+	case len(list) == 1 && list[0] != skip:
 		return list[0]
 	}
 	start := int(b.next.Add(1) % uint64(len(list)))
-	best := list[start]
-	bestN := best.active.Load()
-	for i := 1; i < len(list); i++ {
+	var best *instance
+	var bestN int64
+	for i := range list {
 		in := list[(start+i)%len(list)]
-		if n := in.active.Load(); n < bestN {
+		if in == skip {
+			continue
+		}
+		if n := in.active.Load(); best == nil || n < bestN {
 			best, bestN = in, n
 		}
 	}
@@ -103,6 +110,34 @@ func (b *serviceBase) agentSession() (*tunnel.Session, *instance) {
 		return nil, nil
 	}
 	return in.sess, in
+}
+
+// maxOpenTries bounds how many instances one new connection tries.
+const maxOpenTries = 3
+
+// open opens a stream for h on in, counting it in in.active (the caller
+// uncounts it when the stream ends). When in's session has ended (an
+// instance that left, not yet detached), it tries another holder, so a
+// client is refused only when no live instance takes it.
+func (b *serviceBase) open(ctx context.Context, in *instance, h protocol.StreamHeader) (tunnel.Stream, *instance, error) {
+	for try := 1; ; try++ {
+		in.active.Add(1)
+		st, err := in.sess.Open(ctx, h)
+		if err == nil {
+			return st, in, nil
+		}
+		in.active.Add(-1)
+		select {
+		case <-in.sess.Done():
+		default:
+			return nil, nil, err // the session lives: no other would do better
+		}
+		next := b.pickExcept(in)
+		if next == nil || try >= maxOpenTries {
+			return nil, nil, err
+		}
+		in = next
+	}
 }
 
 // The holder set is changed under agentState.mu only, each change storing

@@ -55,20 +55,18 @@ func (s *tcpService) serve() {
 
 func (s *tcpService) serveConn(c *net.TCPConn) {
 	s.total.Inc()
-	sess, in := s.agentSession()
-	if sess == nil {
+	in := s.pick()
+	if in == nil {
 		s.refuse(metrics.ReasonAgentOffline)
 		relay.Abort(c)
 		return
 	}
 	spec := s.spec.Load()
 	client, _ := netip.ParseAddrPort(c.RemoteAddr().String())
-	in.active.Add(1)
 	ctx, cancel := context.WithTimeout(context.Background(), openTimeout)
-	st, err := sess.Open(ctx, protocol.StreamHeader{Kind: protocol.KindTCP, Service: spec.ID, Client: client})
+	st, in, err := s.open(ctx, in, protocol.StreamHeader{Kind: protocol.KindTCP, Service: spec.ID, Client: client})
 	cancel()
 	if err != nil {
-		in.active.Add(-1)
 		s.refuse(metrics.ReasonTunnelError)
 		relay.Abort(c)
 		return
