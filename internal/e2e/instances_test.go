@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/portway/portway/internal/adminapi"
+	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/testnet"
 	"github.com/portway/portway/internal/testwait"
 )
@@ -289,5 +290,39 @@ services:
 	}
 	if err := testnet.EchoRoundTrip(ep, []byte("one")); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A change of the agent's services (a reload, a discovery update) reaches
+// every session: both replicas expose the new service.
+func TestEveryReplicaGetsRegistrationChanges(t *testing.T) {
+	echo := echoBackend(t)
+	var gws [2]*gw
+	for i, host := range []string{"127.0.0.11", "127.0.0.12"} {
+		gws[i] = startGateway(t, func(c *config.GatewayFile) {
+			c.Listen, c.BindAddress, c.PublicHost = host+":0", host, host
+		})
+	}
+	services := []config.StaticService{{Name: "echo", Protocol: "tcp", Port: 7, Backend: echo}}
+	a := startAgent(t, "", tokenA, "yamux", services, func(c *config.AgentFile) {
+		c.Gateway.URLs = []string{gws[0].url(), gws[1].url()}
+	})
+	listed := func(g *gw, id string) bool {
+		for _, s := range g.Services() {
+			if s.ID == id {
+				return true
+			}
+		}
+		return false
+	}
+	for i, g := range gws {
+		testwait.For(t, 15*time.Second, fmt.Sprintf("echo at replica %d", i+1), func() bool { return listed(g, "echo") })
+	}
+	a.SetStatic(append(services, config.StaticService{Name: "echo2", Protocol: "tcp", Port: 8, Backend: echo}))
+	for i, g := range gws {
+		testwait.For(t, 15*time.Second, fmt.Sprintf("echo2 at replica %d", i+1), func() bool { return listed(g, "echo2") })
+	}
+	if !a.Ready() {
+		t.Fatal("agent not ready with two sessions up")
 	}
 }
