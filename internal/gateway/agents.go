@@ -227,19 +227,35 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 	var moveFailed []string
 	var conflictLogs []func()
 	failed := 0
+	// The quota counts the identity's services: those other instances
+	// hold, and those this registration keeps that no other instance
+	// holds (counted in own as they are accepted).
+	others, own := 0, 0
+	for _, ps := range a.services {
+		if ps.base().otherHolder(in) != nil {
+			others++
+		}
+	}
 	for i := range reg.Services {
 		svc := reg.Services[i]
 		ep := &ack.Endpoints[i]
 		*ep = protocol.Endpoint{ID: svc.ID, Protocol: svc.Protocol}
 		key := svc.Key()
 		old := a.services[key]
-		if i >= a.maxServices || (old == nil && len(a.services) >= a.maxServices) {
+		var other *instance
+		if old != nil {
+			other = old.base().otherHolder(in)
+		}
+		if i >= a.maxServices || (other == nil && others+own >= a.maxServices) {
 			ep.Error = fmt.Sprintf("over this agent's quota of %d services (gateway max_services)", a.maxServices)
 			failed++
 			continue
 		}
+		if other == nil {
+			own++
+		}
 		if old != nil {
-			if other := old.base().otherHolder(in); other != nil {
+			if other != nil {
 				// Shared with another instance: join it, or be refused.
 				spec := old.base().spec.Load()
 				if why := conflicts(spec, &svc); why != "" {

@@ -337,3 +337,27 @@ func TestInstanceChurnWhileClientsConnect(t *testing.T) {
 		t.Fatal("the anchor instance was replaced by other instances")
 	}
 }
+
+// max_services counts the identity's services across its instances: an
+// instance cannot add services beyond it because another holds some, a
+// service shared with another instance costs nothing more, and one
+// instance swapping a service for another at the quota is not refused.
+func TestInstancesShareTheServiceQuota(t *testing.T) {
+	g := startTestGateway(t, func(c *config.GatewayFile) { c.MaxServices = 2 })
+	defer g.Close()
+	a, b, c := tcpSpec("a", 1001), tcpSpec("b", 1002), tcpSpec("c", 1003)
+	i1, ack := connectInstance(t, g, "one", a, b)
+	endpointOK(t, ack)
+	_, ack2 := connectInstance(t, g, "two", c, a)
+	if e := ack2.Endpoints[0]; !strings.Contains(e.Error, "quota of 2") {
+		t.Fatalf("a third service through another instance answered %+v, want the quota error", e)
+	}
+	if e := ack2.Endpoints[1]; e.Error != "" {
+		t.Fatalf("a shared service answered %+v, want its endpoint", e)
+	}
+	// One instance alone at the quota swaps b for c.
+	ack3 := i1.register(t, 2, a, c)
+	if e := ack3.Endpoints[1]; e.Error != "" {
+		t.Fatalf("swapping b for c at the quota answered %+v", e)
+	}
+}
