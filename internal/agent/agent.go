@@ -103,6 +103,8 @@ type Agent struct {
 
 	// instance is this process's instance id (instanceID).
 	instance string
+	// lookupHost resolves a gateway URL's host (sessions.go).
+	lookupHost func(ctx context.Context, host string) ([]string, error)
 
 	mu         sync.Mutex
 	static     []Service
@@ -147,12 +149,13 @@ func New(o Options) (*Agent, error) {
 	a := &Agent{
 		cfg: o.Config, log: log, metrics: metrics.NewAgent(reg), gath: gath,
 		tls: o.TLS, netDial: o.NetDial, onEP: o.OnEndpoints, version: o.Version, exitOnAuth: o.ExitOnAuthFailure,
-		instance: instanceID(os.Getenv),
-		changed:  make(chan struct{}),
-		slots:    map[int]*slot{},
-		active:   map[protocol.ServiceKey]*Service{},
-		limits:   map[protocol.ServiceKey]*limiter{},
-		logged:   map[protocol.ServiceKey]string{},
+		instance:   instanceID(os.Getenv),
+		lookupHost: net.DefaultResolver.LookupHost,
+		changed:    make(chan struct{}),
+		slots:      map[int]*slot{},
+		active:     map[protocol.ServiceKey]*Service{},
+		limits:     map[protocol.ServiceKey]*limiter{},
+		logged:     map[protocol.ServiceKey]string{},
 	}
 	if a.tls == nil && o.Config.Gateway.CAFile != "" {
 		pem, err := os.ReadFile(o.Config.Gateway.CAFile)

@@ -68,7 +68,7 @@ func (a *Agent) targets(ctx context.Context) []target {
 			}
 		}
 		rctx, cancel := context.WithTimeout(ctx, resolveTimeout)
-		addrs, err := net.DefaultResolver.LookupHost(rctx, host)
+		addrs, err := a.lookupHost(rctx, host)
 		cancel()
 		if err != nil || len(addrs) < 2 {
 			out = append(out, target{url: raw})
