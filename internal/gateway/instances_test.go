@@ -361,3 +361,38 @@ func TestInstancesShareTheServiceQuota(t *testing.T) {
 		t.Fatalf("swapping b for c at the quota answered %+v", e)
 	}
 }
+
+// New UDP sessions are spread like TCP connections, by fewest open
+// connections and UDP sessions on the instance: an instance busy with TCP
+// connections of another service gets fewer new UDP sessions.
+func TestInstancesShareUDPSessions(t *testing.T) {
+	g := startTestGateway(t)
+	defer g.Close()
+	dns, web := udpSpec("dns"), tcpSpec("web", 80)
+	i1, ack := connectInstance(t, g, "one", dns, web)
+	addr := endpointOK(t, ack)
+	i2, ack2 := connectInstance(t, g, "two", dns)
+	if got := endpointOK(t, ack2); got != addr {
+		t.Fatalf("second instance got %s, want the shared %s", got, addr)
+	}
+	// Four open connections of web, which only instance one carries.
+	dialHeld(t, ack.Endpoints[1].Address, 4)
+	testwait.For(t, 10*time.Second, "web connections", func() bool { return i1.accepted.Load() == 4 })
+	const clients = 8
+	for i := 0; i < clients; i++ {
+		c, err := net.Dial("udp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.Write([]byte("q"))
+		// One at a time, so each choice sees the sessions before it.
+		testwait.For(t, 10*time.Second, "the session to open", func() bool {
+			return i1.accepted.Load()+i2.accepted.Load() == int64(4+i+1)
+		})
+	}
+	// Instance two takes the first four, then they alternate.
+	if a, b := i1.accepted.Load()-4, i2.accepted.Load(); a != 2 || b != 6 {
+		t.Fatalf("UDP sessions went %d to the busy instance and %d to the idle one, want 2 and 6", a, b)
+	}
+}
