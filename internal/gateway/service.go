@@ -116,9 +116,10 @@ func (b *serviceBase) agentSession() (*tunnel.Session, *instance) {
 const maxOpenTries = 3
 
 // open opens a stream for h on in, counting it in in.active (the caller
-// uncounts it when the stream ends). When in's session has ended (an
-// instance that left, not yet detached), it tries another holder, so a
-// client is refused only when no live instance takes it.
+// uncounts it when the stream ends). When that fails (typically an
+// instance that is leaving, its session closing but not yet detached), it
+// tries another holder, so a client is refused only when no instance
+// takes it.
 func (b *serviceBase) open(ctx context.Context, in *instance, h protocol.StreamHeader) (tunnel.Stream, *instance, error) {
 	for try := 1; ; try++ {
 		in.active.Add(1)
@@ -127,13 +128,8 @@ func (b *serviceBase) open(ctx context.Context, in *instance, h protocol.StreamH
 			return st, in, nil
 		}
 		in.active.Add(-1)
-		select {
-		case <-in.sess.Done():
-		default:
-			return nil, nil, err // the session lives: no other would do better
-		}
 		next := b.pickExcept(in)
-		if next == nil || try >= maxOpenTries {
+		if next == nil || try >= maxOpenTries || ctx.Err() != nil {
 			return nil, nil, err
 		}
 		in = next
