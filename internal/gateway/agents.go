@@ -45,8 +45,15 @@ type instance struct {
 	active atomic.Int64
 	// held are the services whose holders include it.
 	held map[protocol.ServiceKey]bool
-	// warned are the services whose conflict was logged already.
+	// warned are the services refused for a conflicting definition (and
+	// logged, once).
 	warned map[protocol.ServiceKey]bool
+	// retry is signalled when a service this instance was refused for a
+	// conflict has been withdrawn (its other instances left): the
+	// session's goroutine runs its last registration again, so the
+	// service becomes this instance's without waiting for the agent to
+	// register anew. Capacity 1, sent to without blocking.
+	retry chan struct{}
 }
 
 func newAgentState(name string, maxServices int) *agentState {
@@ -58,23 +65,24 @@ func newAgentState(name string, maxServices int) *agentState {
 // cut, so a peer cannot make the gateway keep an unbounded string.
 const maxInstanceID = 128
 
-// attach adds s as a live instance and returns the session it replaces: the
-// older session of the same instance, which carried the same services, so
-// they move to the new session at once and nothing is withdrawn.
-func (a *agentState) attach(s *tunnel.Session, remote string) *tunnel.Session {
+// attach adds s as a live instance and returns it, with the session it
+// replaces: the older session of the same instance, which carried the
+// same services, so they move to the new session at once and nothing is
+// withdrawn.
+func (a *agentState) attach(s *tunnel.Session, remote string) (*instance, *tunnel.Session) {
 	id := s.Instance()
 	if len(id) > maxInstanceID {
 		id = id[:maxInstanceID]
 	}
 	in := &instance{id: id, sess: s, remote: remote, since: time.Now(),
-		held: map[protocol.ServiceKey]bool{}, warned: map[protocol.ServiceKey]bool{}}
+		held: map[protocol.ServiceKey]bool{}, warned: map[protocol.ServiceKey]bool{}, retry: make(chan struct{}, 1)}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	old := a.instances[id]
 	a.instances[id] = in
 	a.live.Store(int64(len(a.instances)))
 	if old == nil {
-		return nil
+		return in, nil
 	}
 	for k := range old.held {
 		if ps := a.services[k]; ps != nil {
@@ -82,7 +90,7 @@ func (a *agentState) attach(s *tunnel.Session, remote string) *tunnel.Session {
 			in.held[k] = true
 		}
 	}
-	return old.sess
+	return in, old.sess
 }
 
 // connected reports whether any instance is live. It takes no lock.
@@ -117,6 +125,7 @@ func (g *Gateway) detach(a *agentState, s *tunnel.Session) bool {
 	withdrawn := g.release(a, in, nil)
 	a.mu.Unlock()
 	g.afterWithdraw(a.name, withdrawn)
+	g.retryRefused(a, withdrawn)
 	g.countInstances(a)
 	return true
 }
@@ -166,6 +175,40 @@ func (g *Gateway) release(a *agentState, in *instance, keep map[protocol.Service
 		return nil
 	}
 	return g.withdraw(a, func(k protocol.ServiceKey) bool { return !gone[k] })
+}
+
+// retryRefused signals the instances refused one of the withdrawn
+// services for a conflicting definition: they may have it now. It is
+// called after afterWithdraw has closed the services, so that their ports
+// can be bound again, with no lock held.
+func (g *Gateway) retryRefused(a *agentState, withdrawn []publicService) {
+	if len(withdrawn) == 0 {
+		return
+	}
+	gone := make(map[protocol.ServiceKey]bool, len(withdrawn))
+	for _, ps := range withdrawn {
+		gone[ps.base().key] = true
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, in := range a.instances {
+		if wantsAny(in, gone) {
+			select {
+			case in.retry <- struct{}{}:
+			default:
+			}
+		}
+	}
+}
+
+// wantsAny reports whether in was refused any of keys for a conflict.
+func wantsAny(in *instance, keys map[protocol.ServiceKey]bool) bool {
+	for k := range in.warned {
+		if keys[k] {
+			return true
+		}
+	}
+	return false
 }
 
 // withdraw forgets a's services for which keep is false (every service
@@ -231,6 +274,7 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 	// hold, and those this registration keeps that no other instance
 	// holds (counted in own as they are accepted).
 	others, own := 0, 0
+	listed := make(map[protocol.ServiceKey]bool, len(reg.Services))
 	for _, ps := range a.services {
 		if ps.base().otherHolder(in) != nil {
 			others++
@@ -241,6 +285,7 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 		ep := &ack.Endpoints[i]
 		*ep = protocol.Endpoint{ID: svc.ID, Protocol: svc.Protocol}
 		key := svc.Key()
+		listed[key] = true
 		old := a.services[key]
 		var other *instance
 		if old != nil {
@@ -313,11 +358,17 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 		opened = append(opened, key.String()+"="+b.endpoint)
 	}
 	withdrawn := g.release(a, in, keep)
+	for k := range in.warned {
+		if !listed[k] {
+			delete(in.warned, k) // no longer wanted
+		}
+	}
 	a.mu.Unlock()
 	for _, ps := range replaced {
 		ps.close()
 	}
 	g.afterWithdraw(a.name, withdrawn)
+	g.retryRefused(a, withdrawn)
 	if len(opened) > 0 || len(withdrawn) > 0 {
 		g.saveState()
 	}

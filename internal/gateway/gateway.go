@@ -452,7 +452,8 @@ func (g *Gateway) tunnelConfig() tunnel.Config {
 func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string) {
 	a := g.agent(tok)
 	start := time.Now()
-	if old := a.attach(sess, remote); old != nil {
+	in, old := a.attach(sess, remote)
+	if old != nil {
 		old.CloseWithError(protocol.CodeReplaced, "a newer session of this agent instance took over")
 		g.log.Info("agent session replaced", "agent", a.name, "instance", sess.Instance())
 	}
@@ -467,6 +468,9 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 	// here: check once now, then after every reload.
 	reloaded := g.tokenWatch()
 	g.checkToken(tok, sess)
+	// last is the session's latest registration, run again when a
+	// service it was refused for a conflict is free (instance.retry).
+	var last *protocol.Register
 	for {
 		select {
 		case <-reloaded:
@@ -474,7 +478,17 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 			g.checkToken(tok, sess)
 		case m := <-sess.Control():
 			if reg, ok := m.(*protocol.Register); ok {
+				last = reg
 				ack := g.register(a, sess, reg)
+				if err := sess.Send(ack); err != nil {
+					sess.Close()
+				}
+			}
+		case <-in.retry:
+			if last != nil {
+				// The same seq: the agent applies it as the answer to
+				// the registration it sent last.
+				ack := g.register(a, sess, last)
 				if err := sess.Send(ack); err != nil {
 					sess.Close()
 				}

@@ -411,3 +411,37 @@ func TestInstancesShareUDPSessions(t *testing.T) {
 		t.Fatalf("UDP sessions went %d to the busy instance and %d to the idle one, want 2 and 6", a, b)
 	}
 }
+
+// An instance refused a service for a conflicting definition gets it when
+// the instances serving the older definition have all left: the gateway
+// runs its last registration again and sends the answer, with the same
+// seq, without waiting for the agent to register anew.
+func TestRefusedServiceTakenOverWhenOthersLeave(t *testing.T) {
+	g := startTestGateway(t)
+	defer g.Close()
+	web, cache := tcpSpec("web", 80), tcpSpec("cache", 6379)
+	i1, ack1 := connectInstance(t, g, "old", web)
+	webAddr := endpointOK(t, ack1)
+	i2, ack2 := connectInstance(t, g, "new", cache, tcpSpec("web", 8080))
+	if !strings.Contains(ack2.Endpoints[1].Error, "conflicting definition") {
+		t.Fatalf("web from the newer instance answered %+v, want a conflict", ack2.Endpoints[1])
+	}
+	i1.close()
+	var ack *protocol.RegisterAck
+	select {
+	case m := <-i2.sess.Control():
+		ack, _ = m.(*protocol.RegisterAck)
+	case <-time.After(10 * time.Second):
+		t.Fatal("no new register_ack after the older instance left")
+	}
+	if ack == nil || ack.Seq != 1 || len(ack.Endpoints) != 2 || ack.Endpoints[1].Error != "" || ack.Endpoints[1].Address != webAddr {
+		t.Fatalf("new register_ack %+v, want seq 1 with web on its retained %s", ack, webAddr)
+	}
+	for _, si := range g.Services() {
+		if si.ID == "web" && si.Port != 8080 {
+			t.Fatalf("web is served with port %d, want the newer definition's 8080", si.Port)
+		}
+	}
+	dialHeld(t, webAddr, 1)
+	testwait.For(t, 10*time.Second, "web at the newer instance", func() bool { return i2.accepted.Load() == 1 })
+}
