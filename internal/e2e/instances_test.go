@@ -294,7 +294,8 @@ services:
 }
 
 // A change of the agent's services (a reload, a discovery update) reaches
-// every session: both replicas expose the new service.
+// every session: both replicas expose the new service. When one replica
+// goes, the agent stays ready on the other.
 func TestEveryReplicaGetsRegistrationChanges(t *testing.T) {
 	echo := echoBackend(t)
 	var gws [2]*gw
@@ -324,5 +325,20 @@ func TestEveryReplicaGetsRegistrationChanges(t *testing.T) {
 	}
 	if !a.Ready() {
 		t.Fatal("agent not ready with two sessions up")
+	}
+	// One replica goes: the agent stays ready on the other, which keeps
+	// serving.
+	gws[0].Close()
+	testwait.For(t, 10*time.Second, "the agent to see replica 1 go", func() bool {
+		return a.log.Count("peer closed: shutdown") > 0
+	})
+	for i := 0; i < 50; i++ {
+		if !a.Ready() {
+			t.Fatal("the agent went unready with a session still up")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !listed(gws[1], "echo2") {
+		t.Fatal("replica 2 stopped serving when replica 1 went")
 	}
 }
