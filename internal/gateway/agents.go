@@ -65,15 +65,21 @@ func newAgentState(name string, maxServices int) *agentState {
 // cut, so a peer cannot make the gateway keep an unbounded string.
 const maxInstanceID = 128
 
+// instanceID is the instance id s's agent sent, cut to maxInstanceID.
+func instanceID(s *tunnel.Session) string {
+	id := s.Instance()
+	if len(id) > maxInstanceID {
+		id = id[:maxInstanceID]
+	}
+	return id
+}
+
 // attach adds s as a live instance and returns it, with the session it
 // replaces: the older session of the same instance, which carried the
 // same services, so they move to the new session at once and nothing is
 // withdrawn.
 func (a *agentState) attach(s *tunnel.Session, remote string) (*instance, *tunnel.Session) {
-	id := s.Instance()
-	if len(id) > maxInstanceID {
-		id = id[:maxInstanceID]
-	}
+	id := instanceID(s)
 	in := &instance{id: id, sess: s, remote: remote, since: time.Now(),
 		held: map[protocol.ServiceKey]bool{}, warned: map[protocol.ServiceKey]bool{}, retry: make(chan struct{}, 1)}
 	a.mu.Lock()
@@ -99,11 +105,7 @@ func (a *agentState) connected() bool { return a.live.Load() > 0 }
 // lookup returns s's instance if s is still its live session. The caller
 // holds a.mu.
 func (a *agentState) lookup(s *tunnel.Session) *instance {
-	id := s.Instance()
-	if len(id) > maxInstanceID {
-		id = id[:maxInstanceID]
-	}
-	if in := a.instances[id]; in != nil && in.sess == s {
+	if in := a.instances[instanceID(s)]; in != nil && in.sess == s {
 		return in
 	}
 	return nil

@@ -455,12 +455,12 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 	in, old := a.attach(sess, remote)
 	if old != nil {
 		old.CloseWithError(protocol.CodeReplaced, "a newer session of this agent instance took over")
-		g.log.Info("agent session replaced", "agent", a.name, "instance", sess.Instance())
+		g.log.Info("agent session replaced", "agent", a.name, "instance", in.id)
 	}
 	g.metrics.AgentSessions.WithLabelValues(a.name).Inc()
 	g.countInstances(a)
 	g.updateConnected()
-	g.log.Info("agent connected", "agent", a.name, "instance", sess.Instance(), "remote", remote,
+	g.log.Info("agent connected", "agent", a.name, "instance", in.id, "remote", remote,
 		"protocol", sess.Protocol(), "instances", a.live.Load())
 
 	shutdown := g.done
@@ -498,7 +498,7 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 			reason := endReason(err)
 			g.metrics.SessionEnds.WithLabelValues(reason.String()).Inc()
 			if g.detach(a, sess) {
-				g.log.Info("agent disconnected", "agent", a.name, "reason", reason, "err", err,
+				g.log.Info("agent disconnected", "agent", a.name, "instance", in.id, "reason", reason, "err", err,
 					"duration", time.Since(start).Round(time.Millisecond))
 			}
 			g.updateConnected()
