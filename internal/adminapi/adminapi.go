@@ -23,6 +23,24 @@ type AgentInfo struct {
 	ConnectedSince time.Time `json:"connected_since,omitzero"`
 	HeartbeatRTTMS float64   `json:"heartbeat_rtt_ms,omitempty"`
 	Services       int       `json:"services"`
+	// Instances are the agent's live processes, oldest first; the fields
+	// above describe the newest.
+	Instances []InstanceInfo `json:"instances,omitempty"`
+}
+
+// InstanceInfo is one live instance (agent process) of an agent identity.
+type InstanceInfo struct {
+	// ID is the instance id the agent sent ("" from an agent that sends
+	// none).
+	ID             string    `json:"id"`
+	Protocol       string    `json:"protocol"`
+	Remote         string    `json:"remote"`
+	ConnectedSince time.Time `json:"connected_since"`
+	HeartbeatRTTMS float64   `json:"heartbeat_rtt_ms"`
+	// Services is how many of the agent's services this instance carries.
+	Services int `json:"services"`
+	// Active is its open connections and UDP sessions.
+	Active int64 `json:"active"`
 }
 
 // ServiceInfo is one entry of GET /v1/services.

@@ -2,6 +2,14 @@
 // one WebSocket, registers the services it exposes (static ones from its
 // config and those discovered in Kubernetes), and serves every stream the
 // gateway opens by dialing the matching backend, which it alone chose.
+//
+// An agent may hold several sessions, each to a distinct gateway replica
+// (gateway.connections, sessions.go): each registers the same services and
+// serves the streams its replica opens. The agent is connected while any
+// session is up.
+//
+// Agent.mu guards the service sets, the endpoints and the sessions' slots;
+// it is a leaf: nothing is called out of the package under it.
 package agent
 
 import (
@@ -99,19 +107,29 @@ type Agent struct {
 	// exitOnAuth is Options.ExitOnAuthFailure.
 	exitOnAuth bool
 
+	// instance is this process's instance id (instanceID).
+	instance string
+	// lookupHost resolves a gateway URL's host (sessions.go).
+	lookupHost func(ctx context.Context, host string) ([]string, error)
+
 	mu         sync.Mutex
 	static     []Service
 	discovered []Service
-	changed    chan struct{} // cap 1: the desired set changed
-	active     map[protocol.ServiceKey]*Service
-	limits     map[protocol.ServiceKey]*limiter
-	endpoints  []Endpoint
-	logged     map[protocol.ServiceKey]string
+	// changed is closed, and replaced, when the desired set changes:
+	// every session re-registers.
+	changed   chan struct{}
+	slots     map[int]*slot
+	active    map[protocol.ServiceKey]*Service
+	limits    map[protocol.ServiceKey]*limiter
+	endpoints []Endpoint
+	logged    map[protocol.ServiceKey]string
 
-	connected  atomic.Bool
+	// live counts the sessions up: the agent is connected while any is.
+	// upMu orders the updates of live with the connected gauge's.
+	live       atomic.Int64
+	upMu       sync.Mutex
 	registered atomic.Bool
 	metricsLn  net.Listener
-	sessions   atomic.Int64
 	// unknownLog rate-limits the warning about streams for services this
 	// agent did not register.
 	unknownLog limiter
@@ -137,10 +155,13 @@ func New(o Options) (*Agent, error) {
 	a := &Agent{
 		cfg: o.Config, log: log, metrics: metrics.NewAgent(reg), gath: gath,
 		tls: o.TLS, netDial: o.NetDial, onEP: o.OnEndpoints, version: o.Version, exitOnAuth: o.ExitOnAuthFailure,
-		changed: make(chan struct{}, 1),
-		active:  map[protocol.ServiceKey]*Service{},
-		limits:  map[protocol.ServiceKey]*limiter{},
-		logged:  map[protocol.ServiceKey]string{},
+		instance:   instanceID(os.Getenv),
+		lookupHost: net.DefaultResolver.LookupHost,
+		changed:    make(chan struct{}),
+		slots:      map[int]*slot{},
+		active:     map[protocol.ServiceKey]*Service{},
+		limits:     map[protocol.ServiceKey]*limiter{},
+		logged:     map[protocol.ServiceKey]string{},
 	}
 	if a.tls == nil && o.Config.Gateway.CAFile != "" {
 		pem, err := os.ReadFile(o.Config.Gateway.CAFile)
@@ -169,11 +190,24 @@ func New(o Options) (*Agent, error) {
 func (a *Agent) SetDiscovered(svcs []Service) {
 	a.mu.Lock()
 	a.discovered = append([]Service(nil), svcs...)
+	a.notifyLocked()
 	a.mu.Unlock()
-	select {
-	case a.changed <- struct{}{}:
-	default:
-	}
+}
+
+// notifyLocked tells every session that the desired set changed. The
+// caller holds a.mu.
+func (a *Agent) notifyLocked() {
+	close(a.changed)
+	a.changed = make(chan struct{})
+}
+
+// changes returns the channel closed at the next change of the desired
+// set. A session takes it before reading the set, so that no change
+// between the two is missed.
+func (a *Agent) changes() <-chan struct{} {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.changed
 }
 
 // desired merges static and discovered services. A discovered service with
@@ -209,7 +243,7 @@ func (a *Agent) desired() []Service {
 func (a *Agent) Metrics() *metrics.Agent { return a.metrics }
 
 // Ready reports whether the tunnel is up and the services are registered.
-func (a *Agent) Ready() bool { return a.connected.Load() && a.registered.Load() }
+func (a *Agent) Ready() bool { return a.live.Load() > 0 && a.registered.Load() }
 
 // Endpoints returns the endpoints of the last register_ack.
 func (a *Agent) Endpoints() []Endpoint {
@@ -242,7 +276,7 @@ func (a *Agent) StartMetrics() error {
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
 		switch {
-		case !a.connected.Load():
+		case a.live.Load() == 0:
 			http.Error(w, "not ready: tunnel to the gateway is down", http.StatusServiceUnavailable)
 		case !a.registered.Load():
 			http.Error(w, "not ready: services not registered yet", http.StatusServiceUnavailable)
@@ -256,7 +290,9 @@ func (a *Agent) StartMetrics() error {
 }
 
 // Run connects to the gateway and keeps the tunnel up until ctx ends,
-// reconnecting with exponential backoff and jitter.
+// reconnecting with exponential backoff and jitter. With several
+// connections it keeps that many sessions, each to a distinct replica
+// (sessions.go).
 func (a *Agent) Run(ctx context.Context) error {
 	if err := a.StartMetrics(); err != nil {
 		return err
@@ -266,10 +302,36 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.metricsLn.Close()
 		}
 	}()
+	n := a.connections(ctx)
+	if n == 1 {
+		return a.runSlot(ctx, 0, n)
+	}
+	a.log.Info("keeping sessions to several gateway replicas", "connections", n, "urls", a.cfg.Gateway.GatewayURLs())
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errs := make(chan error, n)
+	for i := 0; i < n; i++ {
+		go func() { errs <- a.runSlot(ctx, i, n) }()
+	}
+	var first error
+	for i := 0; i < n; i++ {
+		if err := <-errs; err != nil && first == nil {
+			// Only an auth refusal with ExitOnAuthFailure ends a slot
+			// early: it ends them all.
+			first = err
+			cancel()
+		}
+	}
+	return first
+}
+
+// runSlot keeps slot i of n connected until ctx ends.
+func (a *Agent) runSlot(ctx context.Context, i, n int) error {
 	b := backoff{initial: 500 * time.Millisecond, max: 30 * time.Second}
+	sessions := 0
 	for ctx.Err() == nil {
 		start := time.Now()
-		err := a.runOnce(ctx)
+		err := a.runOnce(ctx, i, n, &sessions)
 		if ctx.Err() != nil {
 			break
 		}
@@ -280,7 +342,11 @@ func (a *Agent) Run(ctx context.Context) error {
 			b.reset() // a healthy minute: the next failure starts over
 		}
 		delay := b.next()
-		a.log.Warn("tunnel down; reconnecting", "err", err, "retry_in", delay.Round(time.Millisecond))
+		if n > 1 {
+			a.log.Warn("tunnel down; reconnecting", "connection", i, "err", err, "retry_in", delay.Round(time.Millisecond))
+		} else {
+			a.log.Warn("tunnel down; reconnecting", "err", err, "retry_in", delay.Round(time.Millisecond))
+		}
 		select {
 		case <-time.After(delay):
 		case <-ctx.Done():
@@ -289,34 +355,47 @@ func (a *Agent) Run(ctx context.Context) error {
 	return nil
 }
 
-// runOnce connects, serves one session and returns why it ended.
-func (a *Agent) runOnce(ctx context.Context) error {
-	tun, err := a.connect(ctx)
+// runOnce connects slot i of n, serves one session and returns why it
+// ended. sessions counts the slot's sessions: every one after its first is
+// a reconnect.
+func (a *Agent) runOnce(ctx context.Context, i, n int, sessions *int) error {
+	tgt := a.chooseTarget(ctx, i)
+	tun, err := a.connect(ctx, tgt, a.slotInstance(i, n))
 	if err != nil {
 		return err
 	}
 	defer tun.Close()
-	a.sessionUp(tun.Protocol())
-	defer a.sessionDown()
 	hello := tun.Hello()
-	a.log.Info("tunnel up", "gateway", a.cfg.Gateway.URL, "agent", hello.Agent, "protocol", tun.Protocol(),
-		"heartbeat", hello.HeartbeatInterval())
+	if other, dup := a.claimReplica(i, hello.Replica); dup {
+		// Two sessions through one load balancer reached one replica:
+		// this one goes, and the slot tries again later.
+		tun.CloseWithError(protocol.CodeShutdown, "this agent already holds a session to this replica")
+		return fmt.Errorf("%w: %s (connection %d holds it)", errSameReplica, hello.Replica, other)
+	}
+	defer a.releaseReplica(i)
+	*sessions++
+	a.sessionUp(tun.Protocol(), *sessions > 1)
+	defer a.sessionDown()
+	a.log.Info("tunnel up", "gateway", tgt.String(), "agent", hello.Agent, "replica", hello.Replica,
+		"protocol", tun.Protocol(), "heartbeat", hello.HeartbeatInterval())
 
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go a.acceptLoop(sctx, tun)
 
 	s := &session{a: a, tun: tun}
+	changed := a.changes()
 	if err := s.register(); err != nil {
 		return err
 	}
-	return s.run(ctx)
+	return s.run(ctx, changed)
 }
 
-// connect dials the gateway and completes the tunnel handshake.
-func (a *Agent) connect(ctx context.Context) (*tunnel.Session, error) {
-	ws, err := tunnel.Dial(ctx, a.cfg.Gateway.URL, tunnel.DialOptions{
-		Token: a.cfg.Gateway.Token, TLS: a.tls, NetDial: a.netDial, UserAgent: "portway-agent/" + a.version,
+// connect dials the gateway at tgt and completes the tunnel handshake as
+// instance.
+func (a *Agent) connect(ctx context.Context, tgt target, instance string) (*tunnel.Session, error) {
+	ws, err := tunnel.Dial(ctx, tgt.url, tunnel.DialOptions{
+		Token: a.cfg.Gateway.Token, TLS: a.tls, NetDial: a.dialer(tgt), UserAgent: "portway-agent/" + a.version,
 	})
 	if err != nil {
 		var de *tunnel.DialError
@@ -325,7 +404,7 @@ func (a *Agent) connect(ctx context.Context) (*tunnel.Session, error) {
 		}
 		return nil, tlsHint(err)
 	}
-	tun, err := tunnel.Client(ctx, ws, tunnel.Config{Protocol: a.cfg.Gateway.Protocol, Logger: a.log})
+	tun, err := tunnel.Client(ctx, ws, tunnel.Config{Protocol: a.cfg.Gateway.Protocol, Logger: a.log, Instance: instance})
 	if err != nil {
 		return nil, fmt.Errorf("handshake: %w", err)
 	}
@@ -333,21 +412,27 @@ func (a *Agent) connect(ctx context.Context) (*tunnel.Session, error) {
 }
 
 // sessionUp records a new tunnel session speaking proto in readiness and
-// the metrics; every session after the first is a reconnect.
-func (a *Agent) sessionUp(proto string) {
-	if a.sessions.Add(1) > 1 {
+// the metrics.
+func (a *Agent) sessionUp(proto string, reconnect bool) {
+	if reconnect {
 		a.metrics.Reconnects.Inc()
 	}
-	a.connected.Store(true)
+	a.upMu.Lock()
+	defer a.upMu.Unlock()
+	a.live.Add(1)
 	a.metrics.Connected.Set(1)
 	a.metrics.Protocol.Reset()
 	a.metrics.Protocol.WithLabelValues(proto).Set(1)
 }
 
-// sessionDown records that the session ended: not ready until the next
-// one has registered.
+// sessionDown records that a session ended: with none left, not ready
+// until the next one has registered.
 func (a *Agent) sessionDown() {
-	a.connected.Store(false)
+	a.upMu.Lock()
+	defer a.upMu.Unlock()
+	if a.live.Add(-1) > 0 {
+		return
+	}
 	a.registered.Store(false)
 	a.metrics.Connected.Set(0)
 }
@@ -384,7 +469,7 @@ func (s *session) register() error {
 
 // run re-registers when the desired set changes and applies register
 // acks, until the session or ctx ends.
-func (s *session) run(ctx context.Context) error {
+func (s *session) run(ctx context.Context, changed <-chan struct{}) error {
 	rtt := time.NewTicker(s.tun.Hello().HeartbeatInterval())
 	defer rtt.Stop()
 	// Changes are debounced so a burst of discovery updates costs one
@@ -397,7 +482,8 @@ func (s *session) run(ctx context.Context) error {
 			return ctx.Err()
 		case <-s.tun.Done():
 			return s.tun.Err()
-		case <-s.a.changed:
+		case <-changed:
+			changed = s.a.changes()
 			debounce = time.After(100 * time.Millisecond)
 		case <-debounce:
 			debounce = nil

@@ -27,9 +27,6 @@ func (a *Agent) SetStatic(svcs []config.StaticService) {
 	next := staticServices(svcs)
 	a.mu.Lock()
 	a.static = next
+	a.notifyLocked()
 	a.mu.Unlock()
-	select {
-	case a.changed <- struct{}{}:
-	default:
-	}
 }

@@ -279,6 +279,22 @@ func TestStatusColumns(t *testing.T) {
 	}
 }
 
+// TestStatusListsInstances checks that an agent with several instances has
+// each listed, with its id and remote address.
+func TestStatusListsInstances(t *testing.T) {
+	var out bytes.Buffer
+	since := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	writeStatus(&out, []adminapi.AgentInfo{{Name: "prod-eu", Connected: true, Services: 1, Instances: []adminapi.InstanceInfo{
+		{ID: "agent-7d9f-a", Protocol: "yamux", Remote: "10.0.0.1:4000", ConnectedSince: since, Services: 1, Active: 3},
+		{ID: "agent-7d9f-b", Protocol: "yamux", Remote: "10.0.0.2:4000", ConnectedSince: since, Services: 1},
+	}}}, nil)
+	for _, want := range []string{"INSTANCE", "agent-7d9f-a", "10.0.0.1:4000", "agent-7d9f-b", "10.0.0.2:4000"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("status lacks %q:\n%s", want, out.String())
+		}
+	}
+}
+
 // TestFlagsSupplyWhatTheFileLacks checks that flags are applied before the
 // file is validated: --token for an agent.yaml without one, --port-range
 // for a gateway.yaml whose range is wrong.

@@ -88,6 +88,7 @@ func writeStatus(out io.Writer, agents []adminapi.AgentInfo, services []adminapi
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%d\n", ag.Name, state, dash(ag.Protocol), dash(ag.Remote), since, rtt, ag.Services)
 	}
 	fmt.Fprintln(w)
+	writeInstances(w, agents)
 	// SERVICE PORT is the port the service is known by (5432); the public
 	// endpoint carries the port clients connect to (15432).
 	fmt.Fprintln(w, "AGENT\tSERVICE\tPROTO\tSERVICE PORT\tPUBLIC ENDPOINT\tMODE\tACTIVE\tIN\tOUT")
@@ -123,6 +124,27 @@ func writeAccess(w io.Writer, services []adminapi.ServiceInfo) {
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\n", s.Agent, s.ID, s.Protocol, dash(s.ProxyProtocol),
 			dash(strings.Join(s.AllowCIDRs, ",")), dash(strings.Join(s.DenyCIDRs, ",")), per, s.Denied, s.SourceLimited)
 	}
+}
+
+// writeInstances lists each agent's live instances (agent processes),
+// when any agent has more than one: with one each, the agents table says
+// it all.
+func writeInstances(w io.Writer, agents []adminapi.AgentInfo) {
+	several := false
+	for _, ag := range agents {
+		several = several || len(ag.Instances) > 1
+	}
+	if !several {
+		return
+	}
+	fmt.Fprintln(w, "AGENT\tINSTANCE\tPROTOCOL\tREMOTE\tSINCE\tRTT\tSERVICES\tACTIVE")
+	for _, ag := range agents {
+		for _, in := range ag.Instances {
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%.1fms\t%d\t%d\n", ag.Name, dash(in.ID), in.Protocol, in.Remote,
+				in.ConnectedSince.Local().Format(time.DateTime), in.HeartbeatRTTMS, in.Services, in.Active)
+		}
+	}
+	fmt.Fprintln(w)
 }
 
 func dash(s string) string {

@@ -27,8 +27,14 @@ type AgentFile struct {
 // GatewayConn says where and how the agent connects.
 type GatewayConn struct {
 	// URL is ws(s)://host:port/v1/tunnel.
-	URL   string `json:"url"`
-	Token string `json:"token"`
+	URL string `json:"url"`
+	// URLs lists several gateway replicas' URLs, instead of URL.
+	URLs []string `json:"urls,omitempty"`
+	// Connections is how many sessions the agent keeps, each to a
+	// distinct gateway replica. 0: min(2, the number of gateway
+	// addresses the URLs resolve to).
+	Connections int    `json:"connections,omitempty"`
+	Token       string `json:"token"`
 	// Protocol is auto (yamux when offered), yamux or json.
 	Protocol string `json:"protocol"`
 	// CAFile is a PEM bundle to trust instead of the system roots.
@@ -214,17 +220,26 @@ func (a *AgentFile) ApplyEnv(getenv func(string) string) {
 // Validate checks every key and returns all problems found.
 func (a *AgentFile) Validate() error {
 	var p problems
-	if a.Gateway.URL == "" {
-		p.add("gateway.url", "is required (or set PORTWAY_GATEWAY_URL)")
-	} else if u, err := url.Parse(a.Gateway.URL); err != nil {
-		p.add("gateway.url", "%v", err)
-	} else if u.Scheme != "ws" && u.Scheme != "wss" {
-		p.add("gateway.url", "%q must start with wss:// (or ws:// for a gateway with insecure: true)", a.Gateway.URL)
-	} else if u.Host == "" {
-		p.add("gateway.url", "%q has no host", a.Gateway.URL)
-	} else if u.Scheme == "ws" && !a.Gateway.Insecure && !isLoopbackHost(u.Hostname()) {
-		p.add("gateway.url", "%q is plain ws:// to a host other than loopback, which would send the token in clear: use wss://, or set gateway.insecure: true to accept that", a.Gateway.URL)
+	switch {
+	case a.Gateway.URL != "" && len(a.Gateway.URLs) > 0:
+		p.add("gateway.url", "and gateway.urls are both set: give one URL in gateway.url or several in gateway.urls")
+	case len(a.Gateway.URLs) > 0:
+		seen := map[string]bool{}
+		for i, u := range a.Gateway.URLs {
+			key := fmt.Sprintf("gateway.urls[%d]", i)
+			if seen[u] {
+				p.add(key, "%q is listed twice", u)
+				continue
+			}
+			seen[u] = true
+			a.checkGatewayURL(&p, key, u)
+		}
+	case a.Gateway.URL == "":
+		p.add("gateway.url", "is required (or set PORTWAY_GATEWAY_URL, or list several in gateway.urls)")
+	default:
+		a.checkGatewayURL(&p, "gateway.url", a.Gateway.URL)
 	}
+	p.intRange("gateway.connections", a.Gateway.Connections, 0, maxGatewayConnections)
 	if a.Gateway.Token == "" {
 		p.add("gateway.token", "is required (or set PORTWAY_GATEWAY_TOKEN)")
 	}
@@ -281,6 +296,36 @@ func (a *AgentFile) Validate() error {
 	}
 	p.logLevel("log_level", a.LogLevel)
 	return p.err()
+}
+
+// maxGatewayConnections bounds gateway.connections: each is a session with
+// its own heartbeats and registration.
+const maxGatewayConnections = 16
+
+// checkGatewayURL checks one gateway URL under key.
+func (a *AgentFile) checkGatewayURL(p *problems, key, raw string) {
+	if raw == "" {
+		p.add(key, "is empty")
+	} else if u, err := url.Parse(raw); err != nil {
+		p.add(key, "%v", err)
+	} else if u.Scheme != "ws" && u.Scheme != "wss" {
+		p.add(key, "%q must start with wss:// (or ws:// for a gateway with insecure: true)", raw)
+	} else if u.Host == "" {
+		p.add(key, "%q has no host", raw)
+	} else if u.Scheme == "ws" && !a.Gateway.Insecure && !isLoopbackHost(u.Hostname()) {
+		p.add(key, "%q is plain ws:// to a host other than loopback, which would send the token in clear: use wss://, or set gateway.insecure: true to accept that", raw)
+	}
+}
+
+// GatewayURLs returns the gateway URLs: gateway.urls, or gateway.url alone.
+func (g *GatewayConn) GatewayURLs() []string {
+	if len(g.URLs) > 0 {
+		return g.URLs
+	}
+	if g.URL == "" {
+		return nil
+	}
+	return []string{g.URL}
 }
 
 // isLoopbackHost reports whether host (a URL's hostname) names this machine:

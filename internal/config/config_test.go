@@ -404,3 +404,37 @@ agents: [{name: a, token: 0123456789abcdef0, max_retained_ports: 200000}]`: "age
 		}
 	}
 }
+
+// gateway.urls lists several gateways instead of gateway.url; mistakes name
+// the key, and both keys at once is refused naming both.
+func TestAgentGatewayURLs(t *testing.T) {
+	ok := "gateway: {urls: [\"ws://127.0.0.11:1/v1/tunnel\", \"ws://127.0.0.12:1/v1/tunnel\"], connections: 2, token: t}\n"
+	a, err := ParseAgent([]byte(ok), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := a.Gateway.GatewayURLs(); len(got) != 2 || got[1] != "ws://127.0.0.12:1/v1/tunnel" || a.Gateway.Connections != 2 {
+		t.Fatalf("urls %v, connections %d", got, a.Gateway.Connections)
+	}
+	one, err := ParseAgent([]byte("gateway: {url: \"ws://127.0.0.1:1/v1/tunnel\", token: t}\n"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := one.Gateway.GatewayURLs(); len(got) != 1 || got[0] != "ws://127.0.0.1:1/v1/tunnel" {
+		t.Fatalf("gateway.url alone: urls %v", got)
+	}
+	cases := map[string]string{
+		`gateway: {url: "ws://127.0.0.1:1/", urls: ["ws://127.0.0.2:1/"], token: t}`: "gateway.url: and gateway.urls are both set",
+		`gateway: {urls: ["ws://127.0.0.1:1/", "http://h/"], token: t}`:              "gateway.urls[1]:",
+		`gateway: {urls: ["ws://127.0.0.1:1/", "ws://127.0.0.1:1/"], token: t}`:      "gateway.urls[1]: \"ws://127.0.0.1:1/\" is listed twice",
+		`gateway: {urls: ["ws://gw.example.com/"], token: t}`:                        "gateway.urls[0]: \"ws://gw.example.com/\" is plain ws://",
+		`gateway: {urls: ["ws://127.0.0.1:1/"], connections: 17, token: t}`:          "gateway.connections: 17 is outside 0-16",
+		`gateway: {url: "ws://127.0.0.1:1/", connections: -1, token: t}`:             "gateway.connections:",
+	}
+	for in, want := range cases {
+		_, err := ParseAgent([]byte(in), nil)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("config %q: err = %v, want it to contain %q", in, err, want)
+		}
+	}
+}

@@ -100,6 +100,7 @@ func scenarios() []scenario {
 			"serviceMonitor":      obj{"enabled": true},
 			"networkPolicy":       obj{"enabled": true},
 			"podDisruptionBudget": obj{"enabled": true},
+			"replicaCount":        2,
 		}},
 	}
 }
@@ -546,6 +547,22 @@ func TestAgentChart(t *testing.T) {
 				t.Errorf("container port metrics=%d, agent listens on %d", p, metricsPort)
 			}
 			checkProbes(t, ctr, "metrics")
+			// Several replicas are instances side by side; each names
+			// itself by its pod.
+			replicas, _, _ := unstructured.NestedInt64(dep.Object, "spec", "replicas")
+			if want := max(int64(nested[int](s.values, "replicaCount")), 1); replicas != want {
+				t.Errorf("%d replicas, want %d", replicas, want)
+			}
+			podName := ""
+			list, _, _ := unstructured.NestedSlice(ctr, "env")
+			for _, e := range list {
+				if e := e.(obj); e["name"] == "POD_NAME" {
+					podName, _, _ = unstructured.NestedString(e, "valueFrom", "fieldRef", "fieldPath")
+				}
+			}
+			if podName != "metadata.name" {
+				t.Errorf("POD_NAME from %q, want the pod's name (the agent's instance id)", podName)
+			}
 			var metricsSvc *unstructured.Unstructured
 			if nested[bool](s.values, "serviceMonitor", "enabled") {
 				metricsSvc = named(t, objs, "Service", dep.GetName()+"-metrics")

@@ -107,11 +107,22 @@ func TestHandshakeAndMessageLimits(t *testing.T) {
 	})
 }
 
-// A second session of the same agent identity replaces the first, which is
+// A second session of the same agent instance replaces the first, which is
 // told `replaced`; a stopping gateway tells its agents `shutdown`.
 func TestSessionReplacedAndShutdown(t *testing.T) {
 	g := startGateway(t)
-	ws := rawAgent(t, g, tokenA, "json")
+	// The agent started below names its instance by POD_NAME, as the raw
+	// session's ack does: the same instance, reconnecting.
+	t.Setenv("POD_NAME", "pod-a")
+	ws, _, err := websocket.DefaultDialer.Dial(g.url(), http.Header{"Authorization": {"Bearer " + tokenA}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ws.Close() })
+	if _, _, err := ws.ReadMessage(); err != nil {
+		t.Fatal(err)
+	}
+	ws.WriteMessage(websocket.TextMessage, []byte(`{"type":"gateway_hello_ack","version":1,"protocol":"json","instance":"pod-a"}`))
 	testwait.For(t, 5*time.Second, "the raw session to start", func() bool { return g.log.Count("agent connected") == 1 })
 	a := startAgent(t, g.url(), tokenA, "yamux", []config.StaticService{{Name: "echo", Protocol: "tcp", Port: 7, Backend: echoBackend(t)}})
 	ep := a.waitReady(t)["echo"]

@@ -123,16 +123,35 @@ func (g *Gateway) Agents() []adminapi.AgentInfo {
 		info := adminapi.AgentInfo{Name: c.Name}
 		if a := states[c.Name]; a != nil {
 			a.mu.Lock()
-			sess := a.session()
-			remote, since := a.remote, a.since
+			instances := make([]*instance, 0, len(a.instances))
+			for _, in := range a.instances {
+				instances = append(instances, in)
+			}
 			info.Services = len(a.services)
+			held := make([]int, len(instances))
+			for i, in := range instances {
+				held[i] = len(in.held)
+			}
 			a.mu.Unlock()
-			if sess != nil {
+			for i, in := range instances {
+				info.Instances = append(info.Instances, adminapi.InstanceInfo{
+					ID: in.id, Protocol: in.sess.Protocol(), Remote: in.remote, ConnectedSince: in.since.UTC(),
+					HeartbeatRTTMS: float64(in.sess.RTT().Microseconds()) / 1000,
+					Services:       held[i], Active: in.active.Load(),
+				})
+			}
+			sort.Slice(info.Instances, func(i, j int) bool {
+				return info.Instances[i].ConnectedSince.Before(info.Instances[j].ConnectedSince)
+			})
+			if n := len(info.Instances); n > 0 {
+				// The agent-wide fields describe the newest instance, as
+				// they described the one session before there were several.
+				last := info.Instances[n-1]
 				info.Connected = true
-				info.Protocol = sess.Protocol()
-				info.Remote = remote
-				info.ConnectedSince = since.UTC()
-				info.HeartbeatRTTMS = float64(sess.RTT().Microseconds()) / 1000
+				info.Protocol = last.Protocol
+				info.Remote = last.Remote
+				info.ConnectedSince = last.ConnectedSince
+				info.HeartbeatRTTMS = last.HeartbeatRTTMS
 			}
 		}
 		out = append(out, info)

@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -11,80 +12,219 @@ import (
 	"github.com/portway/portway/internal/tunnel"
 )
 
-// agentState is one agent identity: its live session (at most one) and the
-// public services it registered. It outlives sessions, so a reconnect
-// finds its services' ports again. It is data: the gateway's methods
-// (register, detach, shutdownAgent, withdraw) act on it under its mu.
+// agentState is one agent identity: its live instances (agent processes,
+// each with one session) and the public services they registered. It
+// outlives sessions, so a reconnect finds its services' ports again. It is
+// data: the gateway's methods (register, detach, shutdownAgent, withdraw)
+// act on it under its mu.
 type agentState struct {
 	name        string
 	maxServices int
 
-	// sess is the live session. It is written under mu (so that attach,
-	// detach and register agree on which session is live) and read
-	// without it: the per-connection and per-datagram paths must never
-	// wait for a registration.
-	sess atomic.Pointer[tunnel.Session]
+	// live counts the instances, written under mu and read without it
+	// (the connected-agents gauge).
+	live atomic.Int64
 
-	mu       sync.Mutex
-	remote   string
-	since    time.Time
-	services map[protocol.ServiceKey]publicService
+	mu sync.Mutex
+	// instances are the live instances by instance id. A session of an
+	// instance already here replaces the older one's session.
+	instances map[string]*instance
+	services  map[protocol.ServiceKey]publicService
+}
+
+// instance is one live agent process of an identity: its session, and the
+// services it carries. Its fields other than active are written under
+// agentState.mu; the connection and datagram paths read only sess (fixed
+// at creation) and active.
+type instance struct {
+	id     string
+	sess   *tunnel.Session
+	remote string
+	since  time.Time
+	// active counts the connections and UDP sessions sent to it that
+	// have not ended: new ones go to the instance with the fewest.
+	active atomic.Int64
+	// held are the services whose holders include it.
+	held map[protocol.ServiceKey]bool
+	// warned are the services refused for a conflicting definition (and
+	// logged, once).
+	warned map[protocol.ServiceKey]bool
+	// retry is signalled when a service this instance was refused for a
+	// conflict has been withdrawn (its other instances left): the
+	// session's goroutine runs its last registration again, so the
+	// service becomes this instance's without waiting for the agent to
+	// register anew. Capacity 1, sent to without blocking.
+	retry chan struct{}
 }
 
 func newAgentState(name string, maxServices int) *agentState {
-	return &agentState{name: name, maxServices: maxServices, services: map[protocol.ServiceKey]publicService{}}
+	return &agentState{name: name, maxServices: maxServices,
+		instances: map[string]*instance{}, services: map[protocol.ServiceKey]publicService{}}
 }
 
-// attach makes s the agent's live session and returns the one it replaces.
-func (a *agentState) attach(s *tunnel.Session, remote string) *tunnel.Session {
+// maxInstanceID bounds the instance id an agent may send; a longer one is
+// cut, so a peer cannot make the gateway keep an unbounded string.
+const maxInstanceID = 128
+
+// instanceID is the instance id s's agent sent, cut to maxInstanceID.
+func instanceID(s *tunnel.Session) string {
+	id := s.Instance()
+	if len(id) > maxInstanceID {
+		id = id[:maxInstanceID]
+	}
+	return id
+}
+
+// attach adds s as a live instance and returns it, with the session it
+// replaces: the older session of the same instance, which carried the
+// same services, so they move to the new session at once and nothing is
+// withdrawn.
+func (a *agentState) attach(s *tunnel.Session, remote string) (*instance, *tunnel.Session) {
+	id := instanceID(s)
+	in := &instance{id: id, sess: s, remote: remote, since: time.Now(),
+		held: map[protocol.ServiceKey]bool{}, warned: map[protocol.ServiceKey]bool{}, retry: make(chan struct{}, 1)}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	old := a.sess.Swap(s)
-	a.remote, a.since = remote, time.Now()
-	return old
+	old := a.instances[id]
+	a.instances[id] = in
+	a.live.Store(int64(len(a.instances)))
+	if old == nil {
+		return in, nil
+	}
+	for k := range old.held {
+		if ps := a.services[k]; ps != nil {
+			ps.base().swapHolder(old, in)
+			in.held[k] = true
+		}
+	}
+	return in, old.sess
 }
 
-// session returns the live session, or nil. It takes no lock.
-func (a *agentState) session() *tunnel.Session { return a.sess.Load() }
+// connected reports whether any instance is live. It takes no lock.
+func (a *agentState) connected() bool { return a.live.Load() > 0 }
 
-// detach forgets s if it is still a's live session, closing the agent's
-// public services (their ports stay allocated for a reconnect). It reports
-// whether s was the live session.
+// lookup returns s's instance if s is still its live session. The caller
+// holds a.mu.
+func (a *agentState) lookup(s *tunnel.Session) *instance {
+	if in := a.instances[instanceID(s)]; in != nil && in.sess == s {
+		return in
+	}
+	return nil
+}
+
+// detach forgets s if it is still the session of its instance: the
+// instance stops getting new connections at once, and the services only
+// it held are closed (their ports stay allocated for a reconnect). It
+// reports whether s was live.
 func (g *Gateway) detach(a *agentState, s *tunnel.Session) bool {
 	a.mu.Lock()
-	if !a.sess.CompareAndSwap(s, nil) {
+	in := a.lookup(s)
+	if in == nil {
 		a.mu.Unlock()
 		return false
 	}
-	withdrawn := g.withdraw(a, nil)
+	delete(a.instances, in.id)
+	a.live.Store(int64(len(a.instances)))
+	withdrawn := g.release(a, in, nil)
 	a.mu.Unlock()
 	g.afterWithdraw(a.name, withdrawn)
+	g.retryRefused(a, withdrawn)
+	g.countInstances(a)
 	return true
 }
 
-// shutdownAgent ends a's session and closes its public services (gateway
+// shutdownAgent ends a's sessions and closes its public services (gateway
 // shutdown).
 func (g *Gateway) shutdownAgent(a *agentState) {
 	a.mu.Lock()
-	s := a.sess.Swap(nil)
+	sessions := make([]*tunnel.Session, 0, len(a.instances))
+	for id, in := range a.instances {
+		sessions = append(sessions, in.sess)
+		delete(a.instances, id)
+	}
+	a.live.Store(0)
 	withdrawn := g.withdraw(a, nil)
 	a.mu.Unlock()
-	if s != nil {
+	for _, s := range sessions {
 		s.CloseWithError(protocol.CodeShutdown, "gateway shutting down")
 	}
 	g.afterWithdraw(a.name, withdrawn)
+	g.countInstances(a)
 }
 
-// withdraw forgets a's services whose keys are not in keep (every service
-// when keep is nil), keeping their ports retained, and returns them. The
-// caller holds a.mu, and closes the returned services after unlocking
-// (afterWithdraw).
-func (g *Gateway) withdraw(a *agentState, keep map[protocol.ServiceKey]bool) []publicService {
-	var out []publicService
-	for k, ps := range a.services {
+// release takes in off the services it holds whose keys are not in keep
+// (every one when keep is nil), and withdraws those it was the last holder
+// of, which it returns. The caller holds a.mu and closes the returned
+// services after unlocking (afterWithdraw).
+func (g *Gateway) release(a *agentState, in *instance, keep map[protocol.ServiceKey]bool) []publicService {
+	var gone map[protocol.ServiceKey]bool
+	for k := range in.held {
 		if keep[k] {
 			continue
 		}
+		delete(in.held, k)
+		ps := a.services[k]
+		if ps == nil {
+			continue
+		}
+		if ps.base().removeHolder(in) == 0 {
+			if gone == nil {
+				gone = map[protocol.ServiceKey]bool{}
+			}
+			gone[k] = true
+		}
+	}
+	if gone == nil {
+		return nil
+	}
+	return g.withdraw(a, func(k protocol.ServiceKey) bool { return !gone[k] })
+}
+
+// retryRefused signals the instances refused one of the withdrawn
+// services for a conflicting definition: they may have it now. It is
+// called after afterWithdraw has closed the services, so that their ports
+// can be bound again, with no lock held.
+func (g *Gateway) retryRefused(a *agentState, withdrawn []publicService) {
+	if len(withdrawn) == 0 {
+		return
+	}
+	gone := make(map[protocol.ServiceKey]bool, len(withdrawn))
+	for _, ps := range withdrawn {
+		gone[ps.base().key] = true
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, in := range a.instances {
+		if wantsAny(in, gone) {
+			select {
+			case in.retry <- struct{}{}:
+			default:
+			}
+		}
+	}
+}
+
+// wantsAny reports whether in was refused any of keys for a conflict.
+func wantsAny(in *instance, keys map[protocol.ServiceKey]bool) bool {
+	for k := range in.warned {
+		if keys[k] {
+			return true
+		}
+	}
+	return false
+}
+
+// withdraw forgets a's services for which keep is false (every service
+// when keep is nil), keeping their ports retained, and returns them. The
+// caller holds a.mu, and closes the returned services after unlocking
+// (afterWithdraw).
+func (g *Gateway) withdraw(a *agentState, keep func(protocol.ServiceKey) bool) []publicService {
+	var out []publicService
+	for k, ps := range a.services {
+		if keep != nil && keep(k) {
+			continue
+		}
+		ps.base().setHolders(nil)
 		g.ports.retain(a.name, k)
 		delete(a.services, k)
 		out = append(out, ps)
@@ -92,9 +232,34 @@ func (g *Gateway) withdraw(a *agentState, keep map[protocol.ServiceKey]bool) []p
 	return out
 }
 
-// register reconciles the agent's public services with its full desired
-// set: new services get a port and a socket, changed ones are updated,
-// absent ones are withdrawn. Each service gets an endpoint or an error.
+// conflicts reports how svc differs from the definition spec another
+// instance registered for the same service, or "" when they agree on what
+// decides the public side: the port and the requested public port.
+func conflicts(spec, svc *protocol.Service) string {
+	switch {
+	case spec.Port != svc.Port:
+		return fmt.Sprintf("port %d, where another instance of this agent registered port %d", svc.Port, spec.Port)
+	case spec.PublicPort != svc.PublicPort:
+		return fmt.Sprintf("public_port %d, where another instance of this agent registered public_port %d", svc.PublicPort, spec.PublicPort)
+	case spec.ProxyProtocol != svc.ProxyProtocol:
+		// One backend would see headers from some connections only.
+		return fmt.Sprintf("proxy_protocol %q, where another instance of this agent registered %q", svc.ProxyProtocol, spec.ProxyProtocol)
+	case !slices.Equal(spec.AllowCIDRs, svc.AllowCIDRs) || !slices.Equal(spec.DenyCIDRs, svc.DenyCIDRs) ||
+		spec.MaxConnectionsPerSource != svc.MaxConnectionsPerSource ||
+		spec.MaxConnectionRatePerSource != svc.MaxConnectionRatePerSource ||
+		spec.ConnectionBurstPerSource != svc.ConnectionBurstPerSource:
+		// One public port has one source policy.
+		return "allow_cidrs, deny_cidrs or per-source limits differ from another instance of this agent's"
+	}
+	return ""
+}
+
+// register reconciles the services of the instance whose session is sess
+// with its full desired set: new services get a port and a socket, changed
+// ones are updated, absent ones are released (withdrawn when no other
+// instance holds them). A service another instance holds is shared when
+// the definitions agree and refused for this instance when they conflict.
+// Each service gets an endpoint or an error.
 //
 // Under a.mu it decides, allocates (ports.mu is taken inside) and opens
 // the new services; closing replaced and withdrawn services (which takes
@@ -103,7 +268,8 @@ func (g *Gateway) withdraw(a *agentState, keep map[protocol.ServiceKey]bool) []p
 func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Register) *protocol.RegisterAck {
 	ack := &protocol.RegisterAck{Seq: reg.Seq, Endpoints: make([]protocol.Endpoint, len(reg.Services))}
 	a.mu.Lock()
-	if a.sess.Load() != sess {
+	in := a.lookup(sess)
+	if in == nil {
 		a.mu.Unlock()
 		for i, s := range reg.Services {
 			ack.Endpoints[i] = protocol.Endpoint{ID: s.ID, Protocol: s.Protocol, Error: "session replaced"}
@@ -115,17 +281,34 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 	var opened []string
 	var replaced []publicService
 	var moveFailed []string
+	var conflictLogs []func()
 	failed := 0
+	// The quota counts the identity's services: those other instances
+	// hold, and those this registration keeps that no other instance
+	// holds (counted in own as they are accepted).
+	others, own := 0, 0
+	listed := make(map[protocol.ServiceKey]bool, len(reg.Services))
+	for _, ps := range a.services {
+		if ps.base().otherHolder(in) != nil {
+			others++
+		}
+	}
 	for i := range reg.Services {
 		svc := reg.Services[i]
 		ep := &ack.Endpoints[i]
 		*ep = protocol.Endpoint{ID: svc.ID, Protocol: svc.Protocol}
-		if i >= a.maxServices {
+		key := svc.Key()
+		listed[key] = true
+		old := a.services[key]
+		var other *instance
+		if old != nil {
+			other = old.base().otherHolder(in)
+		}
+		if i >= a.maxServices || (other == nil && others+own >= a.maxServices) {
 			ep.Error = fmt.Sprintf("over this agent's quota of %d services (gateway max_services)", a.maxServices)
 			failed++
 			continue
 		}
-		key := svc.Key()
 		pol, err := checkService(&svc, ceil)
 		if err != nil {
 			// Not kept: a service already open under an earlier,
@@ -135,8 +318,36 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 			failed++
 			continue
 		}
+		if other == nil {
+			own++
+		}
+		if other != nil {
+			// Shared with another instance: join it, or be refused.
+			spec := old.base().spec.Load()
+			if why := conflicts(spec, &svc); why != "" {
+				ep.Error = "conflicting definition: " + why
+				failed++
+				if !in.warned[key] {
+					in.warned[key] = true
+					agent, remote, otherRemote, otherID := a.name, in.remote, other.remote, other.id
+					conflictLogs = append(conflictLogs, func() {
+						g.log.Error("conflicting service definitions from two instances of one agent; the newer one is refused",
+							"agent", agent, "service", key.String(), "reason", why,
+							"refused_instance", in.id, "refused_remote", remote,
+							"serving_instance", otherID, "serving_remote", otherRemote)
+					})
+				}
+				continue
+			}
+			delete(in.warned, key)
+			keep[key] = true
+			old.base().addHolder(in)
+			in.held[key] = true
+			keepService(old, &svc, pol, ep)
+			continue
+		}
+		delete(in.warned, key)
 		keep[key] = true
-		old := a.services[key]
 		if old != nil && (svc.PublicPort == 0 || svc.PublicPort == old.base().port) {
 			keepService(old, &svc, pol, ep)
 			continue
@@ -156,27 +367,39 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 			continue
 		}
 		if old != nil {
+			old.base().setHolders(nil)
 			replaced = append(replaced, old)
 		}
+		ps.base().addHolder(in)
+		in.held[key] = true
 		a.services[key] = ps
 		b := ps.base()
 		ep.PublicPort, ep.Address = b.port, b.endpoint
 		opened = append(opened, key.String()+"="+b.endpoint)
 	}
-	withdrawn := g.withdraw(a, keep)
+	withdrawn := g.release(a, in, keep)
+	for k := range in.warned {
+		if !listed[k] {
+			delete(in.warned, k) // no longer wanted
+		}
+	}
 	a.mu.Unlock()
 	for _, ps := range replaced {
 		ps.close()
 	}
 	g.afterWithdraw(a.name, withdrawn)
+	g.retryRefused(a, withdrawn)
 	if len(opened) > 0 || len(withdrawn) > 0 {
 		g.saveState()
 	}
 	g.countServices()
-	g.log.Info("agent registered services", "agent", a.name, "services", len(reg.Services),
+	g.log.Info("agent registered services", "agent", a.name, "instance", in.id, "services", len(reg.Services),
 		"opened", opened, "withdrawn", len(withdrawn), "failed", failed)
 	for _, m := range moveFailed {
 		g.log.Warn("public_port change failed; service kept on its old port", "agent", a.name, "reason", m)
+	}
+	for _, f := range conflictLogs {
+		f()
 	}
 	for _, ep := range ack.Endpoints {
 		if ep.Error != "" {
@@ -248,6 +471,11 @@ func (g *Gateway) every(d time.Duration, f func()) {
 // an hour: stamps never lag by more than that.
 func stateRefreshInterval(retention time.Duration) time.Duration {
 	return min(max(retention/24, time.Minute), time.Hour)
+}
+
+// countInstances sets a's instances gauge. It is called with no lock held.
+func (g *Gateway) countInstances(a *agentState) {
+	g.metrics.AgentInstances.WithLabelValues(a.name).Set(float64(a.live.Load()))
 }
 
 func (g *Gateway) countServices() {

@@ -1,5 +1,6 @@
 // Package gateway is portway's public side: it authenticates agents on
-// /v1/tunnel, keeps one live tunnel session per agent, allocates public ports
+// /v1/tunnel, keeps one live tunnel session per agent instance (several
+// processes may share an agent identity), allocates public ports
 // per (agent, service), opens public TCP and UDP listeners for registered
 // services and carries every client connection or UDP session through the
 // owning agent's tunnel. It also serves the admin API, whose response
@@ -8,13 +9,14 @@
 // # Types
 //
 // An agentState (agents.go) is one agent identity's data: its live
-// session and its registered services; the Gateway's methods (register,
+// instances (one session each, keyed by the instance id of the agent's
+// hello ack) and its registered services; the Gateway's methods (register,
 // detach, shutdownAgent, withdraw) act on it. Each registered service is a
 // publicService (service.go), one type per kind: a tcpService (tcp.go)
 // owns a *net.TCPListener and relays each connection over a stream of its
 // own; a udpService (udp.go) owns a *net.UDPConn and keeps one session,
 // and one stream, per client address. Both share a serviceBase, which
-// reads the agent's live session without a lock and reaches the Gateway
+// reads its holders (the instances that registered it) without a lock and reaches the Gateway
 // only to read its current configuration. ports (ports.go) allocates and
 // persists public ports and leaves the sockets to its caller.
 //
@@ -45,8 +47,11 @@
 // served certificate are atomic pointers, swapped whole by a reload and
 // read without a lock.
 //
-// What must not wait for a registration reads without a lock: an agent's
-// live session is an atomic pointer, a service's spec too. Closing
+// What must not wait for a registration reads without a lock: a service's
+// holders are an atomic pointer to an immutable slice, replaced whole
+// under agentState.mu, its spec an atomic pointer, and each instance's
+// count of open connections an atomic counter. A new connection or UDP
+// session goes to the holder with the fewest open ones (ties in turn). Closing
 // listeners and UDP sessions, forgetting metrics and saving state happen
 // after unlocking: register, detach and shutdownAgent collect what to close
 // under agentState.mu and close it afterwards. The liveness check
@@ -56,14 +61,17 @@ package gateway
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/tls"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -99,6 +107,8 @@ type Gateway struct {
 	metrics  *metrics.Gateway
 	gatherer prometheus.Gatherer
 	version  string
+	// replica names this gateway process in its hello (replicaID).
+	replica  string
 	ports    *ports
 	limiter  *authLimiter
 	upgrader *websocket.Upgrader
@@ -175,6 +185,7 @@ func New(o Options) (*Gateway, error) {
 		metrics:      metrics.NewGateway(reg),
 		gatherer:     gath,
 		version:      o.Version,
+		replica:      replicaID(),
 		ports:        newPorts(low, high, cfg.PortRetention.Duration, st),
 		limiter:      newAuthLimiter(cfg.AuthFailuresPerMinute, time.Minute),
 		agents:       map[string]*agentState{},
@@ -426,6 +437,7 @@ func (g *Gateway) handleTunnel(w http.ResponseWriter, r *http.Request) {
 		Agent:               agent.name,
 		PublicHost:          g.cfg.PublicHost,
 		Server:              g.version,
+		Replica:             g.replica,
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), g.cfg.HandshakeTimeout.Duration)
 	sess, err := tunnel.Server(ctx, ws, hello, g.tunnelConfig())
@@ -449,19 +461,25 @@ func (g *Gateway) tunnelConfig() tunnel.Config {
 func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string) {
 	a := g.agent(tok)
 	start := time.Now()
-	if old := a.attach(sess, remote); old != nil {
-		old.CloseWithError(protocol.CodeReplaced, "a newer session of this agent took over")
-		g.log.Info("agent session replaced", "agent", a.name)
+	in, old := a.attach(sess, remote)
+	if old != nil {
+		old.CloseWithError(protocol.CodeReplaced, "a newer session of this agent instance took over")
+		g.log.Info("agent session replaced", "agent", a.name, "instance", in.id)
 	}
 	g.metrics.AgentSessions.WithLabelValues(a.name).Inc()
+	g.countInstances(a)
 	g.updateConnected()
-	g.log.Info("agent connected", "agent", a.name, "remote", remote, "protocol", sess.Protocol())
+	g.log.Info("agent connected", "agent", a.name, "instance", in.id, "remote", remote,
+		"protocol", sess.Protocol(), "instances", a.live.Load())
 
 	shutdown := g.done
 	// A reload may have removed the token between authentication and
 	// here: check once now, then after every reload.
 	reloaded := g.tokenWatch()
 	g.checkToken(tok, sess)
+	// last is the session's latest registration, run again when a
+	// service it was refused for a conflict is free (instance.retry).
+	var last *protocol.Register
 	for {
 		select {
 		case <-reloaded:
@@ -469,7 +487,17 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 			g.checkToken(tok, sess)
 		case m := <-sess.Control():
 			if reg, ok := m.(*protocol.Register); ok {
+				last = reg
 				ack := g.register(a, sess, reg)
+				if err := sess.Send(ack); err != nil {
+					sess.Close()
+				}
+			}
+		case <-in.retry:
+			if last != nil {
+				// The same seq: the agent applies it as the answer to
+				// the registration it sent last.
+				ack := g.register(a, sess, last)
 				if err := sess.Send(ack); err != nil {
 					sess.Close()
 				}
@@ -479,7 +507,7 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 			reason := endReason(err)
 			g.metrics.SessionEnds.WithLabelValues(reason.String()).Inc()
 			if g.detach(a, sess) {
-				g.log.Info("agent disconnected", "agent", a.name, "reason", reason, "err", err,
+				g.log.Info("agent disconnected", "agent", a.name, "instance", in.id, "reason", reason, "err", err,
 					"duration", time.Since(start).Round(time.Millisecond))
 			}
 			g.updateConnected()
@@ -540,11 +568,26 @@ func (g *Gateway) agentList() []*agentState {
 func (g *Gateway) updateConnected() {
 	n := 0
 	for _, a := range g.agentList() {
-		if a.session() != nil {
+		if a.connected() {
 			n++
 		}
 	}
 	g.metrics.AgentsConnected.Set(float64(n))
+}
+
+// replicaID names this gateway process for the agents' hello: the host
+// name and a random suffix drawn at start, so two gateway processes on one
+// host (or two containers with one host name) are told apart, and an agent
+// holding sessions to several replicas can notice two sessions that
+// reached the same one.
+func replicaID() string {
+	var b [4]byte
+	rand.Read(b[:])
+	host, err := os.Hostname()
+	if err != nil || host == "" {
+		host = "gateway"
+	}
+	return host + "-" + hex.EncodeToString(b[:])
 }
 
 func remoteIP(addr string) string {

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"context"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -35,7 +36,7 @@ type publicService interface {
 
 // serviceBase is the part of a public service every kind shares. It holds
 // what the service reads on its paths, not the gateway or the agent's
-// state: the agent's live-session slot and the configuration reader.
+// state: the instances that carry it and the configuration reader.
 type serviceBase struct {
 	agent    string
 	key      protocol.ServiceKey
@@ -49,10 +50,13 @@ type serviceBase struct {
 	// hdrTimeout bounds the wait for a proxy_protocol_from source's PROXY
 	// protocol header.
 	hdrTimeout time.Duration
-	// live is the owning agent's live session, read without a lock: the
-	// per-connection and per-datagram paths never wait for a
-	// registration.
-	live *atomic.Pointer[tunnel.Session]
+	// holders are the live instances of the owning agent that registered
+	// the service, an immutable slice replaced whole under agentState.mu
+	// and read without a lock: the per-connection and per-datagram paths
+	// never wait for a registration.
+	holders atomic.Pointer[[]*instance]
+	// next breaks ties between the least busy holders in turn.
+	next atomic.Uint64
 
 	// conf returns the gateway's current configuration, for the limits a
 	// reload may change (buffer_size, the UDP queue budgets).
@@ -69,8 +73,140 @@ type serviceBase struct {
 
 func (b *serviceBase) base() *serviceBase { return b }
 
-// agentSession returns the agent's live session, or nil. It takes no lock.
-func (b *serviceBase) agentSession() *tunnel.Session { return b.live.Load() }
+// pick chooses the instance for a new connection or UDP session: the
+// holder with the fewest open ones, ties broken in turn starting from a
+// rotating position, or nil when none is live. It takes no lock and
+// allocates nothing. The caller counts its work on the instance
+// (instance.active) while it lasts.
+func (b *serviceBase) pick() *instance { return b.pickExcept(nil) }
+
+// pickExcept is pick among the holders other than skip.
+func (b *serviceBase) pickExcept(skip *instance) *instance {
+	p := b.holders.Load()
+	if p == nil {
+		return nil
+	}
+	list := *p
+	switch {
+	case len(list) == 0:
+		return nil
+	case len(list) == 1 && list[0] != skip:
+		return list[0]
+	}
+	start := int(b.next.Add(1) % uint64(len(list)))
+	var best *instance
+	var bestN int64
+	for i := range list {
+		in := list[(start+i)%len(list)]
+		if in == skip {
+			continue
+		}
+		if n := in.active.Load(); best == nil || n < bestN {
+			best, bestN = in, n
+		}
+	}
+	return best
+}
+
+// agentSession returns the session of the instance pick chose, with
+// that instance, or nils. It takes no lock.
+func (b *serviceBase) agentSession() (*tunnel.Session, *instance) {
+	in := b.pick()
+	if in == nil {
+		return nil, nil
+	}
+	return in.sess, in
+}
+
+// maxOpenTries bounds how many instances one new connection tries.
+const maxOpenTries = 3
+
+// open opens a stream for h on in, counting it in in.active (the caller
+// uncounts it when the stream ends). When that fails (typically an
+// instance that is leaving, its session closing but not yet detached), it
+// tries another holder, so a client is refused only when no instance
+// takes it.
+func (b *serviceBase) open(ctx context.Context, in *instance, h protocol.StreamHeader) (tunnel.Stream, *instance, error) {
+	for try := 1; ; try++ {
+		in.active.Add(1)
+		st, err := in.sess.Open(ctx, h)
+		if err == nil {
+			return st, in, nil
+		}
+		in.active.Add(-1)
+		next := b.pickExcept(in)
+		if next == nil || try >= maxOpenTries || ctx.Err() != nil {
+			return nil, nil, err
+		}
+		in = next
+	}
+}
+
+// The holder set is changed under agentState.mu only, each change storing
+// a new slice: readers of the old one are unaffected.
+
+// setHolders replaces the holders.
+func (b *serviceBase) setHolders(list []*instance) {
+	if len(list) == 0 {
+		b.holders.Store(nil)
+		return
+	}
+	b.holders.Store(&list)
+}
+
+func (b *serviceBase) holderList() []*instance {
+	if p := b.holders.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// addHolder adds in to the holders unless it is one already.
+func (b *serviceBase) addHolder(in *instance) {
+	cur := b.holderList()
+	for _, h := range cur {
+		if h == in {
+			return
+		}
+	}
+	b.setHolders(append(append(make([]*instance, 0, len(cur)+1), cur...), in))
+}
+
+// removeHolder takes in off the holders and returns how many remain.
+func (b *serviceBase) removeHolder(in *instance) int {
+	cur := b.holderList()
+	next := make([]*instance, 0, len(cur))
+	for _, h := range cur {
+		if h != in {
+			next = append(next, h)
+		}
+	}
+	b.setHolders(next)
+	return len(next)
+}
+
+// swapHolder puts in in old's place: a reconnect of the same instance.
+func (b *serviceBase) swapHolder(old, in *instance) {
+	cur := b.holderList()
+	next := make([]*instance, len(cur))
+	for i, h := range cur {
+		if h == old {
+			h = in
+		}
+		next[i] = h
+	}
+	b.setHolders(next)
+}
+
+// otherHolder returns a holder other than in, or nil.
+func (b *serviceBase) otherHolder(in *instance) *instance {
+	for _, h := range b.holderList() {
+		if h != in {
+			return h
+		}
+	}
+	return nil
+}
 
 // stop closes done and runs closeSocket, once.
 func (b *serviceBase) stop(closeSocket func()) {
@@ -135,7 +271,6 @@ func (g *Gateway) newServiceBase(a *agentState, svc *protocol.Service, pol *sour
 	b := &serviceBase{
 		agent: a.name, key: svc.Key(), port: port,
 		endpoint: net.JoinHostPort(g.cfg.PublicHost, strconv.Itoa(port)),
-		live:     &a.sess,
 		conf:     g.conf, log: g.log, metrics: g.metrics, active: active, total: total,
 		hdrTimeout: g.hdrTimeout,
 		done:       make(chan struct{}),

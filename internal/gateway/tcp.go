@@ -74,8 +74,8 @@ func (s *tcpService) serveConn(c *net.TCPConn) {
 		relay.Abort(c)
 		return
 	}
-	sess := s.agentSession()
-	if sess == nil {
+	in := s.pick()
+	if in == nil {
 		s.releaseSource(client.Addr(), pol)
 		s.refuse(metrics.ReasonAgentOffline)
 		relay.Abort(c)
@@ -89,7 +89,7 @@ func (s *tcpService) serveConn(c *net.TCPConn) {
 		h.Public = public
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), openTimeout)
-	st, err := sess.Open(ctx, h)
+	st, in, err := s.open(ctx, in, h)
 	cancel()
 	if err != nil {
 		s.releaseSource(client.Addr(), pol)
@@ -106,6 +106,7 @@ func (s *tcpService) serveConn(c *net.TCPConn) {
 		IdleTimeout: time.Duration(spec.IdleTimeoutMS) * time.Millisecond,
 	}, stats, func(res relay.Result) {
 		flow.Done()
+		in.active.Add(-1)
 		s.leave()
 		s.releaseSource(client.Addr(), pol)
 		var oe *protocol.OpenError

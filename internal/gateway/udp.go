@@ -288,19 +288,21 @@ func (us *udpService) newSession(client netip.AddrPort, pol *sourcePolicy) (*udp
 	if len(u.m) >= maxUDPSessions {
 		return nil, metrics.ReasonOverLimit
 	}
-	sess := us.agentSession()
+	sess, in := us.agentSession()
 	if sess == nil {
 		return nil, metrics.ReasonAgentOffline
 	}
 	s := &udpSession{us: us, client: client, pol: pol, queue: make(chan *[]byte, udpQueueLen), done: make(chan struct{})}
 	u.m[client] = s
-	go s.run(sess)
+	in.active.Add(1)
+	go s.run(sess, in)
 	return s, metrics.ReasonNone
 }
 
-func (s *udpSession) run(sess *tunnel.Session) {
+func (s *udpSession) run(sess *tunnel.Session, in *instance) {
 	us := s.us
 	defer us.releaseSource(s.client.Addr(), s.pol)
+	defer in.active.Add(-1)
 	defer us.sessions.remove(s)
 	defer s.Close()
 	spec := us.spec.Load()

@@ -58,7 +58,7 @@ func benchUDPService() (*udpService, *udpSession) {
 	a := newAgentState("agent-a", 1)
 	us := &udpService{
 		serviceBase: &serviceBase{agent: a.name, key: protocol.ServiceKey{ID: "dns", Kind: protocol.KindUDP},
-			live: &a.sess, conf: func() *config.GatewayFile { return cfg },
+			conf:    func() *config.GatewayFile { return cfg },
 			metrics: metrics.NewGateway(prometheus.NewRegistry()), done: make(chan struct{})},
 		budget:   &udpBudget{},
 		sessions: newUDPSessions(),

@@ -21,7 +21,7 @@ func registeredNames(t *testing.T) map[string]bool {
 	for _, c := range []prometheus.Collector{a.TCPActive, a.TCPTotal, a.TCPBytes, a.TCPDuration, a.TCPErrors,
 		a.UDPActive, a.UDPSessions, a.UDPPackets, a.UDPDropped, a.Discovered, a.Syncs, a.Connected,
 		a.Reconnects, a.Protocol, a.HeartbeatRTT, a.Registered,
-		g.AgentsConnected, g.AgentSessions, g.Services, g.PortAllocations, g.PortEvictions, g.ConnActive, g.ConnTotal,
+		g.AgentsConnected, g.AgentSessions, g.AgentInstances, g.Services, g.PortAllocations, g.PortEvictions, g.ConnActive, g.ConnTotal,
 		g.Bytes, g.Refusals, g.UDPActive, g.UDPSessions, g.UDPPackets, g.UDPDropped, g.AuthFailures, g.SessionEnds,
 		NewCertificateExpiry(prometheus.NewRegistry())} {
 		c.Describe(descs)

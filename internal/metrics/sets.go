@@ -130,6 +130,7 @@ func (m *Agent) ForgetService(service string) {
 type Gateway struct {
 	AgentsConnected prometheus.Gauge
 	AgentSessions   *prometheus.CounterVec // agent
+	AgentInstances  *prometheus.GaugeVec   // agent
 	Services        *prometheus.GaugeVec   // protocol
 	PortAllocations prometheus.Gauge
 	PortEvictions   *prometheus.CounterVec // reason
@@ -157,6 +158,9 @@ func NewGateway(reg prometheus.Registerer) *Gateway {
 		}),
 		AgentSessions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "portway_gateway_agent_sessions_total", Help: "Tunnel sessions accepted, per agent.",
+		}, []string{"agent"}),
+		AgentInstances: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "portway_gateway_agent_instances", Help: "Live instances (agent processes) per agent identity.",
 		}, []string{"agent"}),
 		Services: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "portway_gateway_services", Help: "Services with an open public listener.",
@@ -199,7 +203,7 @@ func NewGateway(reg prometheus.Registerer) *Gateway {
 			Name: "portway_gateway_session_ends_total", Help: "Tunnel sessions ended, by reason.",
 		}, []string{"reason"}),
 	}
-	reg.MustRegister(m.AgentsConnected, m.AgentSessions, m.Services, m.PortAllocations, m.PortEvictions,
+	reg.MustRegister(m.AgentsConnected, m.AgentSessions, m.AgentInstances, m.Services, m.PortAllocations, m.PortEvictions,
 		m.ConnActive, m.ConnTotal, m.Bytes, m.Refusals, m.UDPActive, m.UDPSessions, m.UDPPackets,
 		m.UDPDropped, m.AuthFailures, m.SessionEnds)
 	// Both reasons from the start, so an alert on their rate sees zero.

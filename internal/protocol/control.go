@@ -76,6 +76,11 @@ type Hello struct {
 	Agent        string `json:"agent,omitempty"` // the identity the token maps to
 	PublicHost   string `json:"public_host,omitempty"`
 	Server       string `json:"server,omitempty"` // gateway software version
+	// Replica names the gateway process the agent reached. An agent
+	// holding sessions to several replicas compares it to notice two
+	// sessions that reached the same one (through a load balancer).
+	// Empty from a gateway that does not send it.
+	Replica string `json:"replica,omitempty"`
 }
 
 // HeartbeatInterval returns the interval as a duration.
@@ -98,6 +103,11 @@ type HelloAck struct {
 	Version  int    `json:"version"`
 	Protocol string `json:"protocol"`
 	Client   string `json:"client,omitempty"` // agent software version
+	// Instance names the agent process, so that a gateway can tell
+	// several processes of one agent identity apart: a session of the
+	// same instance replaces its older one, another instance's is kept
+	// beside it. Empty from an agent that does not send it.
+	Instance string `json:"instance,omitempty"`
 }
 
 // Service is one service in a register message.

@@ -52,6 +52,9 @@ type Config struct {
 	HandshakeTimeout time.Duration
 	// Logger receives the session's rare log lines (yamux warnings).
 	Logger *slog.Logger
+	// Instance is the agent process's instance id, sent in
+	// gateway_hello_ack. Unused on the gateway.
+	Instance string
 
 	// clock drives the heartbeats; nil means the wall clock.
 	clock clock
@@ -110,6 +113,9 @@ type Session struct {
 	hello protocol.Hello
 	proto string
 	role  role
+	// instance is the agent's instance id: from its gateway_hello_ack on
+	// the gateway, Config.Instance on the agent.
+	instance string
 
 	ctrl chan protocol.Message
 
@@ -158,6 +164,7 @@ func (s *Session) handshakeServer(ctx context.Context) (*protocol.HelloAck, erro
 		s.closeWithError(protocol.CodeBadProtocol, "protocol "+ack.Protocol+" was not offered")
 		return nil, fmt.Errorf("%w: agent chose %q, which was not offered", ErrProtocol, ack.Protocol)
 	}
+	s.instance = ack.Instance
 	return ack, nil
 }
 
@@ -198,7 +205,8 @@ func (s *Session) handshakeClient(ctx context.Context) (string, error) {
 		s.closeWithError(protocol.CodeNoProtocol, err.Error())
 		return "", err
 	}
-	ack := &protocol.HelloAck{Version: protocol.Version, Protocol: proto}
+	s.instance = s.cfg.Instance
+	ack := &protocol.HelloAck{Version: protocol.Version, Protocol: proto, Instance: s.cfg.Instance}
 	if err := s.sendControl(ack); err != nil {
 		return "", err
 	}
@@ -388,6 +396,10 @@ func (s *Session) Protocol() string { return s.proto }
 
 // Hello returns the gateway_hello of this session.
 func (s *Session) Hello() *protocol.Hello { return &s.hello }
+
+// Instance returns the agent process's instance id ("" when the agent sent
+// none).
+func (s *Session) Instance() string { return s.instance }
 
 // RTT returns the last heartbeat round-trip time (0 until one completed).
 func (s *Session) RTT() time.Duration { return time.Duration(s.rtt.Load()) }
