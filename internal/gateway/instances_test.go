@@ -270,8 +270,23 @@ func TestInstancesDifferentSetsAndConflicts(t *testing.T) {
 	if !i1.alive() || !i2.alive() {
 		t.Fatal("a conflict ended a session")
 	}
+	// A different PROXY protocol mode or source policy is a conflict too:
+	// one public port has one of each.
+	pp := tcpSpec("web", 80)
+	pp.ProxyProtocol = "v2"
+	narrow := tcpSpec("web", 80)
+	narrow.AllowCIDRs = []string{"127.0.0.7/32"}
+	for _, c := range []struct {
+		svc  protocol.Service
+		want string
+	}{{pp, "proxy_protocol"}, {narrow, "allow_cidrs"}} {
+		ack := i2.register(t, 4, cache, c.svc)
+		if e := ack.Endpoints[1]; !strings.Contains(e.Error, "conflicting definition") || !strings.Contains(e.Error, c.want) {
+			t.Fatalf("web with a different %s answered %+v, want a conflict error naming it", c.want, e)
+		}
+	}
 	// The same definition is shared.
-	ack := i2.register(t, 4, cache, web)
+	ack := i2.register(t, 5, cache, web)
 	if e := ack.Endpoints[1]; e.Error != "" || e.Address != webAddr {
 		t.Fatalf("agreeing web answered %+v, want %s", e, webAddr)
 	}
