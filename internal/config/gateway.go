@@ -66,6 +66,9 @@ type GatewayFile struct {
 	// LogLevel is debug, info, warn or error; empty keeps --log-level.
 	// Unlike the flag it is reloaded live.
 	LogLevel string `json:"log_level,omitempty"`
+	// Cluster, when set, shares port allocations with other replicas in
+	// etcd instead of state_file (cluster.go).
+	Cluster *Cluster `json:"cluster,omitempty"`
 
 	// portLow and portHigh are PortRange, parsed by Validate.
 	portLow, portHigh int
@@ -166,7 +169,8 @@ func LoadGatewayWith(path string, getenv func(string) string, override func(*Gat
 }
 
 // applyEnv lets secrets come from the environment: PORTWAY_ADMIN_TOKEN for
-// admin.token, PORTWAY_AGENT_TOKEN_<NAME> for an agent's token.
+// admin.token, PORTWAY_AGENT_TOKEN_<NAME> for an agent's token, and the
+// cluster's (applyClusterEnv).
 func (g *GatewayFile) applyEnv(getenv func(string) string) {
 	if getenv == nil {
 		return
@@ -180,6 +184,7 @@ func (g *GatewayFile) applyEnv(getenv func(string) string) {
 			g.Agents[i].TokenSHA256 = ""
 		}
 	}
+	g.applyClusterEnv(getenv)
 }
 
 // MinTokenLength is the shortest token accepted: tokens are the only thing
@@ -255,6 +260,7 @@ func (g *GatewayFile) Validate() error {
 	p.intRange("udp_queue_bytes", g.UDPQueueBytes, 64<<10, 1<<30)
 	p.intRange("udp_queue_bytes_per_service", g.UDPQueueBytesPerService, 64<<10, 1<<30)
 	p.logLevel("log_level", g.LogLevel)
+	g.validateCluster(&p)
 	return p.err()
 }
 

@@ -25,6 +25,11 @@ type agentState struct {
 	// wait for a registration.
 	sess atomic.Pointer[tunnel.Session]
 
+	// regMu serialises the agent's registrations from end to end,
+	// including the allocation store calls and binds made without mu, so
+	// that two sessions of one agent never allocate for it at once.
+	regMu sync.Mutex
+
 	mu       sync.Mutex
 	remote   string
 	since    time.Time
@@ -76,16 +81,15 @@ func (g *Gateway) shutdownAgent(a *agentState) {
 }
 
 // withdraw forgets a's services whose keys are not in keep (every service
-// when keep is nil), keeping their ports retained, and returns them. The
-// caller holds a.mu, and closes the returned services after unlocking
-// (afterWithdraw).
+// when keep is nil) and returns them. The caller holds a.mu, and after
+// unlocking closes the returned services and keeps their ports retained
+// (afterWithdraw), which writes to the allocation store.
 func (g *Gateway) withdraw(a *agentState, keep map[protocol.ServiceKey]bool) []publicService {
 	var out []publicService
 	for k, ps := range a.services {
 		if keep[k] {
 			continue
 		}
-		g.ports.retain(a.name, k)
 		delete(a.services, k)
 		out = append(out, ps)
 	}
@@ -96,24 +100,30 @@ func (g *Gateway) withdraw(a *agentState, keep map[protocol.ServiceKey]bool) []p
 // set: new services get a port and a socket, changed ones are updated,
 // absent ones are withdrawn. Each service gets an endpoint or an error.
 //
-// Under a.mu it decides, allocates (ports.mu is taken inside) and opens
-// the new services; closing replaced and withdrawn services (which takes
-// a UDP port's udpSessions.mu) and forgetting their metrics happen after
-// unlocking.
+// It runs under a.regMu. Under a.mu it decides what to open; it then
+// allocates (in the allocation store, bounded by the store timeout) and
+// binds without a.mu, and takes a.mu again to install what it opened,
+// unless the session was replaced meanwhile. Closing replaced and
+// withdrawn services (which takes a UDP port's udpSessions.mu) and
+// forgetting their metrics happen after unlocking.
 func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Register) *protocol.RegisterAck {
 	ack := &protocol.RegisterAck{Seq: reg.Seq, Endpoints: make([]protocol.Endpoint, len(reg.Services))}
+	a.regMu.Lock()
+	defer a.regMu.Unlock()
 	a.mu.Lock()
 	if a.sess.Load() != sess {
 		a.mu.Unlock()
-		for i, s := range reg.Services {
-			ack.Endpoints[i] = protocol.Endpoint{ID: s.ID, Protocol: s.Protocol, Error: "session replaced"}
-		}
-		return ack
+		return sessionReplaced(ack, reg)
+	}
+	// toOpen is a service that needs a new port: new, or its requested
+	// public port changed (old is then its current service).
+	type toOpen struct {
+		i   int
+		svc protocol.Service
+		old publicService
 	}
 	keep := map[protocol.ServiceKey]bool{}
-	var opened []string
-	var replaced []publicService
-	var moveFailed []string
+	var open []toOpen
 	failed := 0
 	for i := range reg.Services {
 		svc := reg.Services[i]
@@ -131,13 +141,41 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 			keepService(old, &svc, ep)
 			continue
 		}
-		// New, or its requested public port changed. The old socket
-		// stays open until the new one is bound: on failure the service
-		// keeps its old port and allocation.
-		ps, err := g.openService(a, &svc)
-		if err != nil {
-			if old != nil {
-				keepService(old, &svc, ep)
+		open = append(open, toOpen{i: i, svc: svc, old: old})
+	}
+	a.mu.Unlock()
+
+	// The old socket of a moved service stays open until the new one is
+	// bound: on failure the service keeps its old port and allocation.
+	ctx, cancel := context.WithTimeout(context.Background(), g.storeTimeout)
+	services := make([]publicService, len(open))
+	errs := make([]error, len(open))
+	for j := range open {
+		services[j], errs[j] = g.openService(ctx, a, &open[j].svc)
+	}
+	cancel()
+
+	a.mu.Lock()
+	if a.sess.Load() != sess {
+		a.mu.Unlock()
+		var orphans []publicService
+		for _, ps := range services {
+			if ps != nil {
+				orphans = append(orphans, ps)
+			}
+		}
+		g.afterWithdraw(a.name, orphans)
+		return sessionReplaced(ack, reg)
+	}
+	var opened []string
+	var replaced []publicService
+	var moveFailed []string
+	for j, o := range open {
+		ep := &ack.Endpoints[o.i]
+		key := o.svc.Key()
+		if err := errs[j]; err != nil {
+			if o.old != nil {
+				keepService(o.old, &o.svc, ep)
 				moveFailed = append(moveFailed, fmt.Sprintf("%s: %v", key, err))
 				continue
 			}
@@ -145,8 +183,9 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 			failed++
 			continue
 		}
-		if old != nil {
-			replaced = append(replaced, old)
+		ps := services[j]
+		if o.old != nil {
+			replaced = append(replaced, o.old)
 		}
 		a.services[key] = ps
 		b := ps.base()
@@ -159,8 +198,8 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 		ps.close()
 	}
 	g.afterWithdraw(a.name, withdrawn)
-	if len(opened) > 0 || len(withdrawn) > 0 {
-		g.saveState()
+	if len(opened) > 0 {
+		g.metrics.PortAllocations.Set(float64(g.ports.count()))
 	}
 	g.countServices()
 	g.log.Info("agent registered services", "agent", a.name, "services", len(reg.Services),
@@ -176,6 +215,15 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 	return ack
 }
 
+// sessionReplaced answers a registration of a session that is no longer
+// the agent's live one.
+func sessionReplaced(ack *protocol.RegisterAck, reg *protocol.Register) *protocol.RegisterAck {
+	for i, s := range reg.Services {
+		ack.Endpoints[i] = protocol.Endpoint{ID: s.ID, Protocol: s.Protocol, Error: "session replaced"}
+	}
+	return ack
+}
+
 // keepService updates a service that keeps its port to svc, its latest
 // spec, and answers with its endpoint.
 func keepService(ps publicService, svc *protocol.Service, ep *protocol.Endpoint) {
@@ -184,34 +232,35 @@ func keepService(ps publicService, svc *protocol.Service, ep *protocol.Endpoint)
 	ep.PublicPort, ep.Address = b.port, b.endpoint
 }
 
-// afterWithdraw closes withdrawn services and forgets their metrics. It is
-// called with no lock held.
+// afterWithdraw closes withdrawn services, keeps their ports retained (in
+// the allocation store too) and forgets their metrics. It is called with
+// no lock held.
 func (g *Gateway) afterWithdraw(agent string, withdrawn []publicService) {
 	for _, ps := range withdrawn {
 		ps.close()
-		g.metrics.ForgetService(agent, ps.base().key.ID)
+		b := ps.base()
+		g.ports.retain(agent, b.key, b.port)
+		g.metrics.ForgetService(agent, b.key.ID)
 	}
 	if len(withdrawn) > 0 {
-		g.saveState()
+		g.metrics.PortAllocations.Set(float64(g.ports.count()))
 		g.countServices()
 	}
 }
 
-func (g *Gateway) saveState() {
-	if err := g.ports.save(context.Background()); err != nil {
-		g.log.Error("saving port allocations", "err", err)
-	}
-	g.metrics.PortAllocations.Set(float64(g.ports.count()))
-}
-
-// refreshState saves the allocations while any is live: a save stamps live
-// allocations with its time. Without it, a gateway that ran for longer than
-// port_retention without a change and then crashed would come back with
-// stamps old enough to expire the ports of every agent that had not
-// reconnected yet.
+// refreshState stamps the live allocations in the store while any is
+// live. Without it, a gateway that ran for longer than port_retention
+// without a change and then crashed would come back with stamps old
+// enough to expire the ports of every agent that had not reconnected yet,
+// and other replicas would take them for abandoned.
 func (g *Gateway) refreshState() {
-	if g.ports.hasLive() {
-		g.saveState()
+	if !g.ports.hasLive() {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	defer cancel()
+	if err := g.ports.refresh(ctx); err != nil {
+		g.log.Error("refreshing port allocations in the store", "err", err)
 	}
 }
 

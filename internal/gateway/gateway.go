@@ -70,7 +70,9 @@ import (
 
 	"github.com/gorilla/websocket"
 	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/portway/portway/internal/cluster"
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/metrics"
 	"github.com/portway/portway/internal/protocol"
@@ -86,7 +88,8 @@ type Options struct {
 	// /metrics. Both default to a new registry.
 	Registry prometheus.Registerer
 	Gatherer prometheus.Gatherer
-	// Store overrides the state store chosen by Config.StateFile.
+	// Store overrides the allocation store chosen by Config (the state
+	// file, or etcd with a cluster: block).
 	Store   store.Store
 	Version string
 }
@@ -125,9 +128,16 @@ type Gateway struct {
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 	done      chan struct{}
-	// stateRefresh is how often live allocations are saved again
-	// (refreshState).
+	// stateRefresh is how often live allocations are stamped again in
+	// the store (refreshState).
 	stateRefresh time.Duration
+	// storeTimeout bounds the store calls of one registration.
+	storeTimeout time.Duration
+	// etcd is the cluster's etcd client (nil without a cluster: block),
+	// closed by Close; presence publishes this replica's agent sessions
+	// (cluster.Noop without one).
+	etcd     *clientv3.Client
+	presence cluster.Presence
 }
 
 // agentToken is one accepted token of an agent: an agent in the middle of
@@ -156,13 +166,20 @@ func New(o Options) (*Gateway, error) {
 		r := prometheus.NewRegistry()
 		reg, gath = r, r
 	}
+	retention := store.Options{Retention: cfg.PortRetention.Duration}
 	st := o.Store
-	if st == nil {
-		if cfg.StateFile == "" {
-			st = &store.Memory{}
-		} else {
-			st = &store.File{Path: cfg.StateFile}
+	var etcd *clientv3.Client
+	if cfg.Cluster != nil {
+		var err error
+		if etcd, err = cluster.NewEtcdClient(cfg.Cluster); err != nil {
+			return nil, fmt.Errorf("gateway: %w", err)
 		}
+		if st == nil {
+			st = store.NewEtcd(etcd, cfg.Cluster.Etcd.Prefix, retention)
+		}
+	}
+	if st == nil {
+		st = &store.File{Path: cfg.StateFile, Options: retention}
 	}
 	low, high := cfg.PortBounds()
 	g := &Gateway{
@@ -177,7 +194,15 @@ func New(o Options) (*Gateway, error) {
 		reloaded:     make(chan struct{}),
 		done:         make(chan struct{}),
 		stateRefresh: stateRefreshInterval(cfg.PortRetention.Duration),
+		storeTimeout: storeTimeout,
+		etcd:         etcd,
+		presence:     cluster.Noop{},
 	}
+	if cfg.Cluster != nil {
+		g.storeTimeout = cfg.Cluster.Etcd.RequestTimeout.Duration
+		g.ports.shared = true
+	}
+	g.ports.log = log
 	g.live.Store(newLive(cfg))
 	if cfg.TLS != nil {
 		g.certNotAfter = metrics.NewCertificateExpiry(reg)
@@ -190,7 +215,10 @@ func New(o Options) (*Gateway, error) {
 // Start loads the state, binds the agent endpoint (and the admin server)
 // and serves them in the background.
 func (g *Gateway) Start(ctx context.Context) error {
-	if err := g.ports.load(ctx); err != nil {
+	lctx, cancel := context.WithTimeout(ctx, g.storeTimeout)
+	err := g.ports.load(lctx)
+	cancel()
+	if err != nil {
 		return fmt.Errorf("gateway: load state: %w", err)
 	}
 	g.metrics.PortAllocations.Set(float64(g.ports.count()))
@@ -229,6 +257,10 @@ func (g *Gateway) Start(ctx context.Context) error {
 	}
 	if g.cfg.PortRetention.Duration > 0 {
 		g.every(g.stateRefresh, g.refreshState)
+	}
+	if err := g.joinCluster(ctx); err != nil {
+		g.Close()
+		return err
 	}
 	g.ready.Store(true)
 	scheme := "wss"
@@ -307,10 +339,8 @@ func (g *Gateway) Close() {
 		for _, a := range g.agentList() {
 			g.shutdownAgent(a)
 		}
-		if err := g.ports.save(context.Background()); err != nil {
-			g.log.Error("saving port allocations", "err", err)
-		}
 		g.wg.Wait()
+		g.leaveCluster()
 	})
 }
 
@@ -447,6 +477,8 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 	g.metrics.AgentSessions.WithLabelValues(a.name).Inc()
 	g.updateConnected()
 	g.log.Info("agent connected", "agent", a.name, "remote", remote, "protocol", sess.Protocol())
+	g.publishSession(a.name, sess)
+	defer g.withdrawSession(a.name, sess)
 
 	shutdown := g.done
 	// A reload may have removed the token between authentication and
