@@ -257,7 +257,7 @@ func (g *Gateway) refreshState() {
 	if !g.ports.hasLive() {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), g.storeTimeout)
 	defer cancel()
 	if err := g.ports.refresh(ctx); err != nil {
 		g.log.Error("refreshing port allocations in the store", "err", err)

@@ -15,28 +15,34 @@
 // own; a udpService (udp.go) owns a *net.UDPConn and keeps one session,
 // and one stream, per client address. Both share a serviceBase, which
 // reads the agent's live session without a lock and reaches the Gateway
-// only to read its current configuration. ports (ports.go) allocates and
-// persists public ports and leaves the sockets to its caller.
+// only to read its current configuration. ports (ports.go) allocates
+// public ports in the allocation store and leaves the sockets to its
+// caller; presence.go publishes agent sessions to the other replicas.
 //
 // # Locks
 //
 // The order, outermost first, is:
 //
-//	agentState.mu → ports.mu
-//	ports.saveMu  → ports.mu
+//	agentState.regMu → agentState.mu → ports.mu
 //	Gateway.reloadMu → agentState.mu, Gateway.mu, authLimiter.mu
 //
 // Every other lock is a leaf, never held while taking another of this
-// package's locks: Gateway.mu (the agents map: callers copy what they need
-// and unlock before touching an agent), udpSessions.mu (one public UDP
-// port's clients) and authLimiter.mu. Nothing here calls out of the
-// package under a lock except into internal/metrics' vectors, the
-// certificate expiry gauge and the listen call of a bind under ports.mu,
-// none of which calls back.
+// package's locks: Gateway.mu (the agents map and the presence: callers
+// copy what they need and unlock before touching an agent), udpSessions.mu
+// (one public UDP port's clients) and authLimiter.mu. Nothing here calls
+// out of the package under a lock except into internal/metrics' vectors
+// and the certificate expiry gauge, none of which calls back.
 //
-// ports.saveMu orders state saves: it is held from the snapshot to the end
-// of the state file's write, never under agentState.mu, and ports.mu is
-// never held during file I/O.
+// The allocation store (internal/store: a file, or etcd shared with other
+// replicas) and the cluster presence are called with no lock held but
+// agentState.regMu, which serialises one agent's registrations end to end
+// and is taken by nothing else: a registration decides under
+// agentState.mu, claims and binds without it (ports.mu is taken only
+// around the decisions, never during a store call or a bind), and takes
+// agentState.mu again to install what it opened. Store writes decided
+// under ports.mu (withdrawals, evictions, expiries) are collected there
+// and made after it is released, each compared by the revision it was
+// decided on.
 //
 // Gateway.reloadMu serialises reloads' changes and is taken by nothing
 // else; a reload reads its files before taking it and logs after
@@ -46,7 +52,7 @@
 //
 // What must not wait for a registration reads without a lock: an agent's
 // live session is an atomic pointer, a service's spec too. Closing
-// listeners and UDP sessions, forgetting metrics and saving state happen
+// listeners and UDP sessions, forgetting metrics and store writes happen
 // after unlocking: register, detach and shutdownAgent collect what to close
 // under agentState.mu and close it afterwards. The liveness check
 // (/healthz) takes Gateway.mu, each agentState.mu and ports.mu with a
@@ -179,7 +185,9 @@ func New(o Options) (*Gateway, error) {
 		}
 	}
 	if st == nil {
-		st = &store.File{Path: cfg.StateFile, Options: retention}
+		st = &store.File{Path: cfg.StateFile, Options: retention, OnWriteError: func(err error) {
+			log.Error("saving port allocations; they are kept in memory", "state_file", cfg.StateFile, "err", err)
+		}}
 	}
 	low, high := cfg.PortBounds()
 	g := &Gateway{
@@ -203,6 +211,7 @@ func New(o Options) (*Gateway, error) {
 		g.ports.shared = true
 	}
 	g.ports.log = log
+	g.ports.timeout = g.storeTimeout
 	g.live.Store(newLive(cfg))
 	if cfg.TLS != nil {
 		g.certNotAfter = metrics.NewCertificateExpiry(reg)

@@ -9,6 +9,7 @@ import (
 	"maps"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -65,9 +66,9 @@ type eviction struct {
 	port   int
 }
 
-// storeTimeout bounds the store calls made outside a registration
-// (withdrawals, evictions, refreshes), so a store that does not answer
-// holds no goroutine for long.
+// storeTimeout is the default bound of a registration's store calls and
+// of each store write made outside a registration (withdrawals, evictions,
+// refreshes), so a store that does not answer holds no goroutine for long.
 const storeTimeout = 10 * time.Second
 
 // ports allocates public ports per (agent, service) from the configured
@@ -102,19 +103,28 @@ type ports struct {
 	shared bool
 	// log reports store failures that have no caller to return to. Set
 	// before use.
-	log     *slog.Logger
-	byKey   map[allocKey]*allocation
-	byPort  map[portKey]*allocation
-	byAgent map[string]map[protocol.ServiceKey]*allocation
-	evicted []eviction         // since the last takePending
-	release []store.Allocation // store releases decided under mu, made after it
-	st      store.Store
+	log *slog.Logger
+	// timeout bounds each store write no caller waits for. Set before
+	// use.
+	timeout time.Duration
+	// downUntil (Unix ns): a store write failed as unavailable, and
+	// writes no caller waits for are skipped until then, so that a
+	// shutdown or a burst of withdrawals does not wait timeout for each
+	// while etcd has no quorum. What they would have written expires by
+	// itself or is written again by the next refresh.
+	downUntil atomic.Int64
+	byKey     map[allocKey]*allocation
+	byPort    map[portKey]*allocation
+	byAgent   map[string]map[protocol.ServiceKey]*allocation
+	evicted   []eviction         // since the last takePending
+	release   []store.Allocation // store releases decided under mu, made after it
+	st        store.Store
 }
 
 func newPorts(low, high int, retention time.Duration, st store.Store) *ports {
 	return &ports{
 		low: low, high: high, retention: retention, now: time.Now, st: st,
-		log:   slog.New(slog.DiscardHandler),
+		log: slog.New(slog.DiscardHandler), timeout: storeTimeout,
 		byKey: map[allocKey]*allocation{}, byPort: map[portKey]*allocation{},
 		byAgent: map[string]map[protocol.ServiceKey]*allocation{},
 	}
@@ -482,11 +492,15 @@ func (p *ports) storeRetain(a *allocation, rec store.Allocation) {
 	if rec.Revision == 0 {
 		return // never written: nothing to mark (the store was unreachable)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	ctx, cancel, ok := p.writeCtx()
+	if !ok {
+		return
+	}
 	defer cancel()
 	got, err := p.st.Retain(ctx, rec)
 	if err != nil {
 		if !errors.Is(err, store.ErrNotHeld) {
+			p.noteErr(err)
 			p.log.Error("recording a withdrawn service's port in the allocation store", "agent", rec.Agent,
 				"service", rec.Service, "port", rec.Port, "err", err)
 		}
@@ -557,10 +571,32 @@ func (p *ports) storeRelease(a store.Allocation) {
 	if a.Revision == 0 {
 		return // never written
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	ctx, cancel, ok := p.writeCtx()
+	if !ok {
+		return
+	}
 	defer cancel()
 	if err := p.st.Release(ctx, a); err != nil && !errors.Is(err, store.ErrNotHeld) {
+		p.noteErr(err)
 		p.log.Error("releasing a port in the allocation store", "agent", a.Agent, "service", a.Service, "port", a.Port, "err", err)
+	}
+}
+
+// writeCtx returns the context of a store write no caller waits for, or
+// false while the store is known to be unreachable.
+func (p *ports) writeCtx() (context.Context, context.CancelFunc, bool) {
+	if time.Now().UnixNano() < p.downUntil.Load() {
+		return nil, nil, false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), p.timeout)
+	return ctx, cancel, true
+}
+
+// noteErr starts skipping background writes for a while when err says
+// the store is unreachable.
+func (p *ports) noteErr(err error) {
+	if errors.Is(err, store.ErrUnavailable) {
+		p.downUntil.Store(time.Now().Add(p.timeout).UnixNano())
 	}
 }
 
@@ -620,6 +656,7 @@ func (p *ports) refresh(ctx context.Context) error {
 		return nil
 	}
 	refreshed, lost, err := p.st.Refresh(ctx, live)
+	p.noteErr(err)
 	p.mu.Lock()
 	for _, r := range refreshed {
 		a := p.byKey[allocKey{r.Agent, protocol.ServiceKey{ID: r.Service, Kind: r.Protocol}}]

@@ -21,6 +21,13 @@ type File struct {
 	Path string
 	// Options are the store's retention policy and clock.
 	Options
+	// OnWriteError, when set, is told of a failed write of the state
+	// file (under the store's lock: it must not call the store), and the
+	// change is kept in memory, to be written with the next one: a full
+	// disk does not stop a single gateway from allocating. When nil, a
+	// change that cannot be written is undone and refused with
+	// ErrUnavailable.
+	OnWriteError func(error)
 	engine
 }
 
@@ -126,7 +133,9 @@ func (f *File) apply(changes map[Key]*Allocation) (int64, error) {
 			f.recs[k] = *v
 		}
 	}
-	if err := f.write(); err != nil {
+	if err := f.write(); err != nil && f.OnWriteError != nil {
+		f.OnWriteError(err)
+	} else if err != nil {
 		for k, v := range old {
 			if v == nil {
 				delete(f.recs, k)
