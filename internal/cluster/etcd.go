@@ -115,6 +115,10 @@ func (e *Etcd) Sessions() []Session {
 	return out
 }
 
+// revokeTimeout bounds Close's revoke: when etcd does not answer, the
+// lease expires by itself after its TTL anyway.
+const revokeTimeout = 2 * time.Second
+
 // Close implements Presence: it revokes the lease, which removes every
 // record of the replica at once.
 func (e *Etcd) Close() error {
@@ -122,7 +126,10 @@ func (e *Etcd) Close() error {
 	if e.lost() {
 		return nil
 	}
-	if err := e.sess.Close(); err != nil {
+	e.sess.Orphan() // stop the keep-alive; the revoke below ends the lease
+	ctx, cancel := context.WithTimeout(context.Background(), revokeTimeout)
+	defer cancel()
+	if _, err := e.client.Revoke(ctx, e.sess.Lease()); err != nil {
 		return fmt.Errorf("cluster: revoke lease: %w", err)
 	}
 	return nil

@@ -236,8 +236,11 @@ func keepService(ps publicService, svc *protocol.Service, ep *protocol.Endpoint)
 // the allocation store too) and forgets their metrics. It is called with
 // no lock held.
 func (g *Gateway) afterWithdraw(agent string, withdrawn []publicService) {
+	// Every socket first: a slow store must not keep ports open.
 	for _, ps := range withdrawn {
 		ps.close()
+	}
+	for _, ps := range withdrawn {
 		b := ps.base()
 		g.ports.retain(agent, b.key, b.port)
 		g.metrics.ForgetService(agent, b.key.ID)

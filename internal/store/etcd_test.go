@@ -92,10 +92,6 @@ func testContention(t *testing.T, cl *testetcd.Cluster, prefix string) {
 	const agents, services, low, high = 20, 3, 20000, 20099
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	type result struct {
-		a   Allocation
-		err error
-	}
 	var mu sync.Mutex
 	var won []Allocation
 	record := func(a Allocation) {
