@@ -321,3 +321,35 @@ func TestPortsFailedTakeOverKeepsRetainedPort(t *testing.T) {
 		t.Fatalf("pg came back on %d (%v), want its retained 10006", port, err)
 	}
 }
+
+// With a shared store, an allocation another replica serves (live in the
+// store) is never evicted here, not even for a full range: only its expiry
+// frees it.
+func TestPortsNeverEvictAnotherReplicasLivePort(t *testing.T) {
+	st := &store.Memory{}
+	ctx := context.Background()
+	other, err := st.Claim(ctx, store.Allocation{Agent: "b", Service: "web", Protocol: protocol.KindTCP, Port: 10001})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, _, evicted := testPorts(10000, 10001, -1, st)
+	p.shared = true
+	if err := p.load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if port, err := p.acquire(ctx, "a", tcp("pg"), bindExcept()); err != nil || port != 10000 {
+		t.Fatalf("pg: %d, %v", port, err)
+	}
+	if _, err := p.acquire(ctx, "a", tcp("redis"), bindExcept()); !errors.Is(err, errNoPort) {
+		t.Fatalf("full range with another replica's live port: %v, want errNoPort", err)
+	}
+	all, _, err := st.List(ctx)
+	if err != nil || len(all) != 2 || len(*evicted) != 0 {
+		t.Fatalf("store holds %+v (%v), evictions %v", all, err, *evicted)
+	}
+	for _, a := range all {
+		if a.Port == other.Port && (a.Agent != "b" || a.Revision != other.Revision) {
+			t.Fatalf("another replica's live port changed: %+v", a)
+		}
+	}
+}

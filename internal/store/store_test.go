@@ -169,3 +169,32 @@ func TestFileProtocolSpelling(t *testing.T) {
 		t.Fatalf("saved state does not spell the protocol \"udp\":\n%s", b)
 	}
 }
+
+// A watcher resuming from further back than the file store keeps events
+// for is told to list again, not given a partial history.
+func TestFileWatchCompacted(t *testing.T) {
+	m := &Memory{}
+	ctx, cancel := context.WithTimeout(context.Background(), conformanceTimeout)
+	defer cancel()
+	for i := range historyLen + 10 {
+		if _, err := m.Claim(ctx, alloc("a", "s", 1+i%1000)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	select {
+	case e := <-m.Watch(ctx, 1):
+		if !errors.Is(e.Err, ErrCompacted) {
+			t.Fatalf("watch from revision 1: %+v, want ErrCompacted", e)
+		}
+	case <-ctx.Done():
+		t.Fatal("no answer from the watch")
+	}
+	_, rev, _ := m.List(ctx)
+	w := m.Watch(ctx, rev)
+	if _, err := m.Claim(ctx, alloc("a", "s", 2000)); err != nil {
+		t.Fatal(err)
+	}
+	if e := next(t, w); e.Alloc.Port != 2000 || e.Revision != rev+1 {
+		t.Fatalf("watch from the listed revision: %+v", e)
+	}
+}
