@@ -10,7 +10,7 @@
 #   VERSION  the version stamped in (default: `git describe --tags --always --dirty`, else "dev")
 #   COMMIT   the commit stamped in (default: `git rev-parse HEAD`, else "unknown")
 #   TAGS     build tags, e.g. nokubernetes for the lean gateway build
-#            (default: none)
+#            (default: none); grpcnotrace is always added (see below)
 #   DIST     output directory (default: dist)
 #
 # Output: DIST/portway_VERSION_GOOS_GOARCH[vGOARM][.exe] and
@@ -33,7 +33,11 @@ failed=()
 for target in "${targets[@]}"; do
 	IFS=/ read -r goos goarch goarm <<<"$target"
 	[[ -n "$goos" && -n "$goarch" ]] || { echo "release.sh: target $target: want GOOS/GOARCH[/GOARM]" >&2; exit 2; }
-	tags="${TAGS-}"
+	# grpcnotrace: the etcd client's gRPC otherwise links
+	# golang.org/x/net/trace and with it html/template, whose reflective
+	# method calls keep every method of every type in the binary (twice
+	# its size).
+	tags="${TAGS:+$TAGS,}grpcnotrace"
 	name="portway_${VERSION}_${goos}_${goarch}${goarm:+v$goarm}"
 	[[ "$goos" == windows ]] && name+=.exe
 	echo "release.sh: $target${tags:+ (tags: $tags)} -> $DIST/$name" >&2

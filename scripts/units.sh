@@ -21,7 +21,7 @@ trap 'rm -rf "$work"' EXIT
 bin="${1:-}"
 if [[ -z "$bin" ]]; then
 	bin="$work/portway"
-	go build -o "$bin" ./cmd/portway
+	go build -tags grpcnotrace -o "$bin" ./cmd/portway
 fi
 bin=$(realpath "$bin")
 

@@ -64,7 +64,7 @@ func (a *app) gatewayCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if cfg.StateFile != "" {
+			if cfg.StateFile != "" && cfg.Cluster == nil { // with a cluster: block, etcd holds them
 				// A gateway that cannot persist its allocations would lose
 				// "same port after restart" silently: refuse to start.
 				if err := (&store.File{Path: cfg.StateFile}).CheckWritable(); err != nil {

@@ -70,6 +70,9 @@ type GatewayFile struct {
 	// connections to public listeners and to the agent endpoint must start
 	// with a PROXY protocol v1 or v2 header; empty: no header is read.
 	ProxyProtocolFrom []string `json:"proxy_protocol_from,omitempty"`
+	// Cluster, when set, shares port allocations with other replicas in
+	// etcd instead of state_file (cluster.go).
+	Cluster *Cluster `json:"cluster,omitempty"`
 
 	// portLow and portHigh are PortRange, parsed by Validate.
 	portLow, portHigh int
@@ -180,7 +183,8 @@ func LoadGatewayWith(path string, getenv func(string) string, override func(*Gat
 }
 
 // applyEnv lets secrets come from the environment: PORTWAY_ADMIN_TOKEN for
-// admin.token, PORTWAY_AGENT_TOKEN_<NAME> for an agent's token.
+// admin.token, PORTWAY_AGENT_TOKEN_<NAME> for an agent's token, and the
+// cluster's (applyClusterEnv).
 func (g *GatewayFile) applyEnv(getenv func(string) string) {
 	if getenv == nil {
 		return
@@ -194,6 +198,7 @@ func (g *GatewayFile) applyEnv(getenv func(string) string) {
 			g.Agents[i].TokenSHA256 = ""
 		}
 	}
+	g.applyClusterEnv(getenv)
 }
 
 // MinTokenLength is the shortest token accepted: tokens are the only thing
@@ -270,6 +275,7 @@ func (g *GatewayFile) Validate() error {
 	p.intRange("udp_queue_bytes", g.UDPQueueBytes, 64<<10, 1<<30)
 	p.intRange("udp_queue_bytes_per_service", g.UDPQueueBytesPerService, 64<<10, 1<<30)
 	p.logLevel("log_level", g.LogLevel)
+	g.validateCluster(&p)
 	return p.err()
 }
 

@@ -25,6 +25,12 @@ type agentState struct {
 	// (the connected-agents gauge).
 	live atomic.Int64
 
+	// regMu serialises the agent's registrations (of every instance) from
+	// end to end, including the allocation store calls and binds made
+	// without mu, so that two sessions of one agent never allocate for it
+	// at once.
+	regMu sync.Mutex
+
 	mu sync.Mutex
 	// instances are the live instances by instance id. A session of an
 	// instance already here replaces the older one's session.
@@ -110,6 +116,26 @@ func (a *agentState) lookup(s *tunnel.Session) *instance {
 		return in
 	}
 	return nil
+}
+
+// liveInstances returns a's live instances, copied under a.mu.
+func (a *agentState) liveInstances() []*instance {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make([]*instance, 0, len(a.instances))
+	for _, in := range a.instances {
+		out = append(out, in)
+	}
+	return out
+}
+
+// replacedBy reports whether the instance id now lives in a session other
+// than s: a reconnect of the same instance took over.
+func (a *agentState) replacedBy(id string, s *tunnel.Session) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	in := a.instances[id]
+	return in != nil && in.sess != s
 }
 
 // detach forgets s if it is still the session of its instance: the
@@ -215,9 +241,9 @@ func wantsAny(in *instance, keys map[protocol.ServiceKey]bool) bool {
 }
 
 // withdraw forgets a's services for which keep is false (every service
-// when keep is nil), keeping their ports retained, and returns them. The
-// caller holds a.mu, and closes the returned services after unlocking
-// (afterWithdraw).
+// when keep is nil) and returns them. The caller holds a.mu, and after
+// unlocking closes the returned services and keeps their ports retained
+// (afterWithdraw), which writes to the allocation store.
 func (g *Gateway) withdraw(a *agentState, keep func(protocol.ServiceKey) bool) []publicService {
 	var out []publicService
 	for k, ps := range a.services {
@@ -225,7 +251,6 @@ func (g *Gateway) withdraw(a *agentState, keep func(protocol.ServiceKey) bool) [
 			continue
 		}
 		ps.base().setHolders(nil)
-		g.ports.retain(a.name, k)
 		delete(a.services, k)
 		out = append(out, ps)
 	}
@@ -261,26 +286,33 @@ func conflicts(spec, svc *protocol.Service) string {
 // the definitions agree and refused for this instance when they conflict.
 // Each service gets an endpoint or an error.
 //
-// Under a.mu it decides, allocates (ports.mu is taken inside) and opens
-// the new services; closing replaced and withdrawn services (which takes
-// a UDP port's udpSessions.mu) and forgetting their metrics happen after
-// unlocking.
+// It runs under a.regMu. Under a.mu it decides what to open; it then
+// allocates (in the allocation store, bounded by the store timeout) and
+// binds without a.mu, and takes a.mu again to install what it opened,
+// unless the instance left meanwhile. Closing replaced and withdrawn
+// services (which takes a UDP port's udpSessions.mu) and forgetting their
+// metrics happen after unlocking.
 func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Register) *protocol.RegisterAck {
 	ack := &protocol.RegisterAck{Seq: reg.Seq, Endpoints: make([]protocol.Endpoint, len(reg.Services))}
+	a.regMu.Lock()
+	defer a.regMu.Unlock()
 	a.mu.Lock()
 	in := a.lookup(sess)
 	if in == nil {
 		a.mu.Unlock()
-		for i, s := range reg.Services {
-			ack.Endpoints[i] = protocol.Endpoint{ID: s.ID, Protocol: s.Protocol, Error: "session replaced"}
-		}
-		return ack
+		return sessionReplaced(ack, reg)
 	}
+	// toOpen is a service that needs a new port: new, or its requested
+	// public port changed (old is then its current service).
+	type toOpen struct {
+		i   int
+		svc protocol.Service
+		pol *sourcePolicy
+		old publicService
+	}
+	var open []toOpen
 	keep := map[protocol.ServiceKey]bool{}
 	ceil := g.conf().Ceiling(a.name)
-	var opened []string
-	var replaced []publicService
-	var moveFailed []string
 	var conflictLogs []func()
 	failed := 0
 	// The quota counts the identity's services: those other instances
@@ -352,13 +384,41 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 			keepService(old, &svc, pol, ep)
 			continue
 		}
-		// New, or its requested public port changed. The old socket
-		// stays open until the new one is bound: on failure the service
-		// keeps its old port and allocation.
-		ps, err := g.openService(a, &svc, pol)
-		if err != nil {
-			if old != nil {
-				keepService(old, &svc, pol, ep)
+		open = append(open, toOpen{i: i, svc: svc, pol: pol, old: old})
+	}
+	a.mu.Unlock()
+
+	// The old socket of a moved service stays open until the new one is
+	// bound: on failure the service keeps its old port and allocation.
+	ctx, cancel := context.WithTimeout(context.Background(), g.storeTimeout)
+	services := make([]publicService, len(open))
+	errs := make([]error, len(open))
+	for j := range open {
+		services[j], errs[j] = g.openService(ctx, a, &open[j].svc, open[j].pol)
+	}
+	cancel()
+
+	a.mu.Lock()
+	if a.lookup(sess) != in {
+		a.mu.Unlock()
+		var orphans []publicService
+		for _, ps := range services {
+			if ps != nil {
+				orphans = append(orphans, ps)
+			}
+		}
+		g.afterWithdraw(a.name, orphans)
+		return sessionReplaced(ack, reg)
+	}
+	var opened []string
+	var replaced []publicService
+	var moveFailed []string
+	for j, o := range open {
+		ep := &ack.Endpoints[o.i]
+		key := o.svc.Key()
+		if err := errs[j]; err != nil {
+			if o.old != nil {
+				keepService(o.old, &o.svc, o.pol, ep)
 				moveFailed = append(moveFailed, fmt.Sprintf("%s: %v", key, err))
 				continue
 			}
@@ -366,9 +426,10 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 			failed++
 			continue
 		}
-		if old != nil {
-			old.base().setHolders(nil)
-			replaced = append(replaced, old)
+		ps := services[j]
+		if o.old != nil {
+			o.old.base().setHolders(nil)
+			replaced = append(replaced, o.old)
 		}
 		ps.base().addHolder(in)
 		in.held[key] = true
@@ -389,8 +450,8 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 	}
 	g.afterWithdraw(a.name, withdrawn)
 	g.retryRefused(a, withdrawn)
-	if len(opened) > 0 || len(withdrawn) > 0 {
-		g.saveState()
+	if len(opened) > 0 {
+		g.metrics.PortAllocations.Set(float64(g.ports.count()))
 	}
 	g.countServices()
 	g.log.Info("agent registered services", "agent", a.name, "instance", in.id, "services", len(reg.Services),
@@ -409,6 +470,15 @@ func (g *Gateway) register(a *agentState, sess *tunnel.Session, reg *protocol.Re
 	return ack
 }
 
+// sessionReplaced answers a registration of a session that is no longer
+// one of the agent's live ones.
+func sessionReplaced(ack *protocol.RegisterAck, reg *protocol.Register) *protocol.RegisterAck {
+	for i, s := range reg.Services {
+		ack.Endpoints[i] = protocol.Endpoint{ID: s.ID, Protocol: s.Protocol, Error: "session replaced"}
+	}
+	return ack
+}
+
 // keepService updates a service that keeps its port to svc, its latest
 // spec, and answers with its endpoint.
 func keepService(ps publicService, svc *protocol.Service, pol *sourcePolicy, ep *protocol.Endpoint) {
@@ -417,34 +487,38 @@ func keepService(ps publicService, svc *protocol.Service, pol *sourcePolicy, ep 
 	ep.PublicPort, ep.Address = b.port, b.endpoint
 }
 
-// afterWithdraw closes withdrawn services and forgets their metrics. It is
-// called with no lock held.
+// afterWithdraw closes withdrawn services, keeps their ports retained (in
+// the allocation store too) and forgets their metrics. It is called with
+// no lock held.
 func (g *Gateway) afterWithdraw(agent string, withdrawn []publicService) {
+	// Every socket first: a slow store must not keep ports open.
 	for _, ps := range withdrawn {
 		ps.close()
-		g.metrics.ForgetService(agent, ps.base().key.ID)
+	}
+	for _, ps := range withdrawn {
+		b := ps.base()
+		g.ports.retain(agent, b.key, b.port)
+		g.metrics.ForgetService(agent, b.key.ID)
 	}
 	if len(withdrawn) > 0 {
-		g.saveState()
+		g.metrics.PortAllocations.Set(float64(g.ports.count()))
 		g.countServices()
 	}
 }
 
-func (g *Gateway) saveState() {
-	if err := g.ports.save(context.Background()); err != nil {
-		g.log.Error("saving port allocations", "err", err)
-	}
-	g.metrics.PortAllocations.Set(float64(g.ports.count()))
-}
-
-// refreshState saves the allocations while any is live: a save stamps live
-// allocations with its time. Without it, a gateway that ran for longer than
-// port_retention without a change and then crashed would come back with
-// stamps old enough to expire the ports of every agent that had not
-// reconnected yet.
+// refreshState stamps the live allocations in the store while any is
+// live. Without it, a gateway that ran for longer than port_retention
+// without a change and then crashed would come back with stamps old
+// enough to expire the ports of every agent that had not reconnected yet,
+// and other replicas would take them for abandoned.
 func (g *Gateway) refreshState() {
-	if g.ports.hasLive() {
-		g.saveState()
+	if !g.ports.hasLive() {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), g.storeTimeout)
+	defer cancel()
+	if err := g.ports.refresh(ctx); err != nil {
+		g.log.Error("refreshing port allocations in the store", "err", err)
 	}
 }
 

@@ -16,30 +16,37 @@
 // owns a *net.TCPListener and relays each connection over a stream of its
 // own; a udpService (udp.go) owns a *net.UDPConn and keeps one session,
 // and one stream, per client address. Both share a serviceBase, which
-// reads its holders (the instances that registered it) without a lock and reaches the Gateway
-// only to read its current configuration. ports (ports.go) allocates and
-// persists public ports and leaves the sockets to its caller.
+// reads its holders (the instances that registered it) without a lock
+// and reaches the Gateway only to read its current configuration. ports
+// (ports.go) allocates public ports in the allocation store and leaves the
+// sockets to its caller; presence.go publishes agent sessions to the other
+// replicas.
 //
 // # Locks
 //
 // The order, outermost first, is:
 //
-//	agentState.mu → ports.mu
-//	ports.saveMu  → ports.mu
+//	agentState.regMu → agentState.mu → ports.mu
 //	Gateway.reloadMu → agentState.mu, Gateway.mu, authLimiter.mu
 //
 // Every other lock is a leaf, never held while taking another of this
-// package's locks: Gateway.mu (the agents map: callers copy what they need
-// and unlock before touching an agent), udpSessions.mu (one public UDP
-// port's clients), sourceTable.mu (one service's per-source counts, access.go)
-// and authLimiter.mu. Nothing here calls out of the
-// package under a lock except into internal/metrics' vectors, the
-// certificate expiry gauge and the listen call of a bind under ports.mu,
-// none of which calls back.
+// package's locks: Gateway.mu (the agents map and the presence: callers
+// copy what they need and unlock before touching an agent), udpSessions.mu
+// (one public UDP port's clients), sourceTable.mu (one service's
+// per-source counts, access.go) and authLimiter.mu. Nothing here calls
+// out of the package under a lock except into internal/metrics' vectors
+// and the certificate expiry gauge, none of which calls back.
 //
-// ports.saveMu orders state saves: it is held from the snapshot to the end
-// of the state file's write, never under agentState.mu, and ports.mu is
-// never held during file I/O.
+// The allocation store (internal/store: a file, or etcd shared with other
+// replicas) and the cluster presence are called with no lock held but
+// agentState.regMu, which serialises one agent's registrations end to end
+// and is taken by nothing else: a registration decides under
+// agentState.mu, claims and binds without it (ports.mu is taken only
+// around the decisions, never during a store call or a bind), and takes
+// agentState.mu again to install what it opened. Store writes decided
+// under ports.mu (withdrawals, evictions, expiries) are collected there
+// and made after it is released, each compared by the revision it was
+// decided on.
 //
 // Gateway.reloadMu serialises reloads' changes and is taken by nothing
 // else; a reload reads its files before taking it and logs after
@@ -52,7 +59,7 @@
 // under agentState.mu, its spec an atomic pointer, and each instance's
 // count of open connections an atomic counter. A new connection or UDP
 // session goes to the holder with the fewest open ones (ties in turn). Closing
-// listeners and UDP sessions, forgetting metrics and saving state happen
+// listeners and UDP sessions, forgetting metrics and store writes happen
 // after unlocking: register, detach and shutdownAgent collect what to close
 // under agentState.mu and close it afterwards. The liveness check
 // (/healthz) takes Gateway.mu, each agentState.mu and ports.mu with a
@@ -79,7 +86,9 @@ import (
 
 	"github.com/gorilla/websocket"
 	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/portway/portway/internal/cluster"
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/metrics"
 	"github.com/portway/portway/internal/protocol"
@@ -95,7 +104,8 @@ type Options struct {
 	// /metrics. Both default to a new registry.
 	Registry prometheus.Registerer
 	Gatherer prometheus.Gatherer
-	// Store overrides the state store chosen by Config.StateFile.
+	// Store overrides the allocation store chosen by Config (the state
+	// file, or etcd with a cluster: block).
 	Store   store.Store
 	Version string
 }
@@ -136,12 +146,19 @@ type Gateway struct {
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 	done      chan struct{}
-	// stateRefresh is how often live allocations are saved again
-	// (refreshState).
+	// stateRefresh is how often live allocations are stamped again in
+	// the store (refreshState).
 	stateRefresh time.Duration
 	// hdrTimeout bounds the wait for a PROXY protocol header from a
 	// proxy_protocol_from source (proxyHeaderTimeout; shorter in tests).
 	hdrTimeout time.Duration
+	// storeTimeout bounds the store calls of one registration.
+	storeTimeout time.Duration
+	// etcd is the cluster's etcd client (nil without a cluster: block),
+	// closed by Close; presence publishes this replica's agent sessions
+	// (cluster.Noop without one).
+	etcd     *clientv3.Client
+	presence cluster.Presence
 }
 
 // agentToken is one accepted token of an agent: an agent in the middle of
@@ -170,13 +187,22 @@ func New(o Options) (*Gateway, error) {
 		r := prometheus.NewRegistry()
 		reg, gath = r, r
 	}
+	retention := store.Options{Retention: cfg.PortRetention.Duration}
 	st := o.Store
-	if st == nil {
-		if cfg.StateFile == "" {
-			st = &store.Memory{}
-		} else {
-			st = &store.File{Path: cfg.StateFile}
+	var etcd *clientv3.Client
+	if cfg.Cluster != nil {
+		var err error
+		if etcd, err = cluster.NewEtcdClient(cfg.Cluster); err != nil {
+			return nil, fmt.Errorf("gateway: %w", err)
 		}
+		if st == nil {
+			st = store.NewEtcd(etcd, cfg.Cluster.Etcd.Prefix, retention)
+		}
+	}
+	if st == nil {
+		st = &store.File{Path: cfg.StateFile, Options: retention, OnWriteError: func(err error) {
+			log.Error("saving port allocations; they are kept in memory", "state_file", cfg.StateFile, "err", err)
+		}}
 	}
 	low, high := cfg.PortBounds()
 	g := &Gateway{
@@ -193,7 +219,16 @@ func New(o Options) (*Gateway, error) {
 		done:         make(chan struct{}),
 		stateRefresh: stateRefreshInterval(cfg.PortRetention.Duration),
 		hdrTimeout:   proxyHeaderTimeout,
+		storeTimeout: storeTimeout,
+		etcd:         etcd,
+		presence:     cluster.Noop{},
 	}
+	if cfg.Cluster != nil {
+		g.storeTimeout = cfg.Cluster.Etcd.RequestTimeout.Duration
+		g.ports.shared = true
+	}
+	g.ports.log = log
+	g.ports.timeout = g.storeTimeout
 	g.live.Store(newLive(cfg))
 	if cfg.TLS != nil {
 		g.certNotAfter = metrics.NewCertificateExpiry(reg)
@@ -206,7 +241,10 @@ func New(o Options) (*Gateway, error) {
 // Start loads the state, binds the agent endpoint (and the admin server)
 // and serves them in the background.
 func (g *Gateway) Start(ctx context.Context) error {
-	if err := g.ports.load(ctx); err != nil {
+	lctx, cancel := context.WithTimeout(ctx, g.storeTimeout)
+	err := g.ports.load(lctx)
+	cancel()
+	if err != nil {
 		return fmt.Errorf("gateway: load state: %w", err)
 	}
 	g.metrics.PortAllocations.Set(float64(g.ports.count()))
@@ -249,6 +287,10 @@ func (g *Gateway) Start(ctx context.Context) error {
 	}
 	if g.cfg.PortRetention.Duration > 0 {
 		g.every(g.stateRefresh, g.refreshState)
+	}
+	if err := g.joinCluster(ctx); err != nil {
+		g.Close()
+		return err
 	}
 	g.ready.Store(true)
 	scheme := "wss"
@@ -327,10 +369,8 @@ func (g *Gateway) Close() {
 		for _, a := range g.agentList() {
 			g.shutdownAgent(a)
 		}
-		if err := g.ports.save(context.Background()); err != nil {
-			g.log.Error("saving port allocations", "err", err)
-		}
 		g.wg.Wait()
+		g.leaveCluster()
 	})
 }
 
@@ -471,6 +511,8 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 	g.updateConnected()
 	g.log.Info("agent connected", "agent", a.name, "instance", in.id, "remote", remote,
 		"protocol", sess.Protocol(), "instances", a.live.Load())
+	g.publishSession(a.name, in.id, sess)
+	defer g.withdrawSession(a.name, in.id, sess)
 
 	shutdown := g.done
 	// A reload may have removed the token between authentication and

@@ -55,13 +55,13 @@ func TestAuthLimiterBoundedMemory(t *testing.T) {
 
 // bindExcept binds every port but the busy ones.
 func bindExcept(busy ...int) bindFunc {
-	return func(port int) error {
+	return func(port int) (func(), error) {
 		for _, b := range busy {
 			if b == port {
-				return fmt.Errorf("listen: %w", syscall.EADDRINUSE)
+				return nil, fmt.Errorf("listen: %w", syscall.EADDRINUSE)
 			}
 		}
-		return nil
+		return func() {}, nil
 	}
 }
 
@@ -73,51 +73,48 @@ func TestPortsPreferenceRetentionAndOwnership(t *testing.T) {
 	svc := func(id string, port int) *protocol.Service {
 		return &protocol.Service{ID: id, Protocol: protocol.KindTCP, Port: port}
 	}
-	if port, err := p.acquire("a", svc("pg", 5), bindExcept()); err != nil || port != 10005 {
+	if port, err := p.acquire(context.Background(), "a", svc("pg", 5), bindExcept()); err != nil || port != 10005 {
 		t.Fatalf("preferred port: %d %v", port, err)
 	}
 	// Busy on the host: skipped.
-	if port, err := p.acquire("a", svc("web", 6), bindExcept(10006)); err != nil || port != 10007 {
+	if port, err := p.acquire(context.Background(), "a", svc("web", 6), bindExcept(10006)); err != nil || port != 10007 {
 		t.Fatalf("busy port not skipped: %d %v", port, err)
 	}
 	// Another agent wanting 10005 gets another port, and may not ask for it.
-	if port, _ := p.acquire("b", svc("pg", 5), bindExcept()); port == 10005 {
+	if port, _ := p.acquire(context.Background(), "b", svc("pg", 5), bindExcept()); port == 10005 {
 		t.Fatal("agent b got agent a's port")
 	}
 	exact := &protocol.Service{ID: "x", Protocol: protocol.KindTCP, Port: 1, PublicPort: 10005}
-	if _, err := p.acquire("b", exact, bindExcept()); err == nil {
+	if _, err := p.acquire(context.Background(), "b", exact, bindExcept()); err == nil {
 		t.Fatal("agent b took agent a's port by asking for it")
 	}
 	// Withdrawn: retained for a, not given to b, and back the same for a.
-	p.retain("a", protocol.ServiceKey{ID: "pg", Kind: protocol.KindTCP})
-	if port, _ := p.acquire("b", svc("other", 5), bindExcept()); port == 10005 {
+	p.retain("a", protocol.ServiceKey{ID: "pg", Kind: protocol.KindTCP}, 10005)
+	if port, _ := p.acquire(context.Background(), "b", svc("other", 5), bindExcept()); port == 10005 {
 		t.Fatal("retained port given away")
 	}
-	if port, _ := p.acquire("a", svc("pg", 5), bindExcept()); port != 10005 {
+	if port, _ := p.acquire(context.Background(), "a", svc("pg", 5), bindExcept()); port != 10005 {
 		t.Fatalf("service came back on %d, want 10005", port)
 	}
 	// After the retention period a withdrawn port is free again.
-	p.retain("a", protocol.ServiceKey{ID: "pg", Kind: protocol.KindTCP})
+	p.retain("a", protocol.ServiceKey{ID: "pg", Kind: protocol.KindTCP}, 10005)
 	clk.t = clk.t.Add(2 * time.Hour)
-	if port, _ := p.acquire("c", svc("pg", 5), bindExcept()); port != 10005 {
+	if port, _ := p.acquire(context.Background(), "c", svc("pg", 5), bindExcept()); port != 10005 {
 		t.Fatalf("expired port not reused: got %d", port)
 	}
 	// Persisted and reloaded.
-	if err := p.save(context.Background()); err != nil {
-		t.Fatal(err)
-	}
 	q := newPorts(10000, 10010, time.Hour, st)
 	if err := q.load(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	if port, _ := q.acquire("c", svc("pg", 5), bindExcept()); port != 10005 {
+	if port, _ := q.acquire(context.Background(), "c", svc("pg", 5), bindExcept()); port != 10005 {
 		t.Fatalf("after reload: %d", port)
 	}
 	// Exhaustion is an error, not a hang.
 	small := newPorts(10000, 10001, time.Hour, &store.Memory{})
-	small.acquire("a", svc("1", 1), bindExcept())
-	small.acquire("a", svc("2", 2), bindExcept())
-	if _, err := small.acquire("a", svc("3", 3), bindExcept()); !errors.Is(err, errNoPort) {
+	small.acquire(context.Background(), "a", svc("1", 1), bindExcept())
+	small.acquire(context.Background(), "a", svc("2", 2), bindExcept())
+	if _, err := small.acquire(context.Background(), "a", svc("3", 3), bindExcept()); !errors.Is(err, errNoPort) {
 		t.Fatalf("full range: %v", err)
 	}
 }

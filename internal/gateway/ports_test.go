@@ -2,12 +2,12 @@ package gateway
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
-	"sync"
 	"testing"
 	"time"
 
@@ -42,6 +42,28 @@ func tcpKey(id string) protocol.ServiceKey {
 	return protocol.ServiceKey{ID: id, Kind: protocol.KindTCP}
 }
 
+// retainKey withdraws an agent's service, wherever its port is.
+func retainKey(p *ports, agent string, svc protocol.ServiceKey) {
+	p.mu.Lock()
+	a := p.byKey[allocKey{agent, svc}]
+	p.mu.Unlock()
+	if a != nil {
+		p.retain(agent, svc, a.port)
+	}
+}
+
+// writeState writes a state file as an earlier build did.
+func writeState(t *testing.T, path string, allocs []store.Allocation) {
+	t.Helper()
+	b, err := json.Marshal(map[string]any{"version": 1, "allocations": allocs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // held counts an agent's allocations: live and retained.
 func held(p *ports, agent string) (live, retained int) {
 	p.mu.Lock()
@@ -65,11 +87,11 @@ func churn(t *testing.T, p *ports, clk *fakeClock, agent string, n int) {
 	for i := 0; i < n; i++ {
 		clk.t = clk.t.Add(time.Second)
 		id := fmt.Sprintf("churn-%03d", i)
-		if _, err := p.acquire(agent, tcp(id), bindExcept()); err != nil {
+		if _, err := p.acquire(context.Background(), agent, tcp(id), bindExcept()); err != nil {
 			t.Fatalf("%s: %s: %v", agent, id, err)
 		}
 		if prev != "" {
-			p.retain(agent, tcpKey(prev))
+			retainKey(p, agent, tcpKey(prev))
 		}
 		prev = id
 	}
@@ -95,7 +117,7 @@ func TestPortsRetainedCapStopsChurn(t *testing.T) {
 	}
 	// The other agent gets the rest of the range without evicting anyone.
 	for i := 0; i < 6; i++ {
-		if _, err := p.acquire("other", tcp(fmt.Sprintf("svc-%d", i)), bindExcept()); err != nil {
+		if _, err := p.acquire(context.Background(), "other", tcp(fmt.Sprintf("svc-%d", i)), bindExcept()); err != nil {
 			t.Fatalf("other agent's service %d: %v", i, err)
 		}
 	}
@@ -111,14 +133,14 @@ func TestPortsRangeFullEvictsOldestRetained(t *testing.T) {
 	step := func() { clk.t = clk.t.Add(time.Second) }
 	for _, s := range []struct{ agent, id string }{{"a", "a1"}, {"c", "c1"}, {"a", "a2"}, {"b", "b1"}} {
 		step()
-		if _, err := p.acquire(s.agent, tcp(s.id), bindExcept()); err != nil {
+		if _, err := p.acquire(context.Background(), s.agent, tcp(s.id), bindExcept()); err != nil {
 			t.Fatal(err)
 		}
 	}
 	// Retained, oldest first: a1, c1, a2; b1 stays live.
 	for _, s := range []struct{ agent, id string }{{"a", "a1"}, {"c", "c1"}, {"a", "a2"}} {
 		step()
-		p.retain(s.agent, tcpKey(s.id))
+		retainKey(p, s.agent, tcpKey(s.id))
 	}
 	want := map[string]int{}
 	p.mu.Lock()
@@ -129,24 +151,24 @@ func TestPortsRangeFullEvictsOldestRetained(t *testing.T) {
 
 	// b has nothing retained: the oldest of anyone's, a1, makes room.
 	step()
-	if port, err := p.acquire("b", tcp("b2"), bindExcept()); err != nil || port != want["a1"] {
+	if port, err := p.acquire(context.Background(), "b", tcp("b2"), bindExcept()); err != nil || port != want["a1"] {
 		t.Fatalf("b2 got %d (%v), want a1's %d", port, err, want["a1"])
 	}
 	// a has a2 retained: its own goes before c's older c1.
 	step()
-	if port, err := p.acquire("a", tcp("a3"), bindExcept()); err != nil || port != want["a2"] {
+	if port, err := p.acquire(context.Background(), "a", tcp("a3"), bindExcept()); err != nil || port != want["a2"] {
 		t.Fatalf("a3 got %d (%v), want a's own a2's %d", port, err, want["a2"])
 	}
 	// c1's port held by another process: c1 is not evicted for nothing.
 	step()
-	if _, err := p.acquire("b", tcp("b3"), bindExcept(want["c1"])); !errors.Is(err, errNoPort) {
+	if _, err := p.acquire(context.Background(), "b", tcp("b3"), bindExcept(want["c1"])); !errors.Is(err, errNoPort) {
 		t.Fatalf("b3 with c1's port busy on the host: %v, want errNoPort", err)
 	}
-	if port, err := p.acquire("b", tcp("b3"), bindExcept()); err != nil || port != want["c1"] {
+	if port, err := p.acquire(context.Background(), "b", tcp("b3"), bindExcept()); err != nil || port != want["c1"] {
 		t.Fatalf("b3 got %d (%v), want c1's %d", port, err, want["c1"])
 	}
 	// Everything live: refused.
-	if _, err := p.acquire("b", tcp("b4"), bindExcept()); !errors.Is(err, errNoPort) {
+	if _, err := p.acquire(context.Background(), "b", tcp("b4"), bindExcept()); !errors.Is(err, errNoPort) {
 		t.Fatalf("full range, nothing retained: %v, want errNoPort", err)
 	}
 	var got []string
@@ -167,13 +189,13 @@ func TestPortsRangeFullEvictsOldestRetained(t *testing.T) {
 func TestPortsReconnectKeepsPortsAtTheCap(t *testing.T) {
 	p, clk, evicted := testPorts(10000, 10099, 3, &store.Memory{})
 	churn(t, p, clk, "a", 4) // three old ids retained: at the cap
-	p.retain("a", tcpKey("churn-003"))
+	retainKey(p, "a", tcpKey("churn-003"))
 	*evicted = nil
 
 	ports := map[string]int{}
 	for _, id := range []string{"x", "y", "z"} {
 		clk.t = clk.t.Add(time.Second)
-		port, err := p.acquire("a", tcp(id), bindExcept())
+		port, err := p.acquire(context.Background(), "a", tcp(id), bindExcept())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -181,10 +203,10 @@ func TestPortsReconnectKeepsPortsAtTheCap(t *testing.T) {
 	}
 	clk.t = clk.t.Add(time.Second)
 	for _, id := range []string{"x", "y", "z"} { // the session drops
-		p.retain("a", tcpKey(id))
+		retainKey(p, "a", tcpKey(id))
 	}
 	for _, id := range []string{"x", "y", "z"} { // and comes back
-		if port, err := p.acquire("a", tcp(id), bindExcept()); err != nil || port != ports[id] {
+		if port, err := p.acquire(context.Background(), "a", tcp(id), bindExcept()); err != nil || port != ports[id] {
 			t.Errorf("%s came back on %d (%v), want %d", id, port, err, ports[id])
 		}
 	}
@@ -205,10 +227,7 @@ func TestPortsRetainedCapAfterReload(t *testing.T) {
 	st := &store.Memory{}
 	p, clk, _ := testPorts(10000, 10099, -1, st) // an older build: no cap
 	churn(t, p, clk, "a", 10)
-	p.retain("a", tcpKey("churn-009"))
-	if err := p.save(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	retainKey(p, "a", tcpKey("churn-009"))
 	q, _, evicted := testPorts(10000, 10099, 4, st)
 	if err := q.load(context.Background()); err != nil {
 		t.Fatal(err)
@@ -230,7 +249,7 @@ func TestPortsRetainedCapAfterReload(t *testing.T) {
 	if kept == nil {
 		t.Fatal("the newest allocation was evicted")
 	}
-	if port, err := q.acquire("a", tcp("churn-009"), bindExcept()); err != nil || port != kept.port {
+	if port, err := q.acquire(context.Background(), "a", tcp("churn-009"), bindExcept()); err != nil || port != kept.port {
 		t.Errorf("churn-009 came back on %d (%v), want %d", port, err, kept.port)
 	}
 }
@@ -244,9 +263,7 @@ func TestGatewayEnforcesRetainedCapOnStart(t *testing.T) {
 		allocs = append(allocs, store.Allocation{Agent: "a", Service: fmt.Sprintf("s%d", i), Protocol: protocol.KindTCP,
 			Port: 10000 + i, LastUsed: time.Now().Add(time.Duration(i-20) * time.Minute).UTC().Truncate(time.Second)})
 	}
-	if err := (&store.File{Path: path}).Save(context.Background(), allocs); err != nil {
-		t.Fatal(err)
-	}
+	writeState(t, path, allocs)
 	cfg := config.DefaultGateway()
 	cfg.Listen, cfg.BindAddress, cfg.Insecure, cfg.StateFile = "127.0.0.1:0", "127.0.0.1", true, path
 	cfg.PortRange, cfg.MaxServices = "10000-10099", 2
@@ -284,106 +301,6 @@ func TestGatewayEnforcesRetainedCapOnStart(t *testing.T) {
 	}
 }
 
-// recordingStore records every saved snapshot. The first Save waits (up to
-// a bound) until a later Save has been recorded: an unordered save lets the
-// older snapshot land last there, an ordered one cannot get there.
-type recordingStore struct {
-	mu      sync.Mutex
-	writes  [][]store.Allocation
-	calls   int
-	entered chan struct{}
-}
-
-func (s *recordingStore) Load(context.Context) ([]store.Allocation, error) { return nil, nil }
-
-func (s *recordingStore) Save(_ context.Context, a []store.Allocation) error {
-	s.mu.Lock()
-	s.calls++
-	n := s.calls
-	s.mu.Unlock()
-	if n == 1 {
-		select {
-		case <-s.entered:
-		case <-time.After(300 * time.Millisecond):
-		}
-	} else {
-		// Writes of uneven length, as on a real disk: an unordered save
-		// lets a stale snapshot finish last.
-		time.Sleep(time.Duration(n%4) * time.Millisecond)
-	}
-	s.mu.Lock()
-	s.writes = append(s.writes, append([]store.Allocation(nil), a...))
-	s.mu.Unlock()
-	if n > 1 {
-		select {
-		case s.entered <- struct{}{}: // the first Save may finish now
-		default:
-		}
-	}
-	return nil
-}
-
-func (s *recordingStore) last() []store.Allocation {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if len(s.writes) == 0 {
-		return nil
-	}
-	return s.writes[len(s.writes)-1]
-}
-
-// Two saves racing: the one whose snapshot is newer must be written last.
-func TestPortsSaveNeverWritesAnOlderSnapshotLast(t *testing.T) {
-	st := &recordingStore{entered: make(chan struct{})}
-	p, _, _ := testPorts(10000, 10099, -1, st)
-	p.acquire("a", tcp("one"), bindExcept())
-	first := make(chan error, 1)
-	go func() { first <- p.save(context.Background()) }() // snapshot: one
-	for {
-		st.mu.Lock()
-		started := st.calls > 0
-		st.mu.Unlock()
-		if started {
-			break
-		}
-		time.Sleep(time.Millisecond)
-	}
-	p.acquire("a", tcp("two"), bindExcept())
-	if err := p.save(context.Background()); err != nil { // snapshot: one, two
-		t.Fatal(err)
-	}
-	if err := <-first; err != nil {
-		t.Fatal(err)
-	}
-	if got, want := st.last(), p.snapshot(); !reflect.DeepEqual(got, want) {
-		t.Fatalf("last write %v, want the final state %v", got, want)
-	}
-}
-
-// Many registrations saving at once: the last write is the final state.
-func TestPortsConcurrentSavesEndWithFinalState(t *testing.T) {
-	st := &recordingStore{entered: make(chan struct{})}
-	p, _, _ := testPorts(10000, 10099, -1, st)
-	var wg sync.WaitGroup
-	for i := 0; i < 16; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for j := 0; j < 4; j++ {
-				p.acquire("a", tcp(fmt.Sprintf("s%d-%d", i, j)), bindExcept())
-				if err := p.save(context.Background()); err != nil {
-					t.Error(err)
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	got, want := st.last(), p.snapshot()
-	if len(want) != 64 || !reflect.DeepEqual(got, want) {
-		t.Fatalf("last write holds %d allocations, final state %d: they differ", len(got), len(want))
-	}
-}
-
 // A service asking for its agent's retained port takes it over only once
 // the port is bound: when the bind fails, the retained allocation stays
 // with the service that left it.
@@ -392,15 +309,47 @@ func TestPortsFailedTakeOverKeepsRetainedPort(t *testing.T) {
 	// 10005 is busy at first, so pg's port is one it would not get again
 	// by preference.
 	pg := &protocol.Service{ID: "pg", Protocol: protocol.KindTCP, Port: 5}
-	if port, err := p.acquire("a", pg, bindExcept(10005)); err != nil || port != 10006 {
+	if port, err := p.acquire(context.Background(), "a", pg, bindExcept(10005)); err != nil || port != 10006 {
 		t.Fatalf("pg: %d %v", port, err)
 	}
-	p.retain("a", pg.Key())
+	retainKey(p, "a", pg.Key())
 	other := &protocol.Service{ID: "other", Protocol: protocol.KindTCP, Port: 1, PublicPort: 10006}
-	if _, err := p.acquire("a", other, bindExcept(10006)); err == nil {
+	if _, err := p.acquire(context.Background(), "a", other, bindExcept(10006)); err == nil {
 		t.Fatal("took over a port that could not be bound")
 	}
-	if port, err := p.acquire("a", pg, bindExcept()); err != nil || port != 10006 {
+	if port, err := p.acquire(context.Background(), "a", pg, bindExcept()); err != nil || port != 10006 {
 		t.Fatalf("pg came back on %d (%v), want its retained 10006", port, err)
+	}
+}
+
+// With a shared store, an allocation another replica serves (live in the
+// store) is never evicted here, not even for a full range: only its expiry
+// frees it.
+func TestPortsNeverEvictAnotherReplicasLivePort(t *testing.T) {
+	st := &store.Memory{}
+	ctx := context.Background()
+	other, err := st.Claim(ctx, store.Allocation{Agent: "b", Service: "web", Protocol: protocol.KindTCP, Port: 10001})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, _, evicted := testPorts(10000, 10001, -1, st)
+	p.shared = true
+	if err := p.load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if port, err := p.acquire(ctx, "a", tcp("pg"), bindExcept()); err != nil || port != 10000 {
+		t.Fatalf("pg: %d, %v", port, err)
+	}
+	if _, err := p.acquire(ctx, "a", tcp("redis"), bindExcept()); !errors.Is(err, errNoPort) {
+		t.Fatalf("full range with another replica's live port: %v, want errNoPort", err)
+	}
+	all, _, err := st.List(ctx)
+	if err != nil || len(all) != 2 || len(*evicted) != 0 {
+		t.Fatalf("store holds %+v (%v), evictions %v", all, err, *evicted)
+	}
+	for _, a := range all {
+		if a.Port == other.Port && (a.Agent != "b" || a.Revision != other.Revision) {
+			t.Fatalf("another replica's live port changed: %+v", a)
+		}
 	}
 }

@@ -28,7 +28,7 @@ func TestLiveAllocationsAreStampedPeriodically(t *testing.T) {
 	cfg.Insecure = true
 	cfg.PortRetention = config.D(time.Hour)
 	cfg.Agents = []config.AgentIdentity{{Name: "agent-a", Token: testToken}}
-	st := &store.Memory{}
+	st := &store.Memory{Options: store.Options{Now: func() time.Time { return now().UTC() }}}
 	log, _ := testlog.New(t, "gateway")
 	g, err := New(Options{Config: cfg, Logger: log, Store: st})
 	if err != nil {
@@ -53,7 +53,7 @@ func TestLiveAllocationsAreStampedPeriodically(t *testing.T) {
 	later := start.Add(2 * time.Hour)
 	clock.Store(later.UnixNano())
 	testwait.For(t, 10*time.Second, "the live allocation to be saved again", func() bool {
-		allocs, _ := st.Load(context.Background())
+		allocs, _, _ := st.List(context.Background())
 		return len(allocs) == 1 && !allocs[0].LastUsed.Before(later.Truncate(time.Second))
 	})
 

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"reflect"
 	"slices"
 	"time"
 
@@ -191,6 +192,7 @@ func restartKeys(old, cur *config.GatewayFile) []string {
 	add("admin.listen", old.Admin.Listen != cur.Admin.Listen)
 	add("handshake_timeout", old.HandshakeTimeout.Duration != cur.HandshakeTimeout.Duration)
 	add("port_retention", old.PortRetention.Duration != cur.PortRetention.Duration)
+	add("cluster", !reflect.DeepEqual(old.Cluster, cur.Cluster))
 	return keys
 }
 

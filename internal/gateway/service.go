@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -234,12 +235,12 @@ func (b *serviceBase) refuse(reason metrics.Reason) {
 // too many unacknowledged opens).
 const openTimeout = 10 * time.Second
 
-// openService allocates svc's public port, binds it and starts serving it. The
-// caller holds a.mu (ports.mu is taken inside, and the bind happens under
-// it).
-func (g *Gateway) openService(a *agentState, svc *protocol.Service, pol *sourcePolicy) (publicService, error) {
+// openService allocates svc's public port, binds it and starts serving it.
+// The caller holds a.regMu but not a.mu: the allocation calls the store,
+// bounded by ctx.
+func (g *Gateway) openService(ctx context.Context, a *agentState, svc *protocol.Service, pol *sourcePolicy) (publicService, error) {
 	if svc.Key().Kind == protocol.KindUDP {
-		port, conn, err := bindPort(g.ports, a.name, svc, g.listenUDP)
+		port, conn, err := bindPort(ctx, g.ports, a.name, svc, g.listenUDP)
 		if err != nil {
 			return nil, err
 		}
@@ -254,7 +255,7 @@ func (g *Gateway) openService(a *agentState, svc *protocol.Service, pol *sourceP
 		go s.serve()
 		return s, nil
 	}
-	port, ln, err := bindPort(g.ports, a.name, svc, g.listenTCP)
+	port, ln, err := bindPort(ctx, g.ports, a.name, svc, g.listenTCP)
 	if err != nil {
 		return nil, err
 	}
@@ -289,12 +290,16 @@ func (b *serviceBase) setSpec(svc *protocol.Service, pol *sourcePolicy) {
 
 // bindPort acquires a public port for svc from p, opening it with listen,
 // and returns the port with its open socket.
-func bindPort[L any](p *ports, agent string, svc *protocol.Service, listen func(port int) (L, error)) (int, L, error) {
+func bindPort[L io.Closer](ctx context.Context, p *ports, agent string, svc *protocol.Service, listen func(port int) (L, error)) (int, L, error) {
 	var l L
-	port, err := p.acquire(agent, svc, func(port int) error {
+	port, err := p.acquire(ctx, agent, svc, func(port int) (func(), error) {
 		var err error
 		l, err = listen(port)
-		return err
+		if err != nil {
+			return nil, err
+		}
+		sock := l
+		return func() { sock.Close() }, nil
 	})
 	if err != nil {
 		var zero L

@@ -1,0 +1,155 @@
+package gateway
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/portway/portway/internal/cluster"
+	"github.com/portway/portway/internal/tunnel"
+)
+
+// rejoinInterval is how often a replica that lost its lease tries to
+// join again.
+const rejoinInterval = 2 * time.Second
+
+// joinCluster publishes this replica's presence when a cluster: block
+// exists, and watches its lease: a replica that loses it says so and joins
+// again once etcd answers, publishing the sessions it still holds.
+func (g *Gateway) joinCluster(ctx context.Context) error {
+	c := g.cfg.Cluster
+	if c == nil || g.etcd == nil {
+		return nil
+	}
+	jctx, cancel := context.WithTimeout(ctx, c.Etcd.RequestTimeout.Duration)
+	p, err := g.join(jctx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("gateway: join the cluster in etcd %v: %w", c.Etcd.Endpoints, err)
+	}
+	g.setPresence(p)
+	g.wg.Add(1)
+	go g.keepPresence(p)
+	return nil
+}
+
+func (g *Gateway) join(ctx context.Context) (*cluster.Etcd, error) {
+	c := g.cfg.Cluster
+	self := cluster.Replica{ID: c.ReplicaID, Advertise: c.Advertise}
+	return cluster.Join(ctx, g.etcd, c.Etcd.Prefix, self, c.Etcd.LeaseTTL.Duration)
+}
+
+// keepPresence waits for the lease to be lost, then rejoins until it
+// succeeds or the gateway closes, republishing the live sessions.
+func (g *Gateway) keepPresence(p *cluster.Etcd) {
+	defer g.wg.Done()
+	for {
+		select {
+		case <-g.done:
+			return
+		case <-p.Lost():
+		}
+		g.log.Error("lost this replica's lease in etcd: the other replicas no longer see its agent sessions; rejoining",
+			"replica", g.cfg.Cluster.ReplicaID)
+		t := time.NewTicker(rejoinInterval)
+		for {
+			select {
+			case <-g.done:
+				t.Stop()
+				return
+			case <-t.C:
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), g.cfg.Cluster.Etcd.RequestTimeout.Duration)
+			np, err := g.join(ctx)
+			cancel()
+			if err != nil {
+				continue
+			}
+			g.setPresence(np)
+			g.republish(np)
+			p = np
+			g.log.Info("rejoined the cluster in etcd", "replica", g.cfg.Cluster.ReplicaID)
+			break
+		}
+		t.Stop()
+	}
+}
+
+func (g *Gateway) setPresence(p cluster.Presence) {
+	g.mu.Lock()
+	g.presence = p
+	g.mu.Unlock()
+}
+
+func (g *Gateway) currentPresence() cluster.Presence {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.presence
+}
+
+// republish publishes every live agent session again, after a rejoin.
+func (g *Gateway) republish(p cluster.Presence) {
+	for _, a := range g.agentList() {
+		for _, in := range a.liveInstances() {
+			ctx, cancel := context.WithTimeout(context.Background(), g.cfg.Cluster.Etcd.RequestTimeout.Duration)
+			err := p.AddSession(ctx, cluster.Session{Agent: a.name, Instance: in.id, Protocol: in.sess.Protocol()})
+			cancel()
+			if err != nil {
+				g.log.Warn("republishing an agent session in etcd", "agent", a.name, "instance", in.id, "err", err)
+			}
+		}
+	}
+}
+
+// publishSession records an agent session in the cluster's presence. It
+// is called with no lock held.
+func (g *Gateway) publishSession(agent, instance string, sess *tunnel.Session) {
+	p := g.currentPresence()
+	if _, noop := p.(cluster.Noop); noop {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), g.storeTimeout)
+	defer cancel()
+	if err := p.AddSession(ctx, cluster.Session{Agent: agent, Instance: instance, Protocol: sess.Protocol()}); err != nil {
+		g.log.Warn("publishing an agent session in etcd", "agent", agent, "instance", instance, "err", err)
+	}
+}
+
+// withdrawSession removes an ended session from the presence, unless a
+// newer session of the same instance took over (it published the same
+// record).
+func (g *Gateway) withdrawSession(agent, instance string, sess *tunnel.Session) {
+	p := g.currentPresence()
+	if _, noop := p.(cluster.Noop); noop {
+		return
+	}
+	if a := g.agentNamed(agent); a != nil && a.replacedBy(instance, sess) {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), g.storeTimeout)
+	defer cancel()
+	if err := p.RemoveSession(ctx, cluster.Session{Agent: agent, Instance: instance}); err != nil {
+		g.log.Warn("withdrawing an agent session from etcd", "agent", agent, "instance", instance, "err", err)
+	}
+}
+
+// agentNamed returns the agent's state, or nil.
+func (g *Gateway) agentNamed(name string) *agentState {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.agents[name]
+}
+
+// leaveCluster withdraws this replica's presence (its lease) and closes
+// the etcd client, after every session ended.
+func (g *Gateway) leaveCluster() {
+	if err := g.currentPresence().Close(); err != nil {
+		g.log.Warn("leaving the cluster", "err", err)
+	}
+	if err := g.ports.st.Close(); err != nil {
+		g.log.Warn("closing the allocation store", "err", err)
+	}
+	if g.etcd != nil {
+		g.etcd.Close()
+	}
+}
