@@ -37,8 +37,6 @@ func echoStreams(in *tunnel.Incoming) {
 	}
 }
 
-}
-
 // A gateway with a cluster: block keeps its allocations in etcd and its
 // agent sessions in the presence records. When etcd loses quorum, the
 // ports it serves keep working, a reconnecting agent keeps its port, a new
