@@ -211,7 +211,7 @@ func New(o Options) (*Gateway, error) {
 		metrics:      metrics.NewGateway(reg),
 		gatherer:     gath,
 		version:      o.Version,
-		replica:      replicaID(),
+		replica:      replicaID(cfg.Cluster),
 		ports:        newPorts(low, high, cfg.PortRetention.Duration, st),
 		limiter:      newAuthLimiter(cfg.AuthFailuresPerMinute, time.Minute),
 		agents:       map[string]*agentState{},
@@ -617,12 +617,16 @@ func (g *Gateway) updateConnected() {
 	g.metrics.AgentsConnected.Set(float64(n))
 }
 
-// replicaID names this gateway process for the agents' hello: the host
-// name and a random suffix drawn at start, so two gateway processes on one
-// host (or two containers with one host name) are told apart, and an agent
-// holding sessions to several replicas can notice two sessions that
-// reached the same one.
-func replicaID() string {
+// replicaID names this gateway process for the agents' hello, so that an
+// agent holding sessions to several replicas can notice two sessions that
+// reached the same one. In a cluster it is cluster.replica_id, the name
+// the presence records use. A single gateway uses the host name and a
+// random suffix drawn at start, so two gateway processes on one host (or
+// two containers with one host name) are told apart.
+func replicaID(c *config.Cluster) string {
+	if c != nil && c.ReplicaID != "" {
+		return c.ReplicaID
+	}
 	var b [4]byte
 	rand.Read(b[:])
 	host, err := os.Hostname()
