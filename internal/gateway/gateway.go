@@ -56,7 +56,6 @@ package gateway
 import (
 	"context"
 	"crypto/sha256"
-	"crypto/subtle"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -117,6 +116,10 @@ type Gateway struct {
 	agents map[string]*agentState
 	// reloaded is closed and replaced by each reload (under mu).
 	reloaded chan struct{}
+
+	// handshakes counts the agent handshakes admitted and not yet done
+	// (admitHandshake).
+	handshakes atomic.Int64
 
 	ready     atomic.Bool
 	tunnelLn  net.Listener
@@ -351,22 +354,14 @@ func (g *Gateway) serverTLS() *tls.Config {
 }
 
 // authenticate maps a bearer token to an agent identity and the token it
-// matched. Every configured token is compared, in constant time, so timing
-// reveals nothing.
+// matched, by the token's SHA-256 (live.lookup says why that reveals
+// nothing through timing).
 func (g *Gateway) authenticate(header string) (agentToken, bool) {
 	token, ok := strings.CutPrefix(header, "Bearer ")
 	if !ok || token == "" {
 		return agentToken{}, false
 	}
-	sum := sha256.Sum256([]byte(token))
-	var found agentToken
-	match := 0
-	for _, t := range g.live.Load().tokens {
-		if subtle.ConstantTimeCompare(sum[:], t.sum[:]) == 1 {
-			found, match = t, 1
-		}
-	}
-	return found, match == 1
+	return g.live.Load().lookup(sha256.Sum256([]byte(token)))
 }
 
 func (g *Gateway) handleTunnel(w http.ResponseWriter, r *http.Request) {
@@ -400,7 +395,24 @@ func (g *Gateway) handleTunnel(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "gateway shutting down", http.StatusServiceUnavailable)
 		return
 	}
-	defer g.wg.Done()
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			g.wg.Done()
+		}
+	}()
+	if !g.admitHandshake() {
+		g.deferHandshake(w)
+		return
+	}
+	admitted := true
+	done := func() {
+		if admitted {
+			admitted = false
+			g.handshakeDone()
+		}
+	}
+	defer done()
 	ws, err := g.upgrader.Upgrade(w, r, nil)
 	if err != nil {
 		g.log.Warn("tunnel upgrade failed", "agent", agent.name, "source", src, "err", err)
@@ -421,11 +433,22 @@ func (g *Gateway) handleTunnel(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), g.cfg.HandshakeTimeout.Duration)
 	sess, err := tunnel.Server(ctx, ws, hello, g.tunnelConfig())
 	cancel()
+	done()
 	if err != nil {
 		g.log.Warn("tunnel handshake failed", "agent", agent.name, "source", src, "err", err)
 		return
 	}
-	g.runSession(agent, sess, r.RemoteAddr)
+	// The session runs in a goroutine of its own and this handler
+	// returns: the HTTP server then lets go of the connection's state and
+	// of the handler's deep stack, which an idle agent would otherwise
+	// hold for as long as it stays connected. The WebSocket keeps only
+	// the server's two 4 KiB buffers (tunnel.NewUpgrader).
+	handedOff = true
+	remote := r.RemoteAddr
+	go func() {
+		defer g.wg.Done()
+		g.runSession(agent, sess, remote)
+	}()
 }
 
 func (g *Gateway) tunnelConfig() tunnel.Config {

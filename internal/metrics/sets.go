@@ -146,6 +146,12 @@ type Gateway struct {
 
 	AuthFailures *prometheus.CounterVec // reason
 	SessionEnds  *prometheus.CounterVec // reason
+
+	// HandshakesInFlight counts agent handshakes admitted and not yet
+	// done; HandshakesDeferred counts those turned away with 503 because
+	// max_concurrent_handshakes were in flight.
+	HandshakesInFlight prometheus.Gauge
+	HandshakesDeferred prometheus.Counter
 }
 
 // NewGateway creates the gateway's metrics and registers them with reg.
@@ -199,6 +205,15 @@ func NewGateway(reg prometheus.Registerer) *Gateway {
 			Name: "portway_gateway_session_ends_total", Help: "Tunnel sessions ended, by reason.",
 		}, []string{"reason"}),
 	}
+	m.HandshakesInFlight = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "portway_gateway_handshakes_in_flight",
+		Help: "Agent handshakes in progress (admitted, hello exchange not yet done).",
+	})
+	m.HandshakesDeferred = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "portway_gateway_handshakes_deferred_total",
+		Help: "Agent connection attempts answered 503 with Retry-After because max_concurrent_handshakes were in progress.",
+	})
+	reg.MustRegister(m.HandshakesInFlight, m.HandshakesDeferred)
 	reg.MustRegister(m.AgentsConnected, m.AgentSessions, m.Services, m.PortAllocations, m.PortEvictions,
 		m.ConnActive, m.ConnTotal, m.Bytes, m.Refusals, m.UDPActive, m.UDPSessions, m.UDPPackets,
 		m.UDPDropped, m.AuthFailures, m.SessionEnds)

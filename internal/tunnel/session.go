@@ -254,32 +254,45 @@ func (s *Session) readHandshake(ctx context.Context) (protocol.Message, error) {
 }
 
 // start runs the chosen mode: its muxer, which from now on reads the
-// socket, and the heartbeats.
+// socket, and the session's monitor (heartbeats, then the muxer's close).
 func (s *Session) start(proto string) error {
 	s.proto = proto
 	s.ctrl = make(chan protocol.Message, 16)
+	var muxClosed <-chan struct{}
 	if proto == protocol.ProtocolYamux {
 		m, err := newYamuxMux(s.c, s.role, &s.cfg, s.handleControl)
 		if err != nil {
 			return err
 		}
 		s.mux = m
+		muxClosed = m.ym.CloseChan()
+		// yamux reads binary messages through its own path; the text
+		// buffer of the handshake is not needed again.
+		s.c.rxBuf = nil
 	} else {
 		s.mux = newJSONMux(s.c, s.role, &s.hello, s.cfg.MaxStreams, s.handleControl)
 	}
-	go func() {
-		<-s.c.done
-		s.mux.close(s.c.Err())
-	}()
-	go s.keepalive()
+	go s.monitor(muxClosed)
 	return nil
+}
+
+// monitor is the session's one housekeeping goroutine: it runs the
+// heartbeats (keepalive), ends the session when the muxer closes on its
+// own (muxClosed, nil in JSON mode), and once the session has ended
+// closes the muxer. One goroutine instead of three: a gateway holds
+// thousands of idle sessions, and each goroutine is a stack.
+func (s *Session) monitor(muxClosed <-chan struct{}) {
+	s.keepalive(muxClosed)
+	<-s.c.done
+	s.mux.close(s.c.Err())
 }
 
 // keepalive sends a heartbeat every interval and closes the session when
 // nothing has arrived for 2.5 intervals. Checking four times per interval
 // bounds detection to 2.75 intervals after the last message. Time comes from
-// the session's clock only, so tests can check these bounds exactly.
-func (s *Session) keepalive() {
+// the session's clock only, so tests can check these bounds exactly. It
+// returns once the session has ended or it ended it.
+func (s *Session) keepalive(muxClosed <-chan struct{}) {
 	interval := s.hello.HeartbeatInterval()
 	timeout := interval * 5 / 2
 	ticks, stop := s.cfg.clock.tick(interval / 4)
@@ -288,6 +301,9 @@ func (s *Session) keepalive() {
 	for {
 		select {
 		case <-s.c.done:
+			return
+		case <-muxClosed:
+			s.c.fail(errors.New("tunnel: yamux session closed"))
 			return
 		case <-ticks:
 			if s.c.sinceRecv() > timeout {

@@ -42,14 +42,21 @@ type wsConn struct {
 	clock    clock
 	epoch    time.Time    // clock.now() when the connection began
 	lastRecv atomic.Int64 // nanoseconds since epoch
-	rxBuf    []byte       // reusable buffer for whole text messages
+	// rxBuf is the reusable buffer for whole text messages: those of the
+	// handshake, and every message in JSON mode. It is allocated by the
+	// first read and dropped when yamux takes over the reading, so an
+	// idle yamux session holds none.
+	rxBuf []byte
 }
 
 // Queue sizes. The data queue bounds what a session buffers on the way out
 // (at most dataQueueLen messages of at most one max message each); callers
-// block beyond that, which is the backpressure the muxers rely on.
+// block beyond that, which is the backpressure the muxers rely on. The
+// control queue only needs to absorb a burst while the writer is busy
+// with one message (it takes control first); a channel's buffer is
+// allocated whole with the session, so it is kept small.
 const (
-	ctrlQueueLen = 256
+	ctrlQueueLen = 64
 	dataQueueLen = 32
 )
 
@@ -66,7 +73,6 @@ func newWSConn(ws *websocket.Conn, maxMessage int, writeTimeout time.Duration, c
 		done:         make(chan struct{}),
 		clock:        clk,
 		epoch:        clk.now(),
-		rxBuf:        make([]byte, 0, 4<<10),
 	}
 	c.touch()
 	go c.writeLoop()
@@ -158,6 +164,9 @@ func (c *wsConn) readMessage() (int, []byte, error) {
 		return 0, nil, err
 	}
 	c.touch()
+	if c.rxBuf == nil {
+		c.rxBuf = make([]byte, 0, 4<<10)
+	}
 	b := c.rxBuf[:0]
 	for {
 		if len(b) == cap(b) {
