@@ -363,9 +363,9 @@ func (g *gatewayMetrics) scrape(ctx context.Context) (gatewaySample, error) {
 	}
 	defer resp.Body.Close()
 	want := map[string]*float64{
-		`portway_gateway_services{protocol="tcp"}`:                         &s.tcpServices,
-		"go_goroutines":                                                    &s.goroutines,
-		"portway_gateway_handshakes_deferred_total":                        &s.deferred,
+		`portway_gateway_services{protocol="tcp"}`: &s.tcpServices,
+		"go_goroutines": &s.goroutines,
+		"portway_gateway_handshakes_deferred_total":                          &s.deferred,
 		`portway_gateway_agent_sessions_total{agent="` + witnessAgent + `"}`: &s.witnessSessions,
 	}
 	sc := bufio.NewScanner(resp.Body)
