@@ -240,7 +240,16 @@ func stateRefreshInterval(retention time.Duration) time.Duration {
 	return min(max(retention/24, time.Minute), time.Hour)
 }
 
+// countServices sets the services gauge. Concurrent calls are coalesced
+// (Gateway.counts): it walks every agent.
 func (g *Gateway) countServices() {
+	g.counts.do(func() error {
+		g.countServicesNow()
+		return nil
+	})
+}
+
+func (g *Gateway) countServicesNow() {
 	var tcp, udp int
 	for _, a := range g.agentList() {
 		a.mu.Lock()

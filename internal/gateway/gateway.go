@@ -23,7 +23,9 @@
 // The order, outermost first, is:
 //
 //	agentState.mu → ports.mu
-//	ports.saveMu  → ports.mu
+//	ports.saves.mu → ports.saveMu → ports.mu
+//	Gateway.counts.mu → Gateway.mu, agentState.mu
+//	Gateway.connectedCount.mu → Gateway.mu
 //	Gateway.reloadMu → agentState.mu, Gateway.mu, authLimiter.mu
 //
 // Every other lock is a leaf, never held while taking another of this
@@ -120,6 +122,9 @@ type Gateway struct {
 	// handshakes counts the agent handshakes admitted and not yet done
 	// (admitHandshake).
 	handshakes atomic.Int64
+	// counts and connectedCount coalesce the walks over every agent that
+	// keep the services and connected agents gauges (coalesced).
+	counts, connectedCount coalesced
 
 	ready     atomic.Bool
 	tunnelLn  net.Listener
@@ -551,14 +556,19 @@ func (g *Gateway) agentList() []*agentState {
 	return agents
 }
 
+// updateConnected sets the connected agents gauge. Concurrent calls are
+// coalesced (Gateway.connectedCount): it walks every agent.
 func (g *Gateway) updateConnected() {
-	n := 0
-	for _, a := range g.agentList() {
-		if a.session() != nil {
-			n++
+	g.connectedCount.do(func() error {
+		n := 0
+		for _, a := range g.agentList() {
+			if a.session() != nil {
+				n++
+			}
 		}
-	}
-	g.metrics.AgentsConnected.Set(float64(n))
+		g.metrics.AgentsConnected.Set(float64(n))
+		return nil
+	})
 }
 
 func remoteIP(addr string) string {

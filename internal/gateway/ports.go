@@ -65,6 +65,8 @@ type ports struct {
 	// write, so an older snapshot never lands after a newer one. It is
 	// taken before mu, and mu is not held during the write.
 	saveMu sync.Mutex
+	// saves coalesces concurrent saves; its mu comes before saveMu.
+	saves coalesced
 
 	mu        sync.Mutex
 	low, high int
@@ -408,10 +410,16 @@ func (p *ports) snapshot() []store.Allocation {
 // write, so concurrent saves land in the order their snapshots were taken
 // and the last write holds the latest state; p.mu is held only while
 // taking the snapshot, never during the write.
+//
+// Concurrent saves are coalesced (saves): a save that begins after a
+// caller's change serves that caller too, so a storm of registrations
+// writes the state a few times rather than once per agent.
 func (p *ports) save(ctx context.Context) error {
-	p.saveMu.Lock()
-	defer p.saveMu.Unlock()
-	return p.st.Save(ctx, p.snapshot())
+	return p.saves.do(func() error {
+		p.saveMu.Lock()
+		defer p.saveMu.Unlock()
+		return p.st.Save(ctx, p.snapshot())
+	})
 }
 
 // hasLive reports whether any allocation has an open listener.

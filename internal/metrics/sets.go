@@ -237,14 +237,20 @@ func NewCertificateExpiry(reg prometheus.Registerer) prometheus.Gauge {
 }
 
 // ForgetService removes a withdrawn service's label sets.
+//
+// Every label set is deleted by its full value, reasons included (they
+// come from the fixed set of Reason): a partial match walks every series
+// of the vector, and a gateway with thousands of agents withdraws
+// thousands of services at once when they all reconnect.
 func (m *Gateway) ForgetService(agent, service string) {
-	l := prometheus.Labels{"agent": agent, "service": service}
-	m.ConnActive.DeletePartialMatch(l)
-	m.ConnTotal.DeletePartialMatch(l)
+	m.ConnActive.DeleteLabelValues(agent, service)
+	m.ConnTotal.DeleteLabelValues(agent, service)
 	m.Bytes.Delete(agent, service)
-	m.Refusals.DeletePartialMatch(l)
-	m.UDPActive.DeletePartialMatch(l)
-	m.UDPSessions.DeletePartialMatch(l)
+	m.UDPActive.DeleteLabelValues(agent, service)
+	m.UDPSessions.DeleteLabelValues(agent, service)
 	m.UDPPackets.Delete(agent, service)
-	m.UDPDropped.DeletePartialMatch(l)
+	for r := ReasonNone + 1; r < numReasons; r++ {
+		m.Refusals.DeleteLabelValues(agent, service, r.String())
+		m.UDPDropped.DeleteLabelValues(agent, service, r.String())
+	}
 }

@@ -254,7 +254,8 @@ func (s *Session) readHandshake(ctx context.Context) (protocol.Message, error) {
 }
 
 // start runs the chosen mode: its muxer, which from now on reads the
-// socket, and the session's monitor (heartbeats, then the muxer's close).
+// socket, and the session's chores in the writer goroutine (heartbeats,
+// then closing the muxer).
 func (s *Session) start(proto string) error {
 	s.proto = proto
 	s.ctrl = make(chan protocol.Message, 16)
@@ -272,54 +273,37 @@ func (s *Session) start(proto string) error {
 	} else {
 		s.mux = newJSONMux(s.c, s.role, &s.hello, s.cfg.MaxStreams, s.handleControl)
 	}
-	go s.monitor(muxClosed)
+	interval := s.hello.HeartbeatInterval()
+	ticks, stop := s.cfg.clock.tick(interval / 4)
+	s.c.startChores(chores{
+		ticks: ticks, stop: stop, tick: s.keepalive(interval), muxClosed: muxClosed,
+		end: func() { s.mux.close(s.c.Err()) },
+	})
 	return nil
 }
 
-// monitor is the session's one housekeeping goroutine: it runs the
-// heartbeats (keepalive), ends the session when the muxer closes on its
-// own (muxClosed, nil in JSON mode), and once the session has ended
-// closes the muxer. One goroutine instead of three: a gateway holds
-// thousands of idle sessions, and each goroutine is a stack.
-func (s *Session) monitor(muxClosed <-chan struct{}) {
-	s.keepalive(muxClosed)
-	<-s.c.done
-	s.mux.close(s.c.Err())
-}
-
-// keepalive sends a heartbeat every interval and closes the session when
-// nothing has arrived for 2.5 intervals. Checking four times per interval
-// bounds detection to 2.75 intervals after the last message. Time comes from
-// the session's clock only, so tests can check these bounds exactly. It
-// returns once the session has ended or it ended it.
-func (s *Session) keepalive(muxClosed <-chan struct{}) {
-	interval := s.hello.HeartbeatInterval()
+// keepalive returns the heartbeat chore, called four times per interval:
+// it produces a heartbeat every interval and ends the session when nothing
+// has arrived for 2.5 intervals. Checking four times per interval bounds
+// detection to 2.75 intervals after the last message. Time comes from the
+// session's clock only, so tests can check these bounds exactly.
+func (s *Session) keepalive(interval time.Duration) func() (*[]byte, error) {
 	timeout := interval * 5 / 2
-	ticks, stop := s.cfg.clock.tick(interval / 4)
-	defer stop()
 	var next time.Duration // when the next heartbeat is due, on s.c's clock
-	for {
-		select {
-		case <-s.c.done:
-			return
-		case <-muxClosed:
-			s.c.fail(errors.New("tunnel: yamux session closed"))
-			return
-		case <-ticks:
-			if s.c.sinceRecv() > timeout {
-				s.c.fail(ErrPeerTimeout)
-				return
-			}
-			now := time.Duration(s.c.now())
-			if now < next {
-				continue
-			}
-			next = now + interval
-			hb := &protocol.Heartbeat{Seq: s.hbSeq.Add(1), TS: s.c.now()}
-			if err := s.sendControl(hb); err != nil {
-				return
-			}
+	return func() (*[]byte, error) {
+		if s.c.sinceRecv() > timeout {
+			return nil, ErrPeerTimeout
 		}
+		now := time.Duration(s.c.now())
+		if now < next {
+			return nil, nil
+		}
+		next = now + interval
+		b, err := protocol.Encode(&protocol.Heartbeat{Seq: s.hbSeq.Add(1), TS: s.c.now()})
+		if err != nil {
+			return nil, err
+		}
+		return getCopy(b), nil
 	}
 }
 
