@@ -10,10 +10,13 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/portway/portway/internal/agent"
 	"github.com/portway/portway/internal/config"
@@ -101,6 +104,12 @@ func ServeAgents(ctx context.Context, o SimOptions) error {
 	if err != nil {
 		return fmt.Errorf("bench-agents: %w", err)
 	}
+	// Ten thousand agents in one process is not how agents run: each
+	// normally has a cluster to itself. Collecting less often keeps the
+	// simulator's garbage collector from starving its agents of CPU (and
+	// their heartbeats of time) on a small machine; memory is what it
+	// trades, and the simulator's memory is not measured.
+	debug.SetGCPercent(400)
 	s := &simulator{}
 	for _, c := range creds {
 		sa, err := s.newAgent(o, c[0], c[1])
@@ -171,6 +180,9 @@ func (s *simulator) newAgent(o SimOptions, name, token string) (*simAgent, error
 	a, err := agent.New(agent.Options{
 		Config: cfg,
 		Logger: slog.New(slog.DiscardHandler),
+		// Metrics are created but registered nowhere: nobody scrapes a
+		// simulated agent, and a registry each is weight.
+		Registry: discardRegisterer{},
 		OnEndpoints: func([]agent.Endpoint) {
 			sa.once.Do(func() { close(sa.first) })
 		},
@@ -195,6 +207,13 @@ func (s *simulator) newAgent(o SimOptions, name, token string) (*simAgent, error
 	_ = name // the gateway knows the agent by its token
 	return sa, nil
 }
+
+// discardRegisterer registers nothing.
+type discardRegisterer struct{}
+
+func (discardRegisterer) Register(prometheus.Collector) error  { return nil }
+func (discardRegisterer) MustRegister(...prometheus.Collector) {}
+func (discardRegisterer) Unregister(prometheus.Collector) bool { return true }
 
 // simDrop is /drop's answer.
 type simDrop struct {

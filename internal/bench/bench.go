@@ -254,7 +254,8 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 			return nil, err
 		}
 		if note != "" {
-			note = fmt.Sprintf("agents case: %s, so %d agents", note, n/agentFDsEach)
+			note = fmt.Sprintf("agents case: the RLIMIT_NOFILE hard limit (not raisable) holds %d agents, not %d: the gateway needs %d descriptors per agent (its WebSocket and its service's listener)",
+				n/agentFDsEach, o.Agents, agentFDsEach)
 			r.log.Warn(note)
 			notes = append(notes, note)
 		}

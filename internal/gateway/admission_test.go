@@ -82,7 +82,7 @@ func TestHandshakesBeyondTheLimitAreDeferred(t *testing.T) {
 	}
 	_, err = tunnel.Dial(ctx, "ws://"+g.TunnelAddr().String()+tunnel.Path, tunnel.DialOptions{Token: tokenFor("c")})
 	var de *tunnel.DialError
-	if !errors.As(err, &de) || de.StatusCode != http.StatusServiceUnavailable || de.RetryAfter != HandshakeRetryAfter*time.Second {
+	if !errors.As(err, &de) || de.StatusCode != http.StatusServiceUnavailable || de.RetryAfter != minHandshakeRetryAfter {
 		t.Fatalf("third agent during b's handshake: %v, want 503 with Retry-After", err)
 	}
 	if got := counterValue(g.metrics.HandshakesDeferred); got != 1 {
@@ -191,5 +191,51 @@ func TestAgentsFileAddAndRevokeTouchNoOtherSession(t *testing.T) {
 	}
 	if sessions("keep-1") != live1 || sessions("keep-2") != live2 {
 		t.Fatal("a kept agent's gateway session was replaced")
+	}
+}
+
+// Retry-After is the time the gateway needs to admit the attempts it
+// deferred in the last window, at the pace of its recent handshakes, within
+// 1–10 s.
+func TestRetryAfterFollowsTheLoad(t *testing.T) {
+	now := time.Unix(1000, 0)
+	a := &admission{now: func() time.Time { return now }}
+	const limit = 2
+	handshake := func(took time.Duration) {
+		t.Helper()
+		if ok, _ := a.admit(limit); !ok {
+			t.Fatal("a free slot was not given")
+		}
+		a.done(now.Add(-took))
+	}
+	handshake(100 * time.Millisecond)
+	a.admit(limit)
+	a.admit(limit) // both slots taken
+	for range 60 {
+		if ok, ra := a.admit(limit); ok || ra != time.Second {
+			t.Fatalf("admit over the limit: %v, Retry-After %v; want deferred, 1s", ok, ra)
+		}
+	}
+	// 60 deferred, 2 at a time, 100 ms each: 3 s.
+	now = now.Add(time.Second)
+	if _, ra := a.admit(limit); ra != 3*time.Second {
+		t.Fatalf("after 60 deferred: Retry-After %v, want 3s", ra)
+	}
+	for range 1000 {
+		a.admit(limit)
+	}
+	now = now.Add(time.Second)
+	if _, ra := a.admit(limit); ra != 10*time.Second {
+		t.Fatalf("after 1000 deferred: Retry-After %v, want the 10s cap", ra)
+	}
+	a.done(now)
+	a.done(now)
+	now = now.Add(time.Second)
+	handshake(0)
+	now = now.Add(time.Second)
+	a.admit(limit)
+	a.admit(limit)
+	if ok, ra := a.admit(limit); ok || ra != time.Second {
+		t.Fatalf("after a quiet window: %v, Retry-After %v; want deferred, 1s", ok, ra)
 	}
 }

@@ -31,7 +31,7 @@
 // Every other lock is a leaf, never held while taking another of this
 // package's locks: Gateway.mu (the agents map: callers copy what they need
 // and unlock before touching an agent), udpSessions.mu (one public UDP
-// port's clients) and authLimiter.mu. Nothing here calls out of the
+// port's clients), authLimiter.mu and admission.mu. Nothing here calls out of the
 // package under a lock except into internal/metrics' vectors, the
 // certificate expiry gauge and the listen call of a bind under ports.mu,
 // none of which calls back.
@@ -119,9 +119,8 @@ type Gateway struct {
 	// reloaded is closed and replaced by each reload (under mu).
 	reloaded chan struct{}
 
-	// handshakes counts the agent handshakes admitted and not yet done
-	// (admitHandshake).
-	handshakes atomic.Int64
+	// admission bounds the agent handshakes in progress (admitHandshake).
+	admission admission
 	// counts and connectedCount coalesce the walks over every agent that
 	// keep the services and connected agents gauges (coalesced).
 	counts, connectedCount coalesced
@@ -186,6 +185,7 @@ func New(o Options) (*Gateway, error) {
 		done:         make(chan struct{}),
 		stateRefresh: stateRefreshInterval(cfg.PortRetention.Duration),
 	}
+	g.admission.now = time.Now
 	g.live.Store(newLive(cfg))
 	if cfg.TLS != nil {
 		g.certNotAfter = metrics.NewCertificateExpiry(reg)
@@ -406,15 +406,15 @@ func (g *Gateway) handleTunnel(w http.ResponseWriter, r *http.Request) {
 			g.wg.Done()
 		}
 	}()
-	if !g.admitHandshake() {
-		g.deferHandshake(w)
+	admittedAt, ok := g.admitHandshake(w)
+	if !ok {
 		return
 	}
 	admitted := true
 	done := func() {
 		if admitted {
 			admitted = false
-			g.handshakeDone()
+			g.handshakeDone(admittedAt)
 		}
 	}
 	defer done()
@@ -488,10 +488,7 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 			g.checkToken(tok, sess)
 		case m := <-sess.Control():
 			if reg, ok := m.(*protocol.Register); ok {
-				ack := g.register(a, sess, reg)
-				if err := sess.Send(ack); err != nil {
-					sess.Close()
-				}
+				g.registerAside(a, sess, reg)
 			}
 		case <-sess.Done():
 			err := sess.Err()
@@ -508,6 +505,23 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 			sess.CloseWithError(protocol.CodeShutdown, "gateway shutting down")
 		}
 	}
+}
+
+// registerAside registers reg's services and answers the agent, in a
+// goroutine of its own, and waits for it. Registration goes deep (opening
+// listeners, saving state, logging) and its stack would otherwise stay
+// with the session's goroutine, which then waits, mostly idle, for as long
+// as the agent stays connected; a goroutine that ends gives its stack back.
+func (g *Gateway) registerAside(a *agentState, sess *tunnel.Session, reg *protocol.Register) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		ack := g.register(a, sess, reg)
+		if err := sess.Send(ack); err != nil {
+			sess.Close()
+		}
+	}()
+	<-done
 }
 
 // checkToken closes sess when the token it authenticated with is no longer
