@@ -28,6 +28,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/portway/portway/internal/pool"
 	"github.com/portway/portway/internal/protocol"
 )
 
@@ -299,12 +300,16 @@ func (s *Session) keepalive(interval time.Duration) func() (*[]byte, error) {
 			return nil, nil
 		}
 		next = now + interval
-		b, err := protocol.Encode(&protocol.Heartbeat{Seq: s.hbSeq.Add(1), TS: s.c.now()})
-		if err != nil {
-			return nil, err
-		}
-		return getCopy(b), nil
+		return heartbeatMsg(false, s.hbSeq.Add(1), s.c.now()), nil
 	}
+}
+
+// heartbeatMsg encodes a heartbeat (or its ack) straight into a pooled
+// buffer: every idle session sends and answers one per interval.
+func heartbeatMsg(ack bool, seq uint64, ts int64) *[]byte {
+	buf := pool.Get(protocol.HeartbeatLen)
+	*buf = protocol.AppendHeartbeat((*buf)[:0], ack, seq, ts)
+	return buf
 }
 
 // handleControl is the session's controlHandler: it handles one decoded
@@ -313,7 +318,7 @@ func (s *Session) keepalive(interval time.Duration) func() (*[]byte, error) {
 func (s *Session) handleControl(m protocol.Message) error {
 	switch m := m.(type) {
 	case *protocol.Heartbeat:
-		return s.sendControl((*protocol.HeartbeatAck)(m))
+		return s.c.queueControl(outMsg{typ: websocket.TextMessage, buf: heartbeatMsg(true, m.Seq, m.TS)})
 	case *protocol.HeartbeatAck:
 		if rtt := s.c.now() - m.TS; rtt >= 0 {
 			s.rtt.Store(rtt)
