@@ -10,7 +10,9 @@
 //
 // A Session holds one muxer, chosen by the handshake: yamuxMux or jsonMux.
 // The muxer reads the socket and passes session-level messages back to the
-// Session; everything written goes through the wsConn's single writer.
+// Session; everything written goes through the wsConn's single writer,
+// which also runs the session's heartbeats (chores): an idle session is
+// the muxer's goroutines and the writer, nothing else.
 //
 // Lock order: jsonStream.mu, then jsonMux.mu. wsConn.errMu and
 // logWriter.mu are leaves, taken with no other lock held. No lock is held
