@@ -341,7 +341,7 @@ func (a *Agent) runSlot(ctx context.Context, i, n int) error {
 		if time.Since(start) >= time.Minute {
 			b.reset() // a healthy minute: the next failure starts over
 		}
-		delay := b.next()
+		delay := retryDelay(err, &b)
 		if n > 1 {
 			a.log.Warn("tunnel down; reconnecting", "connection", i, "err", err, "retry_in", delay.Round(time.Millisecond))
 		} else {
@@ -585,6 +585,20 @@ func (a *Agent) handleAck(ack *protocol.RegisterAck, sent []Service) {
 	if a.onEP != nil {
 		a.onEP(eps)
 	}
+}
+
+// retryDelay is how long to wait before the next connection attempt after
+// err: what the gateway asked for with Retry-After (a 503 while it is busy
+// with other agents' handshakes), plus up to as much again at random so
+// that agents turned away together do not come back together; otherwise
+// the next step of b. A deferred attempt does not advance b: the gateway
+// is up and said when to come back.
+func retryDelay(err error, b *backoff) time.Duration {
+	var de *tunnel.DialError
+	if errors.As(err, &de) && de.StatusCode == http.StatusServiceUnavailable && de.RetryAfter > 0 {
+		return de.RetryAfter + rand.N(de.RetryAfter+1)
+	}
+	return b.next()
 }
 
 type backoff struct {

@@ -127,6 +127,13 @@ type Options struct {
 	// IdleConns is how many idle connections to hold. 0 means
 	// DefaultIdleConns.
 	IdleConns int
+	// SkipAgents leaves out the many-agents case; AgentsOnly runs it
+	// alone (Paths and the other cases are then ignored). Agents is how
+	// many agents it simulates (0: DefaultAgents), AgentsProtocol their
+	// tunnel mode ("": yamux).
+	SkipAgents, AgentsOnly bool
+	Agents                 int
+	AgentsProtocol         string
 	// Exec runs the gateway and agent children. Required.
 	Exec Exec
 	// Logger receives progress. nil discards it.
@@ -142,6 +149,15 @@ func (o *Options) normalize() error {
 	}
 	if o.IdleConns == 0 {
 		o.IdleConns = DefaultIdleConns
+	}
+	if o.Agents == 0 {
+		o.Agents = DefaultAgents
+	}
+	if o.AgentsProtocol == "" {
+		o.AgentsProtocol = string(Yamux)
+	}
+	if o.AgentsOnly {
+		o.Paths, o.SkipRTT, o.SkipIdle, o.SkipAgents = []Path{}, true, true, false
 	}
 	if o.Paths == nil {
 		o.Paths = Paths()
@@ -159,7 +175,13 @@ func (o *Options) normalize() error {
 	if o.IdleConns < 1 || o.IdleConns > 1<<20 {
 		errs = append(errs, fmt.Errorf("--idle-conns: %d is outside 1-%d", o.IdleConns, 1<<20))
 	}
-	if len(o.Paths) == 0 {
+	if o.Agents < 2 || o.Agents > 1<<20 {
+		errs = append(errs, fmt.Errorf("--agents: %d is outside 2-%d", o.Agents, 1<<20))
+	}
+	if o.AgentsProtocol != string(Yamux) && o.AgentsProtocol != string(JSON) {
+		errs = append(errs, fmt.Errorf("--agents-protocol: %q is neither yamux nor json", o.AgentsProtocol))
+	}
+	if len(o.Paths) == 0 && !o.AgentsOnly {
 		errs = append(errs, errors.New("no path to measure"))
 	}
 	for _, p := range o.Paths {
@@ -167,7 +189,7 @@ func (o *Options) normalize() error {
 			errs = append(errs, fmt.Errorf("unknown path %q", p))
 		}
 	}
-	if o.Exec.Path == "" && (o.has(Yamux) || o.has(JSON)) {
+	if o.Exec.Path == "" && (o.has(Yamux) || o.has(JSON) || !o.SkipAgents) {
 		errs = append(errs, errors.New("no portway binary to run the gateway and agent"))
 	}
 	return errors.Join(errs...)
@@ -224,6 +246,21 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		}
 		r.opts.IdleConns = n
 	}
+	if !o.SkipAgents {
+		// The gateway holds each agent's WebSocket and its service's
+		// listener.
+		n, note, err := raiseNoFile(agentFDsEach * o.Agents)
+		if err != nil {
+			return nil, err
+		}
+		if note != "" {
+			note = fmt.Sprintf("agents case: the RLIMIT_NOFILE hard limit (not raisable) holds %d agents, not %d: the gateway needs %d descriptors per agent (its WebSocket and its service's listener)",
+				n/agentFDsEach, o.Agents, agentFDsEach)
+			r.log.Warn(note)
+			notes = append(notes, note)
+		}
+		r.opts.Agents = n / agentFDsEach
+	}
 	dir, err := os.MkdirTemp("", "portway-bench-")
 	if err != nil {
 		return nil, fmt.Errorf("bench: %w", err)
@@ -259,7 +296,14 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 			return nil, r.failure(ctx, fmt.Errorf("idle connections: %w", err))
 		}
 	}
+	var agents *Agents
+	if !o.SkipAgents {
+		if agents, err = r.measureAgents(ctx, r.opts.Agents, o.AgentsProtocol); err != nil {
+			return nil, r.failure(ctx, fmt.Errorf("agents: %w", err))
+		}
+	}
 	rep := newReport(samples, rtt, idle)
+	rep.Agents10k = agents
 	rep.Runs, rep.DurationS = o.Runs, o.Duration.Seconds()
 	rep.Started = started.UTC().Truncate(time.Second)
 	rep.WallS = time.Since(started).Round(100 * time.Millisecond).Seconds()

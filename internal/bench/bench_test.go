@@ -57,7 +57,7 @@ func TestBenchJSON(t *testing.T) {
 	var stdout, stderr bytes.Buffer
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	args := []string{"bench", "--json", "--runs", "1", "--duration", "100ms", "--idle-conns", idle, "--log-level", "warn"}
+	args := []string{"bench", "--json", "--runs", "1", "--duration", "100ms", "--idle-conns", idle, "--skip-agents", "--log-level", "warn"}
 	if code := cli.Main(ctx, args, "test", &stdout, &stderr); code != 0 {
 		t.Fatalf("portway bench exited %d\nstderr:\n%s", code, stderr.String())
 	}
@@ -116,6 +116,46 @@ func TestBenchJSON(t *testing.T) {
 	}
 }
 
+// TestBenchAgentsStorm runs the many-agents case at a small scale, as a
+// user would with `portway bench --only agents`: 300 simulated agents
+// (real agent code, in a child process) register with a real gateway
+// process, then all but one are dropped at once and must all register
+// again, through the gateway's admission control, while the one left
+// connected and a client connection through it are untouched (the bench
+// fails otherwise). It asserts nothing about speed beyond a hang guard.
+func TestBenchAgentsStorm(t *testing.T) {
+	t.Setenv(childEnv, "1")
+	var stdout, stderr bytes.Buffer
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	args := []string{"bench", "--only", "agents", "--agents", "300", "--json", "--duration", "100ms", "--log-level", "warn"}
+	if code := cli.Main(ctx, args, "test", &stdout, &stderr); code != 0 {
+		t.Fatalf("portway bench exited %d\nstderr:\n%s", code, stderr.String())
+	}
+	var got struct {
+		Agents map[string]any `json:"agents10k"`
+		Notes  []string       `json:"notes"`
+	}
+	if err := json.NewDecoder(&stdout).Decode(&got); err != nil {
+		t.Fatalf("output is not JSON: %v\n%s", err, stdout.String())
+	}
+	if n, _ := got.Agents["agents"].(float64); n != 300 && len(got.Notes) == 0 {
+		t.Errorf("agents10k.agents = %v without a note saying why not 300", got.Agents["agents"])
+	}
+	for _, k := range []string{"gateway_bytes_per_agent", "gateway_rss_mib", "register_per_s", "storm_recover_s",
+		"storm_peak_rss_mib", "storm_peak_goroutines", "heartbeat_cpu_ms_per_s_per_1k"} {
+		if v, ok := got.Agents[k].(float64); !ok || !(v > 0) {
+			t.Errorf("agents10k.%s = %v, want a positive number", k, got.Agents[k])
+		}
+	}
+	if v, ok := got.Agents["storm_deferred"].(float64); !ok || v < 0 {
+		t.Errorf("agents10k.storm_deferred = %v", got.Agents["storm_deferred"])
+	}
+	if t.Failed() {
+		t.Logf("output:\n%s\nstderr:\n%s", stdout.String(), stderr.String())
+	}
+}
+
 // TestChildDeathFailsTheBench kills the agent in the middle of a
 // measurement: the bench must fail at once with the agent's log, and leave
 // no process and no file behind.
@@ -130,7 +170,7 @@ func TestChildDeathFailsTheBench(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	_, err = bench.Run(ctx, bench.Options{
-		Runs: 1, Duration: 5 * time.Second, Paths: []bench.Path{bench.Yamux}, SkipRTT: true, SkipIdle: true,
+		Runs: 1, Duration: 5 * time.Second, Paths: []bench.Path{bench.Yamux}, SkipRTT: true, SkipIdle: true, SkipAgents: true,
 		Exec: bench.Exec{Path: exe, Env: []string{childEnv + "=crash-agent", marker}},
 	})
 	if err == nil {
@@ -157,7 +197,7 @@ func TestInterruptCleansUp(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	time.AfterFunc(1500*time.Millisecond, cancel)
 	_, err = bench.Run(ctx, bench.Options{
-		Runs: 1, Duration: 10 * time.Second, Paths: []bench.Path{bench.Yamux}, SkipRTT: true, SkipIdle: true,
+		Runs: 1, Duration: 10 * time.Second, Paths: []bench.Path{bench.Yamux}, SkipRTT: true, SkipIdle: true, SkipAgents: true,
 		Exec: bench.Exec{Path: exe, Env: []string{childEnv + "=1", marker}},
 	})
 	if err == nil || !strings.Contains(err.Error(), "interrupted") {

@@ -65,6 +65,8 @@ type Report struct {
 	Paths   map[Path]Figures `json:"paths"`
 	RTT20ms *RTT             `json:"rtt20ms,omitempty"`
 	Idle10k *Idle            `json:"idle10k,omitempty"`
+	// Agents10k is the many-agents case.
+	Agents10k *Agents `json:"agents10k,omitempty"`
 	// Spread is each figure's minimum and maximum over the runs, by path
 	// name (and "rtt20ms"), then by the figure's JSON key.
 	Spread    map[string]map[string][2]float64 `json:"spread"`
@@ -207,6 +209,13 @@ func (r *Report) WriteTable(w io.Writer) error {
 	if r.Idle10k != nil {
 		fmt.Fprintf(&b, "\nidle connections: %d held through yamux, each after a 1-byte echo; RSS growth per connection: gateway %.0f B + agent %.0f B\n",
 			r.Idle10k.Conns, r.Idle10k.GatewayBytesPerConn, r.Idle10k.AgentBytesPerConn)
+	}
+	if a := r.Agents10k; a != nil {
+		fmt.Fprintf(&b, "\nagents: %d simulated %s agents, one TCP service each: gateway %.0f B per idle agent (RSS %.1f MiB), %.0f registered/s from cold,\n"+
+			"  heartbeat CPU %.2f ms/s per 1,000 agents; storm (all but one dropped at once): every one registered again in %.2f s,\n"+
+			"  gateway peak RSS %.1f MiB and %d goroutines, %d attempts deferred with 503\n",
+			a.Agents, a.Protocol, a.GatewayBytesPerAgent, a.GatewayRSSMiB, a.RegisterPerS, a.HeartbeatCPUMsPerSPer1k,
+			a.StormRecoverS, a.StormPeakRSSMiB, a.StormPeakGoroutines, a.StormDeferred)
 	}
 	for _, n := range r.Notes {
 		fmt.Fprintf(&b, "note: %s\n", n)

@@ -25,8 +25,10 @@ relay and the idle case's echo server are children too). It then measures,
 alternating the paths in each run: throughput on 1 and 8 streams, 1-byte
 round trips on one connection (with p50/p99 latency), new connections per
 second, and the peak RSS and CPU time of the gateway and the agent. Then one
-yamux stream through 20 ms of added round-trip time, and the RSS cost of
-10,000 idle tunneled connections. docs/benchmarks.md explains every figure.`,
+yamux stream through 20 ms of added round-trip time, the RSS cost of
+10,000 idle tunneled connections, and 10,000 simulated agents on one gateway
+(memory and heartbeat CPU per agent, registration rate, and a reconnect
+storm). docs/benchmarks.md explains every figure.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := a.logger()
@@ -38,7 +40,9 @@ yamux stream through 20 ms of added round-trip time, and the RSS cost of
 			if o.Runs < 1 || o.Duration <= 0 || o.IdleConns < 1 {
 				return fmt.Errorf("--runs, --duration and --idle-conns must be positive")
 			}
-			if o.Paths, err = bench.ParsePaths(only); err != nil {
+			if len(only) == 1 && only[0] == "agents" {
+				o.AgentsOnly = true
+			} else if o.Paths, err = bench.ParsePaths(only); err != nil {
 				return err
 			}
 			exe, err := os.Executable()
@@ -67,6 +71,32 @@ yamux stream through 20 ms of added round-trip time, and the RSS cost of
 	f.BoolVar(&o.SkipRTT, "skip-rtt", false, "leave out the 20 ms RTT case")
 	f.BoolVar(&o.SkipIdle, "skip-idle", false, "leave out the idle connections case")
 	f.IntVar(&o.IdleConns, "idle-conns", bench.DefaultIdleConns, "idle connections held in the memory-at-scale case")
+	f.BoolVar(&o.SkipAgents, "skip-agents", false, "leave out the many-agents case (--only agents runs it alone)")
+	f.IntVar(&o.Agents, "agents", bench.DefaultAgents, "simulated agents in the many-agents case")
+	f.StringVar(&o.AgentsProtocol, "agents-protocol", "yamux", "tunnel mode of the simulated agents: yamux or json")
+	return cmd
+}
+
+// benchAgentsCmd is the child process that simulates the many-agents
+// case's agents.
+func (a *app) benchAgentsCmd() *cobra.Command {
+	var o bench.SimOptions
+	cmd := &cobra.Command{
+		Use:    "bench-agents",
+		Short:  "The simulated agents of portway bench's many-agents case, as a process of their own",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return bench.ServeAgents(cmd.Context(), o)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.URL, "url", "", "the gateway's tunnel URL")
+	f.StringVar(&o.Tokens, "tokens", "", `file of "name token" lines, one agent each`)
+	f.StringVar(&o.Backend, "backend", "", "where every agent's service forwards")
+	f.StringVar(&o.Control, "control", "", "where the control API listens")
+	f.IntVar(&o.StartWorkers, "workers", 64, "agents connecting at once in the cold start")
+	f.StringVar(&o.Protocol, "protocol", "yamux", "tunnel mode: yamux or json")
 	return cmd
 }
 

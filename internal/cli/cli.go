@@ -70,7 +70,7 @@ func MainBuild(ctx context.Context, args []string, build Build, stdout, stderr i
 	root.SetArgs(args)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.AddCommand(a.gatewayCmd(), a.agentCmd(), a.upCmd(), a.statusCmd(), a.benchCmd(), a.benchRelayCmd(), a.benchEchoCmd(), a.versionCmd(), a.tokenCmd())
+	root.AddCommand(a.gatewayCmd(), a.agentCmd(), a.upCmd(), a.statusCmd(), a.benchCmd(), a.benchRelayCmd(), a.benchEchoCmd(), a.benchAgentsCmd(), a.versionCmd(), a.tokenCmd())
 
 	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(stderr, "portway:", err)

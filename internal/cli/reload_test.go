@@ -465,3 +465,33 @@ func TestAgentStartFailureEndsReloadLoop(t *testing.T) {
 		t.Fatalf("agent did not exit after failing to start:\n%s", errOut.String())
 	}
 }
+
+// The gateway command watches agents_file like its config: a line added
+// to the file admits that agent without a restart or a signal, and one
+// removed is refused again.
+func TestGatewayPollsTheAgentsFile(t *testing.T) {
+	dir := t.TempDir()
+	tokA, tokB := "alpha-token-0123456789abcdef", "beta-token-0123456789abcdef"
+	agentsFile, gwFile := filepath.Join(dir, "agents"), filepath.Join(dir, "gateway.yaml")
+	writeAtomic(t, agentsFile, []byte("alpha sha256:"+sha256Hex(tokA)+"\n"))
+	writeAtomic(t, gwFile, []byte(fmt.Sprintf("listen: 127.0.0.1:0\npublic_host: 127.0.0.1\nbind_address: 127.0.0.1\nstate_file: \"\"\ninsecure: true\nauth_failures_per_minute: 1000\nagents_file: %q\n", agentsFile)))
+	gwLog := runMain(t, "--log-format", "json", "gateway", "--config", gwFile, "--watch-interval", "50ms")
+	waitFor(t, gwLog, "live reload ready")
+	m := regexp.MustCompile(`"agents_url":"ws://([^"]+)"`).FindStringSubmatch(gwLog.String())
+	if m == nil {
+		t.Fatalf("no agents_url in:\n%s", gwLog.String())
+	}
+	url := "http://" + m[1]
+	// 400: the token is accepted and the plain GET is refused as no
+	// upgrade; 401: the token is unknown.
+	if got := tunnelStatus(t, url, tokA, nil); got != http.StatusBadRequest {
+		t.Fatalf("alpha: HTTP %d, want 400", got)
+	}
+	if got := tunnelStatus(t, url, tokB, nil); got != http.StatusUnauthorized {
+		t.Fatalf("beta before it is in the file: HTTP %d, want 401", got)
+	}
+	writeAtomic(t, agentsFile, []byte("alpha sha256:"+sha256Hex(tokA)+"\nbeta sha256:"+sha256Hex(tokB)+"\n"))
+	testwait.For(t, 15*time.Second, "beta admitted by the poll", func() bool { return tunnelStatus(t, url, tokB, nil) == http.StatusBadRequest })
+	writeAtomic(t, agentsFile, []byte("beta sha256:"+sha256Hex(tokB)+"\n"))
+	testwait.For(t, 15*time.Second, "alpha refused after its line went", func() bool { return tunnelStatus(t, url, tokA, nil) == http.StatusUnauthorized })
+}

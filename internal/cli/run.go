@@ -72,7 +72,7 @@ func (a *app) gatewayCmd() *cobra.Command {
 				}
 			}
 			a.applyLogLevel(cfg.LogLevel, f.Changed("log-level"))
-			if len(cfg.Agents) == 0 {
+			if len(cfg.AllAgents()) == 0 {
 				log.Warn("no agents configured: every tunnel connection will be refused")
 			}
 			reg := registry()
@@ -92,6 +92,9 @@ func (a *app) gatewayCmd() *cobra.Command {
 				}
 				if cur.TLS != nil {
 					out = append(out, cur.TLS.CertFile, cur.TLS.KeyFile)
+				}
+				if cur.AgentsFile != "" {
+					out = append(out, cur.AgentsFile)
 				}
 				return out
 			}

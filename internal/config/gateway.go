@@ -2,6 +2,7 @@ package config
 
 import (
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -31,7 +32,13 @@ type GatewayFile struct {
 	// Protocols are offered in gateway_hello, in order of preference.
 	Protocols []string        `json:"protocols"`
 	Agents    []AgentIdentity `json:"agents"`
-	Admin     Admin           `json:"admin"`
+	// AgentsFile names a file of more agent identities, one a line
+	// (agentsfile.go has the format). It is read at start and on every
+	// reload; its agents are in FileAgents.
+	AgentsFile string `json:"agents_file,omitempty"`
+	// FileAgents are the identities read from AgentsFile.
+	FileAgents []AgentIdentity `json:"-"`
+	Admin      Admin           `json:"admin"`
 
 	// HeartbeatInterval is announced to agents; a peer silent for 2.5
 	// intervals is considered dead.
@@ -58,6 +65,10 @@ type GatewayFile struct {
 	AuthFailuresPerMinute int `json:"auth_failures_per_minute"`
 	// HandshakeTimeout bounds the HTTP upgrade and the hello exchange.
 	HandshakeTimeout Duration `json:"handshake_timeout"`
+	// MaxConcurrentHandshakes bounds the agent handshakes in progress at
+	// once; beyond it agents get HTTP 503 with Retry-After and come back
+	// later, so a reconnect storm queues instead of piling up.
+	MaxConcurrentHandshakes int `json:"max_concurrent_handshakes"`
 	// UDPQueueBytes bounds the bytes of UDP datagrams queued toward
 	// agents, all services together; datagrams beyond it are dropped.
 	UDPQueueBytes int `json:"udp_queue_bytes"`
@@ -137,6 +148,7 @@ func DefaultGateway() *GatewayFile {
 		BufferSize:              32 << 10,
 		AuthFailuresPerMinute:   10,
 		HandshakeTimeout:        D(10 * time.Second),
+		MaxConcurrentHandshakes: DefaultMaxConcurrentHandshakes,
 		UDPQueueBytes:           64 << 20,
 		UDPQueueBytesPerService: 8 << 20,
 	}
@@ -160,11 +172,19 @@ func parseGateway(name string, data []byte, getenv func(string) string, override
 	if override != nil {
 		override(g)
 	}
-	if err := g.Validate(); err != nil {
-		return nil, withLines(name, lines, err)
+	// The agents file's problems name its own lines; they are reported
+	// with whatever else is wrong.
+	fileErr := g.loadAgentsFile()
+	if err := errors.Join(withLines(name, lines, g.Validate()), fileErr); err != nil {
+		return nil, err
 	}
 	return g, nil
 }
+
+// DefaultMaxConcurrentHandshakes is max_concurrent_handshakes' default:
+// enough that agents arriving one by one never wait, few enough that a
+// storm of thousands costs the gateway a bounded amount at a time.
+const DefaultMaxConcurrentHandshakes = 64
 
 // LoadGateway reads and parses a gateway config file.
 func LoadGateway(path string, getenv func(string) string) (*GatewayFile, error) {
@@ -271,6 +291,7 @@ func (g *GatewayFile) Validate() error {
 	p.intRange("buffer_size", g.BufferSize, 512, 16<<20)
 	p.intRange("auth_failures_per_minute", g.AuthFailuresPerMinute, 1, 1<<20)
 	p.duration("handshake_timeout", g.HandshakeTimeout, 100*time.Millisecond, 10*time.Minute, false)
+	p.intRange("max_concurrent_handshakes", g.MaxConcurrentHandshakes, 1, 1<<16)
 	// At least one largest datagram must fit.
 	p.intRange("udp_queue_bytes", g.UDPQueueBytes, 64<<10, 1<<30)
 	p.intRange("udp_queue_bytes_per_service", g.UDPQueueBytesPerService, 64<<10, 1<<30)
@@ -318,6 +339,10 @@ func (g *GatewayFile) validateAgents(p *problems) {
 			p.add(key+".max_services", "%d is outside 0-%d", a.MaxServices, protocol.MaxRegisterServices)
 		}
 		g.validateRetained(p, key, a)
+	}
+	for i := range g.FileAgents {
+		a := &g.FileAgents[i]
+		g.validateRetained(p, fmt.Sprintf("agents_file %s: agent %q", g.AgentsFile, a.Name), a)
 	}
 }
 

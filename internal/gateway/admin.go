@@ -111,7 +111,7 @@ func writeJSON(w http.ResponseWriter, v any) {
 
 // Agents lists the configured agents and their state.
 func (g *Gateway) Agents() []adminapi.AgentInfo {
-	agents := g.conf().Agents
+	agents := g.conf().AllAgents()
 	out := make([]adminapi.AgentInfo, 0, len(agents))
 	g.mu.Lock()
 	states := map[string]*agentState{}

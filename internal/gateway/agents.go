@@ -552,7 +552,16 @@ func (g *Gateway) countInstances(a *agentState) {
 	g.metrics.AgentInstances.WithLabelValues(a.name).Set(float64(a.live.Load()))
 }
 
+// countServices sets the services gauge. Concurrent calls are coalesced
+// (Gateway.counts): it walks every agent.
 func (g *Gateway) countServices() {
+	g.counts.do(func() error {
+		g.countServicesNow()
+		return nil
+	})
+}
+
+func (g *Gateway) countServicesNow() {
 	var tcp, udp int
 	for _, a := range g.agentList() {
 		a.mu.Lock()

@@ -27,15 +27,18 @@
 // The order, outermost first, is:
 //
 //	agentState.regMu → agentState.mu → ports.mu
+//	Gateway.counts.mu → Gateway.mu, agentState.mu
+//	Gateway.connectedCount.mu → Gateway.mu
 //	Gateway.reloadMu → agentState.mu, Gateway.mu, authLimiter.mu
 //
 // Every other lock is a leaf, never held while taking another of this
 // package's locks: Gateway.mu (the agents map and the presence: callers
 // copy what they need and unlock before touching an agent), udpSessions.mu
 // (one public UDP port's clients), sourceTable.mu (one service's
-// per-source counts, access.go) and authLimiter.mu. Nothing here calls
-// out of the package under a lock except into internal/metrics' vectors
-// and the certificate expiry gauge, none of which calls back.
+// per-source counts, access.go), authLimiter.mu and admission.mu. Nothing
+// here calls out of the package under a lock except into
+// internal/metrics' vectors and the certificate expiry gauge, none of
+// which calls back.
 //
 // The allocation store (internal/store: a file, or etcd shared with other
 // replicas) and the cluster presence are called with no lock held but
@@ -70,7 +73,6 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
-	"crypto/subtle"
 	"crypto/tls"
 	"encoding/hex"
 	"errors"
@@ -138,6 +140,12 @@ type Gateway struct {
 	agents map[string]*agentState
 	// reloaded is closed and replaced by each reload (under mu).
 	reloaded chan struct{}
+
+	// admission bounds the agent handshakes in progress (admitHandshake).
+	admission admission
+	// counts and connectedCount coalesce the walks over every agent that
+	// keep the services and connected agents gauges (coalesced).
+	counts, connectedCount coalesced
 
 	ready     atomic.Bool
 	tunnelLn  net.Listener
@@ -229,6 +237,7 @@ func New(o Options) (*Gateway, error) {
 	}
 	g.ports.log = log
 	g.ports.timeout = g.storeTimeout
+	g.admission.now = time.Now
 	g.live.Store(newLive(cfg))
 	if cfg.TLS != nil {
 		g.certNotAfter = metrics.NewCertificateExpiry(reg)
@@ -411,22 +420,14 @@ func (g *Gateway) serverTLS() *tls.Config {
 }
 
 // authenticate maps a bearer token to an agent identity and the token it
-// matched. Every configured token is compared, in constant time, so timing
-// reveals nothing.
+// matched, by the token's SHA-256 (live.lookup says why that reveals
+// nothing through timing).
 func (g *Gateway) authenticate(header string) (agentToken, bool) {
 	token, ok := strings.CutPrefix(header, "Bearer ")
 	if !ok || token == "" {
 		return agentToken{}, false
 	}
-	sum := sha256.Sum256([]byte(token))
-	var found agentToken
-	match := 0
-	for _, t := range g.live.Load().tokens {
-		if subtle.ConstantTimeCompare(sum[:], t.sum[:]) == 1 {
-			found, match = t, 1
-		}
-	}
-	return found, match == 1
+	return g.live.Load().lookup(sha256.Sum256([]byte(token)))
 }
 
 func (g *Gateway) handleTunnel(w http.ResponseWriter, r *http.Request) {
@@ -460,7 +461,24 @@ func (g *Gateway) handleTunnel(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "gateway shutting down", http.StatusServiceUnavailable)
 		return
 	}
-	defer g.wg.Done()
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			g.wg.Done()
+		}
+	}()
+	admittedAt, ok := g.admitHandshake(w)
+	if !ok {
+		return
+	}
+	admitted := true
+	done := func() {
+		if admitted {
+			admitted = false
+			g.handshakeDone(admittedAt)
+		}
+	}
+	defer done()
 	ws, err := g.upgrader.Upgrade(w, r, nil)
 	if err != nil {
 		g.log.Warn("tunnel upgrade failed", "agent", agent.name, "source", src, "err", err)
@@ -482,11 +500,22 @@ func (g *Gateway) handleTunnel(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), g.cfg.HandshakeTimeout.Duration)
 	sess, err := tunnel.Server(ctx, ws, hello, g.tunnelConfig())
 	cancel()
+	done()
 	if err != nil {
 		g.log.Warn("tunnel handshake failed", "agent", agent.name, "source", src, "err", err)
 		return
 	}
-	g.runSession(agent, sess, r.RemoteAddr)
+	// The session runs in a goroutine of its own and this handler
+	// returns: the HTTP server then lets go of the connection's state and
+	// of the handler's deep stack, which an idle agent would otherwise
+	// hold for as long as it stays connected. The WebSocket keeps only
+	// the server's two 4 KiB buffers (tunnel.NewUpgrader).
+	handedOff = true
+	remote := r.RemoteAddr
+	go func() {
+		defer g.wg.Done()
+		g.runSession(agent, sess, remote)
+	}()
 }
 
 func (g *Gateway) tunnelConfig() tunnel.Config {
@@ -530,19 +559,13 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 		case m := <-sess.Control():
 			if reg, ok := m.(*protocol.Register); ok {
 				last = reg
-				ack := g.register(a, sess, reg)
-				if err := sess.Send(ack); err != nil {
-					sess.Close()
-				}
+				g.registerAside(a, sess, reg)
 			}
 		case <-in.retry:
 			if last != nil {
 				// The same seq: the agent applies it as the answer to
 				// the registration it sent last.
-				ack := g.register(a, sess, last)
-				if err := sess.Send(ack); err != nil {
-					sess.Close()
-				}
+				g.registerAside(a, sess, last)
 			}
 		case <-sess.Done():
 			err := sess.Err()
@@ -559,6 +582,23 @@ func (g *Gateway) runSession(tok agentToken, sess *tunnel.Session, remote string
 			sess.CloseWithError(protocol.CodeShutdown, "gateway shutting down")
 		}
 	}
+}
+
+// registerAside registers reg's services and answers the agent, in a
+// goroutine of its own, and waits for it. Registration goes deep (opening
+// listeners, saving state, logging) and its stack would otherwise stay
+// with the session's goroutine, which then waits, mostly idle, for as long
+// as the agent stays connected; a goroutine that ends gives its stack back.
+func (g *Gateway) registerAside(a *agentState, sess *tunnel.Session, reg *protocol.Register) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		ack := g.register(a, sess, reg)
+		if err := sess.Send(ack); err != nil {
+			sess.Close()
+		}
+	}()
+	<-done
 }
 
 // checkToken closes sess when the token it authenticated with is no longer
@@ -607,14 +647,19 @@ func (g *Gateway) agentList() []*agentState {
 	return agents
 }
 
+// updateConnected sets the connected agents gauge. Concurrent calls are
+// coalesced (Gateway.connectedCount): it walks every agent.
 func (g *Gateway) updateConnected() {
-	n := 0
-	for _, a := range g.agentList() {
-		if a.connected() {
-			n++
+	g.connectedCount.do(func() error {
+		n := 0
+		for _, a := range g.agentList() {
+			if a.connected() {
+				n++
+			}
 		}
-	}
-	g.metrics.AgentsConnected.Set(float64(n))
+		g.metrics.AgentsConnected.Set(float64(n))
+		return nil
+	})
 }
 
 // replicaID names this gateway process for the agents' hello, so that an

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"reflect"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/portway/portway/internal/config"
@@ -17,8 +18,13 @@ import (
 // live is the part of the configuration a reload replaces. It is swapped
 // whole and read without a lock, on every handshake and registration.
 type live struct {
-	cfg    *config.GatewayFile
-	tokens []agentToken
+	cfg *config.GatewayFile
+	// bySum maps each accepted token's SHA-256 to the agent it belongs
+	// to; byName maps each agent to its accepted tokens. Both are maps so
+	// that a handshake, and every session's check after a reload, costs
+	// the same with ten thousand agents as with one.
+	bySum  map[[sha256.Size]byte]agentToken
+	byName map[string][]agentToken
 	// admin is the SHA-256 of admin.token.
 	admin [sha256.Size]byte
 	// retained is each configured agent's cap on retained ports;
@@ -27,16 +33,20 @@ type live struct {
 	retainedDefault int
 }
 
-// newLive derives the reloadable state from a validated config.
+// newLive derives the reloadable state from a validated config: the
+// agents of gateway.yaml and of its agents file alike.
 func newLive(cfg *config.GatewayFile) *live {
+	agents := cfg.AllAgents()
 	l := &live{
 		cfg:             cfg,
+		bySum:           make(map[[sha256.Size]byte]agentToken, len(agents)),
+		byName:          make(map[string][]agentToken, len(agents)),
 		admin:           sha256.Sum256([]byte(cfg.Admin.Token)),
-		retained:        make(map[string]int, len(cfg.Agents)),
+		retained:        make(map[string]int, len(agents)),
 		retainedDefault: cfg.RetainedPortsCap(nil),
 	}
-	for i := range cfg.Agents {
-		a := &cfg.Agents[i]
+	for i := range agents {
+		a := &agents[i]
 		l.retained[a.Name] = cfg.RetainedPortsCap(a)
 		t := agentToken{name: a.Name, maxServices: a.MaxServices}
 		if t.maxServices == 0 {
@@ -48,14 +58,29 @@ func newLive(cfg *config.GatewayFile) *live {
 			b, _ := hex.DecodeString(a.TokenSHA256) // validated
 			copy(t.sum[:], b)
 		}
-		l.tokens = append(l.tokens, t)
+		l.add(t)
 		if a.TokenSHA256Next != "" {
 			b, _ := hex.DecodeString(a.TokenSHA256Next) // validated
 			copy(t.sum[:], b)
-			l.tokens = append(l.tokens, t)
+			l.add(t)
 		}
 	}
 	return l
+}
+
+// add accepts token t. Two agents with the same token hash cannot both be
+// told apart by it: the later one wins, as the linear scan it replaces did.
+func (l *live) add(t agentToken) {
+	l.bySum[t.sum] = t
+	l.byName[t.name] = append(l.byName[t.name], t)
+}
+
+// lookup returns the agent whose token has the SHA-256 sum. The map is
+// keyed by the token's hash, never by the token: how long the lookup takes
+// can only tell an attacker about hashes, which do not lead back to a token.
+func (l *live) lookup(sum [sha256.Size]byte) (agentToken, bool) {
+	t, ok := l.bySum[sum]
+	return t, ok
 }
 
 // conf returns the current configuration: the one of the last successful
@@ -69,10 +94,8 @@ func (g *Gateway) conf() *config.GatewayFile {
 
 // maxServices returns the current service quota of the agent name.
 func (l *live) maxServices(name string) int {
-	for _, t := range l.tokens {
-		if t.name == name {
-			return t.maxServices
-		}
+	if ts := l.byName[name]; len(ts) > 0 {
+		return ts[0].maxServices
 	}
 	return l.cfg.MaxServices
 }
@@ -81,8 +104,8 @@ func (l *live) maxServices(name string) int {
 // authenticated with) is still configured.
 func (l *live) accepts(tok agentToken) bool {
 	ok := 0
-	for _, t := range l.tokens {
-		if t.name == tok.name && subtle.ConstantTimeCompare(t.sum[:], tok.sum[:]) == 1 {
+	for _, t := range l.byName[tok.name] {
+		if subtle.ConstantTimeCompare(t.sum[:], tok.sum[:]) == 1 {
 			ok = 1
 		}
 	}
@@ -138,9 +161,9 @@ func (g *Gateway) Reload(cfg *config.GatewayFile) (needRestart []string, err err
 	g.mu.Unlock()
 	g.reloadMu.Unlock()
 
-	added, removed := agentDiff(prev.cfg.Agents, cfg.Agents)
-	g.log.Info("configuration reloaded", "agents", len(cfg.Agents), "agents_added", added,
-		"agents_removed", removed, "tokens", len(next.tokens))
+	added, removed := agentDiff(prev.byName, next.byName)
+	g.log.Info("configuration reloaded", "agents", len(next.byName), "agents_added", logNames(added),
+		"agents_removed", logNames(removed), "tokens", len(next.bySum))
 	if len(needRestart) > 0 {
 		g.log.Warn("configuration changes that need a restart were ignored", "keys", needRestart)
 	}
@@ -151,26 +174,33 @@ func (g *Gateway) Reload(cfg *config.GatewayFile) (needRestart []string, err err
 }
 
 // agentDiff names the agents added to and removed from the config.
-func agentDiff(before, after []config.AgentIdentity) (added, removed []string) {
-	names := func(as []config.AgentIdentity) []string {
-		out := make([]string, len(as))
-		for i := range as {
-			out[i] = as[i].Name
-		}
-		return out
-	}
-	b, a := names(before), names(after)
-	for _, n := range a {
-		if !slices.Contains(b, n) {
+func agentDiff(before, after map[string][]agentToken) (added, removed []string) {
+	for n := range after {
+		if _, ok := before[n]; !ok {
 			added = append(added, n)
 		}
 	}
-	for _, n := range b {
-		if !slices.Contains(a, n) {
+	for n := range before {
+		if _, ok := after[n]; !ok {
 			removed = append(removed, n)
 		}
 	}
+	slices.Sort(added)
+	slices.Sort(removed)
 	return added, removed
+}
+
+// maxLoggedNames bounds the agent names one reload log line lists: a
+// generated agents file may change thousands at once.
+const maxLoggedNames = 20
+
+// logNames is names for a log line: all of them, or the first
+// maxLoggedNames and how many more.
+func logNames(names []string) any {
+	if len(names) <= maxLoggedNames {
+		return names
+	}
+	return fmt.Sprintf("%s and %d more", strings.Join(names[:maxLoggedNames], ", "), len(names)-maxLoggedNames)
 }
 
 // restartKeys lists the keys whose change a running gateway cannot apply:

@@ -23,6 +23,7 @@ func registeredNames(t *testing.T) map[string]bool {
 		a.Reconnects, a.Protocol, a.HeartbeatRTT, a.Registered,
 		g.AgentsConnected, g.AgentSessions, g.AgentInstances, g.Services, g.PortAllocations, g.PortEvictions, g.ConnActive, g.ConnTotal,
 		g.Bytes, g.Refusals, g.UDPActive, g.UDPSessions, g.UDPPackets, g.UDPDropped, g.AuthFailures, g.SessionEnds,
+		g.HandshakesInFlight, g.HandshakesDeferred,
 		NewCertificateExpiry(prometheus.NewRegistry())} {
 		c.Describe(descs)
 	}
@@ -165,4 +166,42 @@ func count(c prometheus.Collector) int {
 	c.Collect(ch)
 	close(ch)
 	return len(ch)
+}
+
+// ForgetService removes every series of the service, whatever its reason
+// label, and no other agent's.
+func TestGatewayForgetServiceRemovesEverySeries(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := NewGateway(reg)
+	for _, agent := range []string{"a", "b"} {
+		m.ConnActive.WithLabelValues(agent, "svc").Inc()
+		m.ConnTotal.WithLabelValues(agent, "svc").Inc()
+		m.UDPActive.WithLabelValues(agent, "svc").Inc()
+		m.UDPSessions.WithLabelValues(agent, "svc").Inc()
+		for r := ReasonNone + 1; r < numReasons; r++ {
+			m.Refusals.WithLabelValues(agent, "svc", r.String()).Inc()
+			m.UDPDropped.WithLabelValues(agent, "svc", r.String()).Inc()
+		}
+	}
+	m.ForgetService("a", "svc")
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	left := map[string]int{}
+	for _, mf := range mfs {
+		for _, mt := range mf.GetMetric() {
+			for _, l := range mt.GetLabel() {
+				if l.GetName() == "agent" {
+					left[l.GetValue()]++
+				}
+			}
+		}
+	}
+	if left["a"] != 0 {
+		t.Fatalf("%d series of the forgotten service remain", left["a"])
+	}
+	if want := 4 + 2*int(numReasons-1); left["b"] != want {
+		t.Fatalf("the other agent has %d series, want %d", left["b"], want)
+	}
 }

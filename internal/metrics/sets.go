@@ -147,6 +147,12 @@ type Gateway struct {
 
 	AuthFailures *prometheus.CounterVec // reason
 	SessionEnds  *prometheus.CounterVec // reason
+
+	// HandshakesInFlight counts agent handshakes admitted and not yet
+	// done; HandshakesDeferred counts those turned away with 503 because
+	// max_concurrent_handshakes were in flight.
+	HandshakesInFlight prometheus.Gauge
+	HandshakesDeferred prometheus.Counter
 }
 
 // NewGateway creates the gateway's metrics and registers them with reg.
@@ -203,6 +209,15 @@ func NewGateway(reg prometheus.Registerer) *Gateway {
 			Name: "portway_gateway_session_ends_total", Help: "Tunnel sessions ended, by reason.",
 		}, []string{"reason"}),
 	}
+	m.HandshakesInFlight = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "portway_gateway_handshakes_in_flight",
+		Help: "Agent handshakes in progress (admitted, hello exchange not yet done).",
+	})
+	m.HandshakesDeferred = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "portway_gateway_handshakes_deferred_total",
+		Help: "Agent connection attempts answered 503 with Retry-After because max_concurrent_handshakes were in progress.",
+	})
+	reg.MustRegister(m.HandshakesInFlight, m.HandshakesDeferred)
 	reg.MustRegister(m.AgentsConnected, m.AgentSessions, m.AgentInstances, m.Services, m.PortAllocations, m.PortEvictions,
 		m.ConnActive, m.ConnTotal, m.Bytes, m.Refusals, m.UDPActive, m.UDPSessions, m.UDPPackets,
 		m.UDPDropped, m.AuthFailures, m.SessionEnds)
@@ -226,14 +241,20 @@ func NewCertificateExpiry(reg prometheus.Registerer) prometheus.Gauge {
 }
 
 // ForgetService removes a withdrawn service's label sets.
+//
+// Every label set is deleted by its full value, reasons included (they
+// come from the fixed set of Reason): a partial match walks every series
+// of the vector, and a gateway with thousands of agents withdraws
+// thousands of services at once when they all reconnect.
 func (m *Gateway) ForgetService(agent, service string) {
-	l := prometheus.Labels{"agent": agent, "service": service}
-	m.ConnActive.DeletePartialMatch(l)
-	m.ConnTotal.DeletePartialMatch(l)
+	m.ConnActive.DeleteLabelValues(agent, service)
+	m.ConnTotal.DeleteLabelValues(agent, service)
 	m.Bytes.Delete(agent, service)
-	m.Refusals.DeletePartialMatch(l)
-	m.UDPActive.DeletePartialMatch(l)
-	m.UDPSessions.DeletePartialMatch(l)
+	m.UDPActive.DeleteLabelValues(agent, service)
+	m.UDPSessions.DeleteLabelValues(agent, service)
 	m.UDPPackets.Delete(agent, service)
-	m.UDPDropped.DeletePartialMatch(l)
+	for r := ReasonNone + 1; r < numReasons; r++ {
+		m.Refusals.DeleteLabelValues(agent, service, r.String())
+		m.UDPDropped.DeleteLabelValues(agent, service, r.String())
+	}
 }

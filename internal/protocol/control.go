@@ -308,6 +308,10 @@ func Encode(m Message) ([]byte, error) {
 		return AppendData(nil, m.Kind, m.ID, m.Data), nil
 	case *Credit:
 		return AppendCredit(nil, m.ID, m.Bytes), nil
+	case *Heartbeat:
+		return AppendHeartbeat(make([]byte, 0, HeartbeatLen), false, m.Seq, m.TS), nil
+	case *HeartbeatAck:
+		return AppendHeartbeat(make([]byte, 0, HeartbeatLen), true, m.Seq, m.TS), nil
 	}
 	b, err := json.Marshal(m)
 	if err != nil {
@@ -332,6 +336,9 @@ func Decode(b []byte) (Message, error) {
 	}
 	if id, n, ok := ParseCreditFast(b); ok {
 		return &Credit{ID: id, Bytes: n}, nil
+	}
+	if m, ok := parseHeartbeatFast(b); ok {
+		return m, nil
 	}
 	var env struct {
 		Type string `json:"type"`

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/netip"
 	"reflect"
@@ -22,6 +23,7 @@ func FuzzDecode(f *testing.F) {
 		&Register{Seq: 1, Services: []Service{{ID: "redis", Protocol: KindTCP, Port: 6379}}},
 		&RegisterAck{Seq: 1, Endpoints: []Endpoint{{ID: "redis", Protocol: KindTCP, PublicPort: 16379}}},
 		&Heartbeat{Seq: 1, TS: 2},
+		&HeartbeatAck{Seq: 1 << 40, TS: -5},
 		&Open{Kind: KindUDP, ID: 3, Service: "dns", Client: "127.0.0.1:9"},
 		&Data{Kind: KindTCP, ID: 3, Data: []byte("abc")},
 		&Close{Kind: KindTCP, ID: 3, Half: true},
@@ -48,6 +50,33 @@ func FuzzDecode(f *testing.F) {
 			}
 			if err := json.Unmarshal(b, &c); err != nil || c.ID != id || c.Bytes != n {
 				t.Fatalf("ParseCreditFast(%q) = %d, %d; encoding/json: %+v, %v", b, id, n, c, err)
+			}
+		}
+		// And the fast heartbeat decoder.
+		if m, ok := parseHeartbeatFast(b); ok {
+			if !json.Valid(b) {
+				t.Fatalf("parseHeartbeatFast accepted invalid JSON %q", b)
+			}
+			var h struct {
+				Type string `json:"type"`
+				Heartbeat
+			}
+			err := json.Unmarshal(b, &h)
+			var got Heartbeat
+			switch m := m.(type) {
+			case *Heartbeat:
+				got = *m
+				if h.Type != TypeHeartbeat {
+					err = fmt.Errorf("type %q", h.Type)
+				}
+			case *HeartbeatAck:
+				got = Heartbeat(*m)
+				if h.Type != TypeHeartbeatAck {
+					err = fmt.Errorf("type %q", h.Type)
+				}
+			}
+			if err != nil || got != h.Heartbeat {
+				t.Fatalf("parseHeartbeatFast(%q) = %+v; encoding/json: %+v, %v", b, got, h, err)
 			}
 		}
 		// So must the fast data decoder, on every message whose payload

@@ -7,14 +7,16 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/gorilla/websocket"
 )
 
-// Buffer sizes for the WebSocket: one 64 KiB yamux frame (or JSON data
-// message) fits in one read and one write.
+// Buffer sizes for the agent's WebSocket: one 64 KiB yamux frame (or
+// JSON data message) fits in one read and one write. The gateway's side
+// sizes its buffers differently: see NewUpgrader.
 const (
 	wsReadBuffer  = 64 << 10
 	wsWriteBuffer = 64<<10 + 16
@@ -25,20 +27,41 @@ const Path = "/v1/tunnel"
 
 // NewUpgrader returns the gateway's WebSocket upgrader. Agents are not
 // browsers and authenticate with a bearer token, so any Origin is allowed.
+//
+// This is where the gateway's WebSocket buffers are chosen: gatewayReadBuffer
+// and gatewayWriteBuffer, 4 KiB each, where the agent's side has 64 KiB
+// each. A gateway holds one WebSocket per agent, mostly idle, and a 64 KiB
+// pair was most of an idle agent's cost. Busy sessions lose little: a read
+// larger than the buffer goes straight from the socket into the caller's
+// slice (yamux's frame body), and a message larger than the write buffer
+// is written as the buffered head plus the rest of the message in one
+// writev, with no copy of the rest. The read buffer is the WebSocket's own
+// rather than the HTTP server's (ReadBufferSize 0 would reuse that one):
+// reusing it would keep the server's whole connection state reachable for
+// the life of the session.
 func NewUpgrader(handshakeTimeout time.Duration) *websocket.Upgrader {
 	return &websocket.Upgrader{
 		HandshakeTimeout: handshakeTimeout,
-		ReadBufferSize:   wsReadBuffer,
-		WriteBufferSize:  wsWriteBuffer,
+		ReadBufferSize:   gatewayReadBuffer,
+		WriteBufferSize:  gatewayWriteBuffer,
 		CheckOrigin:      func(*http.Request) bool { return true },
 	}
 }
+
+// The gateway's WebSocket buffer sizes (NewUpgrader says why they are small).
+const (
+	gatewayReadBuffer  = 4 << 10
+	gatewayWriteBuffer = 4 << 10
+)
 
 // DialError is returned by Dial when the gateway answered the upgrade with
 // an HTTP error, such as 401 for an unknown token.
 type DialError struct {
 	StatusCode int
 	Body       string
+	// RetryAfter is the wait the gateway asked for with Retry-After (a
+	// 503 while it is busy with other handshakes), or 0.
+	RetryAfter time.Duration
 }
 
 func (e *DialError) Error() string {
@@ -83,9 +106,31 @@ func Dial(ctx context.Context, url string, o DialOptions) (*websocket.Conn, erro
 		if resp != nil && resp.StatusCode != http.StatusSwitchingProtocols {
 			body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
 			resp.Body.Close()
-			return nil, &DialError{StatusCode: resp.StatusCode, Body: strings.TrimSpace(string(body))}
+			return nil, &DialError{StatusCode: resp.StatusCode, Body: strings.TrimSpace(string(body)),
+				RetryAfter: ParseRetryAfter(resp.Header.Get("Retry-After"), time.Now())}
 		}
 		return nil, fmt.Errorf("dial %s: %w", url, err)
 	}
 	return ws, nil
+}
+
+// maxRetryAfter caps what a Retry-After may ask for: a gateway's answer
+// must not park an agent for hours.
+const maxRetryAfter = 5 * time.Minute
+
+// ParseRetryAfter reads a Retry-After header value, seconds or an HTTP
+// date (relative to now), capped at five minutes. Anything else, and a
+// date in the past, is 0: no wait asked for.
+func ParseRetryAfter(v string, now time.Time) time.Duration {
+	v = strings.TrimSpace(v)
+	if v == "" {
+		return 0
+	}
+	var d time.Duration
+	if n, err := strconv.ParseUint(v, 10, 32); err == nil {
+		d = time.Duration(n) * time.Second
+	} else if t, err := http.ParseTime(v); err == nil {
+		d = t.Sub(now)
+	}
+	return min(max(d, 0), maxRetryAfter)
 }

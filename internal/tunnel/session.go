@@ -10,7 +10,9 @@
 //
 // A Session holds one muxer, chosen by the handshake: yamuxMux or jsonMux.
 // The muxer reads the socket and passes session-level messages back to the
-// Session; everything written goes through the wsConn's single writer.
+// Session; everything written goes through the wsConn's single writer,
+// which also runs the session's heartbeats (chores): an idle session is
+// the muxer's goroutines and the writer, nothing else.
 //
 // Lock order: jsonStream.mu, then jsonMux.mu. wsConn.errMu and
 // logWriter.mu are leaves, taken with no other lock held. No lock is held
@@ -28,6 +30,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/portway/portway/internal/pool"
 	"github.com/portway/portway/internal/protocol"
 )
 
@@ -262,57 +265,61 @@ func (s *Session) readHandshake(ctx context.Context) (protocol.Message, error) {
 }
 
 // start runs the chosen mode: its muxer, which from now on reads the
-// socket, and the heartbeats.
+// socket, and the session's chores in the writer goroutine (heartbeats,
+// then closing the muxer).
 func (s *Session) start(proto string) error {
 	s.proto = proto
 	s.ctrl = make(chan protocol.Message, 16)
+	var muxClosed <-chan struct{}
 	if proto == protocol.ProtocolYamux {
 		m, err := newYamuxMux(s.c, s.role, &s.cfg, s.handleControl)
 		if err != nil {
 			return err
 		}
 		s.mux = m
+		muxClosed = m.ym.CloseChan()
+		// yamux reads binary messages through its own path; the text
+		// buffer of the handshake is not needed again.
+		s.c.rxBuf = nil
 	} else {
 		s.mux = newJSONMux(s.c, s.role, &s.hello, s.cfg.MaxStreams, s.handleControl)
 	}
-	go func() {
-		<-s.c.done
-		s.mux.close(s.c.Err())
-	}()
-	go s.keepalive()
+	interval := s.hello.HeartbeatInterval()
+	ticks, stop := s.cfg.clock.tick(interval / 4)
+	s.c.startChores(chores{
+		ticks: ticks, stop: stop, tick: s.keepalive(interval), muxClosed: muxClosed,
+		end: func() { s.mux.close(s.c.Err()) },
+	})
 	return nil
 }
 
-// keepalive sends a heartbeat every interval and closes the session when
-// nothing has arrived for 2.5 intervals. Checking four times per interval
-// bounds detection to 2.75 intervals after the last message. Time comes from
-// the session's clock only, so tests can check these bounds exactly.
-func (s *Session) keepalive() {
-	interval := s.hello.HeartbeatInterval()
+// keepalive returns the heartbeat chore, called four times per interval:
+// it produces a heartbeat every interval and ends the session when nothing
+// has arrived for 2.5 intervals. Checking four times per interval bounds
+// detection to 2.75 intervals after the last message. Time comes from the
+// session's clock only, so tests can check these bounds exactly.
+func (s *Session) keepalive(interval time.Duration) func() (*[]byte, error) {
 	timeout := interval * 5 / 2
-	ticks, stop := s.cfg.clock.tick(interval / 4)
-	defer stop()
 	var next time.Duration // when the next heartbeat is due, on s.c's clock
-	for {
-		select {
-		case <-s.c.done:
-			return
-		case <-ticks:
-			if s.c.sinceRecv() > timeout {
-				s.c.fail(ErrPeerTimeout)
-				return
-			}
-			now := time.Duration(s.c.now())
-			if now < next {
-				continue
-			}
-			next = now + interval
-			hb := &protocol.Heartbeat{Seq: s.hbSeq.Add(1), TS: s.c.now()}
-			if err := s.sendControl(hb); err != nil {
-				return
-			}
+	return func() (*[]byte, error) {
+		if s.c.sinceRecv() > timeout {
+			return nil, ErrPeerTimeout
 		}
+		now := time.Duration(s.c.now())
+		if now < next {
+			return nil, nil
+		}
+		next = now + interval
+		return heartbeatMsg(false, s.hbSeq.Add(1), s.c.now()), nil
 	}
+}
+
+// heartbeatMsg encodes a heartbeat (or its ack) straight into a pooled
+// buffer: every idle session sends and answers one per interval.
+func heartbeatMsg(ack bool, seq uint64, ts int64) *[]byte {
+	buf := pool.Get(protocol.HeartbeatLen)
+	*buf = protocol.AppendHeartbeat((*buf)[:0], ack, seq, ts)
+	return buf
 }
 
 // handleControl is the session's controlHandler: it handles one decoded
@@ -321,7 +328,7 @@ func (s *Session) keepalive() {
 func (s *Session) handleControl(m protocol.Message) error {
 	switch m := m.(type) {
 	case *protocol.Heartbeat:
-		return s.sendControl((*protocol.HeartbeatAck)(m))
+		return s.c.queueControl(outMsg{typ: websocket.TextMessage, buf: heartbeatMsg(true, m.Seq, m.TS)})
 	case *protocol.HeartbeatAck:
 		if rtt := s.c.now() - m.TS; rtt >= 0 {
 			s.rtt.Store(rtt)

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+	yamux "github.com/libp2p/go-yamux/v5"
 
 	"github.com/portway/portway/internal/protocol"
 )
@@ -717,17 +718,40 @@ func mustEncode(m protocol.Message) []byte {
 	return b
 }
 
-// Streams are opened by the gateway only: an agent that opens one loses its
-// session, instead of parking data in the gateway's yamux backlog.
-func TestAgentOpenedStreamEndsSession(t *testing.T) {
+// Streams are opened by the gateway only: one the agent opens is reset by
+// the gateway's yamux at once, so nothing is parked in a backlog, and the
+// session carries on (no goroutine per session waits to refuse them).
+func TestAgentOpenedStreamIsReset(t *testing.T) {
 	gw, ag := pair(t, testHello("yamux"), "yamux")
 	st, err := ag.mux.(*yamuxMux).ym.OpenStream(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
 	st.Write(make([]byte, 1000))
-	if err := waitEnd(t, gw); !errors.Is(err, ErrProtocol) || !strings.Contains(err.Error(), "opened a stream") {
-		t.Fatalf("gateway session ended with %v", err)
+	st.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := st.Read(make([]byte, 1)); !errors.Is(err, yamux.ErrStreamReset) {
+		t.Fatalf("read on the agent-opened stream: %v, want a reset", err)
+	}
+	if n := gw.mux.(*yamuxMux).ym.NumStreams(); n != 0 {
+		t.Fatalf("the gateway holds %d streams", n)
+	}
+	// The session still works: a stream the gateway opens goes through.
+	go func() {
+		in, err := ag.Accept(context.Background())
+		if err == nil {
+			in.Reject(protocol.StatusRefused)
+		}
+	}()
+	s2, err := gw.Open(context.Background(), protocol.StreamHeader{Kind: protocol.KindTCP, Service: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var oe *protocol.OpenError
+	if _, err := s2.Read(make([]byte, 1)); !errors.As(err, &oe) {
+		t.Fatalf("stream after the reset: %v, want the agent's refusal", err)
+	}
+	if err := gw.Err(); err != nil {
+		t.Fatalf("gateway session ended: %v", err)
 	}
 }
 

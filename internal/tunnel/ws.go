@@ -34,6 +34,10 @@ type wsConn struct {
 	ctrlQ chan outMsg
 	dataQ chan outMsg
 
+	// chores hands the writer the session's housekeeping once the
+	// handshake is done (startChores).
+	chores chan chores
+
 	done      chan struct{}
 	closeOnce sync.Once
 	errMu     sync.Mutex
@@ -42,14 +46,21 @@ type wsConn struct {
 	clock    clock
 	epoch    time.Time    // clock.now() when the connection began
 	lastRecv atomic.Int64 // nanoseconds since epoch
-	rxBuf    []byte       // reusable buffer for whole text messages
+	// rxBuf is the reusable buffer for whole text messages: those of the
+	// handshake, and every message in JSON mode. It is allocated by the
+	// first read and dropped when yamux takes over the reading, so an
+	// idle yamux session holds none.
+	rxBuf []byte
 }
 
 // Queue sizes. The data queue bounds what a session buffers on the way out
 // (at most dataQueueLen messages of at most one max message each); callers
-// block beyond that, which is the backpressure the muxers rely on.
+// block beyond that, which is the backpressure the muxers rely on. The
+// control queue only needs to absorb a burst while the writer is busy
+// with one message (it takes control first); a channel's buffer is
+// allocated whole with the session, so it is kept small.
 const (
-	ctrlQueueLen = 256
+	ctrlQueueLen = 16
 	dataQueueLen = 32
 )
 
@@ -63,10 +74,10 @@ func newWSConn(ws *websocket.Conn, maxMessage int, writeTimeout time.Duration, c
 		writeTimeout: writeTimeout,
 		ctrlQ:        make(chan outMsg, ctrlQueueLen),
 		dataQ:        make(chan outMsg, dataQueueLen),
+		chores:       make(chan chores),
 		done:         make(chan struct{}),
 		clock:        clk,
 		epoch:        clk.now(),
-		rxBuf:        make([]byte, 0, 4<<10),
 	}
 	c.touch()
 	go c.writeLoop()
@@ -114,7 +125,45 @@ func (c *wsConn) queueDataText(b []byte) error {
 	return c.queueData(outMsg{typ: websocket.TextMessage, buf: getCopy(b)})
 }
 
+// chores are what the writer goroutine does besides writing, once the
+// session runs: the heartbeats, and closing the muxer at the end. Doing
+// them in the writer rather than in a goroutine of their own saves a stack
+// per session, which counts when a gateway holds thousands of idle agents.
+type chores struct {
+	// ticks drive tick; stop ends them.
+	ticks <-chan time.Time
+	stop  func()
+	// tick returns a heartbeat to write, or nil, or the error that ends
+	// the session (the peer fell silent).
+	tick func() (*[]byte, error)
+	// muxClosed is closed when the muxer ended on its own (yamux), nil
+	// otherwise.
+	muxClosed <-chan struct{}
+	// end closes the muxer once the connection has ended.
+	end func()
+}
+
+// startChores hands ch to the writer. If the connection has already
+// ended, it runs ch's end itself.
+func (c *wsConn) startChores(ch chores) {
+	select {
+	case c.chores <- ch:
+	case <-c.done:
+		ch.stop()
+		ch.end()
+	}
+}
+
 func (c *wsConn) writeLoop() {
+	var ch chores
+	choresIn := c.chores
+	defer func() {
+		if ch.end != nil {
+			ch.stop()
+			<-c.done
+			ch.end()
+		}
+	}()
 	var deadline time.Time
 	for {
 		var m outMsg
@@ -124,6 +173,22 @@ func (c *wsConn) writeLoop() {
 			select {
 			case m = <-c.ctrlQ:
 			case m = <-c.dataQ:
+			case ch = <-choresIn:
+				choresIn = nil
+				continue
+			case <-ch.ticks:
+				hb, err := ch.tick()
+				if err != nil {
+					c.fail(err)
+					return
+				}
+				if hb == nil {
+					continue
+				}
+				m = outMsg{typ: websocket.TextMessage, buf: hb}
+			case <-ch.muxClosed:
+				c.fail(errors.New("tunnel: yamux session closed"))
+				return
 			case <-c.done:
 				return
 			}
@@ -133,6 +198,7 @@ func (c *wsConn) writeLoop() {
 		if now := time.Now(); now.Add(c.writeTimeout / 2).After(deadline) {
 			deadline = now.Add(c.writeTimeout)
 			if err := c.ws.SetWriteDeadline(deadline); err != nil {
+				pool.Put(m.buf)
 				c.fail(fmt.Errorf("tunnel: set write deadline: %w", err))
 				return
 			}
@@ -158,6 +224,9 @@ func (c *wsConn) readMessage() (int, []byte, error) {
 		return 0, nil, err
 	}
 	c.touch()
+	if c.rxBuf == nil {
+		c.rxBuf = make([]byte, 0, 4<<10)
+	}
 	b := c.rxBuf[:0]
 	for {
 		if len(b) == cap(b) {

@@ -39,6 +39,19 @@ func newYamuxMux(c *wsConn, r role, sc *Config, onControl controlHandler) (*yamu
 	cfg.MaxIncomingStreams = uint32(sc.MaxStreams)
 	cfg.MaxStreamWindowSize = uint32(sc.MaxStreamWindow)
 	cfg.ReadBufSize = 16 << 10
+	if r == gatewayRole {
+		// What a gateway holds per idle agent is kept to what the
+		// session uses. The WebSocket's reader below is buffered already
+		// (NewUpgrader): a second buffer would be 16 KiB more. The accept
+		// backlog is a channel allocated whole; the gateway accepts no
+		// stream, and the backlog bounds only its own opens awaiting the
+		// agent's ACK. Streams the agent opens are reset by yamux at once
+		// (MaxIncomingStreams 0), with no goroutine waiting to refuse
+		// them and nothing parked.
+		cfg.ReadBufSize = 0
+		cfg.AcceptBacklog = 256
+		cfg.MaxIncomingStreams = 0
+	}
 	cfg.ConnectionWriteTimeout = sc.WriteTimeout
 	cfg.LogOutput = newLogWriter(sc.Logger, c.done)
 	budget := &windowBudget{limit: int64(sc.SessionWindowMemory)}
@@ -54,13 +67,8 @@ func newYamuxMux(c *wsConn, r role, sc *Config, onControl controlHandler) (*yamu
 		// Only an invalid config gets here.
 		return nil, fmt.Errorf("tunnel: start yamux: %w", err)
 	}
-	go func() {
-		<-m.ym.CloseChan()
-		c.fail(errors.New("tunnel: yamux session closed"))
-	}()
-	if r == gatewayRole {
-		go m.refuseAgentStreams()
-	}
+	// The session's monitor ends the session when yamux closes on its
+	// own (Session.monitor).
 	return m, nil
 }
 
@@ -162,18 +170,6 @@ func (a *yamuxConn) RemoteAddr() net.Addr { return a.c.ws.RemoteAddr() }
 func (a *yamuxConn) SetDeadline(time.Time) error      { return nil }
 func (a *yamuxConn) SetReadDeadline(time.Time) error  { return nil }
 func (a *yamuxConn) SetWriteDeadline(time.Time) error { return nil }
-
-// refuseAgentStreams ends the session if the agent opens a stream: streams
-// are opened by the gateway only, and an unaccepted stream would otherwise
-// sit in yamux's backlog holding its window of data.
-func (m *yamuxMux) refuseAgentStreams() {
-	st, err := m.ym.AcceptStream()
-	if err != nil {
-		return // the session ended
-	}
-	st.Reset()
-	m.c.fail(fmt.Errorf("%w: the agent opened a stream", ErrProtocol))
-}
 
 func (m *yamuxMux) open(ctx context.Context, h protocol.StreamHeader) (Stream, error) {
 	st, err := m.ym.OpenStream(ctx)
