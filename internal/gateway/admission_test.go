@@ -169,9 +169,7 @@ func TestAgentsFileAddAndRevokeTouchNoOtherSession(t *testing.T) {
 		t.Fatal("an agent not yet in the file authenticates")
 	}
 	sessions := func(name string) *tunnel.Session {
-		g.mu.Lock()
-		defer g.mu.Unlock()
-		ins := g.agents[name].liveInstances()
+		ins := g.agentNamed(name).liveInstances()
 		if len(ins) != 1 {
 			t.Fatalf("agent %s has %d live instances, want 1", name, len(ins))
 		}
