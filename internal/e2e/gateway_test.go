@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -32,7 +33,13 @@ func TestGatewayRestartKeepsPorts(t *testing.T) {
 		t.Run(mode, func(t *testing.T) {
 			state := t.TempDir() + "/gateway.db"
 			listen := fmt.Sprintf("127.0.0.1:%d", testservers.FreePort(t, "tcp"))
-			same := func(c *config.GatewayFile) { c.Listen = listen; c.StateFile = state }
+			// A port range of its own: another test's gateway binding
+			// 10000+port in the moment between the two gateways would
+			// move the service, as it should, and fail this test.
+			low := 30000 + rand.IntN(9000)
+			same := func(c *config.GatewayFile) {
+				c.Listen, c.StateFile, c.PortRange = listen, state, fmt.Sprintf("%d-%d", low, low+99)
+			}
 			g1 := startGateway(t, same)
 			echo := echoBackend(t)
 			a := startAgent(t, g1.url(), tokenA, mode, []config.StaticService{
