@@ -13,10 +13,20 @@ import (
 	"github.com/gorilla/websocket"
 )
 
-// Buffer sizes for the WebSocket: one 64 KiB yamux frame (or JSON data
-// message) fits in one read and one write.
+// Buffer sizes for the WebSocket, in this one place.
+//
+//   - wsReadBuffer holds frame headers and small messages. A read of a
+//     frame's payload at least this large, which is what yamux and the JSON
+//     read loop ask for in bulk, goes straight from the connection (TLS
+//     or the socket) into the caller's buffer, skipping a copy.
+//   - wsWriteBuffer holds one whole 64 KiB yamux frame (or JSON data
+//     message), so that each message leaves in one write. The agent must
+//     mask what it sends, and masking is this copy. The gateway does not
+//     mask, and with a smaller buffer gorilla would send the rest of a
+//     large message from the caller's slice instead of copying it, but it
+//     allocates a net.Buffers for every such message to do so.
 const (
-	wsReadBuffer  = 64 << 10
+	wsReadBuffer  = 4 << 10
 	wsWriteBuffer = 64<<10 + 16
 )
 
@@ -72,6 +82,22 @@ func Dial(ctx context.Context, url string, o DialOptions) (*websocket.Conn, erro
 	}
 	if d.HandshakeTimeout == 0 {
 		d.HandshakeTimeout = 10 * time.Second
+	}
+	if strings.HasPrefix(strings.ToLower(url), "wss:") {
+		// Put a corkConn under gorilla's TLS (and under a proxy's CONNECT,
+		// which carries the TLS), so each message leaves in one write.
+		netDial := o.NetDial
+		if netDial == nil {
+			var nd net.Dialer
+			netDial = nd.DialContext
+		}
+		d.NetDialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := netDial(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return newCorkConn(c), nil
+		}
 	}
 	h := http.Header{}
 	h.Set("Authorization", "Bearer "+o.Token)

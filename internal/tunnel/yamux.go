@@ -71,7 +71,7 @@ func (m *yamuxMux) close(error) { m.ym.Close() }
 // text messages met on the way are control messages, handled in place, so
 // yamux's receive loop is the session's only reader. Each Write from yamux's
 // send loop is one whole frame (go-yamux builds header and body in one
-// buffer) and becomes one binary message.
+// buffer) and becomes one binary message, written by that loop itself.
 type yamuxConn struct {
 	c         *wsConn
 	onControl controlHandler
@@ -141,10 +141,11 @@ func (a *yamuxConn) readText(r io.Reader) error {
 	return a.onControl(m)
 }
 
+// Write sends one yamux frame as one binary message, from yamux's send
+// loop, which is its only caller: go-yamux's frame is already its own copy
+// of the data, so it goes to the WebSocket as it is.
 func (a *yamuxConn) Write(p []byte) (int, error) {
-	buf := pool.Get(len(p))
-	copy(*buf, p)
-	if err := a.c.queueData(outMsg{typ: websocket.BinaryMessage, buf: buf}); err != nil {
+	if err := a.c.writeDirect(websocket.BinaryMessage, p); err != nil {
 		return 0, err
 	}
 	return len(p), nil
