@@ -38,7 +38,7 @@ func newYamuxMux(c *wsConn, r role, sc *Config, onControl controlHandler) (*yamu
 	cfg.AcceptBacklog = 1024
 	cfg.MaxIncomingStreams = uint32(sc.MaxStreams)
 	cfg.MaxStreamWindowSize = uint32(sc.MaxStreamWindow)
-	cfg.ReadBufSize = 16 << 10
+	cfg.ReadBufSize = 0 // the WebSocket reader buffers: see wsReadBuffer
 	cfg.ConnectionWriteTimeout = sc.WriteTimeout
 	cfg.LogOutput = newLogWriter(sc.Logger, c.done)
 	budget := &windowBudget{limit: int64(sc.SessionWindowMemory)}
