@@ -35,14 +35,17 @@ const (
 	// Yamux goes client → gateway public port → tunnel (yamux mode) →
 	// agent → backend.
 	Yamux Path = "yamux"
+	// WSS is the yamux path with the tunnel's WebSocket over TLS (wss://),
+	// as real deployments run it, with a certificate made for the run.
+	WSS Path = "wss"
 	// JSON is the same with the tunnel in JSON mode.
 	JSON Path = "json"
 )
 
 // Paths returns every path, in the order each run measures them.
-func Paths() []Path { return []Path{Direct, Relay, RelayProcess, Yamux, JSON} }
+func Paths() []Path { return []Path{Direct, Relay, RelayProcess, Yamux, WSS, JSON} }
 
-func (p Path) tunnel() bool { return p == Yamux || p == JSON }
+func (p Path) tunnel() bool { return p == Yamux || p == WSS || p == JSON }
 
 // ParsePaths parses --only values, each a path name or a comma-separated
 // list of them. No values means every path. The result is in run order.
@@ -55,7 +58,7 @@ func ParsePaths(vals []string) ([]Path, error) {
 		for name := range strings.SplitSeq(v, ",") {
 			p := Path(strings.ToLower(strings.TrimSpace(name)))
 			if !p.valid() {
-				return nil, fmt.Errorf("--only: %q is not one of direct, relay, relay-process, yamux, json", name)
+				return nil, fmt.Errorf("--only: %q is not one of direct, relay, relay-process, yamux, wss, json", name)
 			}
 			want[p] = true
 		}
@@ -189,7 +192,7 @@ func (o *Options) normalize() error {
 			errs = append(errs, fmt.Errorf("unknown path %q", p))
 		}
 	}
-	if o.Exec.Path == "" && (o.has(Yamux) || o.has(JSON) || !o.SkipAgents) {
+	if o.Exec.Path == "" && (o.has(Yamux) || o.has(WSS) || o.has(JSON) || !o.SkipAgents) {
 		errs = append(errs, errors.New("no portway binary to run the gateway and agent"))
 	}
 	return errors.Join(errs...)
@@ -217,6 +220,9 @@ type runner struct {
 	// relaySink and relayEcho are the reference relay in front of sink
 	// and echo; nil when the relay path is not measured.
 	relaySink, relayEcho *tcpServer
+	// tls is the wss path's certificate, made once for the run; nil when
+	// that path is not measured.
+	tls *benchCert
 }
 
 // Run measures every selected path Runs times, alternating paths within a
@@ -267,6 +273,11 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	}
 	defer os.RemoveAll(dir)
 	r.dir = dir
+	if o.has(WSS) {
+		if r.tls, err = newBenchCert(dir); err != nil {
+			return nil, err
+		}
+	}
 	if err := r.startBackends(); err != nil {
 		return nil, err
 	}
@@ -377,11 +388,15 @@ func (r *runner) measurePath(ctx context.Context, p Path, run int) (_ Figures, e
 		defer c.stop()
 		tg = rtg
 		ctx = pctx
-	case Yamux, JSON:
-		t, terr := startTunnel(ctx, r.opts.Exec, r.dir, tunnelSpec{
+	case Yamux, WSS, JSON:
+		spec := tunnelSpec{
 			name: fmt.Sprintf("%s-run%d", p, run), protocol: string(p),
 			sink: r.sink.Addr(), echo: r.echo.Addr(),
-		})
+		}
+		if p == WSS {
+			spec.protocol, spec.tls = string(Yamux), r.tls
+		}
+		t, terr := startTunnel(ctx, r.opts.Exec, r.dir, spec)
 		if terr != nil {
 			return Figures{}, terr
 		}
@@ -397,7 +412,8 @@ func (r *runner) measurePath(ctx context.Context, p Path, run int) (_ Figures, e
 	}
 	r.log.Info("measured", "run", run, "path", p,
 		"stream1_gbps", round(f.Stream1Gbps, 2), "stream8_gbps", round(f.Stream8Gbps, 2),
-		"rr_per_s", round(f.RRPerS, 0), "rr_p99_us", round(f.RRP99us, 0), "conn_per_s", round(f.ConnPerS, 0))
+		"rr_per_s", round(f.RRPerS, 0), "rr_p99_us", round(f.RRP99us, 0), "conn_per_s", round(f.ConnPerS, 0),
+		"cpu_s_per_gb", round(f.CPUSecPerGB, 2), "cpu_us_per_rt", round(f.CPUusPerRT, 1))
 	return f, nil
 }
 
@@ -414,7 +430,7 @@ func (r *runner) measure(ctx context.Context, tg target, procs []proc) (Figures,
 	if err != nil {
 		return f, fmt.Errorf("%d-stream throughput: %w", streams, err)
 	}
-	rr, err := roundTrips(ctx, tg.echo, d)
+	rr, err := roundTrips(ctx, tg.echo, d, procs)
 	if err != nil {
 		return f, fmt.Errorf("round trips: %w", err)
 	}
@@ -437,6 +453,9 @@ func (r *runner) measure(ctx context.Context, tg target, procs []proc) (Figures,
 		f.AgentPeakPrivateMiB = float64(s8.peakPrivateKB[1]) / 1024
 		if gb := float64(s1.bytes+s8.bytes) / 1e9; gb > 0 {
 			f.CPUSecPerGB = (s1.cpu + s8.cpu) / gb
+		}
+		if rr.n > 0 {
+			f.CPUusPerRT = rr.cpu * 1e6 / float64(rr.n)
 		}
 	}
 	return f, nil

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"fmt"
+	"math"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -45,7 +46,7 @@ func TestMain(m *testing.M) {
 }
 
 // TestBenchJSON runs `portway bench --json` with tiny durations over all
-// four paths, the 20 ms RTT case and a few idle connections, as a user
+// six paths, the 20 ms RTT case and a few idle connections, as a user
 // would, and checks the shape of the object and that every figure is
 // positive. It asserts nothing about speed.
 func TestBenchJSON(t *testing.T) {
@@ -75,15 +76,15 @@ func TestBenchJSON(t *testing.T) {
 		t.Fatalf("output holds more than one JSON value")
 	}
 	common := []string{"stream1_gbps", "stream8_gbps", "rr_per_s", "rr_p50_us", "rr_p99_us", "conn_per_s"}
-	tunnelOnly := []string{"gateway_peak_rss_mib", "agent_peak_rss_mib", "gateway_peak_private_mib", "agent_peak_private_mib", "cpu_s_per_gb"}
-	for _, path := range []string{"direct", "relay", "relay-process", "yamux", "json"} {
+	tunnelOnly := []string{"gateway_peak_rss_mib", "agent_peak_rss_mib", "gateway_peak_private_mib", "agent_peak_private_mib", "cpu_s_per_gb", "cpu_us_per_rt"}
+	for _, path := range []string{"direct", "relay", "relay-process", "yamux", "wss", "json"} {
 		f, ok := got.Paths[path]
 		if !ok {
 			t.Errorf("paths.%s missing", path)
 			continue
 		}
 		want := common
-		if path == "yamux" || path == "json" {
+		if path == "yamux" || path == "wss" || path == "json" {
 			want = append(append([]string(nil), common...), tunnelOnly...)
 		} else {
 			for _, k := range tunnelOnly {
@@ -93,8 +94,8 @@ func TestBenchJSON(t *testing.T) {
 			}
 		}
 		for _, k := range want {
-			if v, ok := f[k]; !ok || !(v > 0) {
-				t.Errorf("paths.%s.%s = %v (present: %v), want a positive number", path, k, v, ok)
+			if v, ok := f[k]; !ok || !(v > 0) || math.IsInf(v, 0) {
+				t.Errorf("paths.%s.%s = %v (present: %v), want a positive finite number", path, k, v, ok)
 			}
 		}
 		// Private memory is part of RSS at every moment, so its peak

@@ -83,11 +83,11 @@ func TestMedianAndPercentile(t *testing.T) {
 }
 
 func TestParsePaths(t *testing.T) {
-	got, err := ParsePaths([]string{"json,direct", " Yamux "})
+	got, err := ParsePaths([]string{"json,direct", " Yamux ", "wss"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := []Path{Direct, Yamux, JSON}; !equalPaths(got, want) {
+	if want := []Path{Direct, Yamux, WSS, JSON}; !equalPaths(got, want) {
 		t.Errorf("got %v, want %v (run order)", got, want)
 	}
 	if all, _ := ParsePaths(nil); !equalPaths(all, Paths()) {

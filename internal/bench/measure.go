@@ -146,6 +146,9 @@ type rrResult struct {
 	n        int
 	elapsed  time.Duration
 	p50, p99 time.Duration
+	// cpu is the CPU seconds the watched processes used over the timed
+	// round trips.
+	cpu float64
 }
 
 func (r rrResult) perSecond() float64 { return float64(r.n) / r.elapsed.Seconds() }
@@ -158,8 +161,9 @@ const (
 )
 
 // roundTrips sends 1-byte messages to the echo server at addr on one
-// connection, each after the previous answer, for d.
-func roundTrips(ctx context.Context, addr string, d time.Duration) (rrResult, error) {
+// connection, each after the previous answer, for d, and measures the CPU
+// time procs use over the timed round trips.
+func roundTrips(ctx context.Context, addr string, d time.Duration, procs []proc) (rrResult, error) {
 	dialer := net.Dialer{Timeout: dialTimeout}
 	c, err := dialer.DialContext(ctx, "tcp", addr)
 	if err != nil {
@@ -187,6 +191,10 @@ func roundTrips(ctx context.Context, addr string, d time.Duration) (rrResult, er
 		}
 	}
 	lat := make([]time.Duration, 0, 1<<16)
+	cpu0, err := cpuAll(procs)
+	if err != nil {
+		return rrResult{}, err
+	}
 	start := time.Now()
 	end := start.Add(d)
 	last := start
@@ -198,8 +206,12 @@ func roundTrips(ctx context.Context, addr string, d time.Duration) (rrResult, er
 		lat = append(lat, last.Sub(now))
 		now = last
 	}
+	cpu1, err := cpuAll(procs)
+	if err != nil {
+		return rrResult{}, err
+	}
 	slices.Sort(lat)
-	return rrResult{n: len(lat), elapsed: last.Sub(start), p50: percentile(lat, 0.50), p99: percentile(lat, 0.99)}, nil
+	return rrResult{n: len(lat), elapsed: last.Sub(start), p50: percentile(lat, 0.50), p99: percentile(lat, 0.99), cpu: cpu1 - cpu0}, nil
 }
 
 // percentile returns the nearest-rank q-quantile of sorted samples.

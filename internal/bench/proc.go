@@ -28,6 +28,19 @@ func (p proc) cpuSeconds() (float64, error) {
 	return parseStatCPU(b)
 }
 
+// cpuAll returns the CPU seconds of procs together so far.
+func cpuAll(procs []proc) (float64, error) {
+	var sum float64
+	for _, p := range procs {
+		c, err := p.cpuSeconds()
+		if err != nil {
+			return 0, err
+		}
+		sum += c
+	}
+	return sum, nil
+}
+
 // parseStatCPU returns utime+stime in seconds from the contents of
 // /proc/PID/stat. The command name (field 2) may itself hold spaces and
 // parentheses, so fields are counted from the last ')'.

@@ -38,6 +38,9 @@ type Figures struct {
 	// CPUSecPerGB is the CPU time of gateway and agent together per 10⁹
 	// bytes received by the sink, over both throughput measurements.
 	CPUSecPerGB float64 `json:"cpu_s_per_gb,omitempty"`
+	// CPUusPerRT is the CPU time of gateway and agent together, in µs,
+	// per 1-byte round trip, over the round-trip measurement.
+	CPUusPerRT float64 `json:"cpu_us_per_rt,omitempty"`
 }
 
 // RTT is the high-latency case.
@@ -104,6 +107,7 @@ func figureList() []figure {
 		{"agent_peak_rss_mib", "agent peak RSS, 8 streams (MiB)", "%.1f", 1, true, func(f *Figures) *float64 { return &f.AgentPeakRSSMiB }},
 		{"agent_peak_private_mib", "agent peak private, 8 streams (MiB)", "%.1f", 1, true, func(f *Figures) *float64 { return &f.AgentPeakPrivateMiB }},
 		{"cpu_s_per_gb", "gateway+agent CPU s per GB", "%.2f", 3, true, func(f *Figures) *float64 { return &f.CPUSecPerGB }},
+		{"cpu_us_per_rt", "gateway+agent CPU µs per round trip", "%.1f", 1, true, func(f *Figures) *float64 { return &f.CPUusPerRT }},
 	}
 }
 

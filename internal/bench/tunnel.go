@@ -40,6 +40,9 @@ type tunnelSpec struct {
 	delay time.Duration
 	// maxConns is the agent's tunnels.tcp.max_connections.
 	maxConns int
+	// tls, when set, serves the tunnel endpoint over TLS with this
+	// certificate (wss://), which the agent trusts.
+	tls *benchCert
 }
 
 // tunnelPath is a running gateway and agent with the backends exposed
@@ -78,7 +81,10 @@ func startTunnel(ctx context.Context, ex Exec, dir string, spec tunnelSpec) (_ *
 	gcfg.PublicHost = "127.0.0.1"
 	gcfg.BindAddress = "127.0.0.1"
 	gcfg.StateFile = "" // allocations in memory only
-	gcfg.Insecure = true
+	gcfg.Insecure = spec.tls == nil
+	if spec.tls != nil {
+		gcfg.TLS = &config.TLS{CertFile: spec.tls.certFile, KeyFile: spec.tls.keyFile}
+	}
 	gcfg.Agents = []config.AgentIdentity{{Name: agentName, Token: agentToken}}
 	gcfg.Admin = config.Admin{Listen: adminAddr, Token: adminToken}
 	gpath, err := writeConfig(dir, spec.name+"-gateway.yaml", gcfg)
@@ -98,6 +104,10 @@ func startTunnel(ctx context.Context, ex Exec, dir string, spec tunnelSpec) (_ *
 	}
 	acfg := config.DefaultAgent()
 	acfg.Gateway = config.GatewayConn{URL: "ws://" + agentDial + tunnel.Path, Token: agentToken, Protocol: spec.protocol}
+	if spec.tls != nil {
+		acfg.Gateway.URL = "wss://" + agentDial + tunnel.Path
+		acfg.Gateway.CAFile = spec.tls.certFile
+	}
 	acfg.Metrics.Listen = "" // no metrics server: nothing the bench needs
 	acfg.Tunnels.TCP.MaxConnections = max(acfg.Tunnels.TCP.MaxConnections, spec.maxConns)
 	acfg.Services = []config.StaticService{

@@ -13,6 +13,7 @@ import (
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/gateway"
 	"github.com/portway/portway/internal/testgateway"
+	"github.com/portway/portway/internal/tunnel"
 )
 
 // The Go benchmarks run a real gateway and agent in this process, so that
@@ -21,8 +22,9 @@ import (
 // figures `portway bench` reports are the reference; these catch
 // regressions between its runs.
 
-// inProcessTunnel starts a gateway and an agent in mode exposing the sink
-// and echo servers, and returns their public endpoints.
+// inProcessTunnel starts a gateway and an agent in mode (yamux, json, or
+// wss: yamux over TLS) exposing the sink and echo servers, and returns
+// their public endpoints.
 func inProcessTunnel(b *testing.B, mode, sinkAddr, echoAddr string) (sinkEP, echoEP string) {
 	return inProcessTunnelWith(b, mode, sinkAddr, echoAddr, prometheus.NewRegistry(), prometheus.NewRegistry())
 }
@@ -34,10 +36,24 @@ func inProcessTunnelWith(b *testing.B, mode, sinkAddr, echoAddr string, gwReg, a
 	const token = "bench-agent-token-0123456789"
 	gcfg := testgateway.Config(b, config.AgentIdentity{Name: agentName, Token: token})
 	gcfg.StateFile = ""
+	var cert *benchCert
+	if mode == string(WSS) {
+		var err error
+		if cert, err = newBenchCert(b.TempDir()); err != nil {
+			b.Fatal(err)
+		}
+		gcfg.TLS = &config.TLS{CertFile: cert.certFile, KeyFile: cert.keyFile}
+		gcfg.Insecure = false
+	}
 	g := testgateway.Start(b, gateway.Options{Config: gcfg, Registry: gwReg, Gatherer: gwReg})
 
 	acfg := config.DefaultAgent()
 	acfg.Gateway = config.GatewayConn{URL: testgateway.URL(g), Token: token, Protocol: mode}
+	if cert != nil {
+		acfg.Gateway.URL = "wss://" + g.TunnelAddr().String() + tunnel.Path
+		acfg.Gateway.CAFile = cert.certFile
+		acfg.Gateway.Protocol = string(Yamux)
+	}
 	acfg.Metrics.Listen = ""
 	acfg.Services = []config.StaticService{staticService(sinkService, sinkAddr), staticService(echoService, echoAddr)}
 	a, err := agent.New(agent.Options{Config: acfg, Registry: agReg, Gatherer: agReg})
@@ -93,7 +109,7 @@ func startBackends(b *testing.B) (*sink, *tcpServer) {
 // BenchmarkTunnelStream sends bulk data through one tunneled connection to
 // a sink; the MB/s column is the stream's throughput.
 func BenchmarkTunnelStream(b *testing.B) {
-	for _, mode := range []string{"yamux", "json"} {
+	for _, mode := range []string{"yamux", "wss", "json"} {
 		b.Run(mode, func(b *testing.B) {
 			snk, echo := startBackends(b)
 			sinkEP, _ := inProcessTunnel(b, mode, snk.Addr(), echo.Addr())
@@ -117,7 +133,7 @@ func BenchmarkTunnelStream(b *testing.B) {
 // BenchmarkTunnelRoundTrip exchanges 1-byte messages on one tunneled
 // connection with an echo server; ns/op is the round-trip latency.
 func BenchmarkTunnelRoundTrip(b *testing.B) {
-	for _, mode := range []string{"yamux", "json"} {
+	for _, mode := range []string{"yamux", "wss", "json"} {
 		b.Run(mode, func(b *testing.B) {
 			snk, echo := startBackends(b)
 			_, echoEP := inProcessTunnel(b, mode, snk.Addr(), echo.Addr())

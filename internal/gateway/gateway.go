@@ -273,7 +273,7 @@ func (g *Gateway) Start(ctx context.Context) error {
 		}
 		g.setCertificate(cert, g.cfg.TLS.CertFile)
 		g.checkCertificate()
-		ln = tls.NewListener(ln, g.serverTLS())
+		ln = tls.NewListener(tunnel.CorkListener(ln), g.serverTLS())
 		// Daily too, so a certificate nobody renews is noticed in the log.
 		g.every(24*time.Hour, g.checkCertificate)
 	}

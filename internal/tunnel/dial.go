@@ -14,11 +14,18 @@ import (
 	"github.com/gorilla/websocket"
 )
 
-// Buffer sizes for the agent's WebSocket: one 64 KiB yamux frame (or
-// JSON data message) fits in one read and one write. The gateway's side
-// sizes its buffers differently: see NewUpgrader.
+// Buffer sizes for the agent's WebSocket. The gateway's are chosen in
+// NewUpgrader, for thousands of mostly idle sessions.
+//
+//   - wsReadBuffer holds frame headers and small messages. A read of a
+//     frame's payload at least this large, which is what yamux and the JSON
+//     read loop ask for in bulk, goes straight from the connection (TLS
+//     or the socket) into the caller's buffer, skipping a copy.
+//   - wsWriteBuffer holds one whole 64 KiB yamux frame (or JSON data
+//     message), so that each message leaves in one write. The agent must
+//     mask what it sends, and masking is this copy.
 const (
-	wsReadBuffer  = 64 << 10
+	wsReadBuffer  = 4 << 10
 	wsWriteBuffer = 64<<10 + 16
 )
 
@@ -35,7 +42,9 @@ const Path = "/v1/tunnel"
 // larger than the buffer goes straight from the socket into the caller's
 // slice (yamux's frame body), and a message larger than the write buffer
 // is written as the buffered head plus the rest of the message in one
-// writev, with no copy of the rest. The read buffer is the WebSocket's own
+// writev, with no copy of the rest (gorilla allocates the net.Buffers for
+// it, a few small allocations per 64 KiB frame; under TLS the corkConn
+// still sends the message's records in one write). The read buffer is the WebSocket's own
 // rather than the HTTP server's (ReadBufferSize 0 would reuse that one):
 // reusing it would keep the server's whole connection state reachable for
 // the life of the session.
@@ -95,6 +104,22 @@ func Dial(ctx context.Context, url string, o DialOptions) (*websocket.Conn, erro
 	}
 	if d.HandshakeTimeout == 0 {
 		d.HandshakeTimeout = 10 * time.Second
+	}
+	if strings.HasPrefix(strings.ToLower(url), "wss:") {
+		// Put a corkConn under gorilla's TLS (and under a proxy's CONNECT,
+		// which carries the TLS), so each message leaves in one write.
+		netDial := o.NetDial
+		if netDial == nil {
+			var nd net.Dialer
+			netDial = nd.DialContext
+		}
+		d.NetDialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := netDial(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return newCorkConn(c), nil
+		}
 	}
 	h := http.Header{}
 	h.Set("Authorization", "Bearer "+o.Token)

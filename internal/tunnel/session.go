@@ -1,6 +1,6 @@
 // Package tunnel carries many TCP connections and UDP sessions over one
-// WebSocket between a gateway and an agent. It owns the WebSocket (one
-// writer goroutine, strict split of text = JSON control, binary = yamux),
+// WebSocket between a gateway and an agent. It owns the WebSocket (writes
+// serialized, strict split of text = JSON control, binary = yamux),
 // the gateway_hello handshake, heartbeats, and the two protocol modes behind
 // one Session type: yamux streams, or JSON messages with per-stream credit.
 //
@@ -10,14 +10,18 @@
 //
 // A Session holds one muxer, chosen by the handshake: yamuxMux or jsonMux.
 // The muxer reads the socket and passes session-level messages back to the
-// Session; everything written goes through the wsConn's single writer,
-// which also runs the session's heartbeats (chores): an idle session is
-// the muxer's goroutines and the writer, nothing else.
+// Session; everything written goes through the wsConn: queued for its
+// writer goroutine, or, for yamux's frames, written by yamux's send loop
+// itself. The writer also runs the session's heartbeats (chores): an idle
+// session is the muxer's goroutines and the writer, nothing else.
 //
-// Lock order: jsonStream.mu, then jsonMux.mu. wsConn.errMu and
-// logWriter.mu are leaves, taken with no other lock held. No lock is held
-// while queueing a message for the writer, which may block, nor while
-// calling out of the package (pool.Put aside, which never blocks).
+// Lock order: jsonStream.mu, then jsonMux.mu. wsConn.wmu, then corkConn.mu:
+// wmu is held while a whole message is written, through gorilla and
+// crypto/tls down to the corkConn. wsConn.errMu and logWriter.mu are
+// leaves, taken with no other lock held or under wmu only. No lock is held
+// while queueing a message for the writer, which may block, nor, wmu's
+// writes aside, while calling out of the package (pool.Put aside, which
+// never blocks).
 package tunnel
 
 import (

@@ -20,16 +20,41 @@ type outMsg struct {
 	// closeAfter makes the writer close the connection once this message
 	// is written: used to deliver an error message before closing.
 	closeAfter bool
+	// ctrl marks a message of the control queue, counted in ctrlPending.
+	ctrl bool
 }
 
-// wsConn owns one WebSocket. A single writer goroutine performs every data
-// write, taking messages from two queues: control (heartbeats, credits,
-// errors) before data, so that a busy data path cannot starve heartbeats.
+// wsConn owns one WebSocket. A writer goroutine takes messages from two
+// queues: control (heartbeats, credits, errors) before data, so that a busy
+// data path cannot starve heartbeats. In yamux mode, yamux's own send loop
+// writes its frames directly (writeDirect) instead of handing them to the
+// writer: yamux already orders and queues them, and a second hand-over
+// would cost a copy of every byte and a goroutine wake-up per frame.
 // Reads happen in one goroutine at a time: the handshake, then the read loop
 // of the protocol mode.
+//
+// Lock order: wmu, then the corkConn's lock (taken by its methods). Nothing
+// outside the package is called with wmu held except the WebSocket and the
+// connection under it.
 type wsConn struct {
 	ws           *websocket.Conn
 	writeTimeout time.Duration
+	// cork is the connection under the WebSocket's TLS, which gathers the
+	// TLS records of a message into one write; nil without TLS.
+	cork *corkConn
+
+	// wmu serializes writes of whole messages, and guards deadline.
+	wmu      sync.Mutex
+	deadline time.Time // the write deadline last set
+	// ctrlPending counts control messages queued and not yet written,
+	// whether still in ctrlQ or already in the writer's hands. A direct
+	// write waits until it is zero, so that control queued before data is
+	// written before it (the handshake's last message before the first
+	// yamux frame), as the writer's priority order guarantees for queued
+	// data. ctrlDone, on wmu, is signalled when it drops and when the
+	// connection closes.
+	ctrlPending atomic.Int64
+	ctrlDone    *sync.Cond
 
 	ctrlQ chan outMsg
 	dataQ chan outMsg
@@ -72,6 +97,7 @@ func newWSConn(ws *websocket.Conn, maxMessage int, writeTimeout time.Duration, c
 	c := &wsConn{
 		ws:           ws,
 		writeTimeout: writeTimeout,
+		cork:         findCork(ws.NetConn()),
 		ctrlQ:        make(chan outMsg, ctrlQueueLen),
 		dataQ:        make(chan outMsg, dataQueueLen),
 		chores:       make(chan chores),
@@ -79,6 +105,7 @@ func newWSConn(ws *websocket.Conn, maxMessage int, writeTimeout time.Duration, c
 		clock:        clk,
 		epoch:        clk.now(),
 	}
+	c.ctrlDone = sync.NewCond(&c.wmu)
 	c.touch()
 	go c.writeLoop()
 	return c
@@ -98,7 +125,11 @@ func (c *wsConn) sinceRecv() time.Duration {
 // heartbeats, credits, errors and whatever the read loop itself must send,
 // since the read loop must never wait behind data. It blocks while the
 // queue is full, and fails once the connection is closed.
-func (c *wsConn) queueControl(m outMsg) error { return c.queue(c.ctrlQ, m) }
+func (c *wsConn) queueControl(m outMsg) error {
+	m.ctrl = true
+	c.ctrlPending.Add(1)
+	return c.queue(c.ctrlQ, m)
+}
 
 // queueData queues a message behind the data sent before it, taking
 // ownership of m.buf. It blocks while the queue is full, which is the
@@ -110,8 +141,18 @@ func (c *wsConn) queue(q chan<- outMsg, m outMsg) error {
 	case q <- m:
 		return nil
 	case <-c.done:
-		pool.Put(m.buf)
+		c.release(m)
 		return c.Err()
+	}
+}
+
+// release returns a message's buffer once it is written or dropped, and
+// counts a control message as no longer pending. The caller holds wmu, or
+// the message never reached a queue.
+func (c *wsConn) release(m outMsg) {
+	pool.Put(m.buf)
+	if m.ctrl && c.ctrlPending.Add(-1) == 0 {
+		c.ctrlDone.Broadcast()
 	}
 }
 
@@ -154,6 +195,10 @@ func (c *wsConn) startChores(ch chores) {
 	}
 }
 
+// writeBatch is the most queued messages the writer sends under one cork,
+// so that control messages and data queued together leave in one write.
+const writeBatch = 16
+
 func (c *wsConn) writeLoop() {
 	var ch chores
 	choresIn := c.chores
@@ -164,7 +209,6 @@ func (c *wsConn) writeLoop() {
 			ch.end()
 		}
 	}()
-	var deadline time.Time
 	for {
 		var m outMsg
 		select {
@@ -193,27 +237,112 @@ func (c *wsConn) writeLoop() {
 				return
 			}
 		}
-		// Extend the deadline only when half of it has passed: setting it
-		// on every message would cost a timer update per message.
-		if now := time.Now(); now.Add(c.writeTimeout / 2).After(deadline) {
-			deadline = now.Add(c.writeTimeout)
-			if err := c.ws.SetWriteDeadline(deadline); err != nil {
-				pool.Put(m.buf)
-				c.fail(fmt.Errorf("tunnel: set write deadline: %w", err))
-				return
-			}
-		}
-		err := c.ws.WriteMessage(m.typ, *m.buf)
-		pool.Put(m.buf)
-		if err != nil {
-			c.fail(fmt.Errorf("tunnel: write: %w", err))
-			return
-		}
-		if m.closeAfter {
-			c.fail(nil)
+		if !c.writeQueued(m) {
 			return
 		}
 	}
+}
+
+// writeQueued writes m, and then whatever else is already queued (up to
+// writeBatch messages, control first), under one cork. It reports whether
+// the connection is still open.
+func (c *wsConn) writeQueued(m outMsg) bool {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.cork.cork()
+	open := true
+	for i := 0; ; i++ {
+		err := c.writeLocked(m.typ, *m.buf)
+		c.release(m)
+		if err != nil {
+			c.cork.uncork()
+			c.fail(fmt.Errorf("tunnel: write: %w", err))
+			return false
+		}
+		if m.closeAfter {
+			open = false
+			break
+		}
+		var ok bool
+		if i+1 < writeBatch {
+			m, ok = c.nextQueued()
+		}
+		if !ok {
+			break
+		}
+	}
+	if err := c.cork.uncork(); err != nil {
+		c.fail(fmt.Errorf("tunnel: write: %w", err))
+		return false
+	}
+	if !open {
+		c.fail(nil)
+	}
+	return open
+}
+
+// nextQueued takes a queued message without waiting, control first.
+func (c *wsConn) nextQueued() (outMsg, bool) {
+	select {
+	case m := <-c.ctrlQ:
+		return m, true
+	default:
+	}
+	select {
+	case m := <-c.dataQ:
+		return m, true
+	default:
+		return outMsg{}, false
+	}
+}
+
+// writeDirect writes one message from the calling goroutine, in the order
+// of the calls, without queueing or copying it. It blocks while the
+// message is written, which is the backpressure a net.Conn gives its
+// writer, and fails once the connection is closed.
+func (c *wsConn) writeDirect(typ int, b []byte) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.cork.cork()
+	for {
+		select {
+		case <-c.done:
+			c.cork.uncork()
+			return c.Err()
+		default:
+		}
+		if c.ctrlPending.Load() == 0 {
+			break
+		}
+		// Control messages were queued before this write: they go first,
+		// written by the writer (which may hold the first of them already),
+		// so that they stay in their order.
+		c.ctrlDone.Wait()
+		c.cork.cork() // the writer uncorked in between
+	}
+	err := c.writeLocked(typ, b)
+	if uerr := c.cork.uncork(); err == nil {
+		err = uerr
+	}
+	if err != nil {
+		err = fmt.Errorf("tunnel: write: %w", err)
+		c.fail(err)
+		return err
+	}
+	return nil
+}
+
+// writeLocked writes one message. The caller holds wmu.
+func (c *wsConn) writeLocked(typ int, b []byte) error {
+	// Extend the deadline only when half of it has passed: setting it
+	// on every message would cost a timer update per message.
+	if now := time.Now(); now.Add(c.writeTimeout / 2).After(c.deadline) {
+		c.deadline = now.Add(c.writeTimeout)
+		if err := c.ws.SetWriteDeadline(c.deadline); err != nil {
+			return fmt.Errorf("set write deadline: %w", err)
+		}
+	}
+	return c.ws.WriteMessage(typ, b)
 }
 
 // readMessage reads one whole message. Text messages land in a buffer that
@@ -261,6 +390,15 @@ func (c *wsConn) fail(err error) {
 	c.errMu.Unlock()
 	c.closeOnce.Do(func() {
 		close(c.done)
+		// Wake direct writers waiting for control messages that will now
+		// never be written. Taking wmu first means none is between its
+		// check of done and its wait; fail may be called with wmu held,
+		// hence the goroutine.
+		go func() {
+			c.wmu.Lock()
+			c.ctrlDone.Broadcast()
+			c.wmu.Unlock()
+		}()
 		// WriteControl may run concurrently with the writer; the close
 		// frame is a courtesy, so its deadline is short.
 		_ = c.ws.WriteControl(websocket.CloseMessage,

@@ -38,17 +38,14 @@ func newYamuxMux(c *wsConn, r role, sc *Config, onControl controlHandler) (*yamu
 	cfg.AcceptBacklog = 1024
 	cfg.MaxIncomingStreams = uint32(sc.MaxStreams)
 	cfg.MaxStreamWindowSize = uint32(sc.MaxStreamWindow)
-	cfg.ReadBufSize = 16 << 10
+	cfg.ReadBufSize = 0 // the WebSocket reader buffers: see wsReadBuffer
 	if r == gatewayRole {
 		// What a gateway holds per idle agent is kept to what the
-		// session uses. The WebSocket's reader below is buffered already
-		// (NewUpgrader): a second buffer would be 16 KiB more. The accept
-		// backlog is a channel allocated whole; the gateway accepts no
-		// stream, and the backlog bounds only its own opens awaiting the
-		// agent's ACK. Streams the agent opens are reset by yamux at once
-		// (MaxIncomingStreams 0), with no goroutine waiting to refuse
-		// them and nothing parked.
-		cfg.ReadBufSize = 0
+		// session uses. The accept backlog is a channel allocated whole;
+		// the gateway accepts no stream, and the backlog bounds only its
+		// own opens awaiting the agent's ACK. Streams the agent opens are
+		// reset by yamux at once (MaxIncomingStreams 0), with no goroutine
+		// waiting to refuse them and nothing parked.
 		cfg.AcceptBacklog = 256
 		cfg.MaxIncomingStreams = 0
 	}
@@ -79,7 +76,7 @@ func (m *yamuxMux) close(error) { m.ym.Close() }
 // text messages met on the way are control messages, handled in place, so
 // yamux's receive loop is the session's only reader. Each Write from yamux's
 // send loop is one whole frame (go-yamux builds header and body in one
-// buffer) and becomes one binary message.
+// buffer) and becomes one binary message, written by that loop itself.
 type yamuxConn struct {
 	c         *wsConn
 	onControl controlHandler
@@ -149,10 +146,11 @@ func (a *yamuxConn) readText(r io.Reader) error {
 	return a.onControl(m)
 }
 
+// Write sends one yamux frame as one binary message, from yamux's send
+// loop, which is its only caller: go-yamux's frame is already its own copy
+// of the data, so it goes to the WebSocket as it is.
 func (a *yamuxConn) Write(p []byte) (int, error) {
-	buf := pool.Get(len(p))
-	copy(*buf, p)
-	if err := a.c.queueData(outMsg{typ: websocket.BinaryMessage, buf: buf}); err != nil {
+	if err := a.c.writeDirect(websocket.BinaryMessage, p); err != nil {
 		return 0, err
 	}
 	return len(p), nil
