@@ -131,17 +131,38 @@ func (g *Gateway) republish(p cluster.Presence) {
 	}
 }
 
-// publishSession records an agent session in the cluster's presence. It
-// is called with no lock held.
+// publishAttempts bounds the tries of publishSession. etcd does not
+// retry a write cut short by a leader election (one member lost), and a
+// record missing here is missing until the replica rejoins; the second
+// try, after the election, finds a leader.
+const publishAttempts = 2
+
+// publishSession records an agent session in the cluster's presence,
+// trying again once when etcd did not answer in time. It is called with no
+// lock held, before the session's withdrawal is deferred, so a retry never
+// outlives the session's end.
 func (g *Gateway) publishSession(agent, instance string, sess *tunnel.Session) {
 	p := g.currentPresence()
 	if _, noop := p.(cluster.Noop); noop {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), g.storeTimeout)
-	defer cancel()
-	if err := p.AddSession(ctx, cluster.Session{Agent: agent, Instance: instance, Protocol: sess.Protocol()}); err != nil {
-		g.log.Warn("publishing an agent session in etcd", "agent", agent, "instance", instance, "err", err)
+	rec := cluster.Session{Agent: agent, Instance: instance, Protocol: sess.Protocol()}
+	for attempt := 1; ; attempt++ {
+		ctx, cancel := context.WithTimeout(context.Background(), g.storeTimeout)
+		err := p.AddSession(ctx, rec)
+		cancel()
+		if err == nil {
+			return
+		}
+		select {
+		case <-g.done:
+			attempt = publishAttempts
+		default:
+		}
+		if attempt >= publishAttempts {
+			g.log.Warn("publishing an agent session in etcd", "agent", agent, "instance", instance, "attempts", attempt, "err", err)
+			return
+		}
 	}
 }
 
