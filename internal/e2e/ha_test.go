@@ -379,6 +379,23 @@ func TestHAFailures(t *testing.T) {
 			}
 		}
 		checkAll("without quorum")
+		ok, failed := clients.end()
+		// An agent the replicas already hold comes back without quorum:
+		// it is let in and gets its ports back from what they hold.
+		agentA.kill()
+		for _, r := range reps {
+			testwait.For(t, haGuard, r.id+" to drop agent 0", func() bool { return r.port(a0, "redis") == 0 })
+		}
+		agentA = startHAAgent(top, 0, reps, services)
+		rejoined := timeUntil(t, "agent 0 back at every replica, same ports, without quorum", func() bool {
+			for _, r := range reps {
+				if r.port(a0, "redis") != redisPort || r.port(a0, "pg") != pgPort {
+					return false
+				}
+			}
+			return true
+		})
+		checkAll("agent 0 reconnected without quorum")
 		restored := time.Now()
 		cl.Restart(1)
 		cl.Restart(2)
@@ -400,7 +417,7 @@ func TestHAFailures(t *testing.T) {
 			newAlloc = time.Since(restored).Round(10 * time.Millisecond)
 			return true
 		})
-		ok, failed := clients.end()
+		t.Logf("quorum lost: a known agent restarted got its ports back from every replica in %v", rejoined)
 		t.Logf("quorum lost: replicas not ready %v after the kill (lease_ttl %s); ready again %v after the members restarted; the new agent served everywhere %v after (agent backoff); clients: %d ok, %d failed (%v in all)",
 			notReady, haLeaseTTL, ready, newAlloc, ok, failed, time.Since(lost).Round(10*time.Millisecond))
 		if failed != 0 || ok == 0 {
