@@ -383,6 +383,14 @@ func TestGatewayChart(t *testing.T) {
 				if env["PORTWAY_CLUSTER_TOKEN"] != "placeholder:cluster-token/token" || env["PORTWAY_ETCD_PASSWORD"] != "placeholder:etcd-password/password" {
 					t.Errorf("cluster: the cluster token and etcd password do not come from their Secrets: env %v", env)
 				}
+				// Replicas that lost etcd fail /readyz but keep serving
+				// their ports: the public Service must keep them.
+				for _, svc := range find(t, objs, "Service", -1) {
+					pnr, _, _ := unstructured.NestedBool(svc.Object, "spec", "publishNotReadyAddresses")
+					if public := strings.HasSuffix(svc.GetName(), "-public"); pnr != public {
+						t.Errorf("cluster: Service %s publishNotReadyAddresses %v, want %v", svc.GetName(), pnr, public)
+					}
+				}
 			} else {
 				if replicas != 1 || strategy != "Recreate" {
 					t.Errorf("%d replicas, strategy %q: want 1, Recreate (one state file)", replicas, strategy)

@@ -147,7 +147,11 @@ type Gateway struct {
 	// keep the services and connected agents gauges (coalesced).
 	counts, connectedCount coalesced
 
-	ready     atomic.Bool
+	ready atomic.Bool
+	// etcdLost is set while this replica has lost its etcd lease (etcd
+	// unreachable from here, or without quorum) and cleared when it
+	// rejoins: /readyz fails and agents new to this replica are refused.
+	etcdLost  atomic.Bool
 	tunnelLn  net.Listener
 	adminLn   net.Listener
 	servers   []*http.Server
@@ -455,6 +459,12 @@ func (g *Gateway) handleTunnel(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Connection", "close")
 		w.Header().Set("WWW-Authenticate", `Bearer realm="portway"`)
 		http.Error(w, "unknown or missing agent token", http.StatusUnauthorized)
+		return
+	}
+	if g.refuseNewAgent(agent.name) {
+		w.Header().Set("Connection", "close")
+		w.Header().Set("Retry-After", retryAfterSeconds)
+		http.Error(w, "this gateway replica cannot reach etcd: connect to another replica", http.StatusServiceUnavailable)
 		return
 	}
 	if !g.track() {

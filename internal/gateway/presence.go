@@ -49,6 +49,7 @@ func (g *Gateway) keepPresence(p *cluster.Etcd) {
 			return
 		case <-p.Lost():
 		}
+		g.etcdLost.Store(true)
 		g.log.Error("lost this replica's lease in etcd: the other replicas no longer see its agent sessions; rejoining",
 			"replica", g.cfg.Cluster.ReplicaID)
 		t := time.NewTicker(rejoinInterval)
@@ -67,12 +68,41 @@ func (g *Gateway) keepPresence(p *cluster.Etcd) {
 			}
 			g.setPresence(np)
 			g.republish(np)
+			g.etcdLost.Store(false)
 			p = np
 			g.log.Info("rejoined the cluster in etcd", "replica", g.cfg.Cluster.ReplicaID)
 			break
 		}
 		t.Stop()
 	}
+}
+
+// retryAfterSeconds is the Retry-After a replica without etcd gives the
+// agents it refuses: about when it next tries to rejoin.
+const retryAfterSeconds = "2"
+
+// notReadyReason says why the gateway is not ready ("" when it is).
+func (g *Gateway) notReadyReason() string {
+	if !g.ready.Load() {
+		return "not listening or state not loaded"
+	}
+	if g.etcdLost.Load() {
+		return "lost this replica's lease in etcd (etcd unreachable or without quorum): new allocations fail and agents new to this replica are refused; ports already served keep working"
+	}
+	return ""
+}
+
+// refuseNewAgent reports whether an agent's handshake is refused because
+// this replica lost its etcd lease. An agent this replica already knows
+// (it held a session here since the gateway started) is let in: its
+// ports are held here and a reconnect gets them back without etcd. A new
+// one is sent to another replica: here it could not get a port, and the
+// others could not see its session.
+func (g *Gateway) refuseNewAgent(name string) bool {
+	if !g.etcdLost.Load() {
+		return false
+	}
+	return g.agentNamed(name) == nil
 }
 
 func (g *Gateway) setPresence(p cluster.Presence) {
@@ -101,17 +131,38 @@ func (g *Gateway) republish(p cluster.Presence) {
 	}
 }
 
-// publishSession records an agent session in the cluster's presence. It
-// is called with no lock held.
+// publishAttempts bounds the tries of publishSession. etcd does not
+// retry a write cut short by a leader election (one member lost), and a
+// record missing here is missing until the replica rejoins; the second
+// try, after the election, finds a leader.
+const publishAttempts = 2
+
+// publishSession records an agent session in the cluster's presence,
+// trying again once when etcd did not answer in time. It is called with no
+// lock held, before the session's withdrawal is deferred, so a retry never
+// outlives the session's end.
 func (g *Gateway) publishSession(agent, instance string, sess *tunnel.Session) {
 	p := g.currentPresence()
 	if _, noop := p.(cluster.Noop); noop {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), g.storeTimeout)
-	defer cancel()
-	if err := p.AddSession(ctx, cluster.Session{Agent: agent, Instance: instance, Protocol: sess.Protocol()}); err != nil {
-		g.log.Warn("publishing an agent session in etcd", "agent", agent, "instance", instance, "err", err)
+	rec := cluster.Session{Agent: agent, Instance: instance, Protocol: sess.Protocol()}
+	for attempt := 1; ; attempt++ {
+		ctx, cancel := context.WithTimeout(context.Background(), g.storeTimeout)
+		err := p.AddSession(ctx, rec)
+		cancel()
+		if err == nil {
+			return
+		}
+		select {
+		case <-g.done:
+			attempt = publishAttempts
+		default:
+		}
+		if attempt >= publishAttempts {
+			g.log.Warn("publishing an agent session in etcd", "agent", agent, "instance", instance, "attempts", attempt, "err", err)
+			return
+		}
 	}
 }
 
