@@ -12,21 +12,30 @@ import (
 )
 
 // File is a Store for one gateway: the allocations in memory, written
-// through to one JSON file (replaced atomically) on every change. The zero
-// value with Path set is ready; the file is read on first use. An existing
-// state file keeps its ports: the format is the one earlier builds wrote,
-// with a "live" field they ignore.
+// through to one JSON file (replaced atomically). The zero value with Path
+// set is ready; the file is read on first use. An existing state file keeps
+// its ports: the format is the one earlier builds wrote, with a "live"
+// field they ignore.
+//
+// Writes are grouped: a change is made in memory (with its revision and
+// watch event) at once, and its call then waits for a write of the file
+// that began after it, so that every call returns with its change on disk
+// while many concurrent changes share one write. A change that only
+// stamps a live allocation's LastUsed (a claim of a port its service
+// already holds live) waits for no write of its own: the next write, at the
+// latest the holder's periodic Refresh, carries it.
 type File struct {
 	// Path is the state file; empty keeps allocations in memory only.
 	Path string
 	// Options are the store's retention policy and clock.
 	Options
 	// OnWriteError, when set, is told of a failed write of the state
-	// file (under the store's lock: it must not call the store), and the
-	// change is kept in memory, to be written with the next one: a full
-	// disk does not stop a single gateway from allocating. When nil, a
-	// change that cannot be written is undone and refused with
-	// ErrUnavailable.
+	// file (outside the store's lock, by the call that wrote), and the
+	// changes are kept in memory, to be written with the next one: a
+	// full disk does not stop a single gateway from allocating. When
+	// nil, a failed write undoes every change not yet on disk (the
+	// write's and those made while it ran, which were decided on them)
+	// and each of their calls is refused with ErrUnavailable.
 	OnWriteError func(error)
 	engine
 }
@@ -47,6 +56,30 @@ type engine struct {
 	recs    map[Key]Allocation
 	history []Event // the last historyLen events, oldest first
 	wake    map[chan struct{}]struct{}
+
+	// Group commit. pending collects the changes made since the last
+	// snapshot; the writer (at most one: writing) takes it with a
+	// snapshot, writes outside mu, and settles it. written is signalled
+	// (on mu) whenever a write ends.
+	pending  *batch
+	inflight *batch
+	writing  bool
+	written  *sync.Cond
+	// disk is what the file holds, as of revision diskRev: a failed
+	// write (OnWriteError nil) puts the allocations back to it.
+	disk    []Allocation
+	diskRev int64
+	// writes counts the writes begun, and beforeWrite (when set) is
+	// called by the writer before each, without mu: tests' hooks.
+	writes      int
+	beforeWrite func()
+}
+
+// batch is the changes one write makes durable; err is its outcome, set
+// when done is.
+type batch struct {
+	done bool
+	err  error
 }
 
 const fileVersion = 1
@@ -103,6 +136,9 @@ func (f *File) load() error {
 			}
 		}
 	}
+	f.disk = f.sorted()
+	f.diskRev = f.rev
+	f.written = sync.NewCond(&f.mu)
 	f.loaded = true
 	return nil
 }
@@ -117,34 +153,28 @@ func (f *File) begin() error {
 	return nil
 }
 
-// apply records changes (nil value: delete) and writes the file; on a
-// failed write the changes are undone. Caller holds f.mu.
-func (f *File) apply(changes map[Key]*Allocation) (int64, error) {
-	old := make(map[Key]*Allocation, len(changes))
-	for k, v := range changes {
-		if cur, ok := f.recs[k]; ok {
-			old[k] = &cur
-		} else {
-			old[k] = nil
-		}
-		if v == nil {
-			delete(f.recs, k)
-		} else {
-			f.recs[k] = *v
-		}
+// apply records changes (nil value: delete) in memory with a new
+// revision and their watch events, and returns the batch the caller must
+// wait for (nil: none). A change that only stamps LastUsed (lastUsedOnly)
+// joins no batch of its own but waits for the latest one, since what it
+// restamps may not be on disk yet. Caller holds f.mu.
+func (f *File) apply(changes map[Key]*Allocation, lastUsedOnly bool) *batch {
+	f.record(changes)
+	if f.Path == "" {
+		return nil
 	}
-	if err := f.write(); err != nil && f.OnWriteError != nil {
-		f.OnWriteError(err)
-	} else if err != nil {
-		for k, v := range old {
-			if v == nil {
-				delete(f.recs, k)
-			} else {
-				f.recs[k] = *v
-			}
-		}
-		return 0, err
+	if lastUsedOnly {
+		return f.latest()
 	}
+	if f.pending == nil {
+		f.pending = &batch{}
+	}
+	return f.pending
+}
+
+// record applies changes in memory under one new revision and wakes the
+// watchers. Caller holds f.mu.
+func (f *File) record(changes map[Key]*Allocation) {
 	f.rev++
 	keys := make([]Key, 0, len(changes))
 	for k := range changes {
@@ -154,6 +184,7 @@ func (f *File) apply(changes map[Key]*Allocation) (int64, error) {
 	for _, k := range keys {
 		ev := Event{Revision: f.rev}
 		if v := changes[k]; v == nil {
+			delete(f.recs, k)
 			ev.Type, ev.Alloc = Delete, Allocation{Protocol: k.Protocol, Port: k.Port}
 		} else {
 			v.Revision = f.rev
@@ -171,7 +202,97 @@ func (f *File) apply(changes map[Key]*Allocation) (int64, error) {
 		default:
 		}
 	}
-	return f.rev, nil
+}
+
+// wait returns once b is settled: its write done (nil, or with
+// OnWriteError set, whatever the write's outcome), or failed and undone
+// (the write's error). While b is not settled and no write runs, the
+// caller writes, so one write serves every change made before it began.
+// Caller holds f.mu.
+func (f *File) wait(b *batch) error {
+	for b != nil && !b.done {
+		if f.writing {
+			f.written.Wait()
+			continue
+		}
+		f.flush()
+	}
+	if b == nil {
+		return nil
+	}
+	return b.err
+}
+
+// flush writes the pending changes: snapshot under f.mu, encode and write
+// without it, settle under it again. Caller holds f.mu and f.writing is
+// false.
+func (f *File) flush() {
+	b := f.pending
+	if b == nil {
+		return
+	}
+	f.pending, f.inflight, f.writing = nil, b, true
+	snap := make([]Allocation, 0, len(f.recs))
+	for _, a := range f.recs {
+		snap = append(snap, a)
+	}
+	rev := f.rev
+	f.writes++
+	hook, onErr := f.beforeWrite, f.OnWriteError
+	f.mu.Unlock()
+	if hook != nil {
+		hook()
+	}
+	sort.Slice(snap, func(i, j int) bool { return keyLess(snap[i].Key(), snap[j].Key()) })
+	err := f.write(snap)
+	if err != nil && onErr != nil {
+		onErr(err)
+	}
+	f.mu.Lock()
+	switch {
+	case err == nil:
+		f.disk, f.diskRev = snap, rev
+	case onErr == nil:
+		f.undo()
+		if p := f.pending; p != nil {
+			// Made on the undone state: undone too.
+			p.done, p.err = true, err
+			f.pending = nil
+		}
+		b.err = err
+	}
+	b.done = true
+	f.inflight, f.writing = nil, false
+	f.written.Broadcast()
+}
+
+// undo puts every allocation changed since the file was last written
+// back as the file holds it, as one new revision. Caller holds f.mu.
+func (f *File) undo() {
+	disk := make(map[Key]Allocation, len(f.disk))
+	for _, a := range f.disk {
+		disk[a.Key()] = a
+	}
+	changes := map[Key]*Allocation{}
+	for k, cur := range f.recs {
+		if cur.Revision <= f.diskRev {
+			continue
+		}
+		if d, ok := disk[k]; ok {
+			changes[k] = &d
+		} else {
+			changes[k] = nil
+		}
+	}
+	for k, d := range disk {
+		if _, ok := f.recs[k]; !ok {
+			changes[k] = &d
+		}
+	}
+	if len(changes) > 0 {
+		f.record(changes)
+	}
+	f.diskRev = f.rev
 }
 
 func keyLess(a, b Key) bool {
@@ -191,14 +312,17 @@ func (f *File) Claim(_ context.Context, a Allocation) (Allocation, error) {
 	}
 	defer f.mu.Unlock()
 	now := f.now()
-	if cur, ok := f.recs[a.Key()]; ok && !f.claimable(cur, a, now) {
+	cur, held := f.recs[a.Key()]
+	if held && !f.claimable(cur, a, now) {
 		return Allocation{}, &TakenError{Holder: cur}
 	}
 	a.Live, a.LastUsed = true, now
-	if _, err := f.apply(map[Key]*Allocation{a.Key(): &a}); err != nil {
+	// Already live and its service's: only the stamp changes.
+	stampOnly := held && cur.Live && cur.sameOwner(a)
+	if err := f.wait(f.apply(map[Key]*Allocation{a.Key(): &a}, stampOnly)); err != nil {
 		return Allocation{}, err
 	}
-	return f.recs[a.Key()], nil
+	return a, nil
 }
 
 // Refresh implements Store.
@@ -219,13 +343,15 @@ func (f *File) Refresh(_ context.Context, allocs []Allocation) (refreshed, lost 
 		changes[a.Key()] = &cur
 	}
 	if len(changes) > 0 {
-		if _, err := f.apply(changes); err != nil {
+		// The stamp is the point of a refresh: it is written.
+		if err := f.wait(f.apply(changes, false)); err != nil {
 			return nil, nil, err
 		}
 	}
-	for k := range changes {
-		refreshed = append(refreshed, f.recs[k])
+	for _, a := range changes {
+		refreshed = append(refreshed, *a)
 	}
+	sort.Slice(refreshed, func(i, j int) bool { return keyLess(refreshed[i].Key(), refreshed[j].Key()) })
 	return refreshed, lost, nil
 }
 
@@ -239,11 +365,13 @@ func (f *File) Retain(_ context.Context, a Allocation) (Allocation, error) {
 	if !ok || !cur.sameOwner(a) || (a.Revision != 0 && cur.Revision != a.Revision) {
 		return Allocation{}, ErrNotHeld
 	}
+	// The stamp starts the retention: it is written even when the
+	// allocation was withdrawn already.
 	cur.Live, cur.LastUsed = false, f.now()
-	if _, err := f.apply(map[Key]*Allocation{a.Key(): &cur}); err != nil {
+	if err := f.wait(f.apply(map[Key]*Allocation{a.Key(): &cur}, false)); err != nil {
 		return Allocation{}, err
 	}
-	return f.recs[a.Key()], nil
+	return cur, nil
 }
 
 // Release implements Store.
@@ -254,13 +382,23 @@ func (f *File) Release(_ context.Context, a Allocation) error {
 	defer f.mu.Unlock()
 	cur, ok := f.recs[a.Key()]
 	if !ok {
-		return nil
+		// Nothing to change, but a claim of it may not be on disk yet
+		// either: the port is free once that is settled.
+		return f.wait(f.latest())
 	}
 	if !cur.sameOwner(a) || (a.Revision != 0 && cur.Revision != a.Revision) {
 		return ErrNotHeld
 	}
-	_, err := f.apply(map[Key]*Allocation{a.Key(): nil})
-	return err
+	return f.wait(f.apply(map[Key]*Allocation{a.Key(): nil}, false))
+}
+
+// latest is the batch that settles every change made so far (nil: all
+// are settled). Caller holds f.mu.
+func (f *File) latest() *batch {
+	if f.pending != nil {
+		return f.pending
+	}
+	return f.inflight
 }
 
 // List implements Store, in (protocol, port) order.
@@ -352,12 +490,9 @@ func (f *File) Close() error { return nil }
 
 // write replaces the state file with the allocations: a temporary file,
 // synced, renamed over the old one, so a crash leaves either the old or
-// the new state. Caller holds f.mu.
-func (f *File) write() error {
-	if f.Path == "" {
-		return nil
-	}
-	allocs := f.sorted()
+// the new state. Caller does not hold f.mu: one write at a time
+// (f.writing) keeps them in order.
+func (f *File) write(allocs []Allocation) error {
 	b, err := json.MarshalIndent(fileFormat{Version: fileVersion, Allocations: allocs}, "", "  ")
 	if err != nil {
 		return fmt.Errorf("store: %w", err)

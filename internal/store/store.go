@@ -7,16 +7,22 @@
 // the port is free, its holder's retention has expired, or it is already
 // the claimer's. Two implementations share those semantics and one
 // conformance suite: File (one gateway; the state file, all in memory and
-// written through on every change; Memory is the same without the file)
+// written through, concurrent changes sharing one write; Memory is the
+// same without the file)
 // and Etcd (several replicas; one key per port, every change a
 // transaction).
 //
 // # Locks
 //
-// The file store has one lock, engine.mu, held for an operation and its
-// file write; nothing outside the package is called under it. Watchers are
-// woken by a non-blocking send and copy events under it, then deliver them
-// after unlocking. The etcd store holds no lock of its own.
+// The file store has one lock, engine.mu, held for an operation's change in
+// memory and for taking a snapshot of the allocations, never for a file
+// write: the one writer at a time (engine.writing) encodes and writes the
+// snapshot without it, and callers waiting for their change to be written
+// wait on a condition of it (engine.written). Nothing outside the package is
+// called under it (OnWriteError is called by the writer before it locks
+// again). Watchers are woken by a non-blocking send and copy events under
+// it, then deliver them after unlocking. The etcd store holds no lock of its
+// own.
 package store
 
 import (
