@@ -66,7 +66,7 @@ func sameState(t *testing.T, f *File) {
 // concurrent withdrawals and claims of the same ports the file holds what
 // the store does.
 func TestFileGroupCommit(t *testing.T) {
-	const goroutines, perG = 50, 40
+	const goroutines, perG = 20, 20
 	c := newClock()
 	f := &File{Path: filepath.Join(t.TempDir(), "gateway.db"), Options: Options{Retention: time.Hour, Now: c.now}}
 	ctx, cancel := context.WithTimeout(context.Background(), conformanceTimeout)
