@@ -72,6 +72,12 @@ func (g *Gateway) stuckLock(wait time.Duration) string {
 		return "port allocations lock"
 	}
 	g.ports.mu.Unlock()
+	if f := g.fabric; f != nil {
+		if !lockWithin(&f.mu, wait) {
+			return "cluster forwarding lock"
+		}
+		f.mu.Unlock()
+	}
 	return ""
 }
 

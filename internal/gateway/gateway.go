@@ -159,6 +159,9 @@ type Gateway struct {
 	// (cluster.Noop without one).
 	etcd     *clientv3.Client
 	presence cluster.Presence
+	// fabric serves every allocated port and forwards between replicas
+	// (forward.go); nil without a cluster: block with a cluster.token.
+	fabric *fabric
 }
 
 // agentToken is one accepted token of an agent: an agent in the middle of
@@ -226,6 +229,9 @@ func New(o Options) (*Gateway, error) {
 	if cfg.Cluster != nil {
 		g.storeTimeout = cfg.Cluster.Etcd.RequestTimeout.Duration
 		g.ports.shared = true
+		if cfg.Cluster.Token != "" && etcd != nil {
+			g.fabric = newFabric(g)
+		}
 	}
 	g.ports.log = log
 	g.ports.timeout = g.storeTimeout
@@ -271,6 +277,7 @@ func (g *Gateway) Start(ctx context.Context) error {
 	g.tunnelLn = ln
 	mux := http.NewServeMux()
 	mux.HandleFunc(tunnel.Path, g.handleTunnel)
+	mux.HandleFunc(clusterPath, g.handleCluster)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "portway gateway: agents connect to "+tunnel.Path, http.StatusNotFound)
 	})
@@ -291,6 +298,9 @@ func (g *Gateway) Start(ctx context.Context) error {
 	if err := g.joinCluster(ctx); err != nil {
 		g.Close()
 		return err
+	}
+	if g.fabric != nil {
+		g.fabric.start()
 	}
 	g.ready.Store(true)
 	scheme := "wss"
@@ -365,6 +375,9 @@ func (g *Gateway) Close() {
 		g.mu.Unlock()
 		for _, s := range g.servers {
 			s.Close()
+		}
+		if g.fabric != nil {
+			g.fabric.stop()
 		}
 		for _, a := range g.agentList() {
 			g.shutdownAgent(a)

@@ -147,6 +147,12 @@ type Gateway struct {
 
 	AuthFailures *prometheus.CounterVec // reason
 	SessionEnds  *prometheus.CounterVec // reason
+
+	// Forwarded counts the connections and UDP sessions this replica
+	// sent to another replica that holds the agent's session;
+	// ForwardedBytes their TCP bytes (in = from clients).
+	Forwarded      *prometheus.CounterVec // agent, service
+	ForwardedBytes *PairCounter           // agent, service, direction=in|out
 }
 
 // NewGateway creates the gateway's metrics and registers them with reg.
@@ -202,10 +208,17 @@ func NewGateway(reg prometheus.Registerer) *Gateway {
 		SessionEnds: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "portway_gateway_session_ends_total", Help: "Tunnel sessions ended, by reason.",
 		}, []string{"reason"}),
+		Forwarded: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "portway_gateway_forwarded_total",
+			Help: "Public connections and UDP sessions forwarded to another replica holding the agent's session.",
+		}, svc),
+		ForwardedBytes: NewPairCounter("portway_gateway_forwarded_bytes_total",
+			"Bytes of forwarded TCP connections: in = from clients, out = to clients.",
+			svc, [2]string{"in", "out"}),
 	}
 	reg.MustRegister(m.AgentsConnected, m.AgentSessions, m.AgentInstances, m.Services, m.PortAllocations, m.PortEvictions,
 		m.ConnActive, m.ConnTotal, m.Bytes, m.Refusals, m.UDPActive, m.UDPSessions, m.UDPPackets,
-		m.UDPDropped, m.AuthFailures, m.SessionEnds)
+		m.UDPDropped, m.AuthFailures, m.SessionEnds, m.Forwarded, m.ForwardedBytes)
 	// Both reasons from the start, so an alert on their rate sees zero.
 	for _, r := range []Reason{ReasonAgentCap, ReasonRangeFull} {
 		m.PortEvictions.WithLabelValues(r.String())
@@ -236,4 +249,6 @@ func (m *Gateway) ForgetService(agent, service string) {
 	m.UDPSessions.DeletePartialMatch(l)
 	m.UDPPackets.Delete(agent, service)
 	m.UDPDropped.DeletePartialMatch(l)
+	m.Forwarded.DeletePartialMatch(l)
+	m.ForwardedBytes.Delete(agent, service)
 }
