@@ -41,6 +41,13 @@ func (g *Gateway) adminHandler() http.Handler {
 	mux.Handle("GET "+adminapi.ServicesPath, g.requireToken(func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, g.Services())
 	}))
+	mux.Handle("GET "+adminapi.ClusterPath, g.requireToken(func(w http.ResponseWriter, r *http.Request) {
+		if g.fabric == nil {
+			http.Error(w, "not forwarding between replicas: no cluster: block with a cluster.token", http.StatusNotFound)
+			return
+		}
+		writeJSON(w, g.fabric.info())
+	}))
 	return mux
 }
 

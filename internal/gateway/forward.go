@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/portway/portway/internal/adminapi"
 	"github.com/portway/portway/internal/cluster"
 	"github.com/portway/portway/internal/metrics"
 	"github.com/portway/portway/internal/protocol"
@@ -44,6 +45,8 @@ type fabric struct {
 	// sessions each replica holds.
 	replicas map[string]cluster.Replica
 	sessions map[string]map[string]int
+	// records are the session records themselves, for the admin API.
+	records map[sessionID]cluster.Session
 	// links are this replica's links to the others, by replica id.
 	links map[string]*link
 	// incoming are the links other replicas opened to this one.
@@ -58,6 +61,11 @@ type fabric struct {
 	next   uint64
 	closed bool
 }
+
+// sessionID is a session record's key.
+type sessionID struct{ replica, agent, instance string }
+
+func idOf(s cluster.Session) sessionID { return sessionID{s.Replica, s.Agent, s.Instance} }
 
 // link is one outgoing link; ready is closed once sess or err is set.
 type link struct {
@@ -80,7 +88,7 @@ func newFabric(g *Gateway) *fabric {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &fabric{g: g, self: g.cfg.Cluster.ReplicaID, token: []byte(g.cfg.Cluster.Token), log: g.log,
 		ctx: ctx, cancel: cancel,
-		replicas: map[string]cluster.Replica{}, sessions: map[string]map[string]int{},
+		replicas: map[string]cluster.Replica{}, sessions: map[string]map[string]int{}, records: map[sessionID]cluster.Session{},
 		links: map[string]*link{}, incoming: map[*tunnel.Session]bool{},
 		allocs: map[store.Key]store.Allocation{}, mirrors: map[store.Key]publicService{}, local: map[store.Key]int{}}
 }
@@ -159,6 +167,7 @@ func (f *fabric) watchPresence() {
 			f.replicas[r.ID] = r
 		}
 		f.sessions = map[string]map[string]int{}
+		f.records = map[sessionID]cluster.Session{}
 		for _, s := range v.Sessions {
 			f.addSessionLocked(s)
 		}
@@ -175,6 +184,10 @@ func (f *fabric) watchPresence() {
 			case ch.Replica != nil:
 				f.replicas[ch.Replica.ID] = *ch.Replica
 			case ch.Session != nil && ch.Deleted:
+				if _, ok := f.records[idOf(*ch.Session)]; !ok {
+					break
+				}
+				delete(f.records, idOf(*ch.Session))
 				if m := f.sessions[ch.Session.Agent]; m != nil {
 					if m[ch.Session.Replica]--; m[ch.Session.Replica] <= 0 {
 						delete(m, ch.Session.Replica)
@@ -198,6 +211,11 @@ func (f *fabric) watchPresence() {
 }
 
 func (f *fabric) addSessionLocked(s cluster.Session) {
+	if _, ok := f.records[idOf(s)]; ok {
+		f.records[idOf(s)] = s // rewritten: counted already
+		return
+	}
+	f.records[idOf(s)] = s
 	m := f.sessions[s.Agent]
 	if m == nil {
 		m = map[string]int{}
@@ -459,6 +477,59 @@ func (f *fabric) servedBy(k store.Key) string {
 		return "forwarded"
 	}
 	return ""
+}
+
+// info describes the cluster as this replica sees it, for the admin API.
+func (f *fabric) info() adminapi.ClusterInfo {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	ci := adminapi.ClusterInfo{Replica: f.self, Forwarding: true}
+	byReplica := map[string]*adminapi.ReplicaInfo{}
+	for id, r := range f.replicas {
+		ri := &adminapi.ReplicaInfo{ID: id, Advertise: r.Advertise, Since: r.Since}
+		if l := f.links[id]; l != nil && l.sess != nil {
+			ri.Link = "up"
+		}
+		byReplica[id] = ri
+	}
+	for _, s := range f.records {
+		ri := byReplica[s.Replica]
+		if ri == nil {
+			ri = &adminapi.ReplicaInfo{ID: s.Replica}
+			byReplica[s.Replica] = ri
+		}
+		ri.Sessions = append(ri.Sessions, adminapi.ClusterSession{Agent: s.Agent, Instance: s.Instance, Protocol: s.Protocol})
+	}
+	for _, ri := range byReplica {
+		slices.SortFunc(ri.Sessions, func(a, b adminapi.ClusterSession) int {
+			return strings.Compare(a.Agent+"\x00"+a.Instance, b.Agent+"\x00"+b.Instance)
+		})
+		ci.Replicas = append(ci.Replicas, *ri)
+	}
+	slices.SortFunc(ci.Replicas, func(a, b adminapi.ReplicaInfo) int { return strings.Compare(a.ID, b.ID) })
+	for k, a := range f.allocs {
+		pi := adminapi.PortInfo{Protocol: k.Protocol.String(), Port: k.Port, Agent: a.Agent, Service: a.Service, Live: a.Live}
+		switch {
+		case f.local[k] > 0:
+			pi.Served = "local"
+		case f.mirrors[k] != nil:
+			pi.Served = "forwarded"
+		}
+		for id := range f.sessions[a.Agent] {
+			if id != f.self {
+				pi.Via = append(pi.Via, id)
+			}
+		}
+		slices.Sort(pi.Via)
+		ci.Ports = append(ci.Ports, pi)
+	}
+	slices.SortFunc(ci.Ports, func(a, b adminapi.PortInfo) int {
+		if a.Protocol != b.Protocol {
+			return strings.Compare(a.Protocol, b.Protocol)
+		}
+		return a.Port - b.Port
+	})
+	return ci
 }
 
 // keyOf is the store key of a public port.

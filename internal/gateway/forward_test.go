@@ -4,6 +4,7 @@ package gateway
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +18,7 @@ import (
 	"github.com/gorilla/websocket"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/portway/portway/internal/adminapi"
 	"github.com/portway/portway/internal/cluster"
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/protocol"
@@ -59,6 +61,7 @@ func startReplica(t *testing.T, cl *testetcd.Cluster, prefix, id, ip, token stri
 	cfg.HeartbeatInterval = config.D(time.Second)
 	cfg.PortRange = "24000-24099"
 	cfg.Agents = []config.AgentIdentity{{Name: "agent-a", Token: testToken}}
+	cfg.Admin = config.Admin{Listen: ip + ":0", Token: "admin-token-0123456789"}
 	cfg.Cluster = &config.Cluster{ReplicaID: id, Advertise: addr, Token: token, Etcd: config.ClusterEtcd{
 		Endpoints: cl.Endpoints(), Prefix: prefix, RequestTimeout: config.D(2 * time.Second), LeaseTTL: config.D(2 * time.Second)}}
 	log, _ := testlog.New(t, id)
@@ -72,6 +75,24 @@ func startReplica(t *testing.T, cl *testetcd.Cluster, prefix, id, ip, token stri
 	}
 	t.Cleanup(g.Close)
 	return &replicaGateway{Gateway: g, ip: ip, reg: reg}
+}
+
+// adminJSON decodes the answer of r's admin API at path into v.
+func adminJSON(t *testing.T, r *replicaGateway, path string, v any) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, "http://"+r.AdminAddr().String()+path, nil)
+	req.Header.Set("Authorization", "Bearer admin-token-0123456789")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("admin %s: HTTP %d", path, resp.StatusCode)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func (r *replicaGateway) addr(port int) string { return net.JoinHostPort(r.ip, strconv.Itoa(port)) }
@@ -166,6 +187,33 @@ func TestForwardBetweenReplicas(t *testing.T) {
 				if got := r.fabric.servedBy(keyOf(protocol.KindTCP, tcpPort)); got != "forwarded" {
 					t.Errorf("%s serves the port %q, want forwarded", r.ip, got)
 				}
+			}
+			// The admin API of r2: the replicas, who holds the agent, and
+			// the port served by forwarding to r1.
+			var ci adminapi.ClusterInfo
+			adminJSON(t, r2, adminapi.ClusterPath, &ci)
+			var holders []string
+			for _, r := range ci.Replicas {
+				for _, s := range r.Sessions {
+					if s.Agent == "agent-a" {
+						holders = append(holders, r.ID)
+					}
+				}
+			}
+			if ci.Replica != "r2" || len(ci.Replicas) != 3 || fmt.Sprint(holders) != "[r1]" {
+				t.Errorf("r2's cluster view: %+v, want 3 replicas and agent-a on r1 only", ci)
+			}
+			found := false
+			for _, p := range ci.Ports {
+				if p.Protocol == "tcp" && p.Port == tcpPort {
+					found = true
+					if p.Served != "forwarded" || fmt.Sprint(p.Via) != "[r1]" || !p.Live {
+						t.Errorf("r2 reports the TCP port as %+v, want live, forwarded via r1", p)
+					}
+				}
+			}
+			if !found {
+				t.Errorf("r2 reports no TCP port %d: %+v", tcpPort, ci.Ports)
 			}
 			if n := counterValue(r1.metrics.Forwarded.WithLabelValues("agent-a", "echo")); n != 0 {
 				t.Errorf("the agent's own replica forwarded %v connections", n)
