@@ -49,6 +49,11 @@ type fabric struct {
 	records map[sessionID]cluster.Session
 	// links are this replica's links to the others, by replica id.
 	links map[string]*link
+	// unreachable holds when a dial to a replica last failed: for
+	// dialBackoff it is tried after the others, so that a replica that
+	// died without a word (its records live until its lease expires)
+	// does not cost every connection a dial timeout.
+	unreachable map[string]time.Time
 	// incoming are the links other replicas opened to this one.
 	incoming map[*tunnel.Session]bool
 	// allocs are the allocations as last seen in the store.
@@ -81,6 +86,10 @@ var errNoReplica = errors.New("no replica holds a session of the agent")
 // maxForwardTries bounds the replicas one forward tries.
 const maxForwardTries = 3
 
+// dialBackoff is how long a replica that could not be dialled is tried
+// last.
+const dialBackoff = 5 * time.Second
+
 // watchRetry spaces the restarts of a failed watch.
 const watchRetry = time.Second
 
@@ -89,7 +98,7 @@ func newFabric(g *Gateway) *fabric {
 	return &fabric{g: g, self: g.cfg.Cluster.ReplicaID, token: []byte(g.cfg.Cluster.Token), log: g.log,
 		ctx: ctx, cancel: cancel,
 		replicas: map[string]cluster.Replica{}, sessions: map[string]map[string]int{}, records: map[sessionID]cluster.Session{},
-		links: map[string]*link{}, incoming: map[*tunnel.Session]bool{},
+		links: map[string]*link{}, unreachable: map[string]time.Time{}, incoming: map[*tunnel.Session]bool{},
 		allocs: map[store.Key]store.Allocation{}, mirrors: map[store.Key]publicService{}, local: map[store.Key]int{}}
 }
 
@@ -181,6 +190,7 @@ func (f *fabric) watchPresence() {
 			switch {
 			case ch.Replica != nil && ch.Deleted:
 				delete(f.replicas, ch.Replica.ID)
+				delete(f.unreachable, ch.Replica.ID)
 			case ch.Replica != nil:
 				f.replicas[ch.Replica.ID] = *ch.Replica
 			case ch.Session != nil && ch.Deleted:
@@ -240,6 +250,12 @@ func (f *fabric) peers(agent string) []cluster.Replica {
 		f.next++
 		k := int(f.next % uint64(len(out)))
 		out = append(out[k:], out[:k]...)
+		if len(f.unreachable) > 0 {
+			now := time.Now()
+			slices.SortStableFunc(out, func(a, b cluster.Replica) int {
+				return boolCmp(now.Sub(f.unreachable[a.ID]) < dialBackoff, now.Sub(f.unreachable[b.ID]) < dialBackoff)
+			})
+		}
 	}
 	return out
 }
@@ -278,6 +294,11 @@ func (f *fabric) linkTo(ctx context.Context, r cluster.Replica) (*tunnel.Session
 	if err != nil && f.links[r.ID] == l {
 		delete(f.links, r.ID)
 	}
+	if err != nil {
+		f.unreachable[r.ID] = time.Now()
+	} else {
+		delete(f.unreachable, r.ID)
+	}
 	closed := f.closed
 	f.mu.Unlock()
 	close(l.ready)
@@ -315,6 +336,17 @@ func (f *fabric) removeIncoming(s *tunnel.Session) {
 	f.mu.Lock()
 	delete(f.incoming, s)
 	f.mu.Unlock()
+}
+
+// boolCmp orders false before true.
+func boolCmp(a, b bool) int {
+	switch {
+	case a == b:
+		return 0
+	case a:
+		return 1
+	}
+	return -1
 }
 
 // linkService names a forwarded stream's service on a link: the agent,
