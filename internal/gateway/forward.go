@@ -294,8 +294,12 @@ func (f *fabric) linkTo(ctx context.Context, r cluster.Replica) (*tunnel.Session
 	if err != nil && f.links[r.ID] == l {
 		delete(f.links, r.ID)
 	}
+	// A replica failing again within dialBackoff is logged at debug
+	// level: a dead replica must not log once per client.
+	now := time.Now()
+	prev, failedBefore := f.unreachable[r.ID]
 	if err != nil {
-		f.unreachable[r.ID] = time.Now()
+		f.unreachable[r.ID] = now
 	} else {
 		delete(f.unreachable, r.ID)
 	}
@@ -303,7 +307,11 @@ func (f *fabric) linkTo(ctx context.Context, r cluster.Replica) (*tunnel.Session
 	f.mu.Unlock()
 	close(l.ready)
 	if err != nil {
-		f.log.Warn("cannot reach a replica to forward to", "replica", r.ID, "err", err)
+		level := slog.LevelWarn
+		if failedBefore && now.Sub(prev) < dialBackoff {
+			level = slog.LevelDebug
+		}
+		f.log.Log(context.Background(), level, "cannot reach a replica to forward to", "replica", r.ID, "err", err)
 		return nil, err
 	}
 	if closed {

@@ -20,7 +20,12 @@
 // and reaches the Gateway only to read its current configuration. ports
 // (ports.go) allocates public ports in the allocation store and leaves the
 // sockets to its caller; presence.go publishes agent sessions to the other
-// replicas.
+// replicas. In a cluster with a cluster.token, a fabric (forward.go) makes
+// the replica serve every allocated port: mirror.go binds the ports whose
+// agent has no session here (mirrors), forward.go sends what arrives on
+// them to a replica holding a session of the agent, over a link (link.go:
+// an authenticated WebSocket carrying yamux, on /v1/cluster), and serves
+// the streams other replicas forward to this one.
 //
 // # Locks
 //
@@ -33,7 +38,14 @@
 // package's locks: Gateway.mu (the agents map and the presence: callers
 // copy what they need and unlock before touching an agent), udpSessions.mu
 // (one public UDP port's clients), sourceTable.mu (one service's
-// per-source counts, access.go) and authLimiter.mu. Nothing here calls
+// per-source counts, access.go), authLimiter.mu and fabric.mu (the cluster
+// view, links and mirrors, forward.go: it is taken by the watches, the
+// forwarding path and a registration's bind, never while another lock of
+// this package is held, and under it nothing is called but local socket
+// binds for mirrors; mirrors are closed and links ended after unlocking).
+// A service's close calls into the fabric (its port goes back to the
+// mirrors) and is therefore made with no lock held, as it already was.
+// Nothing here calls
 // out of the package under a lock except into internal/metrics' vectors
 // and the certificate expiry gauge, none of which calls back.
 //

@@ -72,6 +72,7 @@ func (f *fabric) mirroredLocked(a store.Allocation) bool {
 // and closed after it.
 func (f *fabric) reconcile() {
 	var closing []publicService
+	var forget []publicService
 	f.mu.Lock()
 	if f.closed {
 		f.mu.Unlock()
@@ -82,6 +83,11 @@ func (f *fabric) reconcile() {
 		b := m.base()
 		if !ok || !f.mirroredLocked(a) || a.Agent != b.agent || a.Service != b.key.ID || f.local[k] > 0 {
 			closing = append(closing, m)
+			if f.local[k] == 0 {
+				// Gone from the cluster, not taken over here: its
+				// metrics go with it.
+				forget = append(forget, m)
+			}
 			delete(f.mirrors, k)
 			continue
 		}
@@ -106,6 +112,10 @@ func (f *fabric) reconcile() {
 	f.mu.Unlock()
 	for _, m := range closing {
 		m.close()
+	}
+	for _, m := range forget {
+		b := m.base()
+		f.g.metrics.ForgetService(b.agent, b.key.ID)
 	}
 }
 
