@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -81,6 +82,23 @@ func channelBinding(ws *websocket.Conn) []byte {
 
 var errLinkAuth = errors.New("cluster link: authentication failed")
 
+// maxLinkAuth bounds one authentication message: ids, a nonce and a MAC.
+const maxLinkAuth = 1024
+
+// checkDialer decodes the dialer's proof msg and checks it against
+// token, this replica's id self, its nonce mine and the channel binding.
+// It returns the dialer's message and whether the proof holds.
+func checkDialer(token []byte, self string, msg []byte, mine string, binding []byte) (linkAuth, bool) {
+	var hello linkAuth
+	if err := json.Unmarshal(msg, &hello); err != nil {
+		return linkAuth{}, false
+	}
+	if hello.Replica == "" || hello.Nonce == "" || len(hello.Replica) > 253 || len(hello.Nonce) > 64 {
+		return hello, false
+	}
+	return hello, macEqual(hello.MAC, linkMAC(token, macDialer, hello.Replica, self, hello.Nonce, mine, binding))
+}
+
 // handleCluster accepts another replica's link: it authenticates the
 // dialer, then serves the streams it opens (connections it forwards to
 // this replica's agent sessions).
@@ -109,19 +127,20 @@ func (g *Gateway) handleCluster(w http.ResponseWriter, r *http.Request) {
 	timeout := g.cfg.HandshakeTimeout.Duration
 	ws.SetReadDeadline(time.Now().Add(timeout))
 	ws.SetWriteDeadline(time.Now().Add(timeout))
+	ws.SetReadLimit(maxLinkAuth)
 	mine := newNonce()
-	var hello linkAuth
+	var msg []byte
 	err = ws.WriteJSON(linkAuth{Replica: f.self, Nonce: mine})
 	if err == nil {
-		err = ws.ReadJSON(&hello)
+		_, msg, err = ws.ReadMessage()
 	}
 	if err != nil {
 		ws.Close()
 		return
 	}
 	binding := channelBinding(ws)
-	if hello.Replica == "" || hello.Nonce == "" ||
-		!macEqual(hello.MAC, linkMAC(f.token, macDialer, hello.Replica, f.self, hello.Nonce, mine, binding)) {
+	hello, ok := checkDialer(f.token, f.self, msg, mine, binding)
+	if !ok {
 		g.metrics.AuthFailures.WithLabelValues(metrics.ReasonBadToken.String()).Inc()
 		g.limiter.fail(src)
 		g.log.Warn("rejected cluster link: bad proof of cluster.token", "source", src, "replica", truncate(hello.Replica, 64))
@@ -184,6 +203,7 @@ func (f *fabric) dialLink(ctx context.Context, r cluster.Replica) (*tunnel.Sessi
 		ws.SetReadDeadline(dl)
 		ws.SetWriteDeadline(dl)
 	}
+	ws.SetReadLimit(maxLinkAuth)
 	var theirs, proof linkAuth
 	mine := newNonce()
 	if err := ws.ReadJSON(&theirs); err != nil {
