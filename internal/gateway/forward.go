@@ -39,6 +39,10 @@ type fabric struct {
 
 	ctx    context.Context
 	cancel context.CancelFunc
+	// viewed is closed once the presence records were first read: the
+	// mirrors wait for it, so that a replica starting up does not refuse
+	// clients for want of knowing where their agents are.
+	viewed chan struct{}
 
 	mu sync.Mutex
 	// replicas are the replica records; sessions count, per agent, the
@@ -96,7 +100,7 @@ const watchRetry = time.Second
 func newFabric(g *Gateway) *fabric {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &fabric{g: g, self: g.cfg.Cluster.ReplicaID, token: []byte(g.cfg.Cluster.Token), log: g.log,
-		ctx: ctx, cancel: cancel,
+		ctx: ctx, cancel: cancel, viewed: make(chan struct{}),
 		replicas: map[string]cluster.Replica{}, sessions: map[string]map[string]int{}, records: map[sessionID]cluster.Session{},
 		links: map[string]*link{}, unreachable: map[string]time.Time{}, incoming: map[*tunnel.Session]bool{},
 		allocs: map[store.Key]store.Allocation{}, mirrors: map[store.Key]publicService{}, local: map[store.Key]int{}}
@@ -181,6 +185,11 @@ func (f *fabric) watchPresence() {
 			f.addSessionLocked(s)
 		}
 		f.mu.Unlock()
+		select {
+		case <-f.viewed:
+		default:
+			close(f.viewed)
+		}
 		f.reconcile()
 		for ch := range cluster.Watch(f.ctx, f.g.etcd, c.Etcd.Prefix, v.Revision) {
 			if ch.Err != nil {

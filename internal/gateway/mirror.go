@@ -14,6 +14,11 @@ import (
 // compacted) and, after every change, the mirror listeners with it.
 func (f *fabric) watchAllocations() {
 	st := f.g.ports.st
+	select {
+	case <-f.viewed:
+	case <-f.ctx.Done():
+		return
+	}
 	for f.ctx.Err() == nil {
 		rctx, cancel := context.WithTimeout(f.ctx, f.g.storeTimeout)
 		all, rev, err := st.List(rctx)
