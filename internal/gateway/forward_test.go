@@ -42,7 +42,7 @@ type replicaGateway struct {
 
 // startReplica starts replica id on ip, in the etcd cluster cl under
 // prefix, with the cluster token token.
-func startReplica(t *testing.T, cl *testetcd.Cluster, prefix, id, ip, token string) *replicaGateway {
+func startReplica(t *testing.T, cl *testetcd.Cluster, prefix, id, ip, token string, opts ...func(*config.GatewayFile)) *replicaGateway {
 	t.Helper()
 	// The agents' listener is also the advertised link address: its
 	// port must be known before the replica joins.
@@ -64,6 +64,9 @@ func startReplica(t *testing.T, cl *testetcd.Cluster, prefix, id, ip, token stri
 	cfg.Admin = config.Admin{Listen: ip + ":0", Token: "admin-token-0123456789"}
 	cfg.Cluster = &config.Cluster{ReplicaID: id, Advertise: addr, Token: token, Etcd: config.ClusterEtcd{
 		Endpoints: cl.Endpoints(), Prefix: prefix, RequestTimeout: config.D(2 * time.Second), LeaseTTL: config.D(2 * time.Second)}}
+	for _, o := range opts {
+		o(cfg)
+	}
 	log, _ := testlog.New(t, id)
 	reg := prometheus.NewRegistry()
 	g, err := New(Options{Config: cfg, Logger: log, Registry: reg, Gatherer: reg})
@@ -342,6 +345,26 @@ func TestClusterLinkAuth(t *testing.T) {
 	sess, err := r3.fabric.dialLink(ctx, cluster.Replica{ID: "r1", Advertise: r1.cfg.Cluster.Advertise})
 	if err != nil {
 		t.Fatalf("link with the right token: %v", err)
+	}
+	sess.Close()
+}
+
+// Under tls the link is wss: the dialler accepts a certificate that does
+// not name the replica's address (replicas are reached by address), and
+// the proofs are bound to the TLS connection.
+func TestClusterLinkOverTLS(t *testing.T) {
+	cl := testetcd.Start(t)
+	withTLS := func(c *config.GatewayFile) {
+		c.Insecure = false
+		c.TLS = writeSelfSigned(t, t.TempDir(), 1, time.Now().Add(24*time.Hour))
+	}
+	r1 := startReplica(t, cl, "/tls/", "r1", "127.0.0.11", clusterToken, withTLS)
+	r2 := startReplica(t, cl, "/tls/", "r2", "127.0.0.12", clusterToken, withTLS)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	sess, err := r2.fabric.dialLink(ctx, cluster.Replica{ID: "r1", Advertise: r1.cfg.Cluster.Advertise})
+	if err != nil {
+		t.Fatalf("link over TLS: %v", err)
 	}
 	sess.Close()
 }
