@@ -12,7 +12,54 @@ const (
 	// ServicesPath lists the exposed services: a JSON array of
 	// ServiceInfo.
 	ServicesPath = "/v1/services"
+	// ClusterPath describes the replicas of a cluster and where each
+	// allocated port is served: a ClusterInfo. A gateway without a
+	// cluster: block answers 404.
+	ClusterPath = "/v1/cluster"
 )
+
+// ClusterInfo is GET /v1/cluster, as one replica sees the cluster.
+type ClusterInfo struct {
+	// Replica is the replica that answered.
+	Replica string `json:"replica"`
+	// Forwarding is whether it forwards (cluster.token is set).
+	Forwarding bool          `json:"forwarding"`
+	Replicas   []ReplicaInfo `json:"replicas"`
+	Ports      []PortInfo    `json:"ports"`
+}
+
+// ReplicaInfo is one replica from the presence records.
+type ReplicaInfo struct {
+	ID        string    `json:"id"`
+	Advertise string    `json:"advertise"`
+	Since     time.Time `json:"since,omitzero"`
+	// Link is "up" when the answering replica has a link to it open.
+	Link string `json:"link,omitempty"`
+	// Sessions are the agent sessions it holds.
+	Sessions []ClusterSession `json:"sessions,omitempty"`
+}
+
+// ClusterSession is one agent session a replica holds.
+type ClusterSession struct {
+	Agent    string `json:"agent"`
+	Instance string `json:"instance,omitempty"`
+	Protocol string `json:"protocol"`
+}
+
+// PortInfo is one allocated public port and how the answering replica
+// serves it.
+type PortInfo struct {
+	Protocol string `json:"protocol"`
+	Port     int    `json:"port"`
+	Agent    string `json:"agent"`
+	Service  string `json:"service"`
+	Live     bool   `json:"live"`
+	// Served is "local" (a session of the agent here carries it),
+	// "forwarded" (sent on to a replica in Via) or "" (not served here).
+	Served string `json:"served,omitempty"`
+	// Via are the other replicas holding a session of the agent.
+	Via []string `json:"via,omitempty"`
+}
 
 // AgentInfo is one entry of GET /v1/agents.
 type AgentInfo struct {

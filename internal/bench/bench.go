@@ -14,6 +14,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 )
@@ -40,10 +41,15 @@ const (
 	WSS Path = "wss"
 	// JSON is the same with the tunnel in JSON mode.
 	JSON Path = "json"
+	// Forwarded goes client → a gateway replica without the agent's
+	// session → cluster link → the replica with it → tunnel (yamux) →
+	// agent → backend. It needs an etcd binary (forwarded.go); without
+	// one it is skipped with a note.
+	Forwarded Path = "forwarded"
 )
 
 // Paths returns every path, in the order each run measures them.
-func Paths() []Path { return []Path{Direct, Relay, RelayProcess, Yamux, WSS, JSON} }
+func Paths() []Path { return []Path{Direct, Relay, RelayProcess, Yamux, WSS, JSON, Forwarded} }
 
 func (p Path) tunnel() bool { return p == Yamux || p == WSS || p == JSON }
 
@@ -58,7 +64,7 @@ func ParsePaths(vals []string) ([]Path, error) {
 		for name := range strings.SplitSeq(v, ",") {
 			p := Path(strings.ToLower(strings.TrimSpace(name)))
 			if !p.valid() {
-				return nil, fmt.Errorf("--only: %q is not one of direct, relay, relay-process, yamux, wss, json", name)
+				return nil, fmt.Errorf("--only: %q is not one of direct, relay, relay-process, yamux, wss, json, forwarded", name)
 			}
 			want[p] = true
 		}
@@ -192,7 +198,7 @@ func (o *Options) normalize() error {
 			errs = append(errs, fmt.Errorf("unknown path %q", p))
 		}
 	}
-	if o.Exec.Path == "" && (o.has(Yamux) || o.has(WSS) || o.has(JSON) || !o.SkipAgents) {
+	if o.Exec.Path == "" && (o.has(Yamux) || o.has(WSS) || o.has(JSON) || o.has(Forwarded) || !o.SkipAgents) {
 		errs = append(errs, errors.New("no portway binary to run the gateway and agent"))
 	}
 	return errors.Join(errs...)
@@ -241,6 +247,16 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		idleSettle: min(maxIdleSettle, o.Duration/2),
 	}
 	var notes []string
+	if o.has(Forwarded) && etcdBinary() == "" {
+		note := "forwarded path skipped: it needs an etcd binary ($KUBEBUILDER_ASSETS/etcd, or etcd on PATH)"
+		r.log.Warn(note)
+		notes = append(notes, note)
+		o.Paths = slices.DeleteFunc(slices.Clone(o.Paths), func(p Path) bool { return p == Forwarded })
+		r.opts.Paths = o.Paths
+		if len(o.Paths) == 0 {
+			return nil, errors.New("bench: " + note)
+		}
+	}
 	if o.has(Yamux) && !o.SkipIdle {
 		n, note, err := raiseNoFile(o.IdleConns)
 		if err != nil {
@@ -388,6 +404,16 @@ func (r *runner) measurePath(ctx context.Context, p Path, run int) (_ Figures, e
 		defer c.stop()
 		tg = rtg
 		ctx = pctx
+	case Forwarded:
+		t, terr := startForwarded(ctx, r.opts.Exec, r.dir, fmt.Sprintf("%s-run%d", p, run), r.sink.Addr(), r.echo.Addr())
+		if terr != nil {
+			return Figures{}, terr
+		}
+		defer t.close()
+		defer func() { err = t.explain(err) }()
+		// No process figures: three processes share the work.
+		tg = target{sink: t.sink, echo: t.echo}
+		ctx = t.ctx
 	case Yamux, WSS, JSON:
 		spec := tunnelSpec{
 			name: fmt.Sprintf("%s-run%d", p, run), protocol: string(p),

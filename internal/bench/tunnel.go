@@ -52,6 +52,9 @@ type tunnelPath struct {
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 	gw, ag *child
+	// others are more children, stopped after the gateway: a second
+	// replica and etcd (forwarded.go).
+	others []*child
 	delay  *tcpServer
 	// sink and echo are the public endpoints on the gateway.
 	sink, echo string
@@ -274,6 +277,9 @@ func (t *tunnelPath) close() {
 	}
 	if t.gw != nil {
 		t.gw.stop()
+	}
+	for _, c := range t.others {
+		c.stop()
 	}
 	if t.delay != nil {
 		t.delay.Close()

@@ -66,7 +66,7 @@ storm). docs/benchmarks.md explains every figure.`,
 	f := cmd.Flags()
 	f.IntVar(&o.Runs, "runs", bench.DefaultRuns, "times each path is measured; the median and the spread are reported")
 	f.DurationVar(&o.Duration, "duration", bench.DefaultDuration, "length of each measurement")
-	f.StringSliceVar(&only, "only", nil, "measure only these paths: direct, relay, relay-process, yamux, wss, json (repeatable or comma-separated)")
+	f.StringSliceVar(&only, "only", nil, "measure only these paths: direct, relay, relay-process, yamux, wss, json, forwarded (repeatable or comma-separated)")
 	f.BoolVar(&jsonOut, "json", false, "print one JSON object instead of the table")
 	f.BoolVar(&o.SkipRTT, "skip-rtt", false, "leave out the 20 ms RTT case")
 	f.BoolVar(&o.SkipIdle, "skip-idle", false, "leave out the idle connections case")

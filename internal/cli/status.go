@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -38,12 +39,28 @@ func (a *app) statusCmd() *cobra.Command {
 			if err := adminGet(ctx, gwURL, adminapi.ServicesPath, token, &services); err != nil {
 				return err
 			}
+			// A gateway that is not a forwarding replica (or is older)
+			// answers 404: there is no cluster to show.
+			var ci *adminapi.ClusterInfo
+			var c adminapi.ClusterInfo
+			if err := adminGet(ctx, gwURL, adminapi.ClusterPath, token, &c); err == nil {
+				ci = &c
+			} else if !errors.Is(err, errNotFound) {
+				return err
+			}
 			if output == "json" {
 				enc := json.NewEncoder(a.stdout)
 				enc.SetIndent("", "  ")
-				return enc.Encode(map[string]any{"agents": agents, "services": services})
+				out := map[string]any{"agents": agents, "services": services}
+				if ci != nil {
+					out["cluster"] = ci
+				}
+				return enc.Encode(out)
 			}
 			writeStatus(a.stdout, agents, services)
+			if ci != nil {
+				writeCluster(a.stdout, ci)
+			}
 			return nil
 		},
 	}
@@ -67,7 +84,11 @@ func adminGet(ctx context.Context, base, path, token string, v any) error {
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return fmt.Errorf("admin API %s: HTTP %d: %s", path, resp.StatusCode, strings.TrimSpace(string(body)))
+		err := fmt.Errorf("admin API %s: HTTP %d: %s", path, resp.StatusCode, strings.TrimSpace(string(body)))
+		if resp.StatusCode == http.StatusNotFound {
+			err = fmt.Errorf("%w: %w", errNotFound, err)
+		}
+		return err
 	}
 	if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
 		return fmt.Errorf("admin API %s: %w", path, err)
@@ -145,6 +166,43 @@ func writeInstances(w io.Writer, agents []adminapi.AgentInfo) {
 		}
 	}
 	fmt.Fprintln(w)
+}
+
+// errNotFound marks an admin API answer of 404.
+var errNotFound = errors.New("not found")
+
+// writeCluster lists the replicas of a cluster, the agent sessions each
+// holds, and how the answering replica serves each allocated port: from a
+// local session of the agent, or forwarded to a replica holding one.
+func writeCluster(out io.Writer, ci *adminapi.ClusterInfo) {
+	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w)
+	fmt.Fprintf(w, "REPLICA\tADVERTISE\tLINK\tAGENT SESSIONS\t(seen from %s)\n", ci.Replica)
+	for _, r := range ci.Replicas {
+		var sess []string
+		for _, s := range r.Sessions {
+			name := s.Agent
+			if s.Instance != "" {
+				name += "/" + s.Instance
+			}
+			sess = append(sess, name+" ("+s.Protocol+")")
+		}
+		link := dash(r.Link)
+		if r.ID == ci.Replica {
+			link = "self"
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t\n", r.ID, dash(r.Advertise), link, dash(strings.Join(sess, ", ")))
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "PORT\tAGENT\tSERVICE\tSTATE\tSERVED HERE\tAGENT ALSO ON")
+	for _, p := range ci.Ports {
+		state := "retained"
+		if p.Live {
+			state = "live"
+		}
+		fmt.Fprintf(w, "%s/%d\t%s\t%s\t%s\t%s\t%s\n", p.Protocol, p.Port, p.Agent, p.Service, state, dash(p.Served), dash(strings.Join(p.Via, ",")))
+	}
+	w.Flush()
 }
 
 func dash(s string) string {

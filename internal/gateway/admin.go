@@ -41,6 +41,13 @@ func (g *Gateway) adminHandler() http.Handler {
 	mux.Handle("GET "+adminapi.ServicesPath, g.requireToken(func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, g.Services())
 	}))
+	mux.Handle("GET "+adminapi.ClusterPath, g.requireToken(func(w http.ResponseWriter, r *http.Request) {
+		if g.fabric == nil {
+			http.Error(w, "not forwarding between replicas: no cluster: block with a cluster.token", http.StatusNotFound)
+			return
+		}
+		writeJSON(w, g.fabric.info())
+	}))
 	return mux
 }
 
@@ -72,6 +79,12 @@ func (g *Gateway) stuckLock(wait time.Duration) string {
 		return "port allocations lock"
 	}
 	g.ports.mu.Unlock()
+	if f := g.fabric; f != nil {
+		if !lockWithin(&f.mu, wait) {
+			return "cluster forwarding lock"
+		}
+		f.mu.Unlock()
+	}
 	return ""
 }
 

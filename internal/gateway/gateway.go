@@ -20,7 +20,12 @@
 // and reaches the Gateway only to read its current configuration. ports
 // (ports.go) allocates public ports in the allocation store and leaves the
 // sockets to its caller; presence.go publishes agent sessions to the other
-// replicas.
+// replicas. In a cluster with a cluster.token, a fabric (forward.go) makes
+// the replica serve every allocated port: mirror.go binds the ports whose
+// agent has no session here (mirrors), forward.go sends what arrives on
+// them to a replica holding a session of the agent, over a link (link.go:
+// an authenticated WebSocket carrying yamux, on /v1/cluster), and serves
+// the streams other replicas forward to this one.
 //
 // # Locks
 //
@@ -35,10 +40,15 @@
 // package's locks: Gateway.mu (the agents map and the presence: callers
 // copy what they need and unlock before touching an agent), udpSessions.mu
 // (one public UDP port's clients), sourceTable.mu (one service's
-// per-source counts, access.go), authLimiter.mu and admission.mu. Nothing
-// here calls out of the package under a lock except into
-// internal/metrics' vectors and the certificate expiry gauge, none of
-// which calls back.
+// per-source counts, access.go), authLimiter.mu, admission.mu and fabric.mu (the cluster
+// view, links and mirrors, forward.go: it is taken by the watches, the
+// forwarding path and a registration's bind, never while another lock of
+// this package is held, and under it nothing is called but local socket
+// binds for mirrors; mirrors are closed and links ended after unlocking).
+// A service's close calls into the fabric (its port goes back to the
+// mirrors) and is therefore made with no lock held, as it already was.
+// Nothing here calls out of the package under a lock except into internal/metrics' vectors
+// and the certificate expiry gauge, none of which calls back.
 //
 // The allocation store (internal/store: a file, or etcd shared with other
 // replicas) and the cluster presence are called with no lock held but
@@ -171,6 +181,9 @@ type Gateway struct {
 	// (cluster.Noop without one).
 	etcd     *clientv3.Client
 	presence cluster.Presence
+	// fabric serves every allocated port and forwards between replicas
+	// (forward.go); nil without a cluster: block with a cluster.token.
+	fabric *fabric
 }
 
 // agentToken is one accepted token of an agent: an agent in the middle of
@@ -238,6 +251,9 @@ func New(o Options) (*Gateway, error) {
 	if cfg.Cluster != nil {
 		g.storeTimeout = cfg.Cluster.Etcd.RequestTimeout.Duration
 		g.ports.shared = true
+		if cfg.Cluster.Token != "" && etcd != nil {
+			g.fabric = newFabric(g)
+		}
 	}
 	g.ports.log = log
 	g.ports.timeout = g.storeTimeout
@@ -284,6 +300,7 @@ func (g *Gateway) Start(ctx context.Context) error {
 	g.tunnelLn = ln
 	mux := http.NewServeMux()
 	mux.HandleFunc(tunnel.Path, g.handleTunnel)
+	mux.HandleFunc(clusterPath, g.handleCluster)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "portway gateway: agents connect to "+tunnel.Path, http.StatusNotFound)
 	})
@@ -304,6 +321,9 @@ func (g *Gateway) Start(ctx context.Context) error {
 	if err := g.joinCluster(ctx); err != nil {
 		g.Close()
 		return err
+	}
+	if g.fabric != nil {
+		g.fabric.start()
 	}
 	g.ready.Store(true)
 	scheme := "wss"
@@ -378,6 +398,9 @@ func (g *Gateway) Close() {
 		g.mu.Unlock()
 		for _, s := range g.servers {
 			s.Close()
+		}
+		if g.fabric != nil {
+			g.fabric.stop()
 		}
 		for _, a := range g.agentList() {
 			g.shutdownAgent(a)

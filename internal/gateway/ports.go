@@ -180,6 +180,8 @@ type candidate struct {
 	victim *allocation
 	// exact: the service asked for this port (public_port).
 	exact bool
+	// spec is the registered service, stored with the claim.
+	spec *protocol.Service
 }
 
 // acquire returns the port for a service, claimed in the store and opened
@@ -201,6 +203,7 @@ func (p *ports) acquire(ctx context.Context, agent string, svc *protocol.Service
 			return 0, err
 		}
 		tried[c.port] = true
+		c.spec = svc
 		var port int
 		if c.victim != nil {
 			port, err = p.takeOver(ctx, key, c, bind)
@@ -280,7 +283,7 @@ func (p *ports) next(key allocKey, svc *protocol.Service, tried map[int]bool) (c
 // claimAndBind claims c.port for key in the store, then binds it; a port
 // that cannot be bound is released again.
 func (p *ports) claimAndBind(ctx context.Context, key allocKey, c candidate, bind bindFunc) (int, error) {
-	want := store.Allocation{Agent: key.agent, Service: key.svc.ID, Protocol: key.svc.Kind, Port: c.port}
+	want := store.Allocation{Agent: key.agent, Service: key.svc.ID, Protocol: key.svc.Kind, Port: c.port, Spec: c.spec}
 	got, err := p.st.Claim(ctx, want)
 	var taken *store.TakenError
 	switch {
@@ -341,7 +344,7 @@ func (p *ports) takeOver(ctx context.Context, key allocKey, c candidate, bind bi
 	err = p.st.Release(ctx, victim)
 	if err == nil {
 		var got store.Allocation
-		got, err = p.st.Claim(ctx, store.Allocation{Agent: key.agent, Service: key.svc.ID, Protocol: key.svc.Kind, Port: c.port})
+		got, err = p.st.Claim(ctx, store.Allocation{Agent: key.agent, Service: key.svc.ID, Protocol: key.svc.Kind, Port: c.port, Spec: c.spec})
 		if err == nil {
 			p.mu.Lock()
 			if p.byPort[portKey{key.svc.Kind, c.port}] == c.victim {

@@ -17,6 +17,7 @@ import (
 	"github.com/portway/portway/internal/config"
 	"github.com/portway/portway/internal/metrics"
 	"github.com/portway/portway/internal/protocol"
+	"github.com/portway/portway/internal/store"
 	"github.com/portway/portway/internal/tunnel"
 )
 
@@ -58,6 +59,14 @@ type serviceBase struct {
 	holders atomic.Pointer[[]*instance]
 	// next breaks ties between the least busy holders in turn.
 	next atomic.Uint64
+	// fwd forwards what no holder can take to a replica holding a
+	// session of the agent (nil: not in a cluster, refuse it). mirror
+	// marks a port this replica serves only by forwarding.
+	fwd    *fabric
+	mirror bool
+	// onStop runs after the socket is closed (the fabric's bookkeeping
+	// of the ports registered services hold), with no lock held.
+	onStop func()
 
 	// conf returns the gateway's current configuration, for the limits a
 	// reload may change (buffer_size, the UDP queue budgets).
@@ -214,6 +223,9 @@ func (b *serviceBase) stop(closeSocket func()) {
 	b.once.Do(func() {
 		close(b.done)
 		closeSocket()
+		if b.onStop != nil {
+			b.onStop()
+		}
 	})
 }
 
@@ -240,37 +252,106 @@ const openTimeout = 10 * time.Second
 // bounded by ctx.
 func (g *Gateway) openService(ctx context.Context, a *agentState, svc *protocol.Service, pol *sourcePolicy) (publicService, error) {
 	if svc.Key().Kind == protocol.KindUDP {
-		port, conn, err := bindPort(ctx, g.ports, a.name, svc, g.listenUDP)
+		port, conn, err := bindPort(ctx, g.ports, a.name, svc, localBind(g.fabric, protocol.KindUDP, g.listenUDP))
 		if err != nil {
 			return nil, err
 		}
 		s := &udpService{
-			serviceBase: g.newServiceBase(a, svc, pol, port,
+			serviceBase: g.newServiceBase(a.name, svc, pol, port,
 				g.metrics.UDPActive.WithLabelValues(a.name, svc.ID), g.metrics.UDPSessions.WithLabelValues(a.name, svc.ID)),
 			conn:     conn,
 			budget:   &g.udp,
 			sessions: newUDPSessions(),
 			public:   g.publicUDP(addrPortOf(conn.LocalAddr())),
 		}
+		g.fabricHooks(s.serviceBase)
 		go s.serve()
 		return s, nil
 	}
-	port, ln, err := bindPort(ctx, g.ports, a.name, svc, g.listenTCP)
+	port, ln, err := bindPort(ctx, g.ports, a.name, svc, localBind(g.fabric, protocol.KindTCP, g.listenTCP))
 	if err != nil {
 		return nil, err
 	}
 	s := &tcpService{
-		serviceBase: g.newServiceBase(a, svc, pol, port,
+		serviceBase: g.newServiceBase(a.name, svc, pol, port,
 			g.metrics.ConnActive.WithLabelValues(a.name, svc.ID), g.metrics.ConnTotal.WithLabelValues(a.name, svc.ID)),
 		ln: ln,
 	}
+	g.fabricHooks(s.serviceBase)
 	go s.serve()
 	return s, nil
 }
 
-func (g *Gateway) newServiceBase(a *agentState, svc *protocol.Service, pol *sourcePolicy, port int, active prometheus.Gauge, total prometheus.Counter) *serviceBase {
+// localBind wraps a registered service's bind: in a cluster the fabric
+// first closes the mirror serving the port (takeLocal) and keeps mirrors
+// off it while the service holds it.
+func localBind[L any](f *fabric, kind protocol.Kind, listen func(port int) (L, error)) func(port int) (L, error) {
+	if f == nil {
+		return listen
+	}
+	return func(port int) (L, error) {
+		k := keyOf(kind, port)
+		f.takeLocal(k)
+		l, err := listen(port)
+		if err != nil {
+			f.dropLocal(k)
+		}
+		return l, err
+	}
+}
+
+// fabricHooks makes a registered service forward what its holders cannot
+// take, and give its port back to the mirrors when it closes.
+func (g *Gateway) fabricHooks(b *serviceBase) {
+	if f := g.fabric; f != nil {
+		b.fwd = f
+		k := keyOf(b.key.Kind, b.port)
+		b.onStop = func() { f.dropLocal(k) }
+	}
+}
+
+// openMirror binds a's port and serves it by forwarding: a's agent has no
+// session here. The caller holds fabric.mu; binding is a local syscall.
+func (g *Gateway) openMirror(a store.Allocation) (publicService, error) {
+	svc := a.Spec
+	pol, err := checkService(svc, g.conf().Ceiling(a.Agent))
+	if err != nil {
+		return nil, err
+	}
+	if a.Protocol == protocol.KindUDP {
+		conn, err := g.listenUDP(a.Port)
+		if err != nil {
+			return nil, err
+		}
+		s := &udpService{
+			serviceBase: g.newServiceBase(a.Agent, svc, pol, a.Port,
+				g.metrics.UDPActive.WithLabelValues(a.Agent, svc.ID), g.metrics.UDPSessions.WithLabelValues(a.Agent, svc.ID)),
+			conn:     conn,
+			budget:   &g.udp,
+			sessions: newUDPSessions(),
+			public:   g.publicUDP(addrPortOf(conn.LocalAddr())),
+		}
+		s.fwd, s.mirror = g.fabric, true
+		go s.serve()
+		return s, nil
+	}
+	ln, err := g.listenTCP(a.Port)
+	if err != nil {
+		return nil, err
+	}
+	s := &tcpService{
+		serviceBase: g.newServiceBase(a.Agent, svc, pol, a.Port,
+			g.metrics.ConnActive.WithLabelValues(a.Agent, svc.ID), g.metrics.ConnTotal.WithLabelValues(a.Agent, svc.ID)),
+		ln: ln,
+	}
+	s.fwd, s.mirror = g.fabric, true
+	go s.serve()
+	return s, nil
+}
+
+func (g *Gateway) newServiceBase(agent string, svc *protocol.Service, pol *sourcePolicy, port int, active prometheus.Gauge, total prometheus.Counter) *serviceBase {
 	b := &serviceBase{
-		agent: a.name, key: svc.Key(), port: port,
+		agent: agent, key: svc.Key(), port: port,
 		endpoint: net.JoinHostPort(g.cfg.PublicHost, strconv.Itoa(port)),
 		conf:     g.conf, log: g.log, metrics: g.metrics, active: active, total: total,
 		hdrTimeout: g.hdrTimeout,

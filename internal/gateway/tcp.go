@@ -74,19 +74,24 @@ func (s *tcpService) serveConn(c *net.TCPConn) {
 		relay.Abort(c)
 		return
 	}
-	in := s.pick()
-	if in == nil {
-		s.releaseSource(client.Addr(), pol)
-		s.refuse(metrics.ReasonAgentOffline)
-		relay.Abort(c)
-		return
-	}
 	spec := s.spec.Load()
 	h := protocol.StreamHeader{Kind: protocol.KindTCP, Service: spec.ID, Client: client}
 	if spec.ProxyProtocol != "" {
 		// Only an agent that writes PROXY headers registers one, and
 		// only such an agent reads the public endpoint.
 		h.Public = public
+	}
+	in := s.pick()
+	if in == nil {
+		if s.fwd != nil {
+			// No session of the agent here: another replica's.
+			s.forwardTCP(c, h, func() { s.releaseSource(client.Addr(), pol) })
+			return
+		}
+		s.releaseSource(client.Addr(), pol)
+		s.refuse(metrics.ReasonAgentOffline)
+		relay.Abort(c)
+		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), openTimeout)
 	st, in, err := s.open(ctx, in, h)

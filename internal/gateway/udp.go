@@ -289,12 +289,16 @@ func (us *udpService) newSession(client netip.AddrPort, pol *sourcePolicy) (*udp
 		return nil, metrics.ReasonOverLimit
 	}
 	sess, in := us.agentSession()
-	if sess == nil {
+	if sess == nil && us.fwd == nil {
 		return nil, metrics.ReasonAgentOffline
 	}
 	s := &udpSession{us: us, client: client, pol: pol, queue: make(chan *[]byte, udpQueueLen), done: make(chan struct{})}
 	u.m[client] = s
-	in.active.Add(1)
+	if in != nil {
+		in.active.Add(1)
+	}
+	// Without a local session (sess nil) run forwards the session to a
+	// replica holding one.
 	go s.run(sess, in)
 	return s, metrics.ReasonNone
 }
@@ -302,7 +306,9 @@ func (us *udpService) newSession(client netip.AddrPort, pol *sourcePolicy) (*udp
 func (s *udpSession) run(sess *tunnel.Session, in *instance) {
 	us := s.us
 	defer us.releaseSource(s.client.Addr(), s.pol)
-	defer in.active.Add(-1)
+	if in != nil {
+		defer in.active.Add(-1)
+	}
 	defer us.sessions.remove(s)
 	defer s.Close()
 	spec := us.spec.Load()
@@ -311,7 +317,24 @@ func (s *udpSession) run(sess *tunnel.Session, in *instance) {
 		h.Public = us.public
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), openTimeout)
-	st, err := sess.Open(ctx, h)
+	var st tunnel.Stream
+	var err error
+	if sess != nil {
+		st, err = sess.Open(ctx, h)
+	} else {
+		st, _, err = us.fwd.open(ctx, us.agent, h)
+		if errors.Is(err, errNoReplica) {
+			// Nobody can carry it: drop the client's datagrams for a
+			// while, counted, rather than retry each one.
+			cancel()
+			us.refuse(metrics.ReasonNoReplica)
+			us.sessions.hold(s.client, time.Now())
+			return
+		}
+		if err == nil {
+			us.metrics.Forwarded.WithLabelValues(us.agent, spec.ID).Inc()
+		}
+	}
 	if err == nil {
 		err = tunnel.WaitOpen(ctx, st)
 	}

@@ -24,6 +24,7 @@ func registeredNames(t *testing.T) map[string]bool {
 		g.AgentsConnected, g.AgentSessions, g.AgentInstances, g.Services, g.PortAllocations, g.PortEvictions, g.ConnActive, g.ConnTotal,
 		g.Bytes, g.Refusals, g.UDPActive, g.UDPSessions, g.UDPPackets, g.UDPDropped, g.AuthFailures, g.SessionEnds,
 		g.HandshakesInFlight, g.HandshakesDeferred,
+		g.Forwarded, g.ForwardedBytes,
 		NewCertificateExpiry(prometheus.NewRegistry())} {
 		c.Describe(descs)
 	}

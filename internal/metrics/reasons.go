@@ -77,6 +77,11 @@ const (
 	ReasonSourceLimit
 	ReasonProxyHeader
 
+	// Forwarding between gateway replicas: a connection or UDP session
+	// that reached a replica without a session of its agent, when no
+	// other replica holds one either.
+	ReasonNoReplica
+
 	numReasons
 )
 
@@ -113,6 +118,7 @@ var reasonLabels = [numReasons]string{
 	ReasonDenied:            "denied",
 	ReasonSourceLimit:       "source_limit",
 	ReasonProxyHeader:       "proxy_header",
+	ReasonNoReplica:         "no_replica",
 }
 
 // String returns the label value.

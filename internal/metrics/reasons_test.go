@@ -20,6 +20,7 @@ func TestReasonLabels(t *testing.T) {
 		"peer_no_protocol", "peer_bad_protocol", "peer_other",
 		"agent_cap", "range_full",
 		"denied", "source_limit", "proxy_header",
+		"no_replica",
 	}
 	if int(numReasons) != len(want) {
 		t.Fatalf("%d reasons, want %d", numReasons, len(want))

@@ -153,6 +153,11 @@ type Gateway struct {
 	// max_concurrent_handshakes were in flight.
 	HandshakesInFlight prometheus.Gauge
 	HandshakesDeferred prometheus.Counter
+	// Forwarded counts the connections and UDP sessions this replica
+	// sent to another replica that holds the agent's session;
+	// ForwardedBytes their TCP bytes (in = from clients).
+	Forwarded      *prometheus.CounterVec // agent, service
+	ForwardedBytes *PairCounter           // agent, service, direction=in|out
 }
 
 // NewGateway creates the gateway's metrics and registers them with reg.
@@ -208,6 +213,13 @@ func NewGateway(reg prometheus.Registerer) *Gateway {
 		SessionEnds: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "portway_gateway_session_ends_total", Help: "Tunnel sessions ended, by reason.",
 		}, []string{"reason"}),
+		Forwarded: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "portway_gateway_forwarded_total",
+			Help: "Public connections and UDP sessions forwarded to another replica holding the agent's session.",
+		}, svc),
+		ForwardedBytes: NewPairCounter("portway_gateway_forwarded_bytes_total",
+			"Bytes of forwarded TCP connections: in = from clients, out = to clients.",
+			svc, [2]string{"in", "out"}),
 	}
 	m.HandshakesInFlight = prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: "portway_gateway_handshakes_in_flight",
@@ -220,7 +232,7 @@ func NewGateway(reg prometheus.Registerer) *Gateway {
 	reg.MustRegister(m.HandshakesInFlight, m.HandshakesDeferred)
 	reg.MustRegister(m.AgentsConnected, m.AgentSessions, m.AgentInstances, m.Services, m.PortAllocations, m.PortEvictions,
 		m.ConnActive, m.ConnTotal, m.Bytes, m.Refusals, m.UDPActive, m.UDPSessions, m.UDPPackets,
-		m.UDPDropped, m.AuthFailures, m.SessionEnds)
+		m.UDPDropped, m.AuthFailures, m.SessionEnds, m.Forwarded, m.ForwardedBytes)
 	// Both reasons from the start, so an alert on their rate sees zero.
 	for _, r := range []Reason{ReasonAgentCap, ReasonRangeFull} {
 		m.PortEvictions.WithLabelValues(r.String())
@@ -257,4 +269,6 @@ func (m *Gateway) ForgetService(agent, service string) {
 		m.Refusals.DeleteLabelValues(agent, service, r.String())
 		m.UDPDropped.DeleteLabelValues(agent, service, r.String())
 	}
+	m.Forwarded.DeleteLabelValues(agent, service)
+	m.ForwardedBytes.Delete(agent, service)
 }

@@ -70,6 +70,38 @@ func runConformance(t *testing.T, open opener) {
 			t.Fatal("claim of port 0 accepted")
 		}
 	})
+	t.Run("SpecKeptThroughRefreshRetainAndList", func(t *testing.T) {
+		// Replicas without the agent serve its port from the spec the
+		// claim stored: a refresh or a withdrawal must not lose it.
+		c := newClock()
+		st := open(t, Options{Retention: time.Hour, Now: c.now})
+		ctx := ctx(t)
+		a := alloc("a", "pg", 200)
+		a.Spec = &protocol.Service{ID: "pg", Protocol: protocol.KindTCP, Port: 5432, ProxyProtocol: "v2", AllowCIDRs: []string{"10.0.0.0/8"}}
+		if _, err := st.Claim(ctx, a); err != nil {
+			t.Fatal(err)
+		}
+		check := func(step string) {
+			t.Helper()
+			all, _, err := st.List(ctx)
+			if err != nil || len(all) != 1 {
+				t.Fatalf("%s: list %+v, %v", step, all, err)
+			}
+			if s := all[0].Spec; s == nil || s.ProxyProtocol != "v2" || len(s.AllowCIDRs) != 1 || s.AllowCIDRs[0] != "10.0.0.0/8" || s.Port != 5432 {
+				t.Fatalf("%s: stored spec %+v", step, s)
+			}
+		}
+		check("claim")
+		c.add(time.Minute)
+		if _, lost, err := st.Refresh(ctx, []Allocation{alloc("a", "pg", 200)}); err != nil || len(lost) != 0 {
+			t.Fatalf("refresh: lost %v, %v", lost, err)
+		}
+		check("refresh")
+		if _, err := st.Retain(ctx, alloc("a", "pg", 200)); err != nil {
+			t.Fatal(err)
+		}
+		check("retain")
+	})
 	t.Run("RetainExpireTakeOver", func(t *testing.T) {
 		c := newClock()
 		st := open(t, Options{Retention: time.Hour, Now: c.now})

@@ -49,6 +49,11 @@ type Allocation struct {
 	// Live is set while a gateway serves the port; a retained (withdrawn)
 	// allocation is kept for its service until it expires.
 	Live bool `json:"live,omitempty"`
+	// Spec is the service as its agent registered it when the port was
+	// claimed: replicas that hold no session of the agent serve the port
+	// from it (its kind, source policy and PROXY protocol) and forward
+	// what arrives. Nil in records written by older versions.
+	Spec *protocol.Service `json:"spec,omitempty"`
 	// Revision is the store's revision of this record when it was read
 	// or written (0: unknown). Release compares it, so that an eviction
 	// decided on a stale read does not free a port that changed since.
