@@ -53,7 +53,6 @@ cluster:
 	return pg, p
 }
 
-
 // dnsAsk sends one A query for name to addr and checks the address.
 func dnsAsk(t *testing.T, addr, name string, want net.IP) error {
 	c := udpClient(t, addr)
