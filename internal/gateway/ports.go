@@ -213,6 +213,8 @@ func (p *ports) acquire(ctx context.Context, agent string, svc *protocol.Service
 		switch {
 		case err == nil:
 			return port, nil
+		case errors.Is(err, errKeepAllocation):
+			return 0, err
 		case errors.Is(err, errRetry):
 		case errors.Is(err, syscall.EADDRINUSE):
 			if c.exact {
@@ -230,6 +232,10 @@ func (p *ports) acquire(ctx context.Context, agent string, svc *protocol.Service
 
 // errRetry: this candidate is lost (another service holds it), try the next.
 var errRetry = errors.New("try the next port")
+
+// errKeepAllocation marks a failure to open a port that stays the
+// service's: another port is not tried.
+var errKeepAllocation = errors.New("allocation kept")
 
 // next picks the port to try for key. Caller holds p.mu.
 func (p *ports) next(key allocKey, svc *protocol.Service, tried map[int]bool) (candidate, error) {
@@ -284,6 +290,9 @@ func (p *ports) next(key allocKey, svc *protocol.Service, tried map[int]bool) (c
 // that cannot be bound is released again.
 func (p *ports) claimAndBind(ctx context.Context, key allocKey, c candidate, bind bindFunc) (int, error) {
 	want := store.Allocation{Agent: key.agent, Service: key.svc.ID, Protocol: key.svc.Kind, Port: c.port, Spec: c.spec}
+	// In a cluster, a port already the service's may be served by other
+	// replicas: failing to open it here must not take it from them.
+	shared := p.shared && p.known(key, c.port)
 	got, err := p.st.Claim(ctx, want)
 	var taken *store.TakenError
 	switch {
@@ -307,6 +316,10 @@ func (p *ports) claimAndBind(ctx context.Context, key allocKey, c candidate, bin
 		return 0, fmt.Errorf("cannot allocate a public port: %w", err)
 	}
 	unbind, err := bind(c.port)
+	if err != nil && shared {
+		return 0, fmt.Errorf("public port %d is this service's in the cluster, but this replica cannot open it (the other replicas serve it): %w",
+			c.port, errors.Join(errKeepAllocation, err))
+	}
 	if err != nil {
 		// Another process took the port (or it cannot be opened): give
 		// it up, the service's old allocation of it included.
@@ -392,6 +405,15 @@ func (p *ports) holds(key allocKey, port int) bool {
 	a := p.byKey[key]
 	return a != nil && a.port == port && !a.remote &&
 		(a.live || p.retention <= 0 || !a.lastUsed.Before(p.now().Add(-p.retention)))
+}
+
+// known reports whether this gateway's view (its own allocations and
+// those the store named) gives port to key.
+func (p *ports) known(key allocKey, port int) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	a := p.byKey[key]
+	return a != nil && a.port == port
 }
 
 // noteHolder records the holder the store named for a port, so the next

@@ -353,3 +353,29 @@ func TestPortsNeverEvictAnotherReplicasLivePort(t *testing.T) {
 		}
 	}
 }
+
+// In a cluster, a replica that cannot open a port the service already
+// holds (another program has it on this host) neither releases the
+// allocation, which other replicas serve, nor moves the service to
+// another port: the registration fails here only.
+func TestPortsSharedBindFailureKeepsAllocation(t *testing.T) {
+	st := &store.Memory{}
+	ctx := context.Background()
+	held, err := st.Claim(ctx, store.Allocation{Agent: "a", Service: "pg", Protocol: protocol.KindTCP, Port: 10005})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, _, _ := testPorts(10000, 10010, -1, st)
+	p.shared = true
+	if err := p.load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	pg := &protocol.Service{ID: "pg", Protocol: protocol.KindTCP, Port: 5}
+	if port, err := p.acquire(ctx, "a", pg, bindExcept(10005)); err == nil {
+		t.Fatalf("pg moved to %d on a replica that cannot open its port", port)
+	}
+	all, _, err := st.List(ctx)
+	if err != nil || len(all) != 1 || all[0].Port != held.Port || all[0].Agent != "a" {
+		t.Fatalf("store holds %+v (%v), want pg's allocation of %d kept", all, err, held.Port)
+	}
+}
