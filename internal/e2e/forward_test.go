@@ -105,7 +105,7 @@ func TestForwardedThroughReplicas(t *testing.T) {
 				return out
 			}
 			for i, a := range addrs(port) {
-				testwait.For(t, 15*time.Second, "redis through "+a, func() bool { return redisPing(a) == nil })
+				testwait.For(t, 15*time.Second, "redis through "+a, func() bool { return testservers.RedisPing(a) == nil })
 				host, _ := splitHostPort(t, a)
 				key := "k" + strconv.Itoa(i)
 				if out, err := rd.CLI(t, host, port, "SET", key, "through-"+host); err != nil || strings.TrimSpace(string(out)) != "OK" {
@@ -136,7 +136,7 @@ func TestForwardedThroughReplicas(t *testing.T) {
 						return
 					default:
 					}
-					if redisPing(addrs(port)[1+j%2]) == nil {
+					if testservers.RedisPing(addrs(port)[1+j%2]) == nil {
 						ok.Add(1)
 					} else {
 						failed.Add(1)
@@ -156,7 +156,7 @@ func TestForwardedThroughReplicas(t *testing.T) {
 				t.Errorf("clients of r2 and r3: %d ok, %d failed, want no failure", ok.Load(), failed.Load())
 			}
 			for _, a := range addrs(port)[1:] {
-				if err := redisPing(a); err != nil {
+				if err := testservers.RedisPing(a); err != nil {
 					t.Errorf("redis through %s after r1 died: %v", a, err)
 				}
 			}

@@ -3,7 +3,6 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -138,27 +137,6 @@ services:
 	return startProc(t, haAgent(i), []string{"PORTWAY_GATEWAY_TOKEN=" + haToken(i)}, "agent", "--config", cfg, "--log-level", "debug")
 }
 
-// redisPing sends a RESP PING to addr and expects +PONG.
-func redisPing(addr string) error {
-	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := c.Write([]byte("*1\r\n$4\r\nPING\r\n")); err != nil {
-		return err
-	}
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil {
-		return err
-	}
-	if strings.TrimSpace(line) != "+PONG" {
-		return fmt.Errorf("PING answered %q", line)
-	}
-	return nil
-}
-
 // clientLoop pings every address in turn until stopped, counting
 // successes and failures.
 type clientLoop struct {
@@ -178,7 +156,7 @@ func startClients(t *testing.T, addrs []string) *clientLoop {
 			default:
 			}
 			addr := addrs[j%len(addrs)]
-			if err := redisPing(addr); err != nil {
+			if err := testservers.RedisPing(addr); err != nil {
 				if l.failed.Add(1) <= 3 {
 					t.Logf("client of %s: %v", addr, err)
 				}
@@ -265,7 +243,7 @@ func TestHAFailures(t *testing.T) {
 	checkAll := func(when string) {
 		t.Helper()
 		for _, r := range reps {
-			if err := redisPing(redisAt(r)); err != nil {
+			if err := testservers.RedisPing(redisAt(r)); err != nil {
 				t.Fatalf("%s: redis through %s: %v", when, r.id, err)
 			}
 			if out, err := pgs.PSQL(t, r.host, pgPort, "-tAc", "select 40 + 2"); err != nil || strings.TrimSpace(string(out)) != "42" {
@@ -288,7 +266,7 @@ func TestHAFailures(t *testing.T) {
 				t.Fatalf("%s serves %s on %d, another replica on %d", r.id, haAgent(i), p, port)
 			}
 		}
-		if err := redisPing(net.JoinHostPort(reps[0].host, strconv.Itoa(port))); err != nil {
+		if err := testservers.RedisPing(net.JoinHostPort(reps[0].host, strconv.Itoa(port))); err != nil {
 			t.Fatal(err)
 		}
 		return port
@@ -461,7 +439,7 @@ func TestHAFailures(t *testing.T) {
 		if p := reps[2].port(haAgent(3), "redis"); p != 0 {
 			t.Fatalf("the partitioned replica allocated %d", p)
 		}
-		if err := redisPing(redisAt(reps[2])); err != nil {
+		if err := testservers.RedisPing(redisAt(reps[2])); err != nil {
 			t.Fatalf("the partitioned replica stopped serving its port: %v", err)
 		}
 		healed := time.Now()

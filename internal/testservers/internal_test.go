@@ -42,7 +42,7 @@ func TestStartRetriesBusyPort(t *testing.T) {
 			cmd := exec.Command(server, "--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--dir", dir)
 			return startProcess(t, "redis-server", cmd, filepath.Join(dir, "redis.log"), syscall.SIGTERM)
 		},
-		func(port int) error { return redisPing(hostPort("127.0.0.1", port)) })
+		func(port int) error { return RedisPing(hostPort("127.0.0.1", port)) })
 	if port == busy || calls != 2 {
 		t.Fatalf("got port %d after %d attempts (busy port %d)", port, calls, busy)
 	}

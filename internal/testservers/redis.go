@@ -64,19 +64,20 @@ func RedisOn(t testing.TB, host string) *RedisServer {
 			cmd.Dir = dir
 			return startProcess(t, "redis-server", cmd, logPath, syscall.SIGTERM)
 		},
-		func(port int) error { return redisPing(hostPort(host, port)) })
+		func(port int) error { return RedisPing(hostPort(host, port)) })
 	s.Port = port
 	return s
 }
 
-// redisPing sends a RESP PING and expects +PONG.
-func redisPing(addr string) error {
-	c, err := net.DialTimeout("tcp", addr, time.Second)
+// RedisPing sends a RESP PING to addr on a connection of its own and
+// expects +PONG.
+func RedisPing(addr string) error {
+	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 	if _, err := c.Write([]byte("*1\r\n$4\r\nPING\r\n")); err != nil {
 		return err
 	}
