@@ -248,7 +248,10 @@ func TestForwardBetweenReplicas(t *testing.T) {
 	}
 }
 
-// connectFakeAgentInstance is connectFakeAgent with an instance id.
+// connectFakeAgentInstance opens a tunnel as agent-a's instance instance
+// ("": an agent that sends none), registers services and waits for the
+// acknowledgement. accept handles the streams the gateway opens (nil:
+// refuse them all).
 func connectFakeAgentInstance(ctx context.Context, g *Gateway, mode, instance string, services []protocol.Service, accept func(*tunnel.Incoming)) (*fakeAgent, error) {
 	ws, err := tunnel.Dial(ctx, "ws://"+g.TunnelAddr().String()+tunnel.Path, tunnel.DialOptions{Token: testToken})
 	if err != nil {
@@ -257,6 +260,9 @@ func connectFakeAgentInstance(ctx context.Context, g *Gateway, mode, instance st
 	sess, err := tunnel.Client(ctx, ws, tunnel.Config{Protocol: mode, Instance: instance})
 	if err != nil {
 		return nil, err
+	}
+	if accept == nil {
+		accept = func(in *tunnel.Incoming) { in.Reject(protocol.StatusRefused) }
 	}
 	go func() {
 		for {

@@ -59,43 +59,7 @@ type fakeAgent struct {
 // waits for the acknowledgement. accept handles the streams the gateway
 // opens (nil: refuse them all).
 func connectFakeAgent(ctx context.Context, g *Gateway, mode string, services []protocol.Service, accept func(*tunnel.Incoming)) (*fakeAgent, error) {
-	ws, err := tunnel.Dial(ctx, "ws://"+g.TunnelAddr().String()+tunnel.Path, tunnel.DialOptions{Token: testToken})
-	if err != nil {
-		return nil, err
-	}
-	sess, err := tunnel.Client(ctx, ws, tunnel.Config{Protocol: mode})
-	if err != nil {
-		return nil, err
-	}
-	if accept == nil {
-		accept = func(in *tunnel.Incoming) { in.Reject(protocol.StatusRefused) }
-	}
-	go func() {
-		for {
-			in, err := sess.Accept(context.Background())
-			if err != nil {
-				return
-			}
-			go accept(in)
-		}
-	}()
-	if err := sess.Send(&protocol.Register{Seq: 1, Services: services}); err != nil {
-		sess.Close()
-		return nil, err
-	}
-	for {
-		select {
-		case m := <-sess.Control():
-			if ack, ok := m.(*protocol.RegisterAck); ok {
-				return &fakeAgent{sess: sess, ack: ack}, nil
-			}
-		case <-sess.Done():
-			return nil, fmt.Errorf("session ended before the register ack: %w", sess.Err())
-		case <-ctx.Done():
-			sess.Close()
-			return nil, ctx.Err()
-		}
-	}
+	return connectFakeAgentInstance(ctx, g, mode, "", services, accept)
 }
 
 func udpSpec(id string) protocol.Service {
