@@ -7,9 +7,6 @@ import (
 	"testing"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
-
 	"github.com/portway/portway/internal/testetcd"
 )
 
@@ -17,28 +14,18 @@ import (
 // bound.
 const hangGuard = 30 * time.Second
 
-func client(t *testing.T, endpoints ...string) *clientv3.Client {
-	t.Helper()
-	c, err := clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
-}
-
 // A replica's records are visible to the others while its lease lives,
 // vanish at once when it closes, and vanish by themselves when it is cut
 // off from etcd, which it learns from Lost.
 func TestPresence(t *testing.T) {
 	cl := testetcd.Start(t)
-	observer := client(t, cl.Endpoint(1), cl.Endpoint(2))
+	observer := testetcd.Client(t, cl.Endpoint(1), cl.Endpoint(2))
 	ctx, cancel := context.WithTimeout(context.Background(), 2*hangGuard)
 	defer cancel()
 
 	t.Run("PublishAndClose", func(t *testing.T) {
 		const prefix = "/close/"
-		p, err := Join(ctx, client(t, cl.Endpoints()...), prefix, Replica{ID: "r1", Advertise: "127.0.0.11:8443"}, 5*time.Second)
+		p, err := Join(ctx, testetcd.Client(t, cl.Endpoints()...), prefix, Replica{ID: "r1", Advertise: "127.0.0.11:8443"}, 5*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -74,7 +61,7 @@ func TestPresence(t *testing.T) {
 		const prefix = "/lost/"
 		// The replica reaches etcd only through member 0; killing it
 		// cuts the replica off while the other two keep quorum.
-		p, err := Join(ctx, client(t, cl.Endpoint(0)), prefix, Replica{ID: "r2", Advertise: "127.0.0.12:8443"}, 2*time.Second)
+		p, err := Join(ctx, testetcd.Client(t, cl.Endpoint(0)), prefix, Replica{ID: "r2", Advertise: "127.0.0.12:8443"}, 2*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -18,23 +18,11 @@ import (
 	"github.com/portway/portway/internal/testetcd"
 )
 
-// etcdClient connects to endpoints and closes the client when the test
-// ends.
-func etcdClient(t *testing.T, endpoints ...string) *clientv3.Client {
-	t.Helper()
-	c, err := clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
-}
-
 // TestEtcd runs the conformance suite and the multi-replica checks on one
 // 3-member cluster, each subtest under a prefix of its own.
 func TestEtcd(t *testing.T) {
 	cl := testetcd.Start(t)
-	client := etcdClient(t, cl.Endpoints()...)
+	client := testetcd.Client(t, cl.Endpoints()...)
 	n := 0
 	prefix := func() string { n++; return fmt.Sprintf("/test-%d/", n) }
 	t.Run("Conformance", func(t *testing.T) {
@@ -44,8 +32,8 @@ func TestEtcd(t *testing.T) {
 	t.Run("RetentionExpiryByAnotherReplica", func(t *testing.T) {
 		p := prefix()
 		c := newClock()
-		a := NewEtcd(etcdClient(t, cl.Endpoint(0)), p, Options{Retention: time.Hour, Now: c.now})
-		b := NewEtcd(etcdClient(t, cl.Endpoint(1)), p, Options{Retention: time.Hour, Now: c.now})
+		a := NewEtcd(testetcd.Client(t, cl.Endpoint(0)), p, Options{Retention: time.Hour, Now: c.now})
+		b := NewEtcd(testetcd.Client(t, cl.Endpoint(1)), p, Options{Retention: time.Hour, Now: c.now})
 		ctx, cancel := context.WithTimeout(context.Background(), conformanceTimeout)
 		defer cancel()
 		if _, err := a.Claim(ctx, alloc("agent-a", "pg", 10000)); err != nil {
@@ -113,7 +101,7 @@ func testContention(t *testing.T, cl *testetcd.Cluster, prefix string) {
 	}
 	var replicas []Store
 	for i := range 3 {
-		replicas = append(replicas, NewEtcd(etcdClient(t, cl.Endpoint(i)), prefix, Options{Retention: time.Hour}))
+		replicas = append(replicas, NewEtcd(testetcd.Client(t, cl.Endpoint(i)), prefix, Options{Retention: time.Hour}))
 	}
 	var wg sync.WaitGroup
 	errs := make(chan error, agents*services+1)
@@ -194,7 +182,7 @@ func testContention(t *testing.T, cl *testetcd.Cluster, prefix string) {
 		t.Errorf("%d claims acknowledged to the replicas, want %d", n, agents*services)
 	}
 	// etcd holds every acknowledged claim as acknowledged.
-	all, _, err := NewEtcd(etcdClient(t, cl.Endpoint(0)), prefix, Options{}).List(ctx)
+	all, _, err := NewEtcd(testetcd.Client(t, cl.Endpoint(0)), prefix, Options{}).List(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -224,7 +212,7 @@ func testContention(t *testing.T, cl *testetcd.Cluster, prefix string) {
 // and works again when the members return.
 func TestEtcdQuorumLoss(t *testing.T) {
 	cl := testetcd.Start(t)
-	st := NewEtcd(etcdClient(t, cl.Endpoints()...), "/quorum/", Options{Retention: time.Hour})
+	st := NewEtcd(testetcd.Client(t, cl.Endpoints()...), "/quorum/", Options{Retention: time.Hour})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if _, err := st.Claim(ctx, alloc("a", "s", 10000)); err != nil {

@@ -26,6 +26,9 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
 	"github.com/portway/portway/internal/testproc"
 )
 
@@ -206,4 +209,16 @@ func (c *Cluster) WaitHealthy(i int) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// Client connects to endpoints (one member's, or several) and closes the
+// client when the test ends.
+func Client(t testing.TB, endpoints ...string) *clientv3.Client {
+	t.Helper()
+	c, err := clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }
