@@ -133,6 +133,11 @@ func startForwarded(ctx context.Context, ex Exec, dir, name, sink, echo string) 
 	if err := waitEcho(t.ctx, t.echo); err != nil {
 		return nil, fmt.Errorf("the second replica does not forward: %w", err)
 	}
+	// The sink's port is mirrored on its own watch event: it may open a
+	// moment after the echo's.
+	if err := waitOpen(t.ctx, t.sink); err != nil {
+		return nil, fmt.Errorf("the second replica does not serve the sink: %w", err)
+	}
 	return t, nil
 }
 
@@ -171,6 +176,25 @@ func waitEtcd(ctx context.Context, client string) error {
 			if strings.Contains(string(b), `"health":"true"`) {
 				return nil
 			}
+		}
+		select {
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		case <-tick.C:
+		}
+	}
+}
+
+// waitOpen polls addr until it accepts a connection.
+func waitOpen(ctx context.Context, addr string) error {
+	ctx, cancel := context.WithTimeoutCause(ctx, startupTimeout, fmt.Errorf("%s did not accept within %v", addr, startupTimeout))
+	defer cancel()
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+			c.Close()
+			return nil
 		}
 		select {
 		case <-ctx.Done():

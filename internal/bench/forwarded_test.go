@@ -32,7 +32,7 @@ func TestBenchForwarded(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	rep, err := bench.Run(ctx, bench.Options{
-		Runs: 1, Duration: 200 * time.Millisecond, Paths: []bench.Path{bench.Forwarded}, SkipRTT: true, SkipIdle: true,
+		Runs: 1, Duration: 200 * time.Millisecond, Paths: []bench.Path{bench.Forwarded}, SkipRTT: true, SkipIdle: true, SkipAgents: true,
 		Exec: bench.Exec{Path: exe, Env: []string{childEnv + "=1", marker}},
 	})
 	if err != nil {
@@ -59,7 +59,7 @@ func TestBenchForwardedSkippedWithoutEtcd(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	rep, err := bench.Run(ctx, bench.Options{
-		Runs: 1, Duration: 50 * time.Millisecond, Paths: []bench.Path{bench.Direct, bench.Forwarded}, SkipRTT: true, SkipIdle: true,
+		Runs: 1, Duration: 50 * time.Millisecond, Paths: []bench.Path{bench.Direct, bench.Forwarded}, SkipRTT: true, SkipIdle: true, SkipAgents: true,
 		Exec: bench.Exec{Path: filepath.Join(t.TempDir(), "unused")},
 	})
 	if err != nil {
