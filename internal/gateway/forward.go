@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/portway/portway/internal/adminapi"
@@ -66,9 +67,14 @@ type fabric struct {
 	mirrors map[store.Key]publicService
 	// local counts the sockets of services registered here per port:
 	// while one is open (or being opened) no mirror binds the port.
-	local  map[store.Key]int
-	next   uint64
-	closed bool
+	local map[store.Key]int
+	// bindFailed are the ports whose mirror could not be bound, each
+	// logged once until it is; retrying is set while a retry of
+	// reconcile is scheduled.
+	bindFailed map[store.Key]bool
+	retrying   atomic.Bool
+	next       uint64
+	closed     bool
 }
 
 // sessionID is a session record's key.
@@ -103,7 +109,7 @@ func newFabric(g *Gateway) *fabric {
 		ctx: ctx, cancel: cancel, viewed: make(chan struct{}),
 		replicas: map[string]cluster.Replica{}, sessions: map[string]map[string]int{}, records: map[sessionID]cluster.Session{},
 		links: map[string]*link{}, unreachable: map[string]time.Time{}, incoming: map[*tunnel.Session]bool{},
-		allocs: map[store.Key]store.Allocation{}, mirrors: map[store.Key]publicService{}, local: map[store.Key]int{}}
+		allocs: map[store.Key]store.Allocation{}, mirrors: map[store.Key]publicService{}, local: map[store.Key]int{}, bindFailed: map[store.Key]bool{}}
 }
 
 // start watches the presence records and the allocations.

@@ -508,3 +508,45 @@ func FuzzCheckDialer(f *testing.F) {
 		}
 	})
 }
+
+// A port another process holds on a replica's address when the agent
+// registers elsewhere (a gateway still shutting down, say) is mirrored
+// there once it is free, though nothing changes in the store meanwhile.
+func TestMirrorBoundOnceThePortIsFree(t *testing.T) {
+	cl := testetcd.Start(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	const port = 24050
+	r1 := startReplica(t, cl, "/mirror-retry/", "r1", "127.0.0.11", clusterToken)
+	r2 := startReplica(t, cl, "/mirror-retry/", "r2", "127.0.0.12", clusterToken)
+	busy, err := net.Listen("tcp", r2.addr(port))
+	if err != nil {
+		t.Skipf("cannot hold %s: %v", r2.addr(port), err)
+	}
+	defer busy.Close()
+	svc := tcpSpec("echo", 7)
+	svc.PublicPort = port
+	fa, err := connectFakeAgent(ctx, r1.Gateway, "yamux", []protocol.Service{svc}, echoAll)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fa.sess.Close()
+	if e := fa.ack.Endpoints[0]; e.Error != "" || e.PublicPort != port {
+		t.Fatalf("register ack: %+v, want port %d", e, port)
+	}
+	testwait.For(t, 15*time.Second, "r1 to serve the port", func() bool {
+		return testnet.EchoRoundTrip(r1.addr(port), []byte("via r1")) == nil
+	})
+	testwait.For(t, 15*time.Second, "r2 to try the port and fail", func() bool {
+		r2.fabric.mu.Lock()
+		defer r2.fabric.mu.Unlock()
+		return r2.fabric.bindFailed[keyOf(protocol.KindTCP, port)]
+	})
+	// Let the registration's last store events pass while the port is
+	// still held, so that only a retry can bind it afterwards.
+	time.Sleep(2 * time.Second)
+	busy.Close()
+	testwait.For(t, 15*time.Second, "r2 to serve the freed port", func() bool {
+		return testnet.EchoRoundTrip(r2.addr(port), []byte("via r2")) == nil
+	})
+}

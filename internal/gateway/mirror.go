@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"reflect"
+	"time"
 
 	"github.com/portway/portway/internal/protocol"
 	"github.com/portway/portway/internal/store"
@@ -70,6 +71,10 @@ func (f *fabric) mirroredLocked(a store.Allocation) bool {
 		(a.Live || len(f.sessions[a.Agent]) > 0)
 }
 
+// mirrorRetry is how soon reconcile runs again after a mirror could not
+// be bound.
+const mirrorRetry = time.Second
+
 // reconcile opens a mirror for every live allocation not served here by
 // a registered service, and closes the mirrors whose allocation is gone,
 // withdrawn or now someone else's. Mirrors are bound under f.mu (a local
@@ -102,19 +107,42 @@ func (f *fabric) reconcile() {
 			}
 		}
 	}
+	failed := false
 	for k, a := range f.allocs {
 		if f.mirrors[k] != nil || f.local[k] > 0 || !f.mirroredLocked(a) {
 			continue
 		}
 		m, err := f.g.openMirror(a)
 		if err != nil {
-			f.log.Warn("cannot serve a port of another replica's agent", "port", portString(k),
-				"agent", a.Agent, "service", a.Service, "err", err)
+			failed = true
+			if !f.bindFailed[k] {
+				f.bindFailed[k] = true
+				f.log.Warn("cannot serve a port of another replica's agent yet; trying again every second", "port", portString(k),
+					"agent", a.Agent, "service", a.Service, "err", err)
+			}
 			continue
+		}
+		if f.bindFailed[k] {
+			delete(f.bindFailed, k)
+			f.log.Info("serving a port of another replica's agent after all", "port", portString(k), "agent", a.Agent, "service", a.Service)
 		}
 		f.mirrors[k] = m
 	}
+	for k := range f.bindFailed {
+		if a, ok := f.allocs[k]; !ok || !f.mirroredLocked(a) || f.local[k] > 0 {
+			delete(f.bindFailed, k)
+		}
+	}
 	f.mu.Unlock()
+	// A port another process holds on this host (a gateway that is still
+	// shutting down, say) may be free in a moment; no watch event would
+	// tell.
+	if failed && f.retrying.CompareAndSwap(false, true) {
+		time.AfterFunc(mirrorRetry, func() {
+			f.retrying.Store(false)
+			f.reconcile()
+		})
+	}
 	for _, m := range closing {
 		m.close()
 	}
