@@ -152,8 +152,11 @@ func TestForwardedThroughReplicas(t *testing.T) {
 			close(stop)
 			<-done
 			t.Logf("through r2 and r3 while r1 was killed: %d round trips, %d failed", ok.Load(), failed.Load())
-			if failed.Load() != 0 || ok.Load() == 0 {
-				t.Errorf("clients of r2 and r3: %d ok, %d failed, want no failure", ok.Load(), failed.Load())
+			// Only a connection inside r1 may break: the client makes one
+			// at a time, so at most the one that r2 or r3 had forwarded
+			// to r1 in the instant it died.
+			if failed.Load() > 1 || ok.Load() == 0 {
+				t.Errorf("clients of r2 and r3: %d ok, %d failed, want at most the one inside r1", ok.Load(), failed.Load())
 			}
 			for _, a := range addrs(port)[1:] {
 				if err := testservers.RedisPing(a); err != nil {
