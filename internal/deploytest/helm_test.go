@@ -102,6 +102,9 @@ func scenarios() []scenario {
 			"podDisruptionBudget": obj{"enabled": true},
 			"replicaCount":        2,
 		}},
+		{name: "agent-replicas", chart: agentChart, release: "portway-agent", namespace: "pipeops-system", values: obj{
+			"gateway": obj{"url": "", "urls": []any{"wss://gw-1.test:8443/v1/tunnel", "wss://gw-2.test:8443/v1/tunnel"}, "connections": 2},
+		}},
 	}
 }
 
@@ -545,6 +548,12 @@ func TestAgentChart(t *testing.T) {
 			if ca := nested[string](s.values, "gateway", "caSecret", "name"); ca != "" {
 				if b, err := os.ReadFile(cfg.Gateway.CAFile); err != nil || string(b) != "placeholder:"+ca+"/ca.crt" {
 					t.Errorf("gateway.ca_file %q does not hold Secret %s's ca.crt: %v", cfg.Gateway.CAFile, ca, err)
+				}
+			}
+			if urls := nested[[]any](s.values, "gateway", "urls"); len(urls) > 0 {
+				if fmt.Sprint(cfg.Gateway.URLs) != fmt.Sprint(urls) || cfg.Gateway.Connections != nested[int](s.values, "gateway", "connections") {
+					t.Errorf("gateway.urls %v, connections %d: want the chart's %v and %v", cfg.Gateway.URLs, cfg.Gateway.Connections,
+						urls, nested[int](s.values, "gateway", "connections"))
 				}
 			}
 			metricsPort := portNumber(t, cfg.Metrics.Listen)

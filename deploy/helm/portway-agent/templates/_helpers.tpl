@@ -64,7 +64,15 @@ it: it comes from the Secret as PORTWAY_GATEWAY_TOKEN.
 */}}
 {{- define "portway-agent.config" -}}
 {{- $v := .Values -}}
-{{- $gw := dict "url" (required "gateway.url is required: the gateway's wss://host:port/v1/tunnel" $v.gateway.url) "protocol" $v.gateway.protocol }}
+{{- $gw := dict "protocol" $v.gateway.protocol }}
+{{- if $v.gateway.urls }}
+{{- $_ := set $gw "urls" $v.gateway.urls }}
+{{- else }}
+{{- $_ := set $gw "url" (required "gateway.url is required (or gateway.urls, for several replicas): the gateway's wss://host:port/v1/tunnel" $v.gateway.url) }}
+{{- end }}
+{{- with $v.gateway.connections }}
+{{- $_ := set $gw "connections" (int .) }}
+{{- end }}
 {{- if $v.gateway.caSecret.name }}
 {{- $_ := set $gw "ca_file" "/etc/portway/ca/ca.crt" }}
 {{- end }}
