@@ -1,11 +1,9 @@
 package e2e
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -63,25 +61,14 @@ admin: {listen: %q, token: %q}
 	pollers.Add(1)
 	go func() {
 		defer pollers.Done()
-		c := http.Client{Timeout: 5 * time.Second}
 		for i := 0; i < 100000; i++ {
 			select {
 			case <-stop:
 				return
 			case <-time.After(50 * time.Millisecond):
 			}
-			req, _ := http.NewRequest(http.MethodGet, "http://"+admin+"/v1/agents", nil)
-			req.Header.Set("Authorization", "Bearer "+adminToken)
-			resp, err := c.Do(req)
-			if err == nil {
-				var agents []adminapi.AgentInfo
-				err = json.NewDecoder(resp.Body).Decode(&agents)
-				resp.Body.Close()
-				if err == nil && resp.StatusCode != 200 {
-					err = fmt.Errorf("HTTP %d", resp.StatusCode)
-				}
-			}
-			if err != nil {
+			var agents []adminapi.AgentInfo
+			if err := adminGet(admin, adminapi.AgentsPath, &agents); err != nil {
 				adminFail.Add(1)
 				firstAdminErr.CompareAndSwap(nil, err.Error())
 			} else {

@@ -94,16 +94,8 @@ func (r *haReplica) readyz() (int, string) { return httpGetQuiet("http://" + r.p
 
 // services returns the replica's /v1/services (nil on error).
 func (r *haReplica) services() []adminapi.ServiceInfo {
-	req, _ := http.NewRequest(http.MethodGet, "http://"+r.pg.admin+"/v1/services", nil)
-	req.Header.Set("Authorization", "Bearer "+adminToken)
-	c := http.Client{Timeout: 5 * time.Second}
-	resp, err := c.Do(req)
-	if err != nil {
-		return nil
-	}
-	defer resp.Body.Close()
 	var out []adminapi.ServiceInfo
-	if json.NewDecoder(resp.Body).Decode(&out) != nil {
+	if adminGet(r.pg.admin, adminapi.ServicesPath, &out) != nil {
 		return nil
 	}
 	return out

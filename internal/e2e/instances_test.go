@@ -1,9 +1,7 @@
 package e2e
 
 import (
-	"encoding/json"
 	"fmt"
-	"net/http"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -20,16 +18,8 @@ import (
 // procAgents asks a gateway process's admin API for its agents (nil on
 // error).
 func procAgents(pg *procGateway) []adminapi.AgentInfo {
-	req, _ := http.NewRequest(http.MethodGet, "http://"+pg.admin+"/v1/agents", nil)
-	req.Header.Set("Authorization", "Bearer "+adminToken)
-	c := http.Client{Timeout: 5 * time.Second}
-	resp, err := c.Do(req)
-	if err != nil {
-		return nil
-	}
-	defer resp.Body.Close()
 	var agents []adminapi.AgentInfo
-	if json.NewDecoder(resp.Body).Decode(&agents) != nil {
+	if adminGet(pg.admin, adminapi.AgentsPath, &agents) != nil {
 		return nil
 	}
 	return agents

@@ -207,19 +207,28 @@ func procUDPEndpoint(pg *procGateway) string {
 	return procServiceEndpoint(pg, func(si adminapi.ServiceInfo) bool { return si.Protocol == "udp" })
 }
 
-// procServiceEndpoint asks a gateway process's admin API for the endpoint
-// of the first service match accepts ("" if none or on error).
-func procServiceEndpoint(pg *procGateway, match func(adminapi.ServiceInfo) bool) string {
-	req, _ := http.NewRequest(http.MethodGet, "http://"+pg.admin+"/v1/services", nil)
+// adminGet decodes the answer of the admin API at admin (host:port) for
+// path into v, for polling: an error, never a test failure.
+func adminGet(admin, path string, v any) error {
+	req, _ := http.NewRequest(http.MethodGet, "http://"+admin+path, nil)
 	req.Header.Set("Authorization", "Bearer "+adminToken)
 	c := http.Client{Timeout: 5 * time.Second}
 	resp, err := c.Do(req)
 	if err != nil {
-		return ""
+		return err
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("admin %s: HTTP %d", path, resp.StatusCode)
+	}
+	return json.NewDecoder(resp.Body).Decode(v)
+}
+
+// procServiceEndpoint asks a gateway process's admin API for the endpoint
+// of the first service match accepts ("" if none or on error).
+func procServiceEndpoint(pg *procGateway, match func(adminapi.ServiceInfo) bool) string {
 	var services []adminapi.ServiceInfo
-	if json.NewDecoder(resp.Body).Decode(&services) != nil {
+	if adminGet(pg.admin, adminapi.ServicesPath, &services) != nil {
 		return ""
 	}
 	for _, si := range services {
