@@ -163,71 +163,45 @@ func freePortsOn(host string, n int) ([]string, error) {
 
 // waitEtcd polls etcd's /health until it answers healthy.
 func waitEtcd(ctx context.Context, client string) error {
-	ctx, cancel := context.WithTimeoutCause(ctx, startupTimeout, fmt.Errorf("etcd was not healthy within %v", startupTimeout))
-	defer cancel()
 	hc := http.Client{Timeout: time.Second}
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	for {
+	return poll(ctx, "etcd answered healthy", func(ctx context.Context) bool {
 		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, client+"/health", nil)
-		if resp, err := hc.Do(req); err == nil {
-			b, _ := io.ReadAll(io.LimitReader(resp.Body, 256))
-			resp.Body.Close()
-			if strings.Contains(string(b), `"health":"true"`) {
-				return nil
-			}
+		resp, err := hc.Do(req)
+		if err != nil {
+			return false
 		}
-		select {
-		case <-ctx.Done():
-			return context.Cause(ctx)
-		case <-tick.C:
-		}
-	}
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 256))
+		resp.Body.Close()
+		return strings.Contains(string(b), `"health":"true"`)
+	})
 }
 
 // waitOpen polls addr until it accepts a connection.
 func waitOpen(ctx context.Context, addr string) error {
-	ctx, cancel := context.WithTimeoutCause(ctx, startupTimeout, fmt.Errorf("%s did not accept within %v", addr, startupTimeout))
-	defer cancel()
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+	return poll(ctx, addr+" accepted a connection", func(context.Context) bool {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
 			c.Close()
-			return nil
 		}
-		select {
-		case <-ctx.Done():
-			return context.Cause(ctx)
-		case <-tick.C:
-		}
-	}
+		return err == nil
+	})
 }
 
 // waitEcho polls addr until a byte sent comes back: the port is served
 // and forwarded.
 func waitEcho(ctx context.Context, addr string) error {
-	ctx, cancel := context.WithTimeoutCause(ctx, startupTimeout, fmt.Errorf("%s did not echo within %v", addr, startupTimeout))
-	defer cancel()
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
-			c.SetDeadline(time.Now().Add(2 * time.Second))
-			b := []byte{1}
-			_, err = c.Write(b)
-			if err == nil {
-				_, err = io.ReadFull(c, b)
-			}
-			c.Close()
-			if err == nil {
-				return nil
-			}
+	return poll(ctx, addr+" echoed", func(context.Context) bool {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err != nil {
+			return false
 		}
-		select {
-		case <-ctx.Done():
-			return context.Cause(ctx)
-		case <-tick.C:
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		b := []byte{1}
+		if _, err := c.Write(b); err != nil {
+			return false
 		}
-	}
+		_, err = io.ReadFull(c, b)
+		return err == nil
+	})
 }

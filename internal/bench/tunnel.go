@@ -164,42 +164,35 @@ func writeConfig(dir, name string, cfg any) (string, error) {
 // freePorts returns n distinct free loopback addresses. They are free when
 // returned; a process could take one before the child binds it, which on
 // a bench machine is rare enough to report as an error rather than retry.
-func freePorts(n int) ([]string, error) {
-	lns := make([]net.Listener, 0, n)
-	defer func() {
-		for _, ln := range lns {
-			ln.Close()
-		}
-	}()
-	addrs := make([]string, 0, n)
-	for range n {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, fmt.Errorf("free port: %w", err)
-		}
-		lns = append(lns, ln)
-		addrs = append(addrs, ln.Addr().String())
-	}
-	return addrs, nil
-}
+func freePorts(n int) ([]string, error) { return freePortsOn("127.0.0.1", n) }
 
 // waitServices polls the gateway's admin API until both services have a
 // public endpoint.
 func waitServices(ctx context.Context, adminAddr, token string) (map[string]string, error) {
-	ctx, cancel := context.WithTimeoutCause(ctx, startupTimeout,
-		fmt.Errorf("the agent's services were not served within %v", startupTimeout))
-	defer cancel()
 	client := http.Client{Timeout: 2 * time.Second}
+	var eps map[string]string
+	err := poll(ctx, "the agent's services were served", func(ctx context.Context) bool {
+		var err error
+		eps, err = services(ctx, &client, adminAddr, token)
+		return err == nil && eps[sinkService] != "" && eps[echoService] != ""
+	})
+	return eps, err
+}
+
+// poll calls done every 20 ms until it reports true, or fails with an
+// error saying that what did not happen within startupTimeout.
+func poll(ctx context.Context, what string, done func(context.Context) bool) error {
+	ctx, cancel := context.WithTimeoutCause(ctx, startupTimeout, fmt.Errorf("not within %v: %s", startupTimeout, what))
+	defer cancel()
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		eps, err := services(ctx, &client, adminAddr, token)
-		if err == nil && eps[sinkService] != "" && eps[echoService] != "" {
-			return eps, nil
+		if done(ctx) {
+			return nil
 		}
 		select {
 		case <-ctx.Done():
-			return nil, context.Cause(ctx)
+			return context.Cause(ctx)
 		case <-tick.C:
 		}
 	}
