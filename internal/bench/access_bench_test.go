@@ -57,22 +57,7 @@ func accessTunnel(b *testing.B) map[string]string {
 	if err != nil {
 		b.Fatal(err)
 	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		a.Run(ctx)
-	}()
-	b.Cleanup(func() {
-		cancel()
-		<-done
-	})
-	deadline := time.Now().Add(startupTimeout)
-	for !a.Ready() {
-		if time.Now().After(deadline) {
-			b.Fatalf("agent not registered within %v", startupTimeout)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	runAgent(b, ctx, a)
 	eps := map[string]string{}
 	for _, e := range a.Endpoints() {
 		if e.Error != "" {

@@ -60,23 +60,7 @@ func inProcessTunnelWith(b *testing.B, mode, sinkAddr, echoAddr string, gwReg, a
 	if err != nil {
 		b.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		a.Run(ctx)
-	}()
-	b.Cleanup(func() {
-		cancel()
-		<-done
-	})
-	deadline := time.Now().Add(startupTimeout)
-	for !a.Ready() {
-		if time.Now().After(deadline) {
-			b.Fatalf("agent not registered within %v", startupTimeout)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	runAgent(b, context.Background(), a)
 	for _, e := range a.Endpoints() {
 		switch e.Service.ID {
 		case sinkService:
@@ -209,5 +193,28 @@ func BenchmarkMetricsScrape(b *testing.B) {
 				b.Fatal("the scraper never ran")
 			}
 		})
+	}
+}
+
+// runAgent runs a until the benchmark ends and waits until it has
+// registered.
+func runAgent(b *testing.B, ctx context.Context, a *agent.Agent) {
+	b.Helper()
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		a.Run(ctx)
+	}()
+	b.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	deadline := time.Now().Add(startupTimeout)
+	for !a.Ready() {
+		if time.Now().After(deadline) {
+			b.Fatalf("agent not registered within %v", startupTimeout)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
